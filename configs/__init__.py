@@ -1,0 +1,1 @@
+"""Typed config schema (configs.schema) and YAML presets (configs/presets/*.yaml)."""

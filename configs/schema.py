@@ -1,0 +1,169 @@
+"""The one typed configuration schema of restok (OmegaConf structured dataclasses).
+
+Every command loads `RestokConfig` from a YAML preset plus `key=value` overrides
+(see configs.loading). Unknown keys and wrong types are rejected naming the valid choices.
+Model configs live beside their models (models.tokenizer.config, models.generator.config) so
+the model library stays importable without this package.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from models.generator.config import GeneratorConfig
+from models.losses.tokenizer_loss import TokenizerLossConfig
+from models.tokenizer.config import TokenizerConfig
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The built-in class-conditional dataset (data_prep.synthetic): shape x colour x jitter."""
+
+    num_classes: int = 10
+    train_per_class: int = 200
+    val_per_class: int = 20
+    resolution: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | imagenet_folder | imagenet_tar
+    # Root of the ImageNet folder tree (train/<wnid>/*.JPEG, val/...) or directory holding
+    # ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar.
+    root: str = ""
+    val_labels_csv: str = ""  # LOC_val_solution.csv for a flat val folder / the val tar
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    # Where shards go: any fsspec URL; empty = <work_dir>/shards.
+    shards_url: str = ""
+    samples_per_shard: int = 1000
+    # None keeps the original JPEG bytes; an int re-encodes with the shorter side resized.
+    resize: Optional[int] = None
+    jpeg_quality: int = 95
+    prep_tasks: int = 2  # Ray tasks writing shards in parallel
+    max_images_per_split: Optional[int] = None  # cap for smoke runs
+    image_size: int = 256  # training / evaluation resolution
+    crop_scale_min: float = 0.8  # paper: random resized crop 0.8-1.0 + flip
+    hflip: bool = True
+    loader_workers: int = 2
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    warmup_steps: int = 5000
+    min_lr: float = 1e-5  # cosine floor
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """Shared by the tokenizer and generator stages (different defaults per preset)."""
+
+    steps: int = 1000
+    global_batch_size: int = 256
+    micro_batch_size: int = 32  # per worker; grad accumulation = global / (micro * workers)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema_decay: float = 0.9999
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 | fp32 (fp16 is not supported on CPU)
+    log_every: int = 10
+    image_log_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    max_failures: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class ExtractConfig:
+    """Code extraction (SPEC "codes": LlamaGen-style augmentation)."""
+
+    augment: str = "flip"  # none | flip | tencrop (centre crop at 1.1x then 5 crops + flips)
+    batch_size: int = 64
+    num_actors: int = 2
+    code_dtype: str = "int16"  # int16 holds codebooks up to 32768 entries
+
+
+@dataclass
+class SamplingConfig:
+    """SPEC "sampling": published setting s = 3.75 step schedule from 0.25, top-p 0.95."""
+
+    cfg_scale: float = 3.75
+    cfg_schedule: str = "step"  # constant | step | linear
+    cfg_start_ratio: float = 0.25
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.95
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    recon: bool = True
+    gen: bool = True
+    num_samples_per_class: int = 50  # SPEC gFID: 50k samples, 50 per class
+    keep_lengths: list[int] = field(default_factory=list)  # extra rFID at kept-token lengths
+    num_actors: int = 2
+    batch_size: int = 64
+    # Feature network for FID/IS/precision/recall: inception (real metric) or probe (built-in
+    # dataset stand-in, reported as FD-probe, never as FID).
+    feature_net: str = "inception"
+    inception_weights: str = ""  # local path; empty = normal download when online
+    reference_stats: str = ""  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
+    cfg_search_scales: list[float] = field(default_factory=list)
+    cfg_search_start_ratios: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # empty = sqlite:///<work_dir>/mlflow.db
+    experiment: str = "restok"
+    run_name: str = ""
+    register_models: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    address: str = "local"  # local | auto | ray://host:10001
+    num_workers: int = 2  # Ray Train workers per training stage
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    # Ray Train storage for checkpoints (any pyarrow/fsspec filesystem URL); empty = <work_dir>/ray.
+    storage_path: str = ""
+
+
+@dataclass
+class RestokConfig:
+    preset: str = "default"  # set by the loader; tags every MLflow run
+    work_dir: str = "restok_work"
+    seed: int = 0
+    stages: list[str] = field(
+        default_factory=lambda: ["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    generator_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            # SPEC "HAR recipe": wd 0.05, clip 1.0, bf16.
+            optim=OptimConfig(weight_decay=0.05, grad_clip=1.0)
+        )
+    )
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -1,0 +1,99 @@
+"""LPIPS-VGG perceptual loss (SPEC "loss": LPIPS-VGG weight 1.0; also an rFID-protocol metric).
+
+Built on the `lpips` package (0.1.4), which holds two sets of weights:
+  * the VGG16 trunk: lpips calls torchvision `vgg16(pretrained=True)`, i.e. the torchvision
+    IMAGENET1K_V1 file `vgg16-397923af.pth` downloaded into the torch hub cache;
+  * the five linear heads ("v0.1"), shipped inside the package (lpips/weights/v0.1/vgg.pth).
+Here lpips is built with a random trunk and no heads, then both are loaded explicitly, so that the
+trunk can come from a configured local file (or the normal torchvision download), and a missing file
+gives one line naming the path instead of a download attempt deep inside lpips.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from models.losses.pretrained_weights import (
+    PRETRAINED, RANDOM_UNTRAINED, FrozenNetwork, MissingWeightsError, check_backbone_mode, freeze,
+    load_state_dict_file, metric_suffix, require_local_file)
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
+
+
+def bundled_linear_heads_path() -> str:
+    """The v0.1 VGG linear heads shipped inside the lpips package."""
+    import lpips
+    return os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
+
+
+def torchvision_vgg16_cache_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+
+
+def _torchvision_vgg16_state_dict(vgg_weights_path: str | None) -> dict[str, torch.Tensor]:
+    if vgg_weights_path:
+        return load_state_dict_file(require_local_file(vgg_weights_path, "LPIPS VGG16 trunk",
+                                                       "lpips_vgg_weights"))
+    cached = torchvision_vgg16_cache_path()
+    if os.path.isfile(cached):
+        return load_state_dict_file(cached)
+    from torchvision.models import VGG16_Weights
+    try:  # the normal download on a connected machine
+        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as error:
+        raise MissingWeightsError(
+            f"LPIPS VGG16 trunk weights not found at {cached} and the download failed "
+            f"({type(error).__name__}); set lpips_vgg_weights to a local {VGG16_FILE}, or backbone "
+            f"mode '{RANDOM_UNTRAINED}' for offline tests") from None
+
+
+class LPIPS(FrozenNetwork):
+    """Frozen LPIPS-VGG distance between images in [0, 1] (scaled to lpips' [-1, 1] here).
+
+    backbone: "pretrained" (torchvision VGG16 trunk from `vgg_weights_path` or the normal download)
+    or "random-untrained" (random trunk, for offline tests; `name` then says so). The linear heads
+    always come from `linear_weights_path`, default the file bundled with lpips.
+    """
+
+    def __init__(self, backbone: str = PRETRAINED, vgg_weights_path: str | None = None,
+                 linear_weights_path: str | None = None):
+        super().__init__()
+        import lpips
+
+        self.backbone = check_backbone_mode(backbone, "lpips_backbone")
+        self.name = "lpips" + metric_suffix(self.backbone)
+        # pretrained=False: no heads loaded by lpips; pnet_rand=True: no torchvision download.
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            net = lpips.LPIPS(pretrained=False, net="vgg", version="0.1", pnet_rand=True, verbose=False)
+        if self.backbone == PRETRAINED:
+            self._load_trunk(net, _torchvision_vgg16_state_dict(vgg_weights_path))
+        heads_path = require_local_file(linear_weights_path or bundled_linear_heads_path(),
+                                        "LPIPS linear heads", "lpips_linear_weights")
+        # lin0..lin4 (the `lins` ModuleList aliases the same modules).
+        heads = {k: v for k, v in load_state_dict_file(heads_path).items() if re.match(r"lin\d\.", k)}
+        expected = {k for k in net.state_dict() if re.match(r"lin\d\.", k)}
+        if set(heads) != expected:
+            raise ValueError(f"LPIPS linear heads file {heads_path} has keys {sorted(heads)}, "
+                             f"expected {sorted(expected)}")
+        net.load_state_dict(heads, strict=False)
+        self.net = freeze(net)
+
+    @staticmethod
+    def _load_trunk(net: nn.Module, vgg_state: dict[str, torch.Tensor]) -> None:
+        """Copy torchvision `features.<i>.*` into lpips' slices, which keep the same module indices."""
+        trunk = net.net
+        for slice_name in ("slice1", "slice2", "slice3", "slice4", "slice5"):
+            for index, layer in getattr(trunk, slice_name).named_children():
+                params = {k: vgg_state[f"features.{index}.{k}"] for k, _ in layer.named_parameters()}
+                if params:
+                    layer.load_state_dict(params)
+
+    def forward(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS distance [B] for images in [0, 1]."""
+        distance = self.net(images * 2 - 1, recon * 2 - 1)  # lpips expects [-1, 1]
+        return distance.flatten(1).sum(1)

@@ -1,0 +1,1 @@
+"""restok launch layer: CLI, stage graph, MLflow tracking, Ray Jobs submission, sweeps."""

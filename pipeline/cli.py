@@ -1,0 +1,162 @@
+"""The `restok` command line.
+
+Every command takes an optional preset name (configs/presets/*.yaml or a YAML path) followed by
+`key=value` overrides, e.g. `restok run imagenet256-restok-l cluster.address=auto`.
+Subcommands are thin: they resolve the config and call into pipeline/ jobs/ data_prep/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Callable, Sequence
+
+from configs.loading import ConfigError, list_presets, load_config, to_yaml
+
+# Stage name -> module exposing run(cfg, parent_run_id=None) -> manifest dict.
+STAGE_MODULES = {
+    "prep": "data_prep.prepare",
+    "train_tokenizer": "jobs.train_tokenizer",
+    "extract_codes": "jobs.extract_codes",
+    "train_generator": "jobs.train_generator",
+    "evaluate": "jobs.evaluate",
+    "sample": "jobs.sample",
+}
+
+
+def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[PRESET] [key=value ...]`: the first item is a preset when it has no '='."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def resolve(items: Sequence[str]) -> Any:
+    preset, overrides = split_preset_and_overrides(items)
+    return load_config(preset, overrides)
+
+
+def _call(module: str, func: str, *args: Any, **kwargs: Any) -> Any:
+    mod = importlib.import_module(module)
+    return getattr(mod, func)(*args, **kwargs)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        print("\n".join(list_presets()))
+        return 0
+    cfg = resolve(args.items)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        cfg = resolve(args.items)
+        print(f"# restok {stage}: preset {cfg.preset}\n{to_yaml(cfg)}", flush=True)
+        _call(STAGE_MODULES[stage], "run", cfg)
+        return 0
+
+    return run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = resolve(args.items)
+    return _call("pipeline.graph", "run_pipeline", cfg, force=args.force) or 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = resolve(args.items)
+    return _call("jobs.evaluate", "cli", args.action, cfg) or 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    return _call("pipeline.convert", "cli", args) or 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = resolve(args.items)
+    return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints) or 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    return _call("pipeline.compare", "cli", args) or 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return _call("pipeline.submit", "cli", args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="restok", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    items_help = "[PRESET] [key=value ...]"
+
+    s = sub.add_parser("run", help="run every stage end to end (skips finished stages)")
+    s.add_argument("items", nargs="*", help=items_help)
+    s.add_argument("--force", action="store_true", help="rerun every stage")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("config", help="show the resolved config or list presets")
+    s.add_argument("action", choices=["show", "list"])
+    s.add_argument("items", nargs="*", help=items_help)
+    s.set_defaults(func=cmd_config)
+
+    for stage in ("prep", "train_tokenizer", "extract_codes", "train_generator", "sample"):
+        s = sub.add_parser(stage.replace("_", "-"), help=f"run the {stage} stage alone")
+        s.add_argument("items", nargs="*", help=items_help)
+        s.set_defaults(func=_stage_command(stage))
+
+    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search")
+    s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search"])
+    s.add_argument("items", nargs="*", help=items_help)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("convert", help="convert the authors' released checkpoints")
+    s.add_argument("what", choices=["official-tokenizer", "official-generator", "verify"])
+    s.add_argument("src", nargs="?", help="release checkpoint file (or fixture dir for verify)")
+    s.add_argument("dst", nargs="?", help="output directory")
+    s.add_argument("--vanilla", action="store_true", help="vanilla AR generator instead of HAR")
+    s.add_argument("--from-hub", metavar="REPO_ID", help="download the release files first")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("sweep", help="recon-vs-gen sweep over tokenizer checkpoints")
+    s.add_argument("items", nargs="*", help=items_help)
+    s.add_argument("--checkpoints", nargs="+", required=True)
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("compare", help="side-by-side table of MLflow runs")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--tracking-uri", default="")
+    s.set_defaults(func=cmd_compare)
+
+    for action in ("submit", "status", "logs", "stop"):
+        s = sub.add_parser(action, help=f"Ray Jobs: {action}")
+        if action == "submit":
+            s.add_argument("items", nargs="*", help=items_help)
+            s.add_argument("--stage", default="", help="submit one stage alone")
+            s.add_argument("--no-wait", action="store_true")
+        else:
+            s.add_argument("job_id")
+        s.add_argument("--address", default="", help="Ray dashboard, e.g. http://HEAD:8265")
+        s.set_defaults(func=cmd_submit, action=action)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"restok: config error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("pipeline", "jobs", "data_prep"):
+            print(f"restok: {args.command}: not available in this build ({exc.name})", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

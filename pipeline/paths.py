@@ -1,0 +1,38 @@
+"""Where each stage puts its outputs under the work directory (one place, so no stage guesses)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline import storage
+
+
+def work_url(cfg: Any) -> str:
+    """The work directory as a URL or absolute local path."""
+    wd = str(cfg.work_dir)
+    return wd if "://" in wd else os.path.abspath(wd)
+
+
+def stage_dir(cfg: Any, stage: str) -> str:
+    return storage.join(work_url(cfg), stage)
+
+
+def shards_url(cfg: Any) -> str:
+    """Image shards: data.shards_url, or <work_dir>/prep."""
+    return str(cfg.data.shards_url) or stage_dir(cfg, "prep")
+
+
+def tracking_uri(cfg: Any) -> str:
+    """MLflow store: tracking.tracking_uri, or a sqlite file under a local work dir."""
+    if cfg.tracking.tracking_uri:
+        return str(cfg.tracking.tracking_uri)
+    wd = work_url(cfg)
+    if "://" in wd:
+        raise ValueError("tracking.tracking_uri must be set when work_dir is a remote URL")
+    os.makedirs(wd, exist_ok=True)
+    return f"sqlite:///{os.path.join(wd, 'mlflow.db')}"
+
+
+def ray_storage_path(cfg: Any) -> str:
+    """Ray Train checkpoints: cluster.storage_path, or <work_dir>/ray."""
+    return str(cfg.cluster.storage_path) or storage.join(work_url(cfg), "ray")

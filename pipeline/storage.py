@@ -1,0 +1,109 @@
+"""fsspec storage helpers: every stage output goes through these, so local paths, file://,
+memory:// (tests) and s3:// / gs:// (clusters) behave the same.
+
+Atomicity: a file is written under a temporary name in the same directory and renamed into
+place, so a half-written shard, checkpoint or manifest is never visible under its final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TMP_MARKER = ".tmp-"
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for any fsspec URL or local path."""
+    fs, path = url_to_fs(url)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    out = url.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARKER in os.path.basename(name)
+
+
+@contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to `<dir>/.tmp-<uuid>-<name>` then rename to `url` on success; removed on error."""
+    fs, path = filesystem(url)
+    parent, name = os.path.split(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/{TMP_MARKER}{uuid.uuid4().hex[:8]}-{name}" if parent else f"{TMP_MARKER}{name}"
+    try:
+        with fs.open(tmp, mode) as fh:
+            yield fh
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as fh:
+        fh.write(data)
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(url: str) -> Any | None:
+    """The JSON at `url`, or None when it does not exist."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_url(url: str, chunk: int = 1 << 20) -> str:
+    fs, path = filesystem(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(url: str) -> int:
+    """Delete leftovers of killed writers in directory `url`; returns how many were removed."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False) if is_temporary(p)]
+    for p in stale:
+        fs.rm(p, recursive=True)
+    return len(stale)

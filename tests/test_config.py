@@ -1,0 +1,62 @@
+"""The typed schema: every preset loads, overrides apply, bad keys and values fail clearly."""
+import subprocess
+import sys
+
+import pytest
+
+from configs.loading import ConfigError, list_presets, load_config
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+
+
+def test_override_applies_and_is_typed():
+    cfg = load_config(None, ["tokenizer_train.steps=7", "data.synthetic.num_classes=12"])
+    assert cfg.tokenizer_train.steps == 7 and cfg.data.synthetic.num_classes == 12
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["tokenizer_train.stepz=5"])
+    msg = str(err.value)
+    assert "tokenizer_train.stepz" in msg and "steps" in msg and "\n" not in msg
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match="tokenizer_train.steps"):
+        load_config(None, ["tokenizer_train.steps=abc"])
+
+
+def test_bad_choice_names_choices():
+    with pytest.raises(ConfigError, match="imagenet_folder"):
+        load_config(None, ["data.source=foo"])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="default"):
+        load_config("no-such-preset")
+
+
+def test_batch_arithmetic_checked():
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_config(None, ["tokenizer_train.global_batch_size=33"])
+
+
+def test_preset_yaml_unknown_key_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: default\ndata:\n  sorce: synthetic\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert "bad.yaml" in str(err.value) and "source" in str(err.value)
+
+
+def test_cli_config_show_prints_resolved_and_rejects_bad_key():
+    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "default", "seed=3"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "seed: 3" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "default", "sed=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown config key 'sed'" in bad.stderr
