@@ -1,0 +1,44 @@
+"""The stage graph's static facts: order, inputs, and which config each stage's output depends on.
+
+A stage's fingerprint hashes its own config sections and its upstream fingerprints, so it can be
+computed before anything runs: the graph skips a stage whose manifest is complete with the same
+fingerprint, and a change upstream (say the tokenizer's config) invalidates everything after it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.manifest import config_subtree, fingerprint
+
+STAGE_ORDER = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
+
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prep": (),
+    "train_tokenizer": ("prep",),
+    "extract_codes": ("prep", "train_tokenizer"),
+    "train_generator": ("extract_codes",),
+    "evaluate": ("prep", "train_tokenizer", "train_generator"),
+}
+
+# Config sections that change a stage's output. Loader worker counts, logging cadence and the
+# cluster address do not; they are left out so that moving a run to a cluster does not redo it.
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "prep": ("data.source", "data.root", "data.val_labels_csv", "data.splits", "data.samples_per_shard",
+             "data.resize", "data.jpeg_quality", "data.max_images_per_split", "data.synthetic"),
+    "train_tokenizer": ("seed", "tokenizer", "tokenizer_train.steps", "tokenizer_train.global_batch_size",
+                        "tokenizer_train.optim", "tokenizer_train.loss", "tokenizer_train.ema_decay",
+                        "tokenizer_train.precision", "tokenizer_train.seed", "tokenizer_train.disc_lr",
+                        "data.image_size", "data.crop_scale_min", "data.hflip"),
+    "extract_codes": ("extract.augment", "extract.code_dtype", "data.image_size"),
+    "train_generator": ("seed", "generator", "generator_train.steps", "generator_train.global_batch_size",
+                        "generator_train.optim", "generator_train.ema_decay", "generator_train.precision",
+                        "generator_train.seed"),
+    "evaluate": ("eval", "sampling"),
+}
+
+
+def stage_fingerprint(cfg: Any, stage: str) -> str:
+    if stage not in CONFIG_KEYS:
+        raise KeyError(f"unknown stage {stage!r}; valid: {list(STAGE_ORDER)}")
+    inputs = {up: stage_fingerprint(cfg, up) for up in UPSTREAM[stage]}
+    return fingerprint(config_subtree(cfg, list(CONFIG_KEYS[stage])), inputs)
