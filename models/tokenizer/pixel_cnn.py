@@ -1,0 +1,121 @@
+"""MaskGIT-VQGAN-style pixel CNN encoder/decoder (SPEC "CNN encoder"/"CNN decoder", NOTES #2-#4).
+
+Module names follow the release so its weights load by name. 3x3 convs use the conv's own zero
+padding (no separate pad copy, SPEC "Speed").
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3 twice, bias-free convs.
+
+    With a channel change the release's 1x1 `nin_shortcut` (out->out) is applied to the branch
+    output, so the block is h + W.h with no path from the input (NOTES #3, shortcut_on_branch);
+    otherwise it is a normal in->out shortcut on the input.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, shortcut_on_branch: bool):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.norm2 = _norm(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.shortcut_on_branch = shortcut_on_branch
+        if in_ch != out_ch:
+            self.nin_shortcut = nn.Conv2d(out_ch if shortcut_on_branch else in_ch, out_ch, 1,
+                                          bias=False)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is None:
+            return x + h
+        return h + self.nin_shortcut(h if self.shortcut_on_branch else x)
+
+
+class _Stage(nn.Module):
+    def __init__(self, blocks: list[nn.Module], upsample_ch: int | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        # Decoder stages end with nearest x2 + 3x3 conv (NOTES #4); encoder stages have no params.
+        self.upsample_conv = (nn.Conv2d(upsample_ch, upsample_ch, 3, padding=1)
+                              if upsample_ch is not None else None)
+
+
+class PixelEncoder(nn.Module):
+    """conv_in -> stages (res blocks, 2x2 avg pool between) -> 2 mid blocks -> GN/SiLU -> 1x1."""
+
+    def __init__(self, base: int, channel_mult: list[int], num_res_blocks: int, z_channels: int,
+                 groups: int, shortcut_on_branch: bool):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, base, 3, padding=1, bias=False)
+        stages, in_ch = [], base
+        for mult in channel_mult:
+            out_ch = base * mult
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(in_ch, out_ch, groups, shortcut_on_branch))
+                in_ch = out_ch
+            stages.append(_Stage(blocks))
+        self.down = nn.ModuleList(stages)
+        self.mid = nn.ModuleList([ResBlock(in_ch, in_ch, groups, shortcut_on_branch)
+                                  for _ in range(2)])
+        self.norm_out = _norm(in_ch, groups)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i, stage in enumerate(self.down):
+            for blk in stage.block:
+                h = blk(h)
+            if i < len(self.down) - 1:
+                h = F.avg_pool2d(h, 2)
+        for blk in self.mid:
+            h = blk(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class PixelDecoder(nn.Module):
+    """Mirror of the encoder; `up.<i>` is resolution level i and runs i = n-1 .. 0 (NOTES #4)."""
+
+    def __init__(self, base: int, channel_mult: list[int], num_res_blocks: int, z_channels: int,
+                 groups: int, shortcut_on_branch: bool):
+        super().__init__()
+        ch = base * channel_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, ch, 3, padding=1)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, groups, shortcut_on_branch) for _ in range(2)])
+        stages: list[nn.Module] = [None] * len(channel_mult)  # type: ignore[list-item]
+        for i in reversed(range(len(channel_mult))):
+            out_ch = base * channel_mult[i]
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(ch, out_ch, groups, shortcut_on_branch))
+                ch = out_ch
+            stages[i] = _Stage(blocks, upsample_ch=ch if i > 0 else None)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = _norm(ch, groups)
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # SPEC: the CNN decoder runs in fp32 (NOTES #11: it casts its input to float32).
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            h = self.conv_in(z.to(torch.promote_types(z.dtype, torch.float32)))
+            for blk in self.mid:
+                h = blk(h)
+            for stage in reversed(self.up):
+                for blk in stage.block:
+                    h = blk(h)
+                if stage.upsample_conv is not None:
+                    h = stage.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            return self.conv_out(F.silu(self.norm_out(h)))
