@@ -77,6 +77,9 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <checkpoint path>
     max_failures: int = 1
     seed: int = 0
+    # Stop with a checkpoint after this many steps (0 = run all `steps`); a later run with
+    # resume=auto continues the same schedule (how a run is split in two, e.g. for preemptible jobs).
+    stop_after: int = 0
 
 
 @dataclass
@@ -142,6 +145,9 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     # Ray Train storage for checkpoints (any pyarrow/fsspec filesystem URL); empty = <work_dir>/ray.
     storage_path: str = ""
+    # Peak FLOP/s of one worker's device for MFU (e.g. 989 for an H100 in bf16); 0 = measure a
+    # matmul once at start (a lower bound of the peak, so MFU is then an upper bound).
+    peak_tflops_per_worker: float = 0.0
 
 
 @dataclass
