@@ -1,0 +1,184 @@
+"""Fréchet distance and the feature statistics it is computed from (SPEC "Evaluation protocol").
+
+FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017). The trace of the matrix
+square root is computed from the eigenvalues of the symmetric PSD matrix sqrt(S1) S2 sqrt(S1),
+which has the same spectrum as S1 S2; this is float64, needs no complex parts and is what the
+test checks against an independent scipy.linalg.sqrtm computation.
+
+Statistics are accumulated as float64 sums (count, sum, sum of outer products), so the partial
+statistics of several Ray actors merge exactly by addition, whatever order the shards arrive in.
+The same code serves every feature space; the caller names the metric (fid, sfid, fd_probe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues -> 0)."""
+    matrix = (matrix + matrix.T) / 2
+    eigvals, eigvecs = np.linalg.eigh(matrix)
+    return (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) for covariance matrices S1, S2."""
+    root1 = _sqrtm_psd(np.asarray(sigma1, dtype=np.float64))
+    inner = root1 @ np.asarray(sigma2, dtype=np.float64) @ root1
+    eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eigvals, 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians N(mu1, S1) and N(mu2, S2), in float64."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape} (different feature networks?)")
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+    return float(max(value, 0.0))  # round-off can make identical statistics slightly negative
+
+
+def mean_and_covariance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mu and the unbiased covariance (np.cov, rowvar=False) of features [N, D], in float64."""
+    return FeatureStats.from_features(features).mean_cov()
+
+
+@dataclass
+class FeatureStats:
+    """Mergeable float64 sums of features; optionally keeps (up to `keep_max`) raw rows for
+    precision/recall, which needs the features themselves."""
+
+    dim: int
+    count: int = 0
+    total: Optional[np.ndarray] = None
+    outer: Optional[np.ndarray] = None
+    keep_max: int = 0
+    kept: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.total is None:
+            self.total = np.zeros(self.dim, np.float64)
+        if self.outer is None:
+            self.outer = np.zeros((self.dim, self.dim), np.float64)
+
+    @classmethod
+    def from_features(cls, features: Any, keep_max: int = 0) -> "FeatureStats":
+        features = np.asarray(features, np.float64)
+        stats = cls(dim=features.shape[1], keep_max=keep_max)
+        stats.update(features)
+        return stats
+
+    def update(self, features: Any) -> None:
+        features = np.asarray(features, np.float64).reshape(len(features), -1)
+        if features.shape[1] != self.dim:
+            raise ValueError(f"features have dim {features.shape[1]}, statistics expect {self.dim}")
+        self.count += len(features)
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+        room = self.keep_max - self.num_kept
+        if room > 0:
+            self.kept.append(features[:room].astype(np.float32))
+
+    @property
+    def num_kept(self) -> int:
+        return sum(len(k) for k in self.kept)
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge feature statistics of dims {self.dim} and {other.dim}")
+        self.count += other.count
+        self.total += other.total
+        self.outer += other.outer
+        for rows in other.kept:
+            room = self.keep_max - self.num_kept
+            if room > 0:
+                self.kept.append(rows[:room])
+        return self
+
+    def features(self) -> np.ndarray:
+        return np.concatenate(self.kept) if self.kept else np.zeros((0, self.dim), np.float32)
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self.count}")
+        mu = self.total / self.count
+        cov = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (cov + cov.T) / 2
+
+    def distance_to(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        own_mu, own_sigma = self.mean_cov()
+        return frechet_distance(own_mu, own_sigma, mu, sigma)
+
+
+# -- reference statistics files --------------------------------------------------------------------
+# An .npz with ADM's key names (mu, sigma for pool3; mu_s, sigma_s for the spatial sFID features),
+# so ADM's VIRTUAL_imagenet256_labeled.npz loads as is, plus ours: `features` (pool3 rows kept for
+# precision/recall), `feature_net` (which network made them) and `num_images`.
+
+@dataclass
+class ReferenceStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    feature_net: str = "unknown"
+    num_images: int = 0
+    features: Optional[np.ndarray] = None  # [M, D] rows for precision/recall
+    mu_s: Optional[np.ndarray] = None
+    sigma_s: Optional[np.ndarray] = None
+    images: Optional[np.ndarray] = None  # ADM files carry the reference batch itself as arr_0
+
+    @classmethod
+    def from_stats(cls, stats: FeatureStats, feature_net: str,
+                   spatial: Optional[FeatureStats] = None) -> "ReferenceStats":
+        mu, sigma = stats.mean_cov()
+        ref = cls(mu=mu, sigma=sigma, feature_net=feature_net, num_images=stats.count,
+                  features=stats.features() if stats.kept else None)
+        if spatial is not None and spatial.count >= 2:
+            ref.mu_s, ref.sigma_s = spatial.mean_cov()
+        return ref
+
+
+def save_reference_stats(url: str, ref: ReferenceStats) -> None:
+    import io
+
+    from pipeline import storage
+
+    arrays = {"mu": ref.mu, "sigma": ref.sigma, "feature_net": np.array(ref.feature_net),
+              "num_images": np.array(ref.num_images)}
+    for key in ("features", "mu_s", "sigma_s"):
+        if getattr(ref, key) is not None:
+            arrays[key] = getattr(ref, key)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def load_reference_stats(url: str) -> ReferenceStats:
+    """Our make-ref files or ADM reference batches; a one-line error naming the file otherwise."""
+    import io
+
+    from pipeline import storage
+
+    if not url:
+        raise FileNotFoundError("no reference statistics configured: set eval.reference_stats to an .npz "
+                                "(ADM VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref` output)")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"reference statistics not found: {url} (make one with `restok eval make-ref`)")
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as fh:
+        data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(f"{url}: reference statistics lack {missing}; keys present: {data.files}")
+        get = lambda k: data[k] if k in data.files else None  # noqa: E731
+        return ReferenceStats(
+            mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
+            feature_net=str(get("feature_net")) if "feature_net" in data.files else "inception-adm",
+            num_images=int(get("num_images")) if "num_images" in data.files else
+            (len(data["arr_0"]) if "arr_0" in data.files else 0),
+            features=get("features"), mu_s=get("mu_s"), sigma_s=get("sigma_s"), images=get("arr_0"))

@@ -1,0 +1,163 @@
+"""The FID Inception network (SPEC "rFID": Inception pool3, the pt_inception-2015-12-05 weights).
+
+Two files of the same TensorFlow 2015-12-05 Inception are accepted, chosen by suffix:
+  * `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's port, a state dict of torchvision's
+    Inception3 with the FID blocks): gives pool3 (2048), logits (1008) and the spatial sFID features;
+  * `inception-2015-12-05.pt` (clean-fid's / StyleGAN2-ADA's TorchScript): gives pool3 and class
+    probabilities; its internals are opaque, so sFID is not computed with it (reported as such).
+`eval.inception_weights` names a local file; empty means the torch hub cache, downloaded on a
+connected machine. A missing file with no network is a one-line MissingWeightsError naming the path.
+
+Input: uint8 images [B, 3, H, W] (SPEC: reconstructions/samples are rounded to uint8 first).
+The state-dict path resizes to 299 bilinearly and maps [0, 255] -> [-1, 1] as pytorch-fid does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.losses.pretrained_weights import MissingWeightsError, load_state_dict_file
+
+STATE_DICT_FILE = "pt_inception-2015-12-05-6726825d.pth"
+STATE_DICT_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                  "pt_inception-2015-12-05-6726825d.pth")
+TORCHSCRIPT_FILE = "inception-2015-12-05.pt"
+TORCHSCRIPT_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                   "inception-2015-12-05.pt")
+POOL_DIM = 2048
+NUM_LOGITS = 1008  # the 2015 graph has 1008 outputs (1000 classes + 8 unused)
+# ADM evaluator's sFID: the first 7 channels of TF "mixed_6/conv" (17x17), NHWC-flattened -> 2023.
+# TF mixed, mixed_1, mixed_2, mixed_3, mixed_4, mixed_5, mixed_6 = torchvision Mixed_5b..5d, 6a..6d,
+# and ".../conv" is the block's first (1x1) branch: Mixed_6d.branch1x1.
+SPATIAL_CHANNELS = 7
+INPUT_SIZE = 299
+
+
+def default_weights_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", STATE_DICT_FILE)
+
+
+def build_fid_inception() -> nn.Module:
+    """torchvision Inception3 with the FID blocks (the TF graph's pooling/branch order), random init.
+    Its state_dict keys and shapes are those of pt_inception-2015-12-05-6726825d.pth."""
+    import torchvision
+    from cleanfid.inception_pytorch import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=NUM_LOGITS,
+                                          init_weights=False)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    return net
+
+
+def _download(url: str, dest: str, timeout: float = 30.0) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = dest + ".part"
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
+        shutil.copyfileobj(response, fh)
+    os.replace(tmp, dest)
+
+
+def resolve_weights(path: str = "", download: bool = True) -> str:
+    """The local weights file: `path` (or the hub-cache default), downloaded there when missing."""
+    path = os.path.expanduser(path) if path else default_weights_path()
+    if os.path.isfile(path):
+        return path
+    url = TORCHSCRIPT_URL if path.endswith(".pt") else STATE_DICT_URL
+    if download:
+        try:
+            _download(url, path)
+            return path
+        except Exception as error:  # no network, proxy, HTTP error: all end the same way
+            reason = f"{type(error).__name__}: {error}"
+    else:
+        reason = "download disabled"
+    raise MissingWeightsError(
+        f"Inception weights not found at {path} and the download from {url} failed ({reason}); "
+        f"copy {os.path.basename(path)} there or set eval.inception_weights to a local "
+        f"{STATE_DICT_FILE} / {TORCHSCRIPT_FILE}")
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images -> {"pool": [B, 2048], "probs": [B, 1008], "spatial": [B, 2023] (state dict only)}."""
+
+    name = "inception"
+
+    def __init__(self, net: nn.Module, torchscript: bool = False):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.torchscript = torchscript
+        self.has_spatial = not torchscript
+        self.dims = {"pool": POOL_DIM, "probs": NUM_LOGITS}
+        if self.has_spatial:
+            self.dims["spatial"] = SPATIAL_CHANNELS * 17 * 17
+
+    def train(self, mode: bool = True):  # frozen: always eval
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(next(self.net.parameters()).device, torch.float32)
+        if self.torchscript:  # clean-fid / StyleGAN2-ADA convention: [0, 255] in, resize inside
+            pool = self.net(x, return_features=True).reshape(len(x), -1)
+            probs = self.net(x, no_output_bias=True).reshape(len(x), -1)
+            return {"pool": pool, "probs": probs}
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        x = x / 127.5 - 1.0  # pytorch-fid: [0, 1] -> [-1, 1]
+        n = self.net
+        x = n.maxpool1(n.Conv2d_2b_3x3(n.Conv2d_2a_3x3(n.Conv2d_1a_3x3(x))))
+        x = n.maxpool2(n.Conv2d_4a_3x3(n.Conv2d_3b_1x1(x)))
+        for block in (n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c):
+            x = block(x)
+        spatial = n.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # sFID: TF mixed_6/conv
+        spatial = spatial.permute(0, 2, 3, 1).reshape(len(x), -1)
+        x = n.Mixed_6e(n.Mixed_6d(x))
+        x = n.Mixed_7c(n.Mixed_7b(n.Mixed_7a(x)))
+        pool = torch.flatten(n.avgpool(x), 1)
+        probs = torch.softmax(n.fc(pool), dim=1)
+        return {"pool": pool, "probs": probs, "spatial": spatial}
+
+
+def load_inception(weights_path: str = "", device: str | torch.device = "cpu",
+                   download: bool = True) -> InceptionFeatures:
+    """The FID Inception from `weights_path` (see module doc); strict key check for state dicts."""
+    path = resolve_weights(weights_path, download=download)
+    if path.endswith(".pt"):
+        return InceptionFeatures(torch.jit.load(path, map_location=device), torchscript=True)
+    net = build_fid_inception()
+    state = load_state_dict_file(path)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not an FID Inception state dict (missing {len(missing)} keys e.g. "
+                         f"{missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]})")
+    return InceptionFeatures(net.to(device))
+
+
+def load_feature_net(kind: str, weights_path: str = "", device: str | torch.device = "cpu",
+                     probe_path: Optional[str] = None) -> nn.Module:
+    """`inception` (real FID) or `probe` (the built-in dataset stand-in, jobs.metrics.probe)."""
+    if kind == "inception":
+        return load_inception(weights_path, device)
+    if kind == "probe":
+        from jobs.metrics.probe import load_probe
+
+        if not probe_path:
+            raise ValueError("feature_net=probe needs the trained probe file (jobs.metrics.probe.ensure_probe)")
+        return load_probe(probe_path, device)
+    raise ValueError(f"eval.feature_net={kind!r}; valid: ['inception', 'probe']")

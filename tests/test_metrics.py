@@ -1,0 +1,178 @@
+"""Metric library sanity: Fréchet distance vs scipy, FID monotone in noise, IS, precision/recall,
+PSNR/SSIM, the Inception loading path (test-written random weights; missing file offline), probe."""
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from jobs.metrics.fid import (FeatureStats, ReferenceStats, frechet_distance, load_reference_stats,
+                              mean_and_covariance, save_reference_stats)
+from jobs.metrics.image_quality import psnr, ssim, to_uint8
+from jobs.metrics.inception_score import inception_score
+from jobs.metrics.precision_recall import precision_recall
+
+
+def scipy_frechet(mu1, s1, mu2, s2):
+    """Independent float64 reference (the pytorch-fid / ADM formula with scipy.linalg.sqrtm)."""
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_matches_scipy_to_1e6_relative():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 32))
+    b = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32)) * 0.3 + 0.5
+    mu1, s1 = np.mean(a, 0), np.cov(a, rowvar=False)
+    mu2, s2 = np.mean(b, 0), np.cov(b, rowvar=False)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    ref = scipy_frechet(mu1, s1, mu2, s2)
+    assert abs(ours - ref) / abs(ref) < 1e-6
+    # the streaming statistics equal numpy's mean / unbiased covariance
+    mu, cov = mean_and_covariance(a)
+    np.testing.assert_allclose(mu, mu1, rtol=1e-12)
+    np.testing.assert_allclose(cov, s1, rtol=1e-9, atol=1e-12)
+
+
+def test_fid_self_zero_and_monotone_in_noise():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(1000, 16)) @ rng.normal(size=(16, 16))
+    ref = FeatureStats.from_features(feats)
+    mu, sigma = ref.mean_cov()
+    assert ref.distance_to(mu, sigma) == pytest.approx(0.0, abs=1e-8)
+    noise = rng.normal(size=feats.shape)
+    dists = [FeatureStats.from_features(feats + s * noise).distance_to(mu, sigma) for s in (0.1, 0.3, 1.0, 3.0)]
+    assert all(x < y for x, y in zip(dists, dists[1:])), dists
+
+
+def test_feature_stats_merge_equals_whole():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(300, 8))
+    parts = [FeatureStats.from_features(feats[i::3], keep_max=50) for i in range(3)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    whole = FeatureStats.from_features(feats)
+    for x, y in zip(merged.mean_cov(), whole.mean_cov()):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+    assert merged.count == 300 and merged.num_kept == 50
+
+
+def test_reference_stats_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    stats = FeatureStats.from_features(rng.normal(size=(50, 4)), keep_max=20)
+    ref = ReferenceStats.from_stats(stats, "probe")
+    url = str(tmp_path / "ref.npz")
+    save_reference_stats(url, ref)
+    back = load_reference_stats(url)
+    assert back.feature_net == "probe" and back.num_images == 50 and back.features.shape == (20, 4)
+    np.testing.assert_allclose(back.sigma, ref.sigma)
+    # ADM layout (arr_0 + mu/sigma/mu_s/sigma_s) loads too
+    adm = tmp_path / "adm.npz"
+    np.savez(adm, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu, sigma_s=ref.sigma)
+    back = load_reference_stats(str(adm))
+    assert back.images.shape == (3, 8, 8, 3) and back.mu_s is not None and back.num_images == 3
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        load_reference_stats(str(tmp_path / "nope.npz"))
+
+
+def test_inception_score_bounds():
+    uniform = np.full((100, 10), 0.1)
+    assert inception_score(uniform)[0] == pytest.approx(1.0)
+    onehot = np.eye(10)[np.arange(100) % 10]  # confident and evenly spread: IS = number of classes
+    assert inception_score(onehot, num_splits=10)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_precision_recall_identical_and_disjoint():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(200, 8))
+    pr = precision_recall(real, real.copy())
+    assert pr == {"precision": 1.0, "recall": 1.0}
+    far = precision_recall(real, real + 100.0)
+    assert far == {"precision": 0.0, "recall": 0.0}
+    # generated samples collapsed onto a few real points: high precision, low recall
+    collapsed = np.repeat(real[:5], 40, axis=0) + 1e-3 * rng.normal(size=(200, 8))
+    pr = precision_recall(real, collapsed)
+    assert pr["precision"] > 0.9 and pr["recall"] < 0.2
+
+
+def test_psnr_ssim_and_uint8_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    assert torch.isinf(psnr(x, x)).all()
+    assert torch.allclose(ssim(x, x), torch.ones(4, dtype=torch.float64))
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    noisier = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (psnr(x, noisy) > psnr(x, noisier)).all() and (ssim(x, noisy) > ssim(x, noisier)).all()
+    mse = ((x - noisy) ** 2).mean().item()
+    assert psnr(x[:1], noisy[:1]).item() == pytest.approx(10 * np.log10(1 / ((x[:1] - noisy[:1]) ** 2).mean().item()))
+    assert mse > 0
+    u = to_uint8(torch.tensor([-0.5, 0.0, 0.5 / 255, 0.6 / 255, 1.0, 2.0]))
+    assert u.tolist() == [0, 0, 0, 1, 255, 255]  # clamped and rounded (SPEC "rFID")
+
+
+# -- Inception loading path -------------------------------------------------------------------------
+
+def test_inception_loads_test_written_weights(tmp_path):
+    from jobs.metrics.inception import STATE_DICT_FILE, build_fid_inception, load_inception
+
+    torch.manual_seed(0)
+    net = build_fid_inception()  # random weights, the architecture and keys of the real file
+    for m in net.modules():  # keep activations finite with random weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(1.0)
+    path = tmp_path / STATE_DICT_FILE
+    torch.save(net.state_dict(), path)
+    inception = load_inception(str(path))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    out = inception(images)
+    assert out["pool"].shape == (2, 2048) and out["probs"].shape == (2, 1008)
+    assert out["spatial"].shape == (2, 7 * 17 * 17)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(2))
+    assert torch.isfinite(out["pool"]).all()
+    # wrong keys: a clear error naming the file
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth"):
+        load_inception(str(tmp_path / "bad.pth"))
+
+
+def test_inception_missing_file_offline_one_line(tmp_path):
+    from jobs.metrics.inception import load_inception
+    from models.losses.pretrained_weights import MissingWeightsError
+
+    expected = str(tmp_path / "weights" / "pt_inception-2015-12-05-6726825d.pth")
+    # this machine has no network: the real download attempt fails quickly
+    with pytest.raises(MissingWeightsError) as info:
+        load_inception(expected)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert not os.path.exists(expected)
+
+
+# -- probe stand-in ---------------------------------------------------------------------------------
+
+def _blobs(n_per_class, num_classes=4, size=16, seed=0):
+    """Class = colour channel lit up: trivially learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    images = rng.integers(0, 60, size=(len(labels), size, size, 3)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, :, :, c % 3] += np.uint8(120 + 60 * (c // 3))
+    return images, labels
+
+
+def test_probe_trains_caches_and_scores(tmp_path):
+    from jobs.metrics.probe import ensure_probe, load_probe, probe_accuracy
+
+    x, y = _blobs(30)
+    xv, yv = _blobs(10, seed=1)
+    man = ensure_probe(str(tmp_path), x, y, num_classes=4, image_size=16, val_images=xv, val_labels=yv, steps=60)
+    assert not man["cached"] and man["val_accuracy"] > 0.9
+    again = ensure_probe(str(tmp_path), x, y, num_classes=4, image_size=16, steps=60)
+    assert again["cached"] and again["key"] == man["key"]
+    probe = load_probe(man["path"])
+    assert probe_accuracy(probe, xv, yv) == pytest.approx(man["val_accuracy"])
+    out = probe(torch.as_tensor(xv[:5]).permute(0, 3, 1, 2))
+    assert out["pool"].shape == (5, 128) and probe.name == "probe"
