@@ -127,6 +127,16 @@ class EvalConfig:
     reference_stats: str = ""  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
     cfg_search_scales: list[float] = field(default_factory=list)
     cfg_search_start_ratios: list[float] = field(default_factory=list)
+    # make-ref input: any shard dir / glob / comma list; empty = the prep split below.
+    reference_shards: str = ""
+    reference_split: str = "train"  # ADM's reference batch is drawn from train
+    reference_out: str = ""  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
+    max_pr_features: int = 10000  # rows kept for precision/recall (ADM reference batch: 10k)
+    lpips_vgg_weights: str = ""  # torchvision vgg16-397923af.pth; empty = hub cache / download
+    probe_steps: int = 300  # probe stand-in training steps (CPU: seconds at 32 px)
+    probe_max_train_images: int = 20000
+    grid_images: int = 8  # reconstruction / sample grid width
+    samples_per_shard: int = 1000
 
 
 @dataclass
