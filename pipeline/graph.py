@@ -1,0 +1,267 @@
+"""`restok run`: the stage graph prep -> train_tokenizer -> extract_codes -> train_generator -> evaluate.
+
+One MLflow parent run per invocation and one child run per stage that runs (its id is handed to the
+stage's `run(cfg, run_id=...)`). A stage is skipped when its manifest is complete for the same
+fingerprint (pipeline.stages) and no input of it was rebuilt after it; otherwise it runs and
+resumes its own unfinished work. Ray starts (or is connected to) only when a stage has to run,
+so a fully finished pipeline re-checks in seconds.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pipeline import manifest as manifests
+from pipeline import paths, storage, tracking
+from pipeline.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+
+StageFn = Callable[..., dict]
+
+# Stage name -> module exposing run(cfg, run_id=None) -> manifest (the stage contract).
+STAGE_MODULES = {
+    "prep": "data_prep.prepare",
+    "train_tokenizer": "jobs.train_tokenizer",
+    "extract_codes": "jobs.extract_codes",
+    "train_generator": "jobs.train_generator",
+    "evaluate": "jobs.evaluate",
+}
+
+# Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
+_BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at"}
+_SUMMARY_METRICS = 4
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ran | skipped | failed | not run
+    wall_s: float = 0.0
+    run_id: str = ""
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- Ray
+
+
+def connect_ray(cfg: Any) -> bool:
+    """Start or connect to Ray per cluster.address; True when this call started/connected it.
+
+    "local" starts a single-node Ray in this process (the CPU default); "auto" joins the cluster
+    this process runs on (a Ray Job's driver); "ray://host:10001" goes through Ray Client.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = str(cfg.cluster.address)
+    if address == "local":
+        # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
+        needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
+                 include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def selected_stages(cfg: Any) -> list[str]:
+    """cfg.stages in graph order (the loader already rejected unknown names)."""
+    wanted = set(cfg.stages)
+    return [s for s in STAGE_ORDER if s in wanted]
+
+
+def load_stage(stage: str) -> StageFn:
+    return importlib.import_module(STAGE_MODULES[stage]).run
+
+
+def key_metrics(manifest: Mapping[str, Any] | None) -> dict[str, float]:
+    """A manifest's results: its `metrics` dict, else its numeric top-level fields."""
+    if not manifest:
+        return {}
+    source = manifest.get("metrics")
+    if not isinstance(source, Mapping):
+        source = {k: v for k, v in manifest.items() if k not in _BOOKKEEPING}
+    return {str(k): float(v) for k, v in source.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def stale_reason(cfg: Any, stage: str, rebuilt: set[str]) -> str:
+    """Why a complete manifest is out of date: an input stage was rebuilt after it ('' if fresh)."""
+    mine = manifests.read_manifest(paths.stage_dir(cfg, stage)) or {}
+    for up in UPSTREAM[stage]:
+        if up in rebuilt:
+            return f"input '{up}' was rebuilt in this run"
+        theirs = manifests.read_manifest(paths.stage_dir(cfg, up)) or {}
+        if str(theirs.get("written_at", "")) > str(mine.get("written_at", "")):
+            return f"input '{up}' is newer than its outputs"
+    return ""
+
+
+def clear_stage_dir(cfg: Any, stage: str) -> None:
+    """Remove a stage's outputs so it rebuilds from its (changed) inputs instead of resuming."""
+    fs, path = storage.filesystem(paths.stage_dir(cfg, stage))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _fmt_metrics(metrics: Mapping[str, float], limit: int = _SUMMARY_METRICS) -> str:
+    items = list(metrics.items())
+    text = ", ".join(f"{k}={v:.4g}" for k, v in items[:limit])
+    return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def summary_table(results: list[StageResult]) -> str:
+    rows = [("stage", "status", "time", "key metrics")]
+    for r in results:
+        status = r.status + (f" ({r.reason})" if r.reason and r.status != "skipped" else "")
+        rows.append((r.stage, status, _fmt_time(r.wall_s) if r.status != "not run" else "-",
+                     _fmt_metrics(r.metrics) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    return "\n".join(lines)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _print_summary(cfg: Any, results: list[StageResult], parent_run_id: str, total_s: float) -> None:
+    uri = paths.tracking_uri(cfg)
+    print(f"\n== restok run: {cfg.preset} ({_fmt_time(total_s)}) ==", flush=True)
+    print(summary_table(results))
+    print(f"artifacts:    {paths.work_url(cfg)}  (one folder per stage, each with manifest.json)")
+    print(f"MLflow store: {uri}  (experiment '{cfg.tracking.experiment}', pipeline run {parent_run_id})")
+    print(f"look at it:   {mlflow_ui_command(uri)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- graph
+
+
+def run_pipeline(cfg: Any, force: bool = False,
+                 stage_impls: Mapping[str, StageFn] | None = None) -> int:
+    """Run the selected stages in order; returns a process exit code (0 ok, 1 a stage failed).
+
+    `force` clears and rebuilds every selected stage. `stage_impls` maps stage names to callables
+    with the stage contract `run(cfg, run_id=None) -> manifest`; names not given load the real
+    stage modules (tests inject stand-ins here, production never passes it).
+    """
+    from configs.loading import to_yaml
+
+    stages = selected_stages(cfg)
+    impls = dict(stage_impls or {})
+    uri = paths.tracking_uri(cfg)
+    print(f"# restok run: preset {cfg.preset}, stages {stages}\n{to_yaml(cfg)}", flush=True)
+
+    parent = tracking.start_run(cfg, "pipeline", extra_tags={"restok.stages": ",".join(stages)})
+    client = tracking.client_for(uri)
+    results = [StageResult(s, "not run") for s in stages]
+    rebuilt: set[str] = set()
+    started_ray = False
+    t_start = time.perf_counter()
+    current: StageResult | None = None
+    try:
+        for result in results:
+            current = result
+            stage = result.stage
+            stage_dir = paths.stage_dir(cfg, stage)
+            fp = stage_fingerprint(cfg, stage)
+            if not force and manifests.is_complete(stage_dir, fp):
+                reason = stale_reason(cfg, stage, rebuilt)
+                if not reason:
+                    result.status = "skipped"
+                    result.metrics = key_metrics(manifests.read_manifest(stage_dir))
+                    client.set_tag(parent, f"restok.stage.{stage}", "skipped")
+                    print(f"[restok] {stage}: complete for fingerprint {fp}, skipped", flush=True)
+                    continue
+                print(f"[restok] {stage}: {reason}; clearing {stage_dir} and rebuilding", flush=True)
+                clear_stage_dir(cfg, stage)
+                result.reason = reason
+            elif force:
+                print(f"[restok] {stage}: --force, clearing {stage_dir} and rebuilding", flush=True)
+                clear_stage_dir(cfg, stage)
+                result.reason = "forced"
+
+            run_fn = impls.get(stage) or load_stage(stage)
+            if not started_ray:
+                started_ray = connect_ray(cfg) or started_ray
+            child = tracking.start_run(cfg, stage, parent_run_id=parent)
+            result.run_id = child
+            print(f"[restok] {stage}: running (MLflow run {child})", flush=True)
+            t0 = time.perf_counter()
+            try:
+                manifest = run_fn(cfg, run_id=child)
+            except BaseException:
+                result.wall_s = time.perf_counter() - t0
+                result.status = "failed"
+                tracking.end_run(cfg, child, "FAILED")
+                raise
+            result.wall_s = time.perf_counter() - t0
+            if not manifests.is_complete(stage_dir, fp):
+                tracking.end_run(cfg, child, "FAILED")
+                result.status = "failed"
+                raise PipelineError(f"stage returned without a complete manifest with fingerprint {fp} "
+                                    f"at {manifests.manifest_url(stage_dir)}")
+            result.status = "ran"
+            result.metrics = key_metrics(manifest or manifests.read_manifest(stage_dir))
+            rebuilt.add(stage)
+            tracking.log_metrics(uri, child, {"stage_wall_s": result.wall_s})
+            tracking.end_run(cfg, child, "FINISHED")
+            client.set_tag(parent, f"restok.stage.{stage}", "ran")
+            print(f"[restok] {stage}: done in {_fmt_time(result.wall_s)}", flush=True)
+        current = None
+        total = time.perf_counter() - t_start
+        _log_parent_metrics(uri, parent, results, total)
+        tracking.end_run(cfg, parent, "FINISHED")
+        _print_summary(cfg, results, parent, total)
+        return 0
+    except KeyboardInterrupt:
+        tracking.end_run(cfg, parent, "KILLED")
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        tracking.end_run(cfg, parent, "FAILED")
+        _print_summary(cfg, results, parent, time.perf_counter() - t_start)
+        stage = current.stage if current else "?"
+        where = f"MLflow run {current.run_id}" if current and current.run_id else f"pipeline run {parent}"
+        print(f"restok run: stage '{stage}' FAILED: {type(exc).__name__}: {exc} ({where})",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _log_parent_metrics(uri: str, parent: str, results: list[StageResult], total_s: float) -> None:
+    """Each stage's key metrics and wall time on the pipeline run, for side-by-side comparison."""
+    metrics: dict[str, float] = {"pipeline_wall_s": total_s}
+    for r in results:
+        if r.status == "ran":
+            metrics[f"{r.stage}.wall_s"] = r.wall_s
+        metrics.update({f"{r.stage}.{k}": v for k, v in r.metrics.items()})
+    tracking.log_metrics(uri, parent, metrics)

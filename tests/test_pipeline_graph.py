@@ -1,0 +1,171 @@
+"""The stage graph's orchestration: order, skipping, staleness, MLflow runs, failure reporting.
+
+Stages here are test-only stand-ins (`StandInStage`) injected through run_pipeline(stage_impls=...):
+they follow the stage contract (check upstream manifests, log to the given MLflow run, write a
+complete manifest) in milliseconds. The real stages run end to end in tests/test_pipeline_e2e.py.
+Ray and MLflow are real (a local Ray started once for the module, a sqlite store).
+"""
+import time
+
+import pytest
+
+from configs.loading import load_config
+from pipeline import manifest as manifests
+from pipeline import paths, tracking
+from pipeline.graph import clear_stage_dir, key_metrics, run_pipeline, summary_table, StageResult
+from pipeline.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+
+
+class StandInStage:
+    """Test-only stand-in for a stage module's run(cfg, run_id): contract-shaped, instant."""
+
+    def __init__(self, stage, calls, fail=False):
+        self.stage, self.calls, self.fail = stage, calls, fail
+
+    def __call__(self, cfg, run_id=None):
+        import ray
+
+        assert ray.is_initialized(), "the graph connects Ray before a stage runs"
+        self.calls.append((self.stage, run_id))
+        for up in UPSTREAM[self.stage]:
+            manifests.require_complete(paths.stage_dir(cfg, up), up)
+        if self.fail:
+            raise ValueError(f"stand-in {self.stage} exploded")
+        tracking.log_metrics(paths.tracking_uri(cfg), run_id, {"loss": 0.5}, step=1)
+        return manifests.write_manifest(paths.stage_dir(cfg, self.stage), self.stage,
+                                        stage_fingerprint(cfg, self.stage), complete=True,
+                                        metrics={"loss": 0.5, "count": 3}, files=["x.bin"])
+
+
+def stand_ins(calls, fail=()):
+    return {s: StandInStage(s, calls, fail=s in fail) for s in STAGE_ORDER}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory):
+    """One sqlite store for the module (creating one costs seconds); one experiment per test."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def make_cfg(work, tracking_db, request, *overrides):
+    return load_config(None, [f"work_dir={work}", f"tracking.tracking_uri={tracking_db}",
+                              f"tracking.experiment={request.node.name}", *overrides])
+
+
+@pytest.fixture
+def cfg(tmp_path, local_ray, tracking_db, request):
+    return make_cfg(tmp_path / "work", tracking_db, request)
+
+
+def _runs(cfg):
+    client = tracking.client_for(paths.tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_runs_in_order_then_skips_everything(cfg, capsys):
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == list(STAGE_ORDER)
+    out = capsys.readouterr().out
+    assert f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}" in out and paths.work_url(cfg) in out
+    assert "loss=0.5" in out
+
+    # MLflow: one parent, one FINISHED child per stage, each stage got its child's run id.
+    runs = _runs(cfg)
+    parents = [r for r in runs if r.data.tags["restok.stage"] == "pipeline"]
+    children = {r.data.tags["restok.stage"]: r for r in runs if r.data.tags["restok.stage"] != "pipeline"}
+    assert len(parents) == 1 and set(children) == set(STAGE_ORDER)
+    for stage, run_id in calls:
+        child = children[stage]
+        assert child.info.run_id == run_id and child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.metrics["loss"] == 0.5
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["evaluate.loss"] == 0.5
+
+    calls.clear()
+    t0 = time.perf_counter()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert calls == [] and time.perf_counter() - t0 < 60
+    out = capsys.readouterr().out
+    assert out.count("skipped") >= len(STAGE_ORDER)
+
+
+def test_deleting_generator_outputs_reruns_only_what_follows(cfg):
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    clear_stage_dir(cfg, "train_generator")
+    calls.clear()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["train_generator", "evaluate"]
+
+
+def test_config_change_reruns_the_changed_stage_and_downstream(cfg, tmp_path, tracking_db, request):
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    calls.clear()
+    changed = make_cfg(tmp_path / "work", tracking_db, request, "extract.augment=none")
+    assert run_pipeline(changed, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["extract_codes", "train_generator", "evaluate"]
+
+
+def test_upstream_rebuilt_outside_the_graph_makes_downstream_stale(cfg):
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    time.sleep(1.1)  # manifests carry second-resolution timestamps
+    StandInStage("train_tokenizer", [])(cfg, run_id=tracking.start_run(cfg, "train_tokenizer"))
+    calls.clear()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["extract_codes", "train_generator", "evaluate"]
+
+
+def test_stage_selection_and_force(tmp_path, local_ray, tracking_db, request):
+    cfg = make_cfg(tmp_path / "w", tracking_db, request, "stages=[prep,train_tokenizer]")
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["prep", "train_tokenizer"]
+    calls.clear()
+    assert run_pipeline(cfg, force=True, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["prep", "train_tokenizer"]
+
+
+def test_failure_marks_runs_failed_and_names_the_stage(cfg, capsys):
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls, fail={"extract_codes"})) == 1
+    assert [s for s, _ in calls] == ["prep", "train_tokenizer", "extract_codes"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("restok run: stage 'extract_codes' FAILED: ValueError: stand-in extract_codes exploded")
+    status = {r.data.tags["restok.stage"]: r.info.status for r in _runs(cfg)}
+    assert status["pipeline"] == "FAILED" and status["extract_codes"] == "FAILED"
+    assert status["train_tokenizer"] == "FINISHED"
+    # Fixed, the next run resumes at the failed stage.
+    calls.clear()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["extract_codes", "train_generator", "evaluate"]
+
+
+def test_stage_without_complete_manifest_is_a_failure(cfg, capsys):
+    impls = stand_ins([])
+    impls["prep"] = lambda cfg, run_id=None: {"stage": "prep"}  # forgets its manifest
+    assert run_pipeline(cfg, stage_impls=impls) == 1
+    assert "stage 'prep' FAILED: PipelineError" in capsys.readouterr().err
+
+
+def test_key_metrics_and_table():
+    assert key_metrics({"metrics": {"rfid": 1.5, "note": "x", "ok": True}}) == {"rfid": 1.5}
+    assert key_metrics({"version": 1, "num_images": 10, "files": []}) == {"num_images": 10.0}
+    table = summary_table([StageResult("prep", "skipped", 0.2, metrics={"n": 3.0}),
+                           StageResult("evaluate", "not run")])
+    lines = table.splitlines()
+    assert lines[0].split() == ["stage", "status", "time", "key", "metrics"]
+    assert "n=3" in lines[2] and lines[3].split()[:3] == ["evaluate", "not", "run"]
