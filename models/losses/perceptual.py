@@ -66,14 +66,22 @@ class LPIPS(FrozenNetwork):
 
         self.backbone = check_backbone_mode(backbone, "lpips_backbone")
         self.name = "lpips" + metric_suffix(self.backbone)
-        # pretrained=False: no heads loaded by lpips; pnet_rand=True: no torchvision download.
-        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
-            warnings.simplefilter("ignore", UserWarning)
-            net = lpips.LPIPS(pretrained=False, net="vgg", version="0.1", pnet_rand=True, verbose=False)
-        if self.backbone == PRETRAINED:
-            self._load_trunk(net, _torchvision_vgg16_state_dict(vgg_weights_path))
+        # Resolve every file before building anything, so a missing one fails fast.
+        vgg_state = (_torchvision_vgg16_state_dict(vgg_weights_path)
+                     if self.backbone == PRETRAINED else None)
         heads_path = require_local_file(linear_weights_path or bundled_linear_heads_path(),
                                         "LPIPS linear heads", "lpips_linear_weights")
+        # Built on the meta device (torchvision's vgg16 would otherwise initialise its 120M-param
+        # classifier, which lpips drops) and then filled: trunk from the file or random, heads from
+        # the file, and ScalingLayer rebuilt (its two constant buffers). pretrained=False: lpips loads
+        # no heads itself; pnet_rand=True: no torchvision download.
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecated `pretrained=`
+            net = lpips.LPIPS(pretrained=False, net="vgg", version="0.1", pnet_rand=True, verbose=False)
+        net = net.to_empty(device="cpu")
+        net.scaling_layer = lpips.ScalingLayer()
+        filled = {f"scaling_layer.{k}" for k in net.scaling_layer.state_dict()}
+        filled |= self._fill_trunk(net, vgg_state)
         # lin0..lin4 (the `lins` ModuleList aliases the same modules).
         heads = {k: v for k, v in load_state_dict_file(heads_path).items() if re.match(r"lin\d\.", k)}
         expected = {k for k in net.state_dict() if re.match(r"lin\d\.", k)}
@@ -81,17 +89,28 @@ class LPIPS(FrozenNetwork):
             raise ValueError(f"LPIPS linear heads file {heads_path} has keys {sorted(heads)}, "
                              f"expected {sorted(expected)}")
         net.load_state_dict(heads, strict=False)
+        filled |= {f"lins.{k[3:]}" for k in heads} | set(heads)
+        unfilled = set(net.state_dict()) - filled
+        assert not unfilled, f"LPIPS tensors left uninitialised: {sorted(unfilled)}"
         self.net = freeze(net)
 
     @staticmethod
-    def _load_trunk(net: nn.Module, vgg_state: dict[str, torch.Tensor]) -> None:
-        """Copy torchvision `features.<i>.*` into lpips' slices, which keep the same module indices."""
-        trunk = net.net
+    def _fill_trunk(net: nn.Module, vgg_state: dict[str, torch.Tensor] | None) -> set[str]:
+        """Copy torchvision `features.<i>.*` into lpips' slices (which keep the same module indices),
+        or initialise them like torchvision's VGG when there is no state (random-untrained)."""
+        filled = set()
         for slice_name in ("slice1", "slice2", "slice3", "slice4", "slice5"):
-            for index, layer in getattr(trunk, slice_name).named_children():
-                params = {k: vgg_state[f"features.{index}.{k}"] for k, _ in layer.named_parameters()}
-                if params:
-                    layer.load_state_dict(params)
+            for index, layer in getattr(net.net, slice_name).named_children():
+                if not isinstance(layer, nn.Conv2d):
+                    continue
+                if vgg_state is not None:
+                    layer.load_state_dict({k: vgg_state[f"features.{index}.{k}"]
+                                           for k in ("weight", "bias")})
+                else:
+                    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(layer.bias)
+                filled |= {f"net.{slice_name}.{index}.weight", f"net.{slice_name}.{index}.bias"}
+        return filled
 
     def forward(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Per-image LPIPS distance [B] for images in [0, 1]."""
