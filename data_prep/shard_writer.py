@@ -1,0 +1,134 @@
+"""Write one WebDataset shard from a run of sample refs, atomically, with a done record.
+
+Members per sample: `<key>.jpg` or `<key>.png` (image bytes), `<key>.cls` (class index, ASCII),
+`<key>.json` (class index, wnid, name, original width/height, conversion if any). Tar headers
+carry fixed mtime/owner, so the same inputs give the same bytes and the same sha256 on a rerun.
+
+The shard is written under a temporary name and renamed (pipeline.storage.atomic_open); only
+then is `_done/<shard>.json` written (count, sha256, skipped and converted keys, the plan's
+hash and the stage fingerprint). A shard counts as complete only with a matching done record,
+so a run killed anywhere leaves either a complete shard or one that the rerun rewrites.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline import storage
+
+from data_prep.image_bytes import SkipImage, check_image
+
+DONE_DIR = "_done"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def done_record_url(shards_url: str, name: str) -> str:
+    return storage.join(shards_url, DONE_DIR, f"{name}.json")
+
+
+def plan_sha256(refs: list) -> str:
+    """Hash of the shard's planned (key, class) list: a changed listing invalidates the shard."""
+    return hashlib.sha256("\n".join(f"{r[0]}\t{r[1]}" for r in refs).encode()).hexdigest()
+
+
+@dataclass
+class ShardJob:
+    split: str
+    index: int
+    refs: list  # SampleRef tuples, in shard order
+    shards_url: str
+    fingerprint: str
+    class_names: list[str]  # index -> wnid (or synthetic name)
+    resize: Optional[int] = None
+    jpeg_quality: int = 95
+    plan: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.plan = self.plan or plan_sha256(self.refs)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    @property
+    def url(self) -> str:
+        return storage.join(self.shards_url, self.name)
+
+    @property
+    def done_url(self) -> str:
+        return done_record_url(self.shards_url, self.name)
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, fh: Any):
+        self.fh, self.sha, self.nbytes = fh, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        self.sha.update(data)
+        self.nbytes += len(data)
+        self.fh.write(data)
+        return len(data)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def existing_record(job: ShardJob) -> Optional[dict[str, Any]]:
+    """The done record when the shard is complete for this plan and fingerprint, else None."""
+    record = storage.read_json(job.done_url)
+    if not record or record.get("fingerprint") != job.fingerprint or record.get("plan_sha256") != job.plan:
+        return None
+    fs, path = storage.filesystem(job.url)
+    if not fs.exists(path) or fs.size(path) != record.get("bytes"):
+        return None
+    return record
+
+
+def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
+    """Read, check and write the job's samples; returns (and stores) the shard's done record."""
+    skipped: dict[str, list[str]] = {}
+    converted: dict[str, list[str]] = {}
+    count = 0
+    with storage.atomic_open(job.url, "wb") as fh:
+        writer = _HashingWriter(fh)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            for (key, cls, _), data in source.read(job.refs):
+                try:
+                    image = check_image(data, source.native_ext, job.resize, job.jpeg_quality)
+                except SkipImage as skip:
+                    skipped.setdefault(skip.reason, []).append(key)
+                    continue
+                if image.converted:
+                    converted.setdefault(image.converted, []).append(key)
+                meta = {
+                    "key": key, "cls": int(cls), "wnid": job.class_names[cls],
+                    "width": image.original_size[0], "height": image.original_size[1],
+                    "converted": image.converted,
+                }
+                _add(tar, f"{key}.{image.ext}", image.data)
+                _add(tar, f"{key}.cls", str(int(cls)).encode())
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                count += 1
+    record = {
+        "shard": job.name, "split": job.split, "index": job.index, "count": count,
+        "planned": len(job.refs), "sha256": writer.sha.hexdigest(), "bytes": writer.nbytes,
+        "plan_sha256": job.plan, "fingerprint": job.fingerprint,
+        "skipped": skipped, "converted": converted,
+    }
+    storage.write_json_atomic(job.done_url, record)
+    return record
