@@ -50,3 +50,24 @@ def test_merge_equals_one_accumulator():
 def test_out_of_range_codes_rejected():
     with pytest.raises(ValueError, match=r"\[0, 4\).*max 4"):
         CodebookStats(4).update(torch.tensor([0, 4]))
+
+
+def _rank_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        stats = CodebookStats(8)
+        stats.update(torch.tensor([rank, rank, 7]))  # rank 0: {0, 0, 7}; rank 1: {1, 1, 7}
+        stats.all_reduce()
+        if rank == 0:
+            torch.save(stats.hist, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_reduce_across_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    result = tmp_path / "hist.pt"
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(result)), nprocs=2, join=True)
+    assert torch.load(result).tolist() == [2, 2, 0, 0, 0, 0, 0, 2]

@@ -81,3 +81,10 @@ def test_diffaugment_shapes_gradients_and_ops():
     assert set(shifted.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="unknown DiffAugment"):
         diff_augment(x, "color,blur")
+
+
+def test_bf16_backbone_with_fp32_heads():
+    disc = DinoDiscriminator(**TINY_BACKBONE, virtual_batch=2)
+    disc.features.to(torch.bfloat16)  # as an engine with bf16 might leave it
+    logits = disc(torch.rand(2, 3, 32, 32))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

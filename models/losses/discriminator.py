@@ -109,7 +109,8 @@ class FrozenViTFeatures(FrozenNetwork):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=True)
         net = self.net
-        x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed((x - self.mean) / self.std))))
+        x = ((x - self.mean.float()) / self.std.float()).to(self.dtype)
+        x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
         features = [x] if self.use_embedding else []
         for index, block in enumerate(net.blocks[: self.feature_blocks[-1] + 1]):
             x = block(x)
@@ -148,7 +149,8 @@ class DinoDiscriminator(nn.Module):
         if augment and self.diffaug_policy:
             x = (diff_augment(x * 2 - 1, self.diffaug_policy) + 1) / 2  # DiffAugment works in [-1, 1]
         feats = self.features(x)
-        return torch.cat([head(f) for head, f in zip(self.heads, feats)], dim=1)
+        head_dtype = self.heads[0].to_logit.bias.dtype  # heads and backbone may differ in dtype
+        return torch.cat([head(f.to(head_dtype)) for head, f in zip(self.heads, feats)], dim=1).float()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -114,5 +114,6 @@ class LPIPS(FrozenNetwork):
 
     def forward(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Per-image LPIPS distance [B] for images in [0, 1]."""
-        distance = self.net(images * 2 - 1, recon * 2 - 1)  # lpips expects [-1, 1]
-        return distance.flatten(1).sum(1)
+        dtype = self.dtype
+        distance = self.net(images.to(dtype) * 2 - 1, recon.to(dtype) * 2 - 1)  # lpips expects [-1, 1]
+        return distance.flatten(1).sum(1).float()

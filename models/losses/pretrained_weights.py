@@ -67,6 +67,11 @@ class FrozenNetwork(nn.Module):
     """Holds a frozen network in `self.net` and keeps it in eval mode whatever train() is called with
     (LPIPS has dropout layers; a teacher must not switch to train behaviour with the tokenizer)."""
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen weights' dtype (an engine may have cast them to bf16); inputs follow it."""
+        return next(self.net.parameters()).dtype
+
     def train(self, mode: bool = True):
         super().train(mode)
         if hasattr(self, "net"):

@@ -69,6 +69,14 @@ def _warn_if_random(what: str, mode: str, log_name: str) -> None:
                        "real loss", what, RANDOM_UNTRAINED, log_name)
 
 
+def _as_floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Detached python floats with a single device sync."""
+    device = next(v.device for v in values.values() if torch.is_tensor(v))
+    stacked = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
+                           for v in values.values()])
+    return dict(zip(values, stacked.tolist()))
+
+
 class TokenizerLoss(nn.Module):
     """Generator and discriminator objectives of the tokenizer.
 
@@ -168,7 +176,7 @@ class TokenizerLoss(nn.Module):
             total = total + cfg.gan_weight * adversarial
             terms["gen_adv" + self.gan_suffix] = adversarial
         terms["total"] = total
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        return total, _as_floats(terms)
 
     def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor,
                            step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -186,4 +194,4 @@ class TokenizerLoss(nn.Module):
         logs = {f"disc_hinge{s}": hinge, f"disc_lecam{s}": lecam,
                 f"logits_real{s}": logits_real.mean(), f"logits_fake{s}": logits_fake.mean(),
                 f"disc_total{s}": total}
-        return total, {k: float(v.detach()) for k, v in logs.items()}
+        return total, _as_floats(logs)

@@ -82,7 +82,7 @@ class VFTeacher(FrozenNetwork):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False, antialias=True)
-        tokens = self.net.forward_features((x - self.mean) / self.std)
+        tokens = self.net.forward_features(((x - self.mean.float()) / self.std.float()).to(self.dtype))
         grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
         return tokens[:, 0], tokens[:, self.num_prefix_tokens:], grid
 
