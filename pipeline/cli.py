@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("items", nargs="*", help=items_help)
             s.add_argument("--stage", default="", help="submit one stage alone")
             s.add_argument("--no-wait", action="store_true")
+            s.add_argument("--runtime-pip", action=argparse.BooleanOptionalAction, default=None,
+                           help="install pyproject's pinned requirements in the job's runtime env "
+                                "(default: on, off for a loopback cluster that already has them)")
+            s.add_argument("--python", default="",
+                           help="python on the cluster for the job's driver (default: python; "
+                                "this interpreter for a loopback cluster)")
         else:
             s.add_argument("job_id")
         s.add_argument("--address", default="", help="Ray dashboard, e.g. http://HEAD:8265")

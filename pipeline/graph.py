@@ -39,7 +39,7 @@ _SUMMARY_METRICS = 4
 @dataclass
 class StageResult:
     stage: str
-    status: str  # ran | skipped | failed | not run
+    status: str  # ran | skipped | incomplete | failed | not run
     wall_s: float = 0.0
     run_id: str = ""
     reason: str = ""
@@ -88,14 +88,18 @@ def load_stage(stage: str) -> StageFn:
 
 
 def key_metrics(manifest: Mapping[str, Any] | None) -> dict[str, float]:
-    """A manifest's results: its `metrics` dict, else its numeric top-level fields."""
+    """A manifest's results: its `metrics` and `final_metrics` dicts, then numeric top-level fields."""
     if not manifest:
         return {}
-    source = manifest.get("metrics")
-    if not isinstance(source, Mapping):
-        source = {k: v for k, v in manifest.items() if k not in _BOOKKEEPING}
-    return {str(k): float(v) for k, v in source.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out: dict[str, float] = {}
+    sources = [manifest.get(k) for k in ("metrics", "final_metrics")]
+    sources.append({k: v for k, v in manifest.items() if k not in _BOOKKEEPING})
+    for source in sources:
+        if isinstance(source, Mapping):
+            for k, v in source.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(str(k), float(v))
+    return out
 
 
 def stale_reason(cfg: Any, stage: str, rebuilt: set[str]) -> str:
@@ -111,10 +115,18 @@ def stale_reason(cfg: Any, stage: str, rebuilt: set[str]) -> str:
 
 
 def clear_stage_dir(cfg: Any, stage: str) -> None:
-    """Remove a stage's outputs so it rebuilds from its (changed) inputs instead of resuming."""
-    fs, path = storage.filesystem(paths.stage_dir(cfg, stage))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    """Remove a stage's outputs so it rebuilds from its (changed) inputs instead of resuming.
+
+    Training stages also keep Ray Train checkpoints under cluster.storage_path, named by
+    jobs.ray_training.experiment_name; those go too, or the rebuild would resume the old run.
+    """
+    targets = [paths.stage_dir(cfg, stage)]
+    if stage in ("train_tokenizer", "train_generator"):
+        targets.append(storage.join(paths.ray_storage_path(cfg), f"{stage}-{stage_fingerprint(cfg, stage)}"))
+    for url in targets:
+        fs, path = storage.filesystem(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def _fmt_metrics(metrics: Mapping[str, float], limit: int = _SUMMARY_METRICS) -> str:
@@ -220,11 +232,21 @@ def run_pipeline(cfg: Any, force: bool = False,
                 tracking.end_run(cfg, child, "FAILED")
                 raise
             result.wall_s = time.perf_counter() - t0
-            if not manifests.is_complete(stage_dir, fp):
+            written = manifests.read_manifest(stage_dir) or {}
+            if written.get("fingerprint") != fp:
                 tracking.end_run(cfg, child, "FAILED")
                 result.status = "failed"
-                raise PipelineError(f"stage returned without a complete manifest with fingerprint {fp} "
+                raise PipelineError(f"stage returned without a manifest for fingerprint {fp} "
                                     f"at {manifests.manifest_url(stage_dir)}")
+            if not written.get("complete"):
+                # A deliberate partial run (e.g. tokenizer_train.stop_after): later stages wait.
+                result.status = "incomplete"
+                result.metrics = key_metrics(written)
+                tracking.end_run(cfg, child, "FINISHED")
+                client.set_tag(parent, f"restok.stage.{stage}", "incomplete")
+                print(f"[restok] {stage}: stopped before completion; `restok run` again resumes it",
+                      flush=True)
+                break
             result.status = "ran"
             result.metrics = key_metrics(manifest or manifests.read_manifest(stage_dir))
             rebuilt.add(stage)

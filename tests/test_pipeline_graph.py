@@ -161,9 +161,30 @@ def test_stage_without_complete_manifest_is_a_failure(cfg, capsys):
     assert "stage 'prep' FAILED: PipelineError" in capsys.readouterr().err
 
 
+def test_deliberately_partial_stage_stops_the_graph_without_failing(cfg, capsys):
+    calls = []
+    impls = stand_ins(calls)
+
+    def partial_tokenizer(cfg, run_id=None):
+        calls.append(("train_tokenizer", run_id))
+        return manifests.write_manifest(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer",
+                                        stage_fingerprint(cfg, "train_tokenizer"), complete=False,
+                                        steps_done=5)
+
+    impls["train_tokenizer"] = partial_tokenizer
+    assert run_pipeline(cfg, stage_impls=impls) == 0
+    assert [s for s, _ in calls] == ["prep", "train_tokenizer"]
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "steps_done=5" in out
+    calls.clear()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["train_tokenizer", "extract_codes", "train_generator", "evaluate"]
+
+
 def test_key_metrics_and_table():
     assert key_metrics({"metrics": {"rfid": 1.5, "note": "x", "ok": True}}) == {"rfid": 1.5}
     assert key_metrics({"version": 1, "num_images": 10, "files": []}) == {"num_images": 10.0}
+    assert list(key_metrics({"steps_done": 3, "final_metrics": {"loss": 0.1}})) == ["loss", "steps_done"]
     table = summary_table([StageResult("prep", "skipped", 0.2, metrics={"n": 3.0}),
                            StageResult("evaluate", "not run")])
     lines = table.splitlines()
