@@ -73,18 +73,19 @@ def check_image(data: bytes, native_ext: str = "jpg", resize: Optional[int] = No
     """
     if not data:
         raise SkipImage("empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on odd EXIF / palette transparency
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on odd EXIF / palette transparency
+        try:  # header
             image = Image.open(io.BytesIO(data))
             fmt, mode, size = image.format or "", image.mode, image.size
+        except Exception as exc:
+            reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+            raise SkipImage(reason, f"{type(exc).__name__}: {exc}") from None
+        try:  # pixel data: ends early = truncated; any other decode error = corrupt
             image.load()
-    except OSError as exc:
-        if "truncated" in str(exc).lower() or "premature end" in str(exc).lower():
-            raise SkipImage("truncated", str(exc)) from None
-        raise SkipImage("corrupt", str(exc)) from None
-    except Exception as exc:  # PIL raises assorted errors (SyntaxError, ValueError...) on garbage
-        raise SkipImage("corrupt", f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+            raise SkipImage(reason, f"{type(exc).__name__}: {exc}") from None
 
     reason = _conversion_reason(fmt, mode, native_ext)
     needs_resize = resize is not None and min(size) > resize

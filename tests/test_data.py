@@ -1,0 +1,311 @@
+"""Data prep end to end: sources -> real tar shards (real local Ray, real fsspec) -> loaders.
+
+Fake ImageNet trees and ILSVRC-style tars are built in tmp_path from a few generated JPEGs,
+including the bad images prep must convert or count.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+import uuid
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from configs.loading import load_config
+from data_prep import prepare, synthetic
+from data_prep.image_bytes import SkipImage, check_image
+from data_prep.loaders import eval_batches, train_batches
+from data_prep.sources import ImageNetFolderSource, ImageNetTarSource, iter_samples
+from pipeline import storage
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def jpeg(seed: int, size=(40, 30), mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(arr)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+BAD = {  # file stem -> (bytes, expected outcome)
+    "bad_zero": (b"", ("skipped", "empty")),
+    "bad_corrupt": (b"definitely not an image " * 5, ("skipped", "corrupt")),
+    "bad_truncated": (jpeg(99, (64, 64))[:2500], ("skipped", "truncated")),
+    "bad_cmyk": (jpeg(98, mode="CMYK"), ("converted", "cmyk")),
+    "bad_gray": (jpeg(97, mode="L"), ("converted", "grayscale")),
+    "bad_png": (jpeg(96, fmt="PNG"), ("converted", "png_in_jpeg")),
+}
+
+
+def make_imagenet_tree(root, per_class=4, val_layout="folders", bad=False):
+    """train/<wnid>/*.JPEG, val in class folders or flat + LOC_val_solution.csv; returns expected labels."""
+    expected = {"train": {}, "val": {}}
+    rows = ["ImageId,PredictionString"]
+    for c, wnid in enumerate(WNIDS):
+        os.makedirs(root / "train" / wnid, exist_ok=True)
+        for i in range(per_class):
+            key = f"{wnid}_{i}"
+            (root / "train" / wnid / f"{key}.JPEG").write_bytes(jpeg(c * 100 + i))
+            expected["train"][key] = c
+        for i in range(2):
+            key = f"ILSVRC2012_val_{c * 2 + i + 1:08d}"
+            folder = root / "val" / wnid if val_layout == "folders" else root / "val"
+            os.makedirs(folder, exist_ok=True)
+            (folder / f"{key}.JPEG").write_bytes(jpeg(1000 + c * 10 + i, size=(30, 44)))
+            rows.append(f"{key},{wnid} 1 2 20 30 {wnid} 3 4 10 10")
+            expected["val"][key] = c
+    if bad:
+        for stem, (data, _) in BAD.items():
+            (root / "train" / WNIDS[0] / f"{stem}.JPEG").write_bytes(data)
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return expected
+
+
+def make_ilsvrc_tars(tree, out):
+    """ILSVRC2012_img_train.tar (tar of <wnid>.tar) and ILSVRC2012_img_val.tar from a flat-val tree."""
+    os.makedirs(out, exist_ok=True)
+    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
+        for wnid in reversed(WNIDS):  # out of order on purpose: class index = sorted wnid order
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for f in sorted((tree / "train" / wnid).iterdir()):
+                    inner.add(f, arcname=f.name)
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as val:
+        for f in sorted((tree / "val").iterdir()):
+            val.add(f, arcname=f.name)
+    (out / "LOC_val_solution.csv").write_bytes((tree / "LOC_val_solution.csv").read_bytes())
+
+
+def read_shards(manifest, split):
+    """key -> (cls, json) over the split's shards, read back with WebDataset."""
+    urls = [storage.join(manifest["shards_url"], s["shard"]) for s in manifest["splits"][split]["shards"]]
+    out = {}
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        assert sample["__key__"] not in out, "duplicate key"
+        image = sample.get("jpg", sample.get("png"))
+        assert Image.open(io.BytesIO(image)).mode == "RGB"
+        out[sample["__key__"]] = int(sample["cls"])
+    return out
+
+
+def prep_cfg(work_dir, *overrides):
+    return load_config(None, [f"work_dir={work_dir}", "data.prep_tasks=2", *overrides])
+
+
+# ---------------------------------------------------------------- units (no Ray)
+
+def test_synthetic_is_deterministic_and_classes_differ():
+    a, cls = synthetic.sample_png(3, "train", 17, 10, 32)
+    assert cls == 7 and (a, cls) == synthetic.sample_png(3, "train", 17, 10, 32)
+    assert a != synthetic.sample_png(3, "val", 17, 10, 32)[0]
+    assert len(set(synthetic.class_names(100))) == 100
+    means = [synthetic.render(c, synthetic.sample_rng(0, "train", c), 48).reshape(-1, 3).mean(0) for c in range(10)]
+    assert Image.open(io.BytesIO(a)).size == (32, 32)
+    assert min(np.abs(means[i] - means[j]).sum() for i in range(10) for j in range(i)) > 3
+
+
+@pytest.mark.parametrize("stem", sorted(BAD))
+def test_bad_images_are_converted_or_skipped(stem):
+    data, (outcome, reason) = BAD[stem]
+    if outcome == "skipped":
+        with pytest.raises(SkipImage) as err:
+            check_image(data)
+        assert err.value.reason == reason
+    else:
+        checked = check_image(data)
+        assert checked.converted == reason
+        image = Image.open(io.BytesIO(checked.data))
+        assert (image.format, image.mode) == ("JPEG", "RGB")
+
+
+def test_tar_source_reads_same_samples_as_folder(tmp_path):
+    expected = make_imagenet_tree(tmp_path / "tree", val_layout="flat")
+    make_ilsvrc_tars(tmp_path / "tree", tmp_path / "tars")
+    folder = ImageNetFolderSource(str(tmp_path / "tree"))
+    tars = ImageNetTarSource(f"file://{tmp_path / 'tars'}")
+    for split in ("train", "val"):
+        from_folder = {k: (c, d) for d, c, k in iter_samples(folder, split)}
+        from_tar = {k: (c, d) for d, c, k in iter_samples(tars, split)}
+        assert from_folder == from_tar and {k: c for k, (c, _) in from_tar.items()} == expected[split]
+    # A run starting in the middle of a class tar streams from that member's header.
+    refs = tars.sample_refs("train")[5:7]
+    assert [r[0] for r, _ in tars.read(refs)] == [r[0] for r in refs]
+
+
+# ---------------------------------------------------------------- prep + loaders, memory:// (threads)
+
+def test_synthetic_memory_roundtrip_and_loaders():
+    work = f"memory://restok-{uuid.uuid4().hex[:8]}"
+    cfg = prep_cfg(work, "data.synthetic.train_per_class=5", "data.synthetic.val_per_class=3",
+                   "data.samples_per_shard=8")
+    manifest = prepare.run(cfg)
+    assert manifest["splits"]["train"]["total"] == 50 and manifest["splits"]["val"]["total"] == 30
+    assert [s["count"] for s in manifest["splits"]["val"]["shards"]] == [8, 8, 8, 6]
+    assert [c["name"] for c in manifest["classes"]][:2] == ["red_circle", "green_square"]
+    for split, n in (("train", 50), ("val", 30)):
+        labels = read_shards(manifest, split)
+        assert labels == {f"{split}_{i:08d}": i % 10 for i in range(n)}
+    for s in manifest["splits"]["train"]["shards"]:
+        assert storage.sha256_url(storage.join(manifest["shards_url"], s["shard"])) == s["sha256"]
+    assert prepare.run(cfg) == manifest  # complete: skipped
+
+    # Eval: 2 ranks x 2 workers, by shard (4 shards) and by sample (1 shard): each sample once.
+    val_urls = [storage.join(manifest["shards_url"], "val-000000.tar")]
+    for shards, n in ((manifest, 30), (val_urls, 8)):
+        seen = []
+        for rank in range(2):
+            batches = eval_batches(shards, "val", rank, 2, batch_size=4, image_size=24, num_workers=2)
+            got = list(batches)
+            if shards is manifest:
+                assert len(batches) == len(got)
+            for images, labels, keys in got:
+                assert images.shape[1:] == (3, 24, 24) and images.dtype == torch.float32
+                assert labels.tolist() == [int(k[-8:]) % 10 for k in keys]
+                seen += keys
+        assert len(seen) == n and len(set(seen)) == n
+    # Deterministic order.
+    first = [k for _, _, ks in eval_batches(manifest, "val", 0, 2, 4, 24, num_workers=2) for k in ks]
+    assert first == [k for _, _, ks in eval_batches(manifest, "val", 0, 2, 4, 24, num_workers=2) for k in ks]
+
+    # Train: budget 50 samples over 2 ranks, batch 4 -> 6 full batches per rank.
+    batches = train_batches(manifest, "train", 1, 2, batch_size=4, image_size=16, seed=0, num_workers=2)
+    got = list(batches)
+    assert len(got) == len(batches) == 6
+    for images, labels in got:
+        assert images.shape == (4, 3, 16, 16) and 0.0 <= images.min() and images.max() <= 1.0
+        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
+    small = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, samples_per_epoch=17, num_workers=0)
+    assert len(list(small)) == 2
+
+
+def test_failed_run_resumes_without_rewriting(monkeypatch):
+    work = f"memory://restok-{uuid.uuid4().hex[:8]}"
+    cfg = prep_cfg(work, "data.synthetic.train_per_class=4", "data.synthetic.val_per_class=1",
+                   "data.samples_per_shard=10", "data.prep_tasks=1")
+    real_make = prepare.make_source
+
+    class FailingSourceMock:
+        """Wraps the real source; raises on the third train shard, like a killed task."""
+
+        def __init__(self, inner):
+            self.inner, self.name, self.native_ext = inner, inner.name, inner.native_ext
+            self.classes, self.sample_refs = inner.classes, inner.sample_refs
+
+        def read(self, refs):
+            for ref, data in self.inner.read(refs):
+                if ref in FailingSourceMock.poison:
+                    raise OSError("simulated kill")
+                yield ref, data
+
+    writes = Counter()
+    real_open = storage.atomic_open
+
+    @contextlib.contextmanager
+    def counting_open(url, mode="wb"):  # counts files that reached their final name
+        with real_open(url, mode) as fh:
+            yield fh
+        writes[os.path.basename(url)] += 1
+
+    monkeypatch.setattr(storage, "atomic_open", counting_open)
+    jobs = prepare.plan_jobs(real_make(cfg.data), cfg, "memory://unused", "fp")
+    FailingSourceMock.poison = {jobs[2].refs[3]}
+    monkeypatch.setattr(prepare, "make_source", lambda data: FailingSourceMock(real_make(data)))
+    with pytest.raises(RuntimeError, match="train-000002.tar"):
+        prepare.run(cfg)
+    stage = storage.join(work, "prep")
+    assert not storage.exists(storage.join(stage, "train-000002.tar"))
+    assert storage.read_json(storage.join(stage, "manifest.json")) is None
+    FailingSourceMock.poison = set()
+    manifest = prepare.run(cfg)
+    shard_writes = {k: v for k, v in writes.items() if k.endswith(".tar")}
+    assert shard_writes == {f"train-{i:06d}.tar": 1 for i in range(4)} | {"val-000000.tar": 1}
+    assert manifest["splits"]["train"]["total"] == 40
+
+
+# ---------------------------------------------------------------- prep with real local Ray
+
+def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
+    from pipeline.tracking import client_for, start_run
+    from pipeline.paths import tracking_uri
+
+    for layout in ("folders", "flat"):
+        root = tmp_path / layout
+        expected = make_imagenet_tree(root, val_layout=layout, bad=True)
+        cfg = prep_cfg(tmp_path / f"work-{layout}", "data.source=imagenet_folder", f"data.root={root}",
+                       "data.samples_per_shard=5")
+        run_id = start_run(cfg, "prep") if layout == "flat" else None
+        manifest = prepare.run(cfg, run_id=run_id)
+        train = manifest["splits"]["train"]
+        assert train["skipped"] == {"empty": 1, "corrupt": 1, "truncated": 1}
+        assert train["converted"] == {"cmyk": 1, "grayscale": 1, "png_in_jpeg": 1}
+        assert manifest["skipped_keys"]["train"]["truncated"] == ["bad_truncated"]
+        assert train["planned"] == 18 and train["total"] == 15
+        labels = read_shards(manifest, "train")
+        assert {k: v for k, v in labels.items() if not k.startswith("bad")} == expected["train"]
+        assert {labels[k] for k in labels if k.startswith("bad")} == {0}
+        assert read_shards(manifest, "val") == expected["val"]
+        assert [c["wnid"] for c in manifest["classes"]] == WNIDS
+        if run_id:
+            metrics = client_for(tracking_uri(cfg)).get_run(run_id).data.metrics
+            assert metrics["prep/train_images"] == 15 and metrics["prep/train_skipped"] == 3
+
+
+def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
+    expected = make_imagenet_tree(tmp_path / "tree", per_class=5, val_layout="flat")
+    make_ilsvrc_tars(tmp_path / "tree", tmp_path / "tars")
+    cfg = prep_cfg(tmp_path / "work", "data.source=imagenet_tar", f"data.root=file://{tmp_path / 'tars'}",
+                   f"data.shards_url=file://{tmp_path / 'shards'}", "data.samples_per_shard=4")
+    manifest = prepare.run(cfg)
+    assert read_shards(manifest, "train") == expected["train"]
+    assert read_shards(manifest, "val") == expected["val"]
+    names = [s["shard"] for s in manifest["splits"]["train"]["shards"]]
+    assert names == [f"train-{i:06d}.tar" for i in range(4)]
+
+    # What a kill leaves: no manifest, a missing shard (no done record), a half-written temporary;
+    # plus a shard from an older config that the plan does not name.
+    shards = tmp_path / "shards"
+    os.remove(tmp_path / "work" / "prep" / "manifest.json")
+    os.remove(shards / "train-000002.tar")
+    (shards / ".tmp-deadbeef-train-000002.tar").write_bytes(b"partial")
+    (shards / "train-000009.tar").write_bytes(b"old")
+    before = {p.name: os.stat(p).st_mtime_ns for p in shards.glob("*.tar")}
+
+    again = prepare.run(cfg)
+    after = {p.name: os.stat(p).st_mtime_ns for p in shards.iterdir() if p.is_file()}
+    assert sorted(after) == sorted(names + ["val-000000.tar", "val-000001.tar"])
+    rewritten = {n for n in after if after[n] != before.get(n)}
+    assert rewritten == {"train-000002.tar"}
+    assert again["splits"] == manifest["splits"]  # same bytes: sha256 and counts match
+    assert again["written_this_run"]["shards"] == 1
+
+    # The loader reads file:// shards from the manifest's stage directory.
+    seen = [k for r in range(2) for _, _, ks in eval_batches(str(tmp_path / "work" / "prep"), "train", r, 2, 8, 16) for k in ks]
+    assert sorted(seen) == sorted(expected["train"])
