@@ -1,0 +1,140 @@
+"""Code shards: the extract_codes stage's output and the generator's training data.
+
+Format (WebDataset tar, one per image shard, same base name): per sample `<key>.codes.npy`, an
+int16/int32 array [A, N] (A augmented views: 1 none, 2 original + flip, 10 ten-crop; N tokens)
+and `<key>.cls` (ASCII class index). SPEC "codes": one view is drawn per sample at training time.
+
+The loader holds all codes of a split in memory (ImageNet, 128 tokens, int16: 0.33 GB per view)
+and walks a per-epoch permutation keyed on (seed, epoch), so its position is one integer (the
+micro-batch index) and resuming at any step is exact and O(1).
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import storage
+
+
+def tar_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each file of a WebDataset tar, in order (ext after the first dot
+    of the base name, as WebDataset splits)."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            head, _, ext = base.partition(".")
+            prefix = member.name[: len(member.name) - len(base)]
+            yield prefix + head, ext, tar.extractfile(member).read()
+
+
+def group_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar as (key, {ext: bytes}), in order."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for key, ext, payload in tar_members(data):
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = payload
+    return samples
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # byte-identical shards for identical codes
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def encode_shard(samples: list[tuple[str, np.ndarray, int]]) -> bytes:
+    """A code-shard tar from (key, codes [A, N], class) triples."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, codes, cls in samples:
+            npy = io.BytesIO()
+            np.save(npy, codes, allow_pickle=False)
+            _add(tar, f"{key}.codes.npy", npy.getvalue())
+            _add(tar, f"{key}.cls", str(int(cls)).encode())
+    return buf.getvalue()
+
+
+def read_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, codes [M, A, N], classes [M]) of one code shard."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as fh:
+        data = fh.read()
+    keys, codes, classes = [], [], []
+    for key, parts in group_samples(data):
+        if "codes.npy" not in parts or "cls" not in parts:
+            raise ValueError(f"{url}: sample {key!r} lacks codes.npy or cls (has {sorted(parts)})")
+        keys.append(key)
+        codes.append(np.load(io.BytesIO(parts["codes.npy"]), allow_pickle=False))
+        classes.append(int(parts["cls"]))
+    if not codes:
+        return keys, np.zeros((0, 0, 0), np.int16), np.zeros((0,), np.int64)
+    return keys, np.stack(codes), np.asarray(classes, dtype=np.int64)
+
+
+def load_split(stage_dir: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """All codes [M, A, N] and classes [M] of a split, in manifest order; checks the counts."""
+    from pipeline.manifest import require_complete
+
+    manifest = require_complete(stage_dir, "extract_codes")
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        raise ValueError(f"{stage_dir}: no code shards for split {split!r}")
+    codes, classes = [], []
+    for shard in shards:
+        _, c, y = read_shard(storage.join(stage_dir, shard["name"]))
+        if len(y) != shard["count"]:
+            raise ValueError(f"{shard['name']}: {len(y)} samples, manifest says {shard['count']}")
+        codes.append(c)
+        classes.append(y)
+    return np.concatenate(codes), np.concatenate(classes)
+
+
+class CodeBatches:
+    """Deterministic, resumable micro-batches of (codes [B, N] int64, classes [B]) for one rank.
+
+    Epoch e visits a permutation of all samples keyed on (seed, e); rank r takes every world-th
+    index (the tail that does not divide evenly is dropped, so every rank runs the same number of
+    steps); each sample's augmented view is drawn from the same key.
+    """
+
+    def __init__(self, codes: np.ndarray, classes: np.ndarray, micro_batch: int, rank: int,
+                 world: int, seed: int):
+        self.codes, self.classes = codes, classes
+        self.micro_batch, self.rank, self.world, self.seed = micro_batch, rank, world, seed
+        self.per_rank = len(classes) // world
+        self.batches_per_epoch = self.per_rank // micro_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(classes)} code samples are fewer than micro_batch_size x workers "
+                             f"= {micro_batch * world}")
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.classes))
+        views = rng.integers(0, self.codes.shape[1], size=len(self.classes))
+        mine = order[self.rank :: self.world][: self.per_rank]
+        return mine, views[mine]
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches from global micro-batch index `start` on, forever."""
+        epoch, offset = divmod(start, self.batches_per_epoch)
+        while True:
+            idx, views = self._epoch(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                sl = slice(b * self.micro_batch, (b + 1) * self.micro_batch)
+                i, v = idx[sl], views[sl]
+                yield (torch.from_numpy(self.codes[i, v].astype(np.int64)),
+                       torch.from_numpy(self.classes[i].copy()))
+            epoch, offset = epoch + 1, 0
+
+
+def manifest_summary(manifest: dict[str, Any]) -> str:
+    return (f"{sum(manifest['counts'].values())} samples, code shape {manifest['code_shape']} "
+            f"{manifest['dtype']}, tokenizer sha256 {manifest['tokenizer_sha256'][:12]}")

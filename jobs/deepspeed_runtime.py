@@ -1,0 +1,220 @@
+"""DeepSpeed machinery shared by the training stages: config, optimizer groups, schedule, EMA, RNG.
+
+This is the one place distribution is applied to a model (DEVELOPERS.md "Rules"); models/ never
+imports DeepSpeed. The same code runs on CPU (gloo, 2 workers in tests) and GPU (nccl).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def prepare_deepspeed(use_gpu: bool) -> None:
+    """Before building an engine: on CPU skip the shm comm op (it compiles C++ for a minute,
+    DEVELOPERS.md "Known traps") and reuse the process group Ray Train initialised."""
+    import deepspeed
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Ray Train already created the group (gloo on CPU, nccl on GPU); DeepSpeed wraps it.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
+                                   verbose=False)
+    else:  # single process (e.g. a unit test without Ray)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, world: int) -> int:
+    """global = micro x workers x accumulation (configs.loading.validate checks divisibility)."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise ValueError(f"global_batch_size={global_batch} is not a multiple of micro_batch_size x "
+                         f"workers = {per_step}")
+    return global_batch // per_step
+
+
+def deepspeed_config(train: Any, world: int, zero_stage: int | None = None) -> dict:
+    """The DeepSpeed JSON config for a TrainConfig section (client optimizer + client schedule)."""
+    stage = int(train.zero_stage if zero_stage is None else zero_stage)
+    config: dict = {
+        "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
+        "gradient_accumulation_steps": grad_accumulation(int(train.global_batch_size),
+                                                         int(train.micro_batch_size), world),
+        "gradient_clipping": float(train.optim.grad_clip),
+        "zero_optimization": {"stage": stage},
+        # The client optimizer is torch AdamW (no fused/cpu_adam build on CPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if stage == 3:
+        # Gather small params eagerly: the tiny presets would otherwise thrash the prefetcher.
+        config["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+                                            "stage3_gather_16bit_weights_on_model_save": False})
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif train.precision != "fp32":
+        raise ValueError(f"precision={train.precision!r}: choose bf16 or fp32 (no fp16 on CPU)")
+    return config
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """SPEC "recipe": no weight decay on norms, biases and embeddings (any <=1-D tensor, any
+    embedding table, learned tokens and positional/level embeddings)."""
+    lname = name.lower()
+    return (param.ndim <= 1 or "embed" in lname or "token" in lname or "norm" in lname
+            or lname.endswith(".bias"))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float) -> float:
+    """Linear warm-up to `base`, then cosine to `floor` at `total` (SPEC "recipe": 5k warm-up,
+    floor 1e-5)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return floor + 0.5 * (base - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, optim: Any, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = float(optim.lr if lr is None else lr)
+    return torch.optim.AdamW(param_groups(model, float(optim.weight_decay)), lr=lr,
+                             betas=tuple(float(b) for b in optim.betas), eps=1e-8)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int,
+                  base_lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    base = float(optim.lr if base_lr is None else base_lr)
+    floor = float(optim.min_lr) * base / float(optim.lr)  # the floor scales with a different base lr
+
+    def factor(step: int) -> float:
+        return cosine_lr(step, total_steps, base, int(optim.warmup_steps), floor) / base
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_engine(model: nn.Module, train: Any, world: int, total_steps: int, *,
+                 lr: float | None = None, zero_stage: int | None = None):
+    """A DeepSpeed engine with AdamW param groups and the cosine schedule (stepped by DeepSpeed at
+    each accumulation boundary)."""
+    import deepspeed
+
+    optimizer = make_optimizer(model, train.optim, lr)
+    schedule = make_schedule(optimizer, train.optim, total_steps, lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(train, world, zero_stage))
+    return engine
+
+
+# ---- parameters under ZeRO-3 ---------------------------------------------------------------------
+def is_partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def local_tensor(p: nn.Parameter) -> torch.Tensor:
+    """What this rank holds of `p`: its ZeRO-3 flat shard, or the whole tensor."""
+    return p.ds_tensor if is_partitioned(p) else p.data
+
+
+class EMA:
+    """Exponential moving average of the weights in fp32 (SPEC "recipe": EMA 0.9999).
+
+    Sharding-aware: under ZeRO-3 every rank averages its own flat shard (`ds_tensor`: rank r holds
+    elements [r*s, (r+1)*s) of the flattened, padded parameter), so nothing is gathered per step;
+    `consolidate_shards` rebuilds full tensors from all ranks' shards. Under ZeRO 0-2 the parameters
+    are whole on every rank, so only rank 0 keeps the average.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, rank: int):
+        self.decay = float(decay)
+        params = list(model.named_parameters())
+        self.sharded = any(is_partitioned(p) for _, p in params)
+        self.active = self.sharded or rank == 0
+        self.params = [(n, p) for n, p in params if p.requires_grad] if self.active else []
+        self.shadow = {n: local_tensor(p).detach().float().clone() for n, p in self.params}
+        # Full shapes, so shards can be put back together (rank 0 writes them).
+        self.shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.params}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(local_tensor(p).detach().float(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: t.contiguous() for n, t in self.shadow.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA checkpoint lacks {sorted(missing)[:5]}")
+        for n in self.shadow:
+            self.shadow[n].copy_(state[n])
+
+
+def consolidate_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, list[int]]) -> dict:
+    """Full tensors from ZeRO-3 flat shards in rank order (see EMA)."""
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([s[name].reshape(-1) for s in shards])
+        out[name] = flat[: math.prod(shape)].reshape(shape).clone()
+    return out
+
+
+# ---- RNG state (part of every checkpoint, so resume is exact) ------------------------------------
+def rng_state() -> dict:
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32),
+                         int(state["numpy_pos"]), 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)

@@ -1,0 +1,324 @@
+"""Ray Train plumbing shared by the two training stages: the driver side (TorchTrainer, storage,
+failure policy, resume) and the worker side (checkpoint save/restore, rank-0 MLflow logging).
+
+Checkpoint directory layout (one Ray Train checkpoint, merged from all workers' directories):
+  <engine>/            DeepSpeed `save_checkpoint` output per engine (tag "state")
+  rank<r>.pt           per-rank RNG states, data position, extra state (tensors/lists only:
+                       loaded with torch.load(weights_only=True))
+  ema_rank<r>.safetensors  per-rank EMA (whole tensors on rank 0, or ZeRO-3 shards on every rank)
+  meta.json            step, world size, ZeRO stage, EMA shapes (rank 0)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from configs.loading import from_yaml_text, to_yaml
+from pipeline import paths, storage, tracking
+from pipeline.stages import stage_fingerprint
+
+STATE_TAG = "state"
+META_NAME = "meta.json"
+# Test-only fault injection (name says so): rank 1 calls os._exit(1) once when it reaches this step.
+TEST_CRASH_ENV = "RESTOK_TEST_CRASH_RANK1_AT_STEP"
+# Stage name -> its TrainConfig section.
+TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+def ensure_ray(cfg: Any) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = str(cfg.cluster.address)
+        ray.init(address=None if address == "local" else address,
+                 **({"num_cpus": max(2, int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker))}
+                    if address == "local" else {}))
+
+
+def experiment_name(cfg: Any, stage: str) -> str:
+    """`resume: auto` reuses the Ray Train run of the same stage fingerprint (Ray restores its
+    latest checkpoint); `never` starts a fresh run name."""
+    name = f"{stage}-{stage_fingerprint(cfg, stage)}"
+    if str(cfg[TRAIN_SECTION[stage]].resume) == "never":
+        name += time.strftime("-%Y%m%d-%H%M%S")
+    return name
+
+
+def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
+        extra: dict | None = None):
+    """Run `train_loop` on cluster.num_workers Ray Train workers; returns the Ray Train Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg)
+    train = cfg[TRAIN_SECTION[stage]]
+    resume = str(train.resume)
+    loop_config = {
+        "cfg_yaml": to_yaml(cfg),
+        "stage": stage,
+        "run_id": run_id,
+        "tracking_uri": paths.tracking_uri(cfg),
+        # An explicit checkpoint path is used only when Ray has none of its own to restore.
+        "resume_from": None if resume in ("auto", "never") else resume,
+        "crash_marker": storage.join(paths.ray_storage_path(cfg), experiment_name(cfg, stage) + ".crashed"),
+        **(extra or {}),
+    }
+    env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, "OMP_NUM_THREADS")}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
+            resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
+                                  **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=experiment_name(cfg, stage),
+            storage_path=paths.ray_storage_path(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=int(train.max_failures)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(train.keep_checkpoints)),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    return trainer.fit()
+
+
+# ---- worker ---------------------------------------------------------------------------------------
+@dataclass
+class WorkerSession:
+    """What a train loop needs to know about itself; built from the loop config on each worker."""
+
+    cfg: Any
+    stage: str
+    run_id: str
+    tracking_uri: str
+    rank: int
+    world: int
+    device: torch.device
+    resume_from: str | None
+    crash_marker: str
+    logged_steps: set = field(default_factory=set)
+
+    @classmethod
+    def from_loop_config(cls, config: dict) -> "WorkerSession":
+        import ray.train
+
+        ctx = ray.train.get_context()
+        cfg = from_yaml_text(config["cfg_yaml"])
+        use_gpu = bool(cfg.cluster.use_gpu) and torch.cuda.is_available()
+        device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(device)
+        return cls(cfg, config["stage"], config["run_id"], config["tracking_uri"],
+                   ctx.get_world_rank(), ctx.get_world_size(), device, config.get("resume_from"),
+                   config["crash_marker"])
+
+    @property
+    def train(self) -> Any:
+        return self.cfg[TRAIN_SECTION[self.stage]]
+
+    @property
+    def is_logger(self) -> bool:
+        return self.rank == 0
+
+    # -- MLflow (rank 0 only, explicit run id; every step logged once even across restarts) --
+    def load_logged_steps(self, metric: str) -> None:
+        """Steps already in MLflow (a restarted run repeats the steps after its last checkpoint;
+        resume is exact, so the values would be the same: they are not logged twice)."""
+        if self.is_logger:
+            client = tracking.client_for(self.tracking_uri)
+            self.logged_steps = {m.step for m in client.get_metric_history(self.run_id, metric)}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.is_logger and step not in self.logged_steps:
+            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step)
+            self.logged_steps.add(step)
+
+    def log_image(self, image: Any, name: str) -> None:
+        if self.is_logger:
+            tracking.log_image(self.tracking_uri, self.run_id, image, name)
+
+    # -- fault injection for the fault-tolerance test ------------------------------------------------
+    def maybe_crash(self, step: int) -> None:
+        at = int(os.environ.get(TEST_CRASH_ENV, "0") or 0)
+        if at and self.rank == 1 and step == at and not storage.exists(self.crash_marker):
+            storage.write_bytes_atomic(self.crash_marker, b"crashed once\n")
+            os._exit(1)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def restore_dir(self):
+        """A context manager yielding the directory to resume from, or None."""
+        import contextlib
+
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            return checkpoint.as_directory()
+        if self.resume_from:
+            return contextlib.nullcontext(self.resume_from)
+        return contextlib.nullcontext(None)
+
+    def save(self, engines: dict[str, Any], step: int, rank_state: dict, ema: Any | None,
+             metrics: dict[str, float]) -> None:
+        """DeepSpeed checkpoints of every engine + this rank's state, reported to Ray Train."""
+        import ray.train
+        from safetensors.torch import save_file
+
+        tmp = tempfile.mkdtemp(prefix=f"restok-ckpt-r{self.rank}-")
+        try:
+            for name, engine in engines.items():
+                engine.save_checkpoint(os.path.join(tmp, name), tag=STATE_TAG)
+            torch.save(rank_state, os.path.join(tmp, f"rank{self.rank}.pt"))
+            if ema is not None and ema.active:
+                save_file(ema.state(), os.path.join(tmp, f"ema_rank{self.rank}.safetensors"))
+            if self.rank == 0:
+                meta = {"step": step, "world": self.world, "stage": self.stage,
+                        "zero_stage": int(self.train.zero_stage),
+                        "ema_sharded": bool(ema is not None and ema.sharded),
+                        "ema_shapes": ema.shapes if ema is not None else {}}
+                with open(os.path.join(tmp, META_NAME), "w") as fh:
+                    json.dump(meta, fh)
+            ray.train.report({**metrics, "step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, directory: str, engines: dict[str, Any], ema: Any | None) -> dict:
+        """Restore engines, EMA and this rank's state; returns the rank state."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, META_NAME)) as fh:
+            meta = json.load(fh)
+        if meta["world"] != self.world:
+            raise RuntimeError(f"{directory}: checkpoint has {meta['world']} workers, this run "
+                               f"{self.world}; ZeRO optimizer shards need the same world size")
+        for name, engine in engines.items():
+            path, _ = engine.load_checkpoint(os.path.join(directory, name), tag=STATE_TAG)
+            if path is None:
+                raise FileNotFoundError(f"{directory}/{name}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
+        if ema is not None and ema.active:
+            ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
+        return torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=True)
+
+
+def checkpoint_meta(directory: str) -> dict:
+    with open(os.path.join(directory, META_NAME)) as fh:
+        return json.load(fh)
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar logs over ranks (for logging only)."""
+    import torch.distributed as dist
+
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# ---- the shared optimisation loop -----------------------------------------------------------------
+@dataclass
+class LoopSpec:
+    """What differs between the tokenizer and generator stages; `run_loop` does the rest."""
+
+    engines: dict[str, Any]  # every engine checkpointed; the first is the model being trained
+    ema: Any
+    micro_batches: Callable[[int], Any]  # start micro-batch index -> iterator (deterministic)
+    train_step: Callable[[int, list], dict[str, float]]  # one optimizer step over the micro-batches
+    sample_unit: str  # "images" | "sequences"
+    tokens_per_sample: int
+    flops_per_sample: float  # forward + backward
+    log_images: Callable[[int], None] | None = None  # called on every rank (may be collective)
+    get_extra_state: Callable[[], dict] = dict
+    set_extra_state: Callable[[dict], None] = lambda state: None
+    # Called on every rank at each log step (may be collective), e.g. codebook usage since the last.
+    interval_metrics: Callable[[], dict[str, float]] | None = None
+
+
+def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
+    """(FLOP/s, source): cluster.peak_tflops_per_worker when set, else a measured matmul peak."""
+    from jobs.throughput import measured_matmul_peak
+
+    configured = float(session.cfg.cluster.peak_tflops_per_worker)
+    if configured > 0:
+        return configured * 1e12, "configured"
+    dtype = torch.bfloat16 if session.train.precision == "bf16" else torch.float32
+    return measured_matmul_peak(session.device, dtype, n=2048 if session.device.type == "cuda" else 512), "measured-matmul"
+
+
+def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
+    from tqdm import tqdm
+
+    from jobs.deepspeed_runtime import grad_accumulation, rng_state, set_rng_state
+    from jobs.throughput import Throughput, peak_memory_bytes
+
+    train = session.train
+    total = int(train.steps)
+    gas = grad_accumulation(int(train.global_batch_size), int(train.micro_batch_size), session.world)
+    main = next(iter(spec.engines.values()))
+    start = 0
+    with session.restore_dir() as directory:
+        if directory is not None:
+            state = session.load(directory, spec.engines, spec.ema)
+            start = int(state["step"])
+            set_rng_state(state["rng"])
+            spec.set_extra_state(state.get("extra", {}))
+            if session.is_logger:
+                print(f"[{session.stage}] resumed from {directory} at step {start}", flush=True)
+    session.load_logged_steps("loss")
+    peak, peak_source = peak_flops_per_worker(session)
+    if session.is_logger:
+        tracking.client_for(session.tracking_uri).set_tag(session.run_id, "restok.mfu_peak",
+                                                          f"{peak / 1e12:.3f} TFLOP/s per worker ({peak_source})")
+    meter = Throughput(session.world, spec.tokens_per_sample, spec.flops_per_sample, peak)
+    batches = spec.micro_batches(start * gas)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=session.stage,
+               disable=not session.is_logger, mininterval=2.0)
+    logs: dict[str, float] = {}
+    for step in bar:
+        session.maybe_crash(step)
+        micro = [next(batches) for _ in range(gas)]
+        logs = spec.train_step(step, micro)
+        if spec.ema is not None:
+            spec.ema.update()
+        meter.add(int(train.micro_batch_size) * gas)
+        done = step + 1
+        if done % int(train.log_every) == 0 or done == total:
+            if spec.interval_metrics is not None:
+                logs = {**logs, **spec.interval_metrics()}
+            logs = all_reduce_mean(logs, session.device)
+            rates = meter.rates()
+            logs.update({
+                "lr": float(main.get_lr()[0]),
+                f"{spec.sample_unit}_per_s": rates["samples_per_s"],
+                "tokens_per_s": rates["tokens_per_s"],
+                "peak_memory_gib": peak_memory_bytes(session.device) / 2**30,
+            })
+            grad_norm = main.get_global_grad_norm()
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            if "mfu" in rates:
+                logs["mfu"] = rates["mfu"]
+            session.log_metrics(logs, step)
+            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+        if spec.log_images is not None and int(train.image_log_every) > 0 and (
+                done % int(train.image_log_every) == 0 or done == total):
+            spec.log_images(step)
+        stop = int(train.stop_after) > 0 and done >= int(train.stop_after)
+        if done % int(train.checkpoint_every) == 0 or done == total or stop:
+            session.save(spec.engines, done,
+                         {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
+                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)})
+        if stop:
+            break

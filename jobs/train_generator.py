@@ -1,0 +1,157 @@
+"""Stage `train_generator`: the HAR (or vanilla AR) GPT on extracted codes, DeepSpeed on Ray Train.
+
+SPEC "HAR generator / recipe": AdamW lr 1e-4 betas (0.9, 0.95) wd 0.05, cosine with warm-up and
+floor, clip 1.0, bf16, class dropout (in the model, GeneratorConfig.class_dropout), EMA.
+One augmented view of each sample's codes is drawn per visit (SPEC "codes").
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from configs.loading import to_yaml
+from pipeline import paths, tracking
+from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.stages import stage_fingerprint
+
+STAGE = "train_generator"
+ENGINE = "generator"
+GRID_SAMPLES = 16
+
+
+def check_against_codes(cfg: Any, codes_manifest: dict) -> None:
+    """The generator's vocabulary, levels and classes must match the extracted codes."""
+    want = {"generator.vocab_size": codes_manifest["codebook_size"],
+            "generator.levels": list(codes_manifest["levels"]),
+            "generator.num_classes": codes_manifest["num_classes"]}
+    have = {"generator.vocab_size": int(cfg.generator.vocab_size),
+            "generator.levels": list(cfg.generator.levels),
+            "generator.num_classes": int(cfg.generator.num_classes)}
+    wrong = [f"{k}={want[k]}" for k in want if want[k] != have[k]]
+    if wrong:
+        raise ValueError(f"generator config does not match the extracted codes; set {' '.join(wrong)}")
+
+
+def _zero3_gathered(engine: Any):
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8):
+    """uint8 HxWx3 grid of images in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=1)
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def generator_loop(config: dict) -> None:
+    """Ray Train worker: one DeepSpeed engine for the GPT."""
+    from jobs import code_shards
+    from jobs.checkpoints import generator_config, load_tokenizer
+    from jobs.deepspeed_runtime import EMA, build_engine, prepare_deepspeed, seed_everything
+    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
+    from jobs.throughput import forward_flops
+    from models.generator import GPT, sample
+
+    session = WorkerSession.from_loop_config(config)
+    cfg, train, device = session.cfg, session.train, session.device
+    prepare_deepspeed(device.type == "cuda")
+    gen_cfg = generator_config(cfg)
+    seed_everything(int(train.seed))  # identical initial weights on every rank
+    model = GPT(gen_cfg)
+    labels1 = torch.zeros(1, dtype=torch.long)
+    flops = 3 * forward_flops(lambda: model(labels1, torch.zeros(1, gen_cfg.block_size, dtype=torch.long)))
+    engine = build_engine(model.to(device), train, session.world, int(train.steps))
+    ema = EMA(engine.module, float(train.ema_decay), session.rank)
+    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank dropout streams
+
+    codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")
+    loader = code_shards.CodeBatches(codes, classes, int(train.micro_batch_size), session.rank,
+                                     session.world, int(train.seed))
+
+    def train_step(step: int, micro: list) -> dict[str, float]:
+        engine.train()
+        total = 0.0
+        for codes_b, labels_b in micro:
+            codes_b, labels_b = codes_b.to(device), labels_b.to(device)
+            logits = engine(labels_b, codes_b)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes_b.reshape(-1))
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach())
+        return {"loss": total / len(micro)}
+
+    tokenizer_dir = paths.stage_dir(cfg, "train_tokenizer")
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir, device=device) if session.is_logger else None
+    except FileNotFoundError:
+        print(f"[{STAGE}] no tokenizer export in {tokenizer_dir}: sample grids are not logged")
+
+    def log_images(step: int) -> None:
+        # Every rank joins the ZeRO-3 gather; rank 0 samples and decodes with the trained tokenizer.
+        with _zero3_gathered(engine):
+            if tokenizer is None:
+                return
+            labels = torch.arange(GRID_SAMPLES, device=device) % gen_cfg.num_classes
+            gen = torch.Generator(device=device).manual_seed(0)
+            result = sample(engine.module, labels, cfg_scale=float(cfg.sampling.cfg_scale),
+                            cfg_schedule=str(cfg.sampling.cfg_schedule),
+                            start_ratio=float(cfg.sampling.cfg_start_ratio),
+                            temperature=float(cfg.sampling.temperature), top_k=int(cfg.sampling.top_k),
+                            top_p=float(cfg.sampling.top_p), generator=gen)
+            with torch.no_grad():
+                images = tokenizer.decode_codes(result.codes.to(device))
+            session.log_image(image_grid(images), f"samples/step_{step + 1:07d}.png")
+
+    run_loop(session, LoopSpec(
+        engines={ENGINE: engine}, ema=ema, micro_batches=loader.iterate, train_step=train_step,
+        sample_unit="sequences", tokens_per_sample=gen_cfg.block_size, flops_per_sample=flops,
+        log_images=log_images))
+
+
+def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    from jobs import checkpoints, ray_training
+    from jobs.checkpoints import generator_config
+    from models.generator import GPT
+
+    stage_dir = paths.stage_dir(cfg, STAGE)
+    fp = stage_fingerprint(cfg, STAGE)
+    if is_complete(stage_dir, fp):
+        return read_manifest(stage_dir)
+    codes_manifest = require_complete(paths.stage_dir(cfg, "extract_codes"), "extract_codes")
+    check_against_codes(cfg, codes_manifest)
+    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
+    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
+        result = ray_training.fit(cfg, STAGE, generator_loop, rid)
+        steps_done = int(result.metrics.get("step", 0)) if result.metrics else 0
+        if steps_done < int(cfg.generator_train.steps):
+            return write_manifest(stage_dir, STAGE, fp, complete=False, steps_done=steps_done,
+                                  checkpoint=result.checkpoint.path if result.checkpoint else None)
+        model = GPT(generator_config(cfg))
+        with result.checkpoint.as_directory() as directory:
+            raw, ema = checkpoints.export_weights(directory, ENGINE, model)
+        hashes = checkpoints.write_export(stage_dir, "generator", raw, ema, cfg)
+        version = None
+        if cfg.tracking.register_models and "://" not in stage_dir:
+            import os
+
+            files = [os.path.join(stage_dir, name) for name in hashes]
+            version = checkpoints.register_model(paths.tracking_uri(cfg), rid, files,
+                                                 "restok-generator", ["last-trained", str(cfg.preset)])
+        return write_manifest(
+            stage_dir, STAGE, fp, complete=True, steps_done=steps_done,
+            weights="generator.safetensors", weights_ema="generator_ema.safetensors",
+            config="config.yaml", sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
+            block_size=model.block_size, vocab_size=int(cfg.generator.vocab_size),
+            final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
+                           if isinstance(v, (int, float))},
+            ray_checkpoint=result.checkpoint.path, mlflow_run_id=rid, registered_version=version)

@@ -1,0 +1,195 @@
+"""Stage `train_tokenizer`: ResTok with DeepSpeed on Ray Train, reading prep's image shards.
+
+SPEC "loss"/"recipe": MSE + LPIPS + VQ + VF (+ 0.5 GAN from `gan_start_step`), AdamW lr 1e-4
+betas (0.9, 0.95) wd 1e-4 without decay on norms/biases/embeddings, cosine with warm-up and floor,
+clip 10, EMA. Two engines: the tokenizer and, once the GAN starts, the discriminator heads
+(their own optimizer, lr `disc_lr`). The discriminator engine uses ZeRO <= 2: its ~7.4M trainable
+parameters gain nothing from ZeRO-3 partitioning, and the generator step backpropagates through
+it (with its heads frozen), which ZeRO-3's gather hooks would turn into extra collectives.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+
+from configs.loading import to_yaml
+from pipeline import paths, tracking
+from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.stages import stage_fingerprint
+
+STAGE = "train_tokenizer"
+ENGINE = "tokenizer"
+DISC_ENGINE = "discriminator"
+GRID_IMAGES = 8
+
+
+def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
+                  start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """prep's training batches for `rank` from global micro-batch index `start` on, forever.
+
+    data_prep.loaders.train_batches is deterministic per (seed, rank, epoch), so the data position
+    is the micro-batch index: its epoch is start // batches per epoch, and the batches before
+    it in that epoch are skipped."""
+    from data_prep.loaders import train_batches
+
+    def epoch_batches(epoch: int):
+        return train_batches(prep_manifest, "train", rank, world, micro_batch, int(cfg.data.image_size),
+                             seed, epoch=epoch, num_workers=int(cfg.data.loader_workers),
+                             crop_scale_min=float(cfg.data.crop_scale_min), hflip=bool(cfg.data.hflip))
+
+    per_epoch = len(epoch_batches(0))
+    if per_epoch == 0:
+        raise ValueError(f"prep split 'train' has fewer samples than micro_batch_size x workers "
+                         f"= {micro_batch * world}")
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        for i, (images, labels) in enumerate(epoch_batches(epoch)):
+            if i >= offset:
+                yield images, labels
+        epoch, offset = epoch + 1, 0
+
+
+def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
+    """Originals on the top row, reconstructions below (uint8 HxWx3)."""
+    from jobs.train_generator import image_grid
+
+    n = min(GRID_IMAGES, images.shape[0])
+    return image_grid(torch.cat([images[:n].float(), recon[:n].float()]), nrow=n)
+
+
+def tokenizer_loop(config: dict) -> None:
+    """Ray Train worker: tokenizer engine (+ discriminator engine from the GAN start)."""
+    from jobs.checkpoints import tokenizer_config
+    from jobs.deepspeed_runtime import EMA, build_engine, prepare_deepspeed, seed_everything
+    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
+    from jobs.throughput import forward_flops
+    from models.losses.codebook_stats import CodebookStats
+    from models.losses.tokenizer_loss import TokenizerLoss
+    from models.tokenizer import ResTok
+
+    session = WorkerSession.from_loop_config(config)
+    cfg, train, device = session.cfg, session.train, session.device
+    prepare_deepspeed(device.type == "cuda")
+    tok_cfg = tokenizer_config(cfg)
+    seed_everything(int(train.seed))  # identical initial weights on every rank
+    model = ResTok(tok_cfg)
+    loss_fn = TokenizerLoss(train.loss)
+    size = int(tok_cfg.image_size)
+    flops = 3 * forward_flops(lambda: model(torch.zeros(1, 3, size, size)))
+    total_steps = int(train.steps)
+    engine = build_engine(model.to(device), train, session.world, total_steps)
+    engines = {ENGINE: engine}
+    disc_engine = None
+    if loss_fn.discriminator is not None:
+        # Built up front (it is checkpointed from the start); stepped only once the GAN is on.
+        disc_engine = build_engine(loss_fn.discriminator, train, session.world, total_steps,
+                                   lr=float(train.disc_lr), zero_stage=min(int(train.zero_stage), 2))
+        engines[DISC_ENGINE] = disc_engine
+    loss_fn.to(device)
+    ema = EMA(engine.module, float(train.ema_decay), session.rank)
+    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank nested-dropout streams
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    stats = CodebookStats(tok_cfg.codebook_size, device=device)
+
+    prep_manifest = require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    fixed: dict[str, torch.Tensor] = {}
+
+    def micro_batches(start: int):
+        return image_batches(cfg, prep_manifest, session.rank, session.world, int(train.micro_batch_size),
+                             int(train.seed), start)
+
+    def train_step(step: int, micro: list) -> dict[str, float]:
+        engine.train()
+        gan = loss_fn.gan_active(step)
+        sums: dict[str, float] = defaultdict(float)
+        for images, _labels in micro:
+            images = images.to(device)
+            fixed.setdefault("images", images[:GRID_IMAGES].clone())
+            recon, aux = engine(images.to(dtype))
+            recon = recon.float()
+            loss, logs = loss_fn.generator_loss(images, recon, aux, step)
+            engine.backward(loss)
+            engine.step()
+            stats.update(aux["codes"])
+            if gan:
+                d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step)
+                disc_engine.backward(d_loss)
+                disc_engine.step()
+                logs.update(d_logs)
+            logs["loss"] = logs.pop("total", float(loss.detach()))
+            for k, v in logs.items():
+                sums[k] += v / len(micro)
+        # Same keys on every step and rank (all-reduced for logging): GAN terms are 0 before it starts.
+        if loss_fn.discriminator is not None:
+            sums.setdefault("gan_active", float(gan))
+        return dict(sums)
+
+    def interval_metrics() -> dict[str, float]:
+        stats.all_reduce()
+        out = {k: v for k, v in stats.summary().items() if k in ("codebook_usage", "codebook_entropy_bits")}
+        stats.reset()
+        return out
+
+    def log_images(step: int) -> None:
+        if "images" not in fixed:
+            return
+        engine.eval()
+        with torch.no_grad():
+            recon, _ = engine(fixed["images"].to(dtype))  # collective under ZeRO-3: every rank runs it
+        engine.train()
+        session.log_image(reconstruction_grid(fixed["images"], recon.clamp(0, 1)),
+                          f"reconstructions/step_{step + 1:07d}.png")
+
+    def extra_state() -> dict:
+        return {"lecam": dict(loss_fn.lecam.state_dict())} if loss_fn.lecam is not None else {}
+
+    def set_extra_state(state: dict) -> None:
+        if loss_fn.lecam is not None and "lecam" in state:
+            loss_fn.lecam.load_state_dict(state["lecam"])
+
+    run_loop(session, LoopSpec(
+        engines=engines, ema=ema, micro_batches=micro_batches, train_step=train_step,
+        sample_unit="images", tokens_per_sample=tok_cfg.num_tokens, flops_per_sample=flops,
+        log_images=log_images, get_extra_state=extra_state, set_extra_state=set_extra_state,
+        interval_metrics=interval_metrics))
+
+
+def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    import os
+
+    from jobs import checkpoints, ray_training
+    from jobs.checkpoints import tokenizer_config
+    from models.tokenizer import ResTok
+
+    stage_dir = paths.stage_dir(cfg, STAGE)
+    fp = stage_fingerprint(cfg, STAGE)
+    if is_complete(stage_dir, fp):
+        return read_manifest(stage_dir)
+    require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
+    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
+        result = ray_training.fit(cfg, STAGE, tokenizer_loop, rid)
+        steps_done = int(result.metrics.get("step", 0)) if result.metrics else 0
+        if steps_done < int(cfg.tokenizer_train.steps):
+            return write_manifest(stage_dir, STAGE, fp, complete=False, steps_done=steps_done,
+                                  checkpoint=result.checkpoint.path if result.checkpoint else None)
+        model = ResTok(tokenizer_config(cfg))
+        with result.checkpoint.as_directory() as directory:
+            raw, ema = checkpoints.export_weights(directory, ENGINE, model)
+        hashes = checkpoints.write_export(stage_dir, "tokenizer", raw, ema, cfg)
+        version = None
+        if cfg.tracking.register_models and "://" not in stage_dir:
+            files = [os.path.join(stage_dir, name) for name in hashes]
+            version = checkpoints.register_model(paths.tracking_uri(cfg), rid, files,
+                                                 "restok-tokenizer", ["last-trained", str(cfg.preset)])
+        return write_manifest(
+            stage_dir, STAGE, fp, complete=True, steps_done=steps_done,
+            weights="tokenizer.safetensors", weights_ema="tokenizer_ema.safetensors",
+            config="config.yaml", sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
+            num_tokens=int(model.num_tokens), levels=list(model.levels),
+            codebook_size=int(model.codebook_size),
+            final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
+                           if isinstance(v, (int, float))},
+            ray_checkpoint=result.checkpoint.path, mlflow_run_id=rid, registered_version=version)
