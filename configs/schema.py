@@ -96,6 +96,8 @@ class ExtractConfig:
     batch_size: int = 64
     num_actors: int = 2
     code_dtype: str = "int16"  # int16 holds codebooks up to 32768 entries
+    splits: list[str] = field(default_factory=lambda: ["train"])  # prep splits to tokenize
+    use_ema: bool = True  # tokenize with the EMA weights (what evaluation uses)
 
 
 @dataclass
