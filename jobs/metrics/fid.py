@@ -79,8 +79,8 @@ class FeatureStats:
         if features.shape[1] != self.dim:
             raise ValueError(f"features have dim {features.shape[1]}, statistics expect {self.dim}")
         self.count += len(features)
-        self.total += features.sum(0)
-        self.outer += features.T @ features
+        self.total = self.total + features.sum(0)
+        self.outer = self.outer + features.T @ features
         room = self.keep_max - self.num_kept
         if room > 0:
             self.kept.append(features[:room].astype(np.float32))
@@ -93,8 +93,9 @@ class FeatureStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge feature statistics of dims {self.dim} and {other.dim}")
         self.count += other.count
-        self.total += other.total
-        self.outer += other.outer
+        # not in place: arrays returned by Ray are read-only views
+        self.total = self.total + other.total
+        self.outer = self.outer + other.outer
         for rows in other.kept:
             room = self.keep_max - self.num_kept
             if room > 0:

@@ -1,0 +1,593 @@
+"""The evaluate stage: reconstruction and generation metrics on Ray actor pools (SPEC "Evaluation protocol").
+
+Reconstruction (`evaluate_recon`): the val shards are dealt to `eval.num_actors` actors (shard i ->
+actor i % n, each image exactly once; the driver checks the union of keys). Each actor holds the
+tokenizer and the feature network, reconstructs (optionally also at kept-token lengths, paper
+Fig. 5), clamps and rounds to uint8 (SPEC "rFID") and returns mergeable statistics: features of the
+originals and of each reconstruction, PSNR / SSIM / LPIPS sums, the code histogram (usage, entropy
+in bits, eps 1e-8) and a few images for the grid.
+
+Generation (`evaluate_gen`): jobs.sample writes the class-balanced sample set (PNG shards + ADM
+npz); feature actors read its shards; gFID, sFID (state-dict Inception only), IS, precision and
+recall are computed against a reference statistics file (`eval.reference_stats`, ADM's
+VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref`). rFID and gFID use different references
+and are not comparable (SPEC note).
+
+Feature networks (`eval.feature_net`): `inception` gives the real metrics (rfid, gfid, sfid,
+inception_score, precision, recall); `probe` is the built-in dataset's stand-in (jobs.metrics.probe)
+and its numbers are named fd_probe_*, probe_* only, never FID / IS.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from jobs.metrics.fid import FeatureStats, ReferenceStats, frechet_distance, load_reference_stats, save_reference_stats
+from jobs.sample import image_batches, pick_device, resolve_shards, split_shards
+from pipeline import paths, storage, tracking
+
+STAGE = "evaluate"
+PSNR_CAP_DB = 100.0  # identical images give +inf; capped so means stay finite
+
+
+# ---- feature accumulation --------------------------------------------------------------------------
+class FeatureSet:
+    """What one feature network saw of one image set: mergeable pool/spatial statistics, class
+    probabilities (IS, class consistency) and the requested labels."""
+
+    def __init__(self, dims: dict[str, int], keep_max: int = 0):
+        self.pool = FeatureStats(dims["pool"], keep_max=keep_max)
+        self.spatial = FeatureStats(dims["spatial"]) if "spatial" in dims else None
+        self.probs: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def update(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.pool.update(out["pool"].double().cpu().numpy())
+        if self.spatial is not None and "spatial" in out:
+            self.spatial.update(out["spatial"].double().cpu().numpy())
+        self.probs.append(out["probs"].float().cpu().numpy())
+        self.labels.append(labels.cpu().numpy())
+
+    def merge(self, other: "FeatureSet") -> "FeatureSet":
+        self.pool.merge(other.pool)
+        if self.spatial is not None and other.spatial is not None:
+            self.spatial.merge(other.spatial)
+        self.probs += other.probs
+        self.labels += other.labels
+        return self
+
+    def probs_array(self) -> np.ndarray:
+        return np.concatenate(self.probs) if self.probs else np.zeros((0, 1))
+
+    def labels_array(self) -> np.ndarray:
+        return np.concatenate(self.labels) if self.labels else np.zeros((0,), np.int64)
+
+
+def feature_spec(cfg: Any, probe_path: str = "") -> dict:
+    return {"kind": str(cfg.eval.feature_net), "weights": str(cfg.eval.inception_weights), "probe_path": probe_path}
+
+
+def load_features(spec: dict, device: str):
+    from jobs.metrics.inception import load_feature_net
+
+    return load_feature_net(spec["kind"], spec.get("weights", ""), device, spec.get("probe_path") or None)
+
+
+def _set_threads() -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+class FeatureWorker:
+    """Features of image shards (samples, reference sets)."""
+
+    def __init__(self, spec: dict, image_size: int, batch_size: int, keep_max: int, device: str = "cpu"):
+        _set_threads()
+        self.net = load_features(spec, device)
+        self.image_size, self.batch_size, self.keep_max = image_size, batch_size, keep_max
+
+    def run(self, shard_urls: list[str]) -> dict:
+        fs = FeatureSet(self.net.dims, self.keep_max)
+        keys, t0 = [], time.time()
+        for batch_keys, images, labels in image_batches(shard_urls, self.image_size, self.batch_size):
+            fs.update(self.net(images), labels)
+            keys += batch_keys
+        return {"features": fs, "keys": keys, "seconds": time.time() - t0}
+
+
+class ReconWorker:
+    """Holds the tokenizer and the feature network; reconstructs its shards once each."""
+
+    def __init__(self, tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
+                 keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int,
+                 device: str = "cpu"):
+        from jobs.checkpoints import load_tokenizer
+
+        _set_threads()
+        self.device = device
+        self.tokenizer = load_tokenizer(tokenizer_url, device=device)
+        self.net = load_features(spec, device)
+        n = self.tokenizer.num_tokens
+        self.lengths = [int(k) for k in keep_lengths if 1 <= int(k) < n]
+        self.image_size, self.batch_size, self.grid_images = image_size, batch_size, grid_images
+        self.lpips, self.lpips_status = None, lpips_status
+        if lpips_status == "computed":
+            from models.losses.perceptual import LPIPS
+
+            self.lpips = LPIPS("pretrained", vgg_weights_path=lpips_weights or None).to(device)
+
+    @torch.inference_mode()
+    def run(self, shard_urls: list[str]) -> dict:
+        from models.losses.codebook_stats import CodebookStats
+
+        from jobs.metrics.image_quality import psnr, ssim, to_uint8
+
+        real = FeatureSet(self.net.dims)
+        recon = {k: FeatureSet(self.net.dims) for k in [self.tokenizer.num_tokens] + self.lengths}
+        codes_hist = CodebookStats(self.tokenizer.codebook_size)
+        sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+        keys, grid, t0 = [], {}, time.time()
+        for batch_keys, images, labels in image_batches(shard_urls, self.image_size, self.batch_size):
+            x = images.to(self.device).float() / 255.0
+            zq, info = self.tokenizer.encode(x)
+            codes_hist.update(info["codes"])
+            real.update(self.net(images), labels)
+            for k in recon:
+                out = to_uint8(self.tokenizer.decode(zq, keep=None if k == self.tokenizer.num_tokens else k))
+                recon[k].update(self.net(out), labels)
+                if len(grid.get(k, [])) < self.grid_images:
+                    grid.setdefault(k, []).extend(out[: self.grid_images - len(grid.get(k, []))].cpu().numpy())
+                if k == self.tokenizer.num_tokens:
+                    y = out.float() / 255.0
+                    sums["psnr"] += float(psnr(x, y).clamp(max=PSNR_CAP_DB).sum())
+                    sums["ssim"] += float(ssim(x, y).sum())
+                    if self.lpips is not None:
+                        sums["lpips"] += float(self.lpips(x, y).sum())
+            if len(grid.get("real", [])) < self.grid_images:
+                grid.setdefault("real", []).extend(images[: self.grid_images - len(grid.get("real", []))].numpy())
+            keys += batch_keys
+        return {"keys": keys, "real": real, "recon": recon, "sums": sums, "codes_hist": codes_hist.hist.numpy(),
+                "grid": grid, "lpips_status": self.lpips_status, "num_tokens": self.tokenizer.num_tokens,
+                "seconds": time.time() - t0}
+
+
+def lpips_availability(vgg_weights: str) -> str:
+    """"computed" when the LPIPS VGG16 trunk can be had (local file, hub cache, or the download,
+    which then fills the cache for the actors), else "omitted: <one line why>". Checked once in the
+    driver so that offline actors do not each build a VGG16 only to fail."""
+    from models.losses.perceptual import VGG16_FILE, torchvision_vgg16_cache_path
+
+    if vgg_weights:
+        path = os.path.expanduser(vgg_weights)
+        return "computed" if os.path.isfile(path) else f"omitted: LPIPS VGG16 trunk weights not found at {path}"
+    cached = torchvision_vgg16_cache_path()
+    if os.path.isfile(cached):
+        return "computed"
+    try:
+        from torchvision.models import VGG16_Weights
+
+        VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        return "computed"
+    except Exception as error:
+        return (f"omitted: LPIPS VGG16 trunk weights ({VGG16_FILE}) not found at {cached} and the download "
+                f"failed ({type(error).__name__}); set eval.lpips_vgg_weights")
+
+
+def _deal(shards: list[str], n: int) -> list[list[str]]:
+    """Shard i -> actor i % n."""
+    return [shards[a::n] for a in range(n)]
+
+
+def _pool(cfg: Any, worker_cls: type, n: int, *args: Any) -> list:
+    import ray
+
+    from jobs.ray_training import ensure_ray
+
+    ensure_ray(cfg)
+    use_gpu = bool(cfg.cluster.use_gpu)
+    remote = ray.remote(num_cpus=1, num_gpus=(1.0 / n if use_gpu else 0))(worker_cls)
+    return [remote.remote(*args, pick_device(use_gpu)) for _ in range(n)]
+
+
+def run_pool(cfg: Any, worker_cls: type, shards: list[str], worker_args: tuple, num_actors: Optional[int] = None) -> list[dict]:
+    """One actor per shard group (i % n), results in actor order; actors are ended after."""
+    import ray
+
+    n = max(1, min(int(num_actors or cfg.eval.num_actors), len(shards)))
+    actors = _pool(cfg, worker_cls, n, *worker_args)
+    try:
+        return ray.get([actor.run.remote(group) for actor, group in zip(actors, _deal(shards, n))])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:
+    """The union of the actors' keys has no repeats; returns the count."""
+    all_keys = [k for keys in keys_per_actor for k in keys]
+    if len(set(all_keys)) != len(all_keys):
+        raise RuntimeError(f"{what}: {len(all_keys) - len(set(all_keys))} images were evaluated twice")
+    return len(all_keys)
+
+
+# ---- metric naming ---------------------------------------------------------------------------------
+def distance_name(kind: str, which: str) -> str:
+    """rfid / gfid with Inception; fd_probe_recon / fd_probe_gen with the probe (never *fid)."""
+    if kind == "inception":
+        return {"recon": "rfid", "gen": "gfid"}[which]
+    return f"fd_probe_{which}"
+
+
+# ---- probe stand-in --------------------------------------------------------------------------------
+def load_split_arrays(cfg: Any, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for _, x, y in image_batches(split_shards(paths.shards_url(cfg), split), int(cfg.data.image_size), 256):
+        images.append(x.permute(0, 2, 3, 1).numpy())
+        labels.append(y.numpy())
+        if sum(len(a) for a in images) >= limit:
+            break
+    return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
+def ensure_probe_for(cfg: Any) -> dict:
+    """Train (or reuse) the probe on the prep train split; cached in <evaluate dir>/probe."""
+    from jobs.metrics.probe import ensure_probe
+
+    x, y = load_split_arrays(cfg, "train", int(cfg.eval.probe_max_train_images))
+    xv, yv = load_split_arrays(cfg, "val", int(cfg.eval.probe_max_train_images))
+    num_classes = int(max(y.max(), yv.max()) + 1)
+    manifest = ensure_probe(storage.join(paths.stage_dir(cfg, STAGE), "probe"), x, y, num_classes,
+                            int(cfg.data.image_size), xv, yv, steps=int(cfg.eval.probe_steps), seed=int(cfg.seed))
+    print(f"[evaluate] probe {manifest['key']} ({'cached' if manifest['cached'] else 'trained'}): "
+          f"val accuracy {manifest.get('val_accuracy', float('nan')):.3f}", flush=True)
+    return manifest
+
+
+def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
+    """(feature spec for the actors, probe manifest or {})."""
+    if str(cfg.eval.feature_net) == "probe":
+        probe = ensure_probe_for(cfg)
+        return feature_spec(cfg, probe["path"]), probe
+    return feature_spec(cfg), {}
+
+
+# ---- reconstruction --------------------------------------------------------------------------------
+def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """uint8 CHW images, one list per row -> one HWC uint8 grid with 2 px gaps."""
+    rows = [r for r in rows if r]
+    c, h, w = rows[0][0].shape
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            out[i * (h + 2): i * (h + 2) + h, j * (w + 2): j * (w + 2) + w] = np.transpose(img, (1, 2, 0))
+    return out
+
+
+def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
+                   spec: Optional[dict] = None, probe: Optional[dict] = None) -> dict:
+    """Reconstruction metrics of the val split; logs them (and a grid, and the Fig. 5 curve) to run_id."""
+    from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
+
+    from jobs.metrics.inception_score import inception_score
+
+    tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
+    if spec is None:
+        spec, probe = resolved_feature_spec(cfg)
+    shards = split_shards(paths.shards_url(cfg), "val")
+    t0 = time.time()
+    results = run_pool(cfg, ReconWorker, shards,
+                       (tokenizer_url, spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
+                        list(cfg.eval.keep_lengths), str(cfg.eval.lpips_vgg_weights),
+                        lpips_availability(str(cfg.eval.lpips_vgg_weights)), int(cfg.eval.grid_images)))
+    seconds = time.time() - t0
+    count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
+    real, recon = results[0]["real"], results[0]["recon"]
+    hist = results[0]["codes_hist"].copy()
+    sums = dict(results[0]["sums"])
+    for r in results[1:]:
+        real.merge(r["real"])
+        for k in recon:
+            recon[k].merge(r["recon"][k])
+        hist += r["codes_hist"]
+        for k in sums:
+            sums[k] += r["sums"][k]
+    kind, full = spec["kind"], results[0]["num_tokens"]
+    name = distance_name(kind, "recon")
+    mu, sigma = real.pool.mean_cov()
+    metrics = {name: recon[full].pool.distance_to(mu, sigma),
+               "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
+               "codebook_usage": codebook_usage(torch.from_numpy(hist)),
+               "codebook_entropy_bits": codebook_entropy_bits(torch.from_numpy(hist)),
+               "recon_images_per_second": count / max(seconds, 1e-9)}
+    lpips_status = results[0]["lpips_status"]
+    if lpips_status == "computed":
+        metrics["lpips"] = sums["lpips"] / count
+    curve = {}
+    for k in sorted(recon):
+        curve[k] = recon[k].pool.distance_to(mu, sigma)
+        if k != full:
+            metrics[f"{name}_keep{k}"] = curve[k]
+    if kind == "inception":
+        metrics["recon_inception_score"] = inception_score(recon[full].probs_array())[0]
+    else:
+        probs, labels = recon[full].probs_array(), recon[full].labels_array()
+        metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())
+        metrics["probe_val_accuracy"] = float(probe.get("val_accuracy", float("nan")))
+    grid_rows = [results[0]["grid"].get("real", [])] + [results[0]["grid"].get(k, []) for k in sorted(recon, reverse=True)]
+    report = {"metrics": metrics, "num_images": count, "num_actors": len(results), "num_shards": len(shards),
+              "images_per_actor": [len(r["keys"]) for r in results], "lpips": lpips_status,
+              "feature_net": kind, "curve": {str(k): v for k, v in curve.items()}, "seconds": round(seconds, 2),
+              "probe": {k: probe[k] for k in ("key", "val_accuracy", "path") if k in probe} if probe else None}
+    if run_id:
+        uri = paths.tracking_uri(cfg)
+        tracking.log_metrics(uri, run_id, metrics)
+        for k, v in curve.items():  # paper Fig. 5: distance vs kept tokens, one step per length
+            tracking.log_metrics(uri, run_id, {f"{name}_by_kept_tokens": v}, step=k)
+        tracking.log_image(uri, run_id, _grid(grid_rows), "recon_grid.png")
+        tracking.log_dict(uri, run_id, report, "recon_eval.json")
+        client = tracking.client_for(uri)
+        client.set_tag(run_id, "restok.lpips", lpips_status[:5000])
+        if len(curve) > 1:
+            tracking.log_figure(uri, run_id, _curve_figure(curve, name), "recon_vs_kept_tokens.png")
+    print(f"[evaluate] recon: {count} images on {len(results)} actors in {seconds:.1f}s: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f"; LPIPS {lpips_status.split(';')[0]}", flush=True)
+    return report
+
+
+def _curve_figure(curve: dict, name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ks = sorted(curve)
+    ax.plot(ks, [curve[k] for k in ks], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("kept tokens")
+    ax.set_ylabel(name)
+    fig.tight_layout()
+    return fig
+
+
+# ---- references ------------------------------------------------------------------------------------
+def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats:
+    results = run_pool(cfg, FeatureWorker, shards, (spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
+                                                   int(cfg.eval.max_pr_features)))
+    check_each_once([r["keys"] for r in results], "reference statistics")
+    merged = results[0]["features"]
+    for r in results[1:]:
+        merged.merge(r["features"])
+    return ReferenceStats.from_stats(merged.pool, spec["kind"], merged.spatial)
+
+
+def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
+    tag = spec["kind"] if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
+    return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
+
+
+def make_reference(cfg: Any, out_url: str = "", spec: Optional[dict] = None, probe: Optional[dict] = None) -> str:
+    """`restok eval make-ref`: mu, sigma (+ spatial, + rows for precision/recall) of any image shards."""
+    if spec is None:
+        spec, probe = resolved_feature_spec(cfg)
+    shards = (resolve_shards(str(cfg.eval.reference_shards)) if cfg.eval.reference_shards
+              else split_shards(paths.shards_url(cfg), str(cfg.eval.reference_split)))
+    out_url = out_url or str(cfg.eval.reference_out) or default_reference_url(cfg, spec, probe or {})
+    ref = compute_reference(cfg, shards, spec)
+    save_reference_stats(out_url, ref)
+    print(f"[evaluate] reference statistics of {ref.num_images} images ({spec['kind']}) -> {out_url}", flush=True)
+    return out_url
+
+
+def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[ReferenceStats, str]:
+    """eval.reference_stats; with the probe and none configured, the prep train split's (cached)."""
+    url = str(cfg.eval.reference_stats)
+    if not url and spec["kind"] == "probe":
+        url = default_reference_url(cfg, spec, probe)
+        if not storage.exists(url):
+            make_reference(cfg, url, spec, probe)
+    ref = load_reference_stats(url)
+    expected = spec["kind"] if spec["kind"] == "inception" else "probe"
+    if expected == "probe" and ref.feature_net != "probe" or expected == "inception" and ref.feature_net == "probe":
+        raise ValueError(f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}")
+    return ref, url
+
+
+# ---- generation ------------------------------------------------------------------------------------
+def evaluate_gen(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
+                 generator_url: Optional[str] = None, sampling: Optional[Any] = None, spec: Optional[dict] = None,
+                 probe: Optional[dict] = None, step: Optional[int] = None, log_prefix: str = "") -> dict:
+    """Sample (jobs.sample), then generation metrics against the reference; logged to run_id."""
+    from jobs.metrics.inception_score import inception_score
+    from jobs.metrics.precision_recall import precision_recall
+    from jobs.sample import generate_samples, samples_url
+
+    tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
+    generator_url = generator_url or paths.stage_dir(cfg, "train_generator")
+    if spec is None:
+        spec, probe = resolved_feature_spec(cfg)
+    ref, ref_url = reference_for_gen(cfg, spec, probe or {})
+    default_models = (generator_url == paths.stage_dir(cfg, "train_generator")
+                      and tokenizer_url == paths.stage_dir(cfg, "train_tokenizer"))
+    out_url = samples_url(cfg, sampling) if default_models else _samples_url_for(cfg, tokenizer_url, generator_url, sampling)
+    samples = generate_samples(cfg, out_url, tokenizer_url, generator_url, sampling)
+    shards = [storage.join(out_url, n) for n in samples["shards"]]
+    t0 = time.time()
+    results = run_pool(cfg, FeatureWorker, shards, (spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
+                                                   int(cfg.eval.max_pr_features)))
+    count = check_each_once([r["keys"] for r in results], "generation evaluation")
+    feats = results[0]["features"]
+    for r in results[1:]:
+        feats.merge(r["features"])
+    kind = spec["kind"]
+    name = distance_name(kind, "gen")
+    metrics = {name: feats.pool.distance_to(ref.mu, ref.sigma),
+               "sample_images_per_second": samples["images_per_second"]}
+    notes = {}
+    if kind == "inception":
+        metrics["inception_score"] = inception_score(feats.probs_array())[0]
+        if feats.spatial is not None and ref.mu_s is not None:
+            mu_s, sigma_s = feats.spatial.mean_cov()
+            metrics["sfid"] = frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
+        else:
+            notes["sfid"] = ("not computed: " + ("the TorchScript Inception exposes no mixed_6/conv features"
+                                                 if feats.spatial is None else f"{ref_url} has no mu_s/sigma_s"))
+    else:
+        probs, labels = feats.probs_array(), feats.labels_array()
+        metrics["probe_class_consistency"] = float((probs.argmax(1) == labels).mean())
+        metrics["probe_val_accuracy"] = float((probe or {}).get("val_accuracy", float("nan")))
+    ref_rows = ref.features
+    if ref_rows is None and ref.images is not None:  # ADM file: features of its arr_0 batch
+        ref_rows = _features_of_array(cfg, spec, ref.images)
+    if ref_rows is not None and len(ref_rows) > 3 and feats.pool.num_kept > 3:
+        pr = precision_recall(ref_rows, feats.pool.features())
+        prefix = "" if kind == "inception" else "probe_"
+        metrics[f"{prefix}precision"], metrics[f"{prefix}recall"] = pr["precision"], pr["recall"]
+    else:
+        notes["precision_recall"] = f"not computed: {ref_url} has no feature rows or images"
+    seconds = time.time() - t0
+    report = {"metrics": metrics, "num_samples": count, "num_actors": len(results), "reference": ref_url,
+              "samples": out_url, "notes": notes, "feature_net": kind, "seconds": round(seconds, 2)}
+    if run_id:
+        uri = paths.tracking_uri(cfg)
+        tracking.log_metrics(uri, run_id, {f"{log_prefix}{k}": v for k, v in metrics.items()}, step=step)
+        if step is None:
+            tracking.log_dict(uri, run_id, report, "gen_eval.json")
+            tracking.log_image(uri, run_id, _sample_grid(shards, cfg), "sample_grid.png")
+            for k, v in notes.items():
+                tracking.client_for(uri).set_tag(run_id, f"restok.{k}", v[:5000])
+    print(f"[evaluate] gen: {count} samples on {len(results)} actors: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+          + "".join(f"; {k} {v}" for k, v in notes.items()), flush=True)
+    return report
+
+
+def _samples_url_for(cfg: Any, tokenizer_url: str, generator_url: str, sampling: Any) -> str:
+    """Sample sets of explicitly named checkpoints live under a hash of what produced them."""
+    from omegaconf import OmegaConf
+
+    from pipeline.manifest import fingerprint
+
+    sampling = sampling if sampling is not None else cfg.sampling
+    key = fingerprint({"tokenizer": tokenizer_url, "generator": generator_url,
+                       "sampling": OmegaConf.to_container(sampling) if OmegaConf.is_config(sampling) else sampling,
+                       "per_class": int(cfg.eval.num_samples_per_class)})
+    return storage.join(paths.stage_dir(cfg, STAGE), "samples", key)
+
+
+def _features_of_array(cfg: Any, spec: dict, images: np.ndarray) -> np.ndarray:
+    net = load_features(spec, pick_device(bool(cfg.cluster.use_gpu)))
+    rows = []
+    for s in range(0, min(len(images), int(cfg.eval.max_pr_features)), int(cfg.eval.batch_size)):
+        batch = torch.from_numpy(images[s:s + int(cfg.eval.batch_size)]).permute(0, 3, 1, 2)
+        rows.append(net(batch)["pool"].double().cpu().numpy())
+    return np.concatenate(rows)
+
+
+def _sample_grid(shards: list[str], cfg: Any) -> np.ndarray:
+    n = int(cfg.eval.grid_images)
+    rows: list[list[np.ndarray]] = [[]]
+    for _, images, _ in image_batches(shards[:1], int(cfg.data.image_size), n * n):
+        imgs = list(images.numpy())
+        rows = [imgs[i:i + n] for i in range(0, len(imgs), n)]
+        break
+    return _grid(rows)
+
+
+# ---- CFG search ------------------------------------------------------------------------------------
+def cfg_search(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
+               generator_url: Optional[str] = None, spec: Optional[dict] = None, probe: Optional[dict] = None) -> dict:
+    """Sweep eval.cfg_search_scales x eval.cfg_search_start_ratios (paper App. A.3: the best CFG
+    schedule per checkpoint); each point is a child run and a metric step of `run_id`; keeps the best."""
+    from omegaconf import OmegaConf
+
+    scales = list(cfg.eval.cfg_search_scales) or [float(cfg.sampling.cfg_scale)]
+    ratios = list(cfg.eval.cfg_search_start_ratios) or [float(cfg.sampling.cfg_start_ratio)]
+    if spec is None:
+        spec, probe = resolved_feature_spec(cfg)
+    name = distance_name(spec["kind"], "gen")
+    points = []
+    for i, (scale, ratio) in enumerate((s, r) for s in scales for r in ratios):
+        sampling = OmegaConf.merge(cfg.sampling, {"cfg_scale": float(scale), "cfg_start_ratio": float(ratio)})
+        child = tracking.start_run(cfg, STAGE, parent_run_id=run_id, extra_tags={
+            "restok.cfg_search": "point", "mlflow.runName": f"cfg s={scale} start={ratio}"}) if run_id else None
+        try:
+            report = evaluate_gen(cfg, child, tokenizer_url, generator_url, sampling, spec, probe)
+        except BaseException:
+            if child:
+                tracking.end_run(cfg, child, "FAILED")
+            raise
+        if child:
+            tracking.end_run(cfg, child)
+            tracking.log_metrics(paths.tracking_uri(cfg), run_id, {
+                "cfg_search_scale": scale, "cfg_search_start_ratio": ratio,
+                f"cfg_search_{name}": report["metrics"][name]}, step=i)
+        points.append({"cfg_scale": float(scale), "cfg_start_ratio": float(ratio), **report["metrics"],
+                       "child_run_id": child})
+    best = min(points, key=lambda p: p[name])
+    if run_id:
+        tracking.log_metrics(paths.tracking_uri(cfg), run_id, {
+            f"best_{name}": best[name], "best_cfg_scale": best["cfg_scale"],
+            "best_cfg_start_ratio": best["cfg_start_ratio"]})
+        tracking.log_dict(paths.tracking_uri(cfg), run_id, {"points": points, "best": best}, "cfg_search.json")
+    print(f"[evaluate] cfg search: best {name}={best[name]:.4g} at scale {best['cfg_scale']}, "
+          f"start {best['cfg_start_ratio']} ({len(points)} points)", flush=True)
+    return {"points": points, "best": best, "metric": name}
+
+
+# ---- stage entry points ----------------------------------------------------------------------------
+def run(cfg: Any, run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
+    """The evaluate stage: recon and/or gen per cfg.eval (+ CFG search when its lists are set)."""
+    from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+    from pipeline.stages import stage_fingerprint
+
+    stage_dir = paths.stage_dir(cfg, STAGE)
+    fp = stage_fingerprint(cfg, STAGE)
+    if is_complete(stage_dir, fp):
+        print(f"[evaluate] complete with fingerprint {fp}: skipped", flush=True)
+        return read_manifest(stage_dir)
+    require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    require_complete(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer")
+    if cfg.eval.gen:
+        require_complete(paths.stage_dir(cfg, "train_generator"), "train_generator")
+    storage.makedirs(stage_dir)
+    storage.remove_stale_temporaries(stage_dir)
+    fields: dict[str, Any] = {}
+    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
+        spec, probe = resolved_feature_spec(cfg)
+        if probe:
+            fields["probe"] = {k: probe[k] for k in ("key", "val_accuracy", "num_train_images") if k in probe}
+            fields["probe"]["path"] = os.path.relpath(probe["path"], stage_dir) if "://" not in probe["path"] else probe["path"]
+        if cfg.eval.recon:
+            fields["recon"] = evaluate_recon(cfg, rid, spec=spec, probe=probe)
+        if cfg.eval.gen:
+            if list(cfg.eval.cfg_search_scales) or list(cfg.eval.cfg_search_start_ratios):
+                fields["cfg_search"] = cfg_search(cfg, rid, spec=spec, probe=probe)
+            fields["gen"] = evaluate_gen(cfg, rid, spec=spec, probe=probe)
+        fields["run_id"] = rid
+    metrics = {**fields.get("recon", {}).get("metrics", {}), **fields.get("gen", {}).get("metrics", {})}
+    return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
+
+
+def cli(action: str, cfg: Any) -> int:
+    """`restok eval recon|gen|all|make-ref|cfg-search`."""
+    if action == "all":
+        run(cfg)
+        return 0
+    if action == "make-ref":
+        make_reference(cfg)
+        return 0
+    with tracking.stage_run(cfg, STAGE) as rid:
+        if action == "recon":
+            evaluate_recon(cfg, rid)
+        elif action == "gen":
+            evaluate_gen(cfg, rid)
+        elif action == "cfg-search":
+            cfg_search(cfg, rid)
+        else:
+            raise ValueError(f"unknown eval action {action!r}; valid: recon, gen, all, make-ref, cfg-search")
+    return 0

@@ -1,0 +1,155 @@
+"""Evaluation stage on real local Ray with 2 actors: each val image reconstructed exactly once,
+metrics logged to a real MLflow sqlite store, sampling into PNG shards + ADM npz, gen metrics with
+the probe stand-in (never named FID), make-ref, CFG search. Tiny random models; seconds each."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from configs.loading import load_config
+from pipeline import paths
+from pipeline.manifest import write_manifest
+from pipeline.stages import stage_fingerprint
+
+NUM_CLASSES = 4
+TINY_OVERRIDES = [
+    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}",
+    "tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
+    "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,1,2]", "tokenizer.num_res_blocks=1",
+    "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
+    "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none",
+    "generator.size=tiny", "generator.vocab_size=64", "generator.levels=[1,1,2,4,8]",
+    f"generator.num_classes={NUM_CLASSES}", "generator.ar_tokens=4",
+    "eval.num_actors=2", "eval.batch_size=16", "eval.feature_net=probe", "eval.probe_steps=40",
+    "eval.num_samples_per_class=6", "eval.samples_per_shard=10", "eval.grid_images=4",
+    "sampling.batch_size=12", "sampling.cfg_scale=1.5", "cluster.num_workers=2",
+]
+
+
+def tiny_cfg(work_dir, extra=()):
+    return load_config(None, [f"work_dir={work_dir}", *TINY_OVERRIDES, *extra])
+
+
+def write_split(cfg, split, per_class, shard_size):
+    """Prep-format shards (`<split>-NNNNNN.tar`: <key>.png + <key>.cls) of the synthetic set."""
+    from data_prep.synthetic import render, sample_class, sample_rng
+
+    from jobs.sample import write_png_shard
+
+    n = per_class * NUM_CLASSES
+    samples = []
+    for i in range(n):
+        cls = sample_class(i, NUM_CLASSES)
+        samples.append((f"{split}_{i:06d}", render(cls, sample_rng(0, split, i), 32), cls))
+    out = paths.shards_url(cfg)
+    for j in range(0, n, shard_size):
+        write_png_shard(f"{out}/{split}-{j // shard_size:06d}.tar", samples[j:j + shard_size])
+    return [s[0] for s in samples]
+
+
+def write_models(cfg, seed=0):
+    """Exports in the train stages' format (jobs.checkpoints), random tiny weights, with manifests."""
+    from jobs.checkpoints import generator_config, tokenizer_config, write_export
+    from models.generator import GPT
+    from models.tokenizer import ResTok
+
+    torch.manual_seed(seed)
+    tok = ResTok(tokenizer_config(cfg)).state_dict()
+    gpt = GPT(generator_config(cfg)).state_dict()
+    for stage, name, state in (("train_tokenizer", "tokenizer", tok), ("train_generator", "generator", gpt)):
+        sd = paths.stage_dir(cfg, stage)
+        os.makedirs(sd, exist_ok=True)
+        write_export(sd, name, state, state, cfg)
+        write_manifest(sd, stage, stage_fingerprint(cfg, stage), complete=True)
+
+
+def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
+    cfg = tiny_cfg(tmp_path / "work", extra)
+    val_keys = write_split(cfg, "val", val_per_class, val_shard)
+    write_split(cfg, "train", 12, 16)
+    write_manifest(paths.stage_dir(cfg, "prep"), "prep", stage_fingerprint(cfg, "prep"), complete=True)
+    write_models(cfg)
+    return cfg, val_keys
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
+    from jobs.evaluate import evaluate_recon
+    from pipeline import tracking
+
+    cfg, val_keys = make_workdir(tmp_path, extra=["eval.keep_lengths=[4,8]"])
+    with tracking.stage_run(cfg, "evaluate") as run_id:
+        report = evaluate_recon(cfg, run_id)
+    # 24 images in 5 shards (5,5,5,5,4) dealt i % 2: shards 0,2,4 (14) and 1,3 (10), each once
+    assert report["num_actors"] == 2 and report["num_shards"] == 5
+    assert report["num_images"] == len(val_keys) == 24
+    assert report["images_per_actor"] == [14, 10]
+    m = report["metrics"]
+    assert {"fd_probe_recon", "fd_probe_recon_keep4", "fd_probe_recon_keep8", "psnr", "ssim",
+            "codebook_usage", "codebook_entropy_bits", "probe_recon_class_consistency"} <= set(m)
+    assert not any("fid" in k for k in m), "probe numbers must never be named FID"
+    assert "lpips" not in m and report["lpips"].startswith("omitted: ")  # no VGG weights offline
+    assert 0 < m["codebook_usage"] <= 1 and 0 <= m["codebook_entropy_bits"] <= np.log2(64)
+    logged = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id)
+    assert logged.data.metrics["fd_probe_recon"] == pytest.approx(m["fd_probe_recon"])
+    assert logged.data.tags["restok.lpips"].startswith("omitted")
+    history = tracking.client_for(paths.tracking_uri(cfg)).get_metric_history(run_id, "fd_probe_recon_by_kept_tokens")
+    assert sorted(h.step for h in history) == [4, 8, 16]
+
+
+@pytest.mark.slow
+def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
+    from jobs.evaluate import run
+    from jobs.sample import read_shard
+
+    cfg, _ = make_workdir(tmp_path, extra=["eval.recon=false"])
+    manifest = run(cfg)
+    gen = manifest["gen"]
+    assert gen["num_samples"] == 6 * NUM_CLASSES and gen["num_actors"] == 2
+    m = gen["metrics"]
+    assert {"fd_probe_gen", "probe_class_consistency", "probe_precision", "probe_recall"} <= set(m)
+    assert not any("fid" in k or k == "inception_score" for k in m)
+    # samples: PNG shards + ADM npz, class-balanced, uint8 NHWC
+    sample_dir = gen["samples"]
+    npz = np.load(os.path.join(sample_dir, "samples.npz"))
+    assert npz["arr_0"].shape == (24, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+    assert np.bincount(npz["arr_1"]).tolist() == [6] * NUM_CLASSES
+    keys = [k for f in sorted(os.listdir(sample_dir)) if f.endswith(".tar")
+            for k, _, _ in read_shard(os.path.join(sample_dir, f))]
+    assert len(keys) == len(set(keys)) == 24
+    # a rerun with the same fingerprint is skipped
+    assert run(cfg)["written_at"] == manifest["written_at"]
+
+
+@pytest.mark.slow
+def test_make_ref_and_cfg_search(tmp_path, ray_local):
+    from jobs.evaluate import cfg_search, make_reference
+    from jobs.metrics.fid import load_reference_stats
+    from pipeline import tracking
+
+    cfg, _ = make_workdir(tmp_path, extra=["eval.cfg_search_scales=[1.0,2.0]", "eval.cfg_search_start_ratios=[0.0]",
+                                           "eval.num_samples_per_class=3"])
+    ref_url = make_reference(cfg, str(tmp_path / "ref.npz"))
+    ref = load_reference_stats(ref_url)
+    assert ref.feature_net == "probe" and ref.num_images == 48 and ref.features.shape == (48, 128)
+    cfg.eval.reference_stats = ref_url
+    with tracking.stage_run(cfg, "evaluate") as run_id:
+        result = cfg_search(cfg, run_id)
+    assert len(result["points"]) == 2 and result["metric"] == "fd_probe_gen"
+    assert result["best"]["fd_probe_gen"] == min(p["fd_probe_gen"] for p in result["points"])
+    client = tracking.client_for(paths.tracking_uri(cfg))
+    for p in result["points"]:
+        child = client.get_run(p["child_run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == run_id and "fd_probe_gen" in child.data.metrics
+    steps = client.get_metric_history(run_id, "cfg_search_fd_probe_gen")
+    assert sorted(s.step for s in steps) == [0, 1]
