@@ -81,77 +81,161 @@ def _set_threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
-class FeatureWorker:
-    """Features of image shards (samples, reference sets)."""
+class EvalWorker:
+    """One actor of the evaluation pool. Networks are loaded on first use and kept, keyed by what
+    they were loaded from, so the recon pass, reference statistics, sampling and the feature passes
+    of one evaluation (and every point of a CFG search) reuse the same processes and weights."""
 
-    def __init__(self, spec: dict, image_size: int, batch_size: int, keep_max: int, device: str = "cpu"):
+    def __init__(self, device: str = "cpu"):
         _set_threads()
-        self.net = load_features(spec, device)
-        self.image_size, self.batch_size, self.keep_max = image_size, batch_size, keep_max
+        self.device = device
+        self._cache: dict = {}
 
-    def run(self, shard_urls: list[str]) -> dict:
-        fs = FeatureSet(self.net.dims, self.keep_max)
+    def _get(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def tokenizer(self, url: str):
+        from jobs.checkpoints import load_tokenizer
+
+        return self._get(("tokenizer", url), lambda: load_tokenizer(url, device=self.device))
+
+    def generator(self, url: str):
+        from jobs.checkpoints import load_generator
+
+        return self._get(("generator", url), lambda: load_generator(url, device=self.device))
+
+    def feature_net(self, spec: dict):
+        return self._get(("features", tuple(sorted(spec.items()))), lambda: load_features(spec, self.device))
+
+    def lpips(self, vgg_weights: str):
+        from models.losses.perceptual import LPIPS
+
+        return self._get(("lpips", vgg_weights), lambda: LPIPS("pretrained", vgg_weights_path=vgg_weights or None).to(self.device))
+
+    def features(self, shard_urls: list[str], spec: dict, image_size: int, batch_size: int, keep_max: int) -> dict:
+        """Features of image shards (samples, reference sets)."""
+        net = self.feature_net(spec)
+        fs = FeatureSet(net.dims, keep_max)
         keys, t0 = [], time.time()
-        for batch_keys, images, labels in image_batches(shard_urls, self.image_size, self.batch_size):
-            fs.update(self.net(images), labels)
+        for batch_keys, images, labels in image_batches(shard_urls, image_size, batch_size):
+            fs.update(net(images), labels)
             keys += batch_keys
         return {"features": fs, "keys": keys, "seconds": time.time() - t0}
 
-
-class ReconWorker:
-    """Holds the tokenizer and the feature network; reconstructs its shards once each."""
-
-    def __init__(self, tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
-                 keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int,
-                 device: str = "cpu"):
-        from jobs.checkpoints import load_tokenizer
-
-        _set_threads()
-        self.device = device
-        self.tokenizer = load_tokenizer(tokenizer_url, device=device)
-        self.net = load_features(spec, device)
-        n = self.tokenizer.num_tokens
-        self.lengths = [int(k) for k in keep_lengths if 1 <= int(k) < n]
-        self.image_size, self.batch_size, self.grid_images = image_size, batch_size, grid_images
-        self.lpips, self.lpips_status = None, lpips_status
-        if lpips_status == "computed":
-            from models.losses.perceptual import LPIPS
-
-            self.lpips = LPIPS("pretrained", vgg_weights_path=lpips_weights or None).to(device)
-
     @torch.inference_mode()
-    def run(self, shard_urls: list[str]) -> dict:
+    def recon(self, shard_urls: list[str], tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
+              keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int) -> dict:
+        """Reconstruct each image of the shards once; mergeable statistics (module doc)."""
         from models.losses.codebook_stats import CodebookStats
 
         from jobs.metrics.image_quality import psnr, ssim, to_uint8
 
-        real = FeatureSet(self.net.dims)
-        recon = {k: FeatureSet(self.net.dims) for k in [self.tokenizer.num_tokens] + self.lengths}
-        codes_hist = CodebookStats(self.tokenizer.codebook_size)
+        tokenizer, net = self.tokenizer(tokenizer_url), self.feature_net(spec)
+        lpips = self.lpips(lpips_weights) if lpips_status == "computed" else None
+        full = tokenizer.num_tokens
+        lengths = [int(k) for k in keep_lengths if 1 <= int(k) < full]
+        real = FeatureSet(net.dims)
+        recon = {k: FeatureSet(net.dims) for k in [full] + lengths}
+        codes_hist = CodebookStats(tokenizer.codebook_size)
         sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
         keys, grid, t0 = [], {}, time.time()
-        for batch_keys, images, labels in image_batches(shard_urls, self.image_size, self.batch_size):
+
+        def add_to_grid(name, images):
+            row = grid.setdefault(name, [])
+            row.extend(images[: grid_images - len(row)].cpu().numpy())
+
+        for batch_keys, images, labels in image_batches(shard_urls, image_size, batch_size):
             x = images.to(self.device).float() / 255.0
-            zq, info = self.tokenizer.encode(x)
+            zq, info = tokenizer.encode(x)
             codes_hist.update(info["codes"])
-            real.update(self.net(images), labels)
+            real.update(net(images), labels)
+            add_to_grid("real", images)
             for k in recon:
-                out = to_uint8(self.tokenizer.decode(zq, keep=None if k == self.tokenizer.num_tokens else k))
-                recon[k].update(self.net(out), labels)
-                if len(grid.get(k, [])) < self.grid_images:
-                    grid.setdefault(k, []).extend(out[: self.grid_images - len(grid.get(k, []))].cpu().numpy())
-                if k == self.tokenizer.num_tokens:
+                out = to_uint8(tokenizer.decode(zq, keep=None if k == full else k))
+                recon[k].update(net(out), labels)
+                add_to_grid(k, out)
+                if k == full:  # PSNR/SSIM/LPIPS of the stored (uint8) reconstruction
                     y = out.float() / 255.0
                     sums["psnr"] += float(psnr(x, y).clamp(max=PSNR_CAP_DB).sum())
                     sums["ssim"] += float(ssim(x, y).sum())
-                    if self.lpips is not None:
-                        sums["lpips"] += float(self.lpips(x, y).sum())
-            if len(grid.get("real", [])) < self.grid_images:
-                grid.setdefault("real", []).extend(images[: self.grid_images - len(grid.get("real", []))].numpy())
+                    if lpips is not None:
+                        sums["lpips"] += float(lpips(x, y).sum())
             keys += batch_keys
         return {"keys": keys, "real": real, "recon": recon, "sums": sums, "codes_hist": codes_hist.hist.numpy(),
-                "grid": grid, "lpips_status": self.lpips_status, "num_tokens": self.tokenizer.num_tokens,
-                "seconds": time.time() - t0}
+                "grid": grid, "lpips_status": lpips_status, "num_tokens": full, "seconds": time.time() - t0}
+
+    def sample(self, rank: int, start: int, labels: np.ndarray, tokenizer_url: str, generator_url: str,
+               seed: int, sampler: dict, batch_size: int, out_url: str, samples_per_shard: int) -> dict:
+        from jobs.sample import sample_slice
+
+        return sample_slice(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, rank, start,
+                            labels, seed, sampler, batch_size, out_url, samples_per_shard)
+
+
+class EvalPool:
+    """`num_actors` EvalWorker actors (1 CPU each, or a GPU share with cluster.use_gpu)."""
+
+    def __init__(self, cfg: Any, num_actors: int):
+        import ray
+
+        from jobs.ray_training import ensure_ray
+
+        ensure_ray(cfg)
+        use_gpu = bool(cfg.cluster.use_gpu)
+        remote = ray.remote(num_cpus=1, num_gpus=(1.0 / num_actors if use_gpu else 0))(EvalWorker)
+        self.actors = [remote.remote(pick_device(use_gpu)) for _ in range(num_actors)]
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def alive(self) -> bool:
+        import ray
+
+        return bool(self.actors) and ray.is_initialized() and ray.get_runtime_context().get_node_id() == self.node_id
+
+    def call(self, method: str, per_actor: list[tuple], *common: Any) -> list:
+        """actor a runs method(*per_actor[a], *common); results in actor order."""
+        import ray
+
+        return ray.get([getattr(actor, method).remote(*args, *common)
+                        for actor, args in zip(self.actors, per_actor)])
+
+    def map_shards(self, method: str, shards: list[str], *common: Any) -> list:
+        """Shard i -> actor i % n; each shard (so each image) goes to exactly one actor."""
+        return self.call(method, [(shards[a::self.size],) for a in range(self.size)], *common)
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors = []
+
+
+_POOL: Optional[EvalPool] = None
+
+
+def get_pool(cfg: Any) -> EvalPool:
+    """The driver's evaluation pool (created on first use, reused until close_pool)."""
+    global _POOL
+    n = max(1, int(cfg.eval.num_actors))
+    if _POOL is None or not _POOL.alive() or _POOL.size != n:
+        if _POOL is not None:
+            _POOL.close()
+        _POOL = EvalPool(cfg, n)
+    return _POOL
+
+
+def close_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
 
 
 def lpips_availability(vgg_weights: str) -> str:
@@ -174,35 +258,6 @@ def lpips_availability(vgg_weights: str) -> str:
     except Exception as error:
         return (f"omitted: LPIPS VGG16 trunk weights ({VGG16_FILE}) not found at {cached} and the download "
                 f"failed ({type(error).__name__}); set eval.lpips_vgg_weights")
-
-
-def _deal(shards: list[str], n: int) -> list[list[str]]:
-    """Shard i -> actor i % n."""
-    return [shards[a::n] for a in range(n)]
-
-
-def _pool(cfg: Any, worker_cls: type, n: int, *args: Any) -> list:
-    import ray
-
-    from jobs.ray_training import ensure_ray
-
-    ensure_ray(cfg)
-    use_gpu = bool(cfg.cluster.use_gpu)
-    remote = ray.remote(num_cpus=1, num_gpus=(1.0 / n if use_gpu else 0))(worker_cls)
-    return [remote.remote(*args, pick_device(use_gpu)) for _ in range(n)]
-
-
-def run_pool(cfg: Any, worker_cls: type, shards: list[str], worker_args: tuple, num_actors: Optional[int] = None) -> list[dict]:
-    """One actor per shard group (i % n), results in actor order; actors are ended after."""
-    import ray
-
-    n = max(1, min(int(num_actors or cfg.eval.num_actors), len(shards)))
-    actors = _pool(cfg, worker_cls, n, *worker_args)
-    try:
-        return ray.get([actor.run.remote(group) for actor, group in zip(actors, _deal(shards, n))])
-    finally:
-        for actor in actors:
-            ray.kill(actor)
 
 
 def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:
@@ -279,10 +334,10 @@ def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str]
         spec, probe = resolved_feature_spec(cfg)
     shards = split_shards(paths.shards_url(cfg), "val")
     t0 = time.time()
-    results = run_pool(cfg, ReconWorker, shards,
-                       (tokenizer_url, spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
-                        list(cfg.eval.keep_lengths), str(cfg.eval.lpips_vgg_weights),
-                        lpips_availability(str(cfg.eval.lpips_vgg_weights)), int(cfg.eval.grid_images)))
+    lpips_status = lpips_availability(str(cfg.eval.lpips_vgg_weights))
+    results = get_pool(cfg).map_shards("recon", shards, tokenizer_url, spec, int(cfg.data.image_size),
+                                       int(cfg.eval.batch_size), list(cfg.eval.keep_lengths),
+                                       str(cfg.eval.lpips_vgg_weights), lpips_status, int(cfg.eval.grid_images))
     seconds = time.time() - t0
     count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
     real, recon = results[0]["real"], results[0]["recon"]
@@ -303,7 +358,6 @@ def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str]
                "codebook_usage": codebook_usage(torch.from_numpy(hist)),
                "codebook_entropy_bits": codebook_entropy_bits(torch.from_numpy(hist)),
                "recon_images_per_second": count / max(seconds, 1e-9)}
-    lpips_status = results[0]["lpips_status"]
     if lpips_status == "computed":
         metrics["lpips"] = sums["lpips"] / count
     curve = {}
@@ -356,8 +410,8 @@ def _curve_figure(curve: dict, name: str):
 
 # ---- references ------------------------------------------------------------------------------------
 def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats:
-    results = run_pool(cfg, FeatureWorker, shards, (spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
-                                                   int(cfg.eval.max_pr_features)))
+    results = get_pool(cfg).map_shards("features", shards, spec, int(cfg.data.image_size),
+                                       int(cfg.eval.batch_size), int(cfg.eval.max_pr_features))
     check_each_once([r["keys"] for r in results], "reference statistics")
     merged = results[0]["features"]
     for r in results[1:]:
@@ -417,8 +471,8 @@ def evaluate_gen(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] =
     samples = generate_samples(cfg, out_url, tokenizer_url, generator_url, sampling)
     shards = [storage.join(out_url, n) for n in samples["shards"]]
     t0 = time.time()
-    results = run_pool(cfg, FeatureWorker, shards, (spec, int(cfg.data.image_size), int(cfg.eval.batch_size),
-                                                   int(cfg.eval.max_pr_features)))
+    results = get_pool(cfg).map_shards("features", shards, spec, int(cfg.data.image_size),
+                                       int(cfg.eval.batch_size), int(cfg.eval.max_pr_features))
     count = check_each_once([r["keys"] for r in results], "generation evaluation")
     feats = results[0]["features"]
     for r in results[1:]:
@@ -557,6 +611,16 @@ def run(cfg: Any, run_id: Optional[str] = None, parent_run_id: Optional[str] = N
     storage.makedirs(stage_dir)
     storage.remove_stale_temporaries(stage_dir)
     fields: dict[str, Any] = {}
+    try:
+        fields = _run_evaluations(cfg, run_id, parent_run_id, stage_dir)
+    finally:
+        close_pool()
+    metrics = {**fields.get("recon", {}).get("metrics", {}), **fields.get("gen", {}).get("metrics", {})}
+    return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
+
+
+def _run_evaluations(cfg: Any, run_id: Optional[str], parent_run_id: Optional[str], stage_dir: str) -> dict:
+    fields: dict[str, Any] = {}
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         spec, probe = resolved_feature_spec(cfg)
         if probe:
@@ -569,25 +633,23 @@ def run(cfg: Any, run_id: Optional[str] = None, parent_run_id: Optional[str] = N
                 fields["cfg_search"] = cfg_search(cfg, rid, spec=spec, probe=probe)
             fields["gen"] = evaluate_gen(cfg, rid, spec=spec, probe=probe)
         fields["run_id"] = rid
-    metrics = {**fields.get("recon", {}).get("metrics", {}), **fields.get("gen", {}).get("metrics", {})}
-    return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
+    return fields
 
 
 def cli(action: str, cfg: Any) -> int:
     """`restok eval recon|gen|all|make-ref|cfg-search`."""
+    actions = ("recon", "gen", "all", "make-ref", "cfg-search")
+    if action not in actions:
+        raise ValueError(f"unknown eval action {action!r}; valid: {list(actions)}")
     if action == "all":
         run(cfg)
         return 0
-    if action == "make-ref":
-        make_reference(cfg)
-        return 0
-    with tracking.stage_run(cfg, STAGE) as rid:
-        if action == "recon":
-            evaluate_recon(cfg, rid)
-        elif action == "gen":
-            evaluate_gen(cfg, rid)
-        elif action == "cfg-search":
-            cfg_search(cfg, rid)
-        else:
-            raise ValueError(f"unknown eval action {action!r}; valid: recon, gen, all, make-ref, cfg-search")
+    try:
+        if action == "make-ref":
+            make_reference(cfg)
+            return 0
+        with tracking.stage_run(cfg, STAGE) as rid:
+            {"recon": evaluate_recon, "gen": evaluate_gen, "cfg-search": cfg_search}[action](cfg, rid)
+    finally:
+        close_pool()
     return 0

@@ -166,41 +166,30 @@ def pick_device(use_gpu: bool) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
-class SampleWorker:
-    """Holds the generator and the tokenizer; samples one rank's slice into PNG shards."""
+@torch.inference_mode()
+def sample_slice(tokenizer: Any, generator: Any, device: str, rank: int, start: int, labels: np.ndarray, seed: int,
+                 sampler: dict, batch_size: int, out_url: str, samples_per_shard: int) -> dict:
+    """Sample one rank's slice of labels into `samples-r<rank>-<n>.tar` PNG shards (global keys)."""
+    from models.generator import sample
 
-    def __init__(self, tokenizer_url: str, generator_url: str, device: str = "cpu"):
-        from jobs.checkpoints import load_generator, load_tokenizer
+    from jobs.metrics.image_quality import to_uint8
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.device = device
-        self.tokenizer = load_tokenizer(tokenizer_url, device=device)
-        self.generator = load_generator(generator_url, device=device)
-
-    @torch.inference_mode()
-    def run(self, rank: int, start: int, labels: np.ndarray, seed: int, sampler: dict, batch_size: int,
-            out_url: str, samples_per_shard: int) -> dict:
-        from models.generator import sample
-
-        from jobs.metrics.image_quality import to_uint8
-
-        gen = torch.Generator(device=self.device).manual_seed(rank_seed(seed, rank))
-        pending, shards, t0, passes = [], [], time.time(), 0
-        for b in range(0, len(labels), batch_size):
-            y = torch.as_tensor(labels[b:b + batch_size], device=self.device)
-            result = sample(self.generator, y, generator=gen, **sampler)
-            passes += result.num_forward_passes
-            images = to_uint8(self.tokenizer.decode_codes(result.codes)).permute(0, 2, 3, 1).cpu().numpy()
-            pending += [(f"{start + b + i:07d}", images[i], int(y[i])) for i in range(len(y))]
-            while len(pending) >= samples_per_shard or (pending and b + batch_size >= len(labels)):
-                part, pending = pending[:samples_per_shard], pending[samples_per_shard:]
-                name = f"samples-r{rank:03d}-{len(shards):05d}.tar"
-                shards.append({"name": name, "count": len(part),
-                               "sha256": write_png_shard(storage.join(out_url, name), part)})
-        seconds = time.time() - t0
-        num_batches = max(1, -(-len(labels) // batch_size))
-        return {"rank": rank, "count": int(len(labels)), "shards": shards, "seconds": seconds,
-                "forward_passes_per_batch": passes / num_batches}
+    gen = torch.Generator(device=device).manual_seed(rank_seed(seed, rank))
+    pending, shards, t0, passes = [], [], time.time(), 0
+    for b in range(0, len(labels), batch_size):
+        y = torch.as_tensor(labels[b:b + batch_size], device=device)
+        result = sample(generator, y, generator=gen, **sampler)
+        passes += result.num_forward_passes
+        images = to_uint8(tokenizer.decode_codes(result.codes)).permute(0, 2, 3, 1).cpu().numpy()
+        pending += [(f"{start + b + i:07d}", images[i], int(y[i])) for i in range(len(y))]
+        while len(pending) >= samples_per_shard or (pending and b + batch_size >= len(labels)):
+            part, pending = pending[:samples_per_shard], pending[samples_per_shard:]
+            name = f"samples-r{rank:03d}-{len(shards):05d}.tar"
+            shards.append({"name": name, "count": len(part),
+                           "sha256": write_png_shard(storage.join(out_url, name), part)})
+    num_batches = max(1, -(-len(labels) // batch_size))
+    return {"rank": rank, "count": int(len(labels)), "shards": shards, "seconds": time.time() - t0,
+            "forward_passes_per_batch": passes / num_batches}
 
 
 def write_npz(out_url: str, shard_urls: list[str], size: int) -> tuple[str, list[int]]:
@@ -218,12 +207,9 @@ def write_npz(out_url: str, shard_urls: list[str], size: int) -> tuple[str, list
 
 
 def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: str,
-                     sampling: Optional[Any] = None, num_actors: Optional[int] = None) -> dict:
+                     sampling: Optional[Any] = None, pool: Optional[Any] = None) -> dict:
     """Sample the class-balanced set into `out_url` on a Ray actor pool; returns its manifest.
     Skips when `out_url` already holds a complete manifest for the same request."""
-    import ray
-
-    from jobs.ray_training import ensure_ray
     from pipeline.manifest import fingerprint
 
     sampling = sampling if sampling is not None else cfg.sampling
@@ -246,18 +232,15 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
         return manifest
     storage.makedirs(out_url)
     storage.remove_stale_temporaries(out_url)
-    ensure_ray(cfg)
-    world = max(1, min(int(num_actors or cfg.eval.num_actors), len(labels)))
-    use_gpu = bool(cfg.cluster.use_gpu)
-    actor_cls = ray.remote(num_cpus=1, num_gpus=(1.0 / world if use_gpu else 0))(SampleWorker)
-    actors = [actor_cls.remote(tokenizer_url, generator_url, pick_device(use_gpu)) for _ in range(world)]
+    from jobs.evaluate import get_pool
+
+    pool = pool or get_pool(cfg)
+    slices = rank_slices(len(labels), pool.size)
     t0 = time.time()
-    futures = [actors[r].run.remote(r, s, labels[s:e], int(sampling.seed), sampler, int(sampling.batch_size),
-                                    out_url, int(cfg.eval.samples_per_shard))
-               for r, (s, e) in enumerate(rank_slices(len(labels), world))]
-    results = ray.get(futures)
-    for a in actors:
-        ray.kill(a)
+    results = pool.call("sample", [(r, s, labels[s:e]) for r, (s, e) in enumerate(slices)], tokenizer_url,
+                        generator_url, int(sampling.seed), sampler, int(sampling.batch_size), out_url,
+                        int(cfg.eval.samples_per_shard))
+    world = pool.size
     seconds = time.time() - t0
     shard_names = [s["name"] for r in sorted(results, key=lambda r: r["rank"]) for s in r["shards"]]
     npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names],
@@ -292,13 +275,17 @@ def samples_url(cfg: Any, sampling: Optional[Any] = None) -> str:
 
 def run(cfg: Any, run_id: Optional[str] = None) -> dict:
     """`restok sample`: the class-balanced sample set of the trained generator (no metrics)."""
+    from jobs.evaluate import close_pool
     from pipeline import paths, tracking
     from pipeline.manifest import require_complete
 
     require_complete(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer")
     require_complete(paths.stage_dir(cfg, "train_generator"), "train_generator")
     with tracking.stage_run(cfg, "sample", run_id) as rid:
-        manifest = generate_samples(cfg, samples_url(cfg), paths.stage_dir(cfg, "train_tokenizer"),
-                                    paths.stage_dir(cfg, "train_generator"))
+        try:
+            manifest = generate_samples(cfg, samples_url(cfg), paths.stage_dir(cfg, "train_tokenizer"),
+                                        paths.stage_dir(cfg, "train_generator"))
+        finally:
+            close_pool()
         tracking.log_metrics(paths.tracking_uri(cfg), rid, {"sample_images_per_second": manifest["images_per_second"]})
     return manifest

@@ -77,8 +77,11 @@ def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
 def ray_local():
     import ray
 
+    from jobs.evaluate import close_pool
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
+    close_pool()
     ray.shutdown()
 
 
