@@ -233,3 +233,13 @@ def test_wrong_code_length_is_one_clear_error():
     model = GPT(tiny_cfg())
     with pytest.raises(ValueError, match=r"codes must be \(B, 16\)"):
         model(torch.tensor([0]), torch.zeros(1, 15, dtype=torch.long))
+
+
+def test_config_is_omegaconf_compatible():
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.structured(tiny_cfg(special_rows=20))
+    conf.levels = [1, 1, 2, 4, 8, 16]
+    model = GPT(conf)  # a DictConfig works as well as the dataclass
+    assert model.block_size == 32 and model.mask_token_embed.weight.shape[0] == 20
+    assert isinstance(OmegaConf.to_object(conf), GeneratorConfig)

@@ -135,7 +135,7 @@ class GPT(nn.Module):
         self.dim, self.n_layer, self.n_head = size.dim, size.n_layer, size.n_head
         self.head_dim = size.dim // size.n_head
         self.layout: Layout = layout_for(cfg)
-        self.block_size = cfg.block_size
+        self.block_size = sum(cfg.levels)  # not cfg.block_size: cfg may be an OmegaConf DictConfig
         self.num_classes = cfg.num_classes
 
         self.class_embed = nn.Embedding(cfg.num_classes + 1, size.dim)  # last row = null class

@@ -72,17 +72,14 @@ def draw(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     return torch.multinomial(probs, 1, generator=generator).view(b, n)
 
 
-_CACHES: dict = {}
-
-
 def _kv_cache(gpt: GPT, batch: int) -> KVCache:
-    """One cache per (model, batch, device, dtype), reused across calls (never rebuilt per step)."""
+    """One cache per model, reused across calls while batch/device/dtype fit (never rebuilt per step)."""
     p = gpt.head.weight
-    key = (id(gpt), batch, p.device, p.dtype)
-    cache = _CACHES.get(key)
-    if cache is None or cache.length != gpt.block_size:
-        _CACHES.clear()  # keep at most one cache alive
-        cache = _CACHES[key] = gpt.new_kv_cache(batch)
+    cache = getattr(gpt, "_sampling_kv_cache", None)
+    shape = (gpt.n_layer, batch, gpt.n_head, gpt.block_size, gpt.head_dim)
+    if cache is None or tuple(cache.k.shape) != shape or cache.k.device != p.device or cache.k.dtype != p.dtype:
+        gpt._sampling_kv_cache = None  # free the old one first
+        cache = gpt._sampling_kv_cache = gpt.new_kv_cache(batch)
     return cache
 
 
