@@ -31,6 +31,7 @@ from pipeline import storage
 from pipeline.manifest import MANIFEST_NAME
 
 from data_prep import fsspec_gopen  # noqa: F401  (registers fsspec URL schemes with webdataset)
+from data_prep.tar_samples import tar_samples
 from data_prep.transforms import EvalTransform, TrainTransform, to_chw_uint8, to_unit_float
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -219,7 +220,7 @@ def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_siz
     rank_batches = samples_per_epoch // (world_size * batch_size)
     pipeline = wds.DataPipeline(
         ResampledShardSource(urls, seed, rank, epoch),
-        wds.tarfile_to_samples(),
+        tar_samples,
         Shuffle(shuffle_buffer, seed, rank, epoch),
         DecodeBatch(TrainTransform(image_size, crop_scale_min, hflip, draft), batch_size, seed, rank, epoch, rank_batches),
     )
@@ -235,7 +236,7 @@ def eval_batches(shards: Any, split: str, rank: int, world_size: int, batch_size
     by_shard = len(urls) >= world_size
     stages: list[Any] = [wds.SimpleShardList(urls)]
     stages += [SplitByRank(rank, world_size)] if by_shard else []
-    stages += [split_by_worker, wds.tarfile_to_samples()]
+    stages += [split_by_worker, tar_samples]
     stages += [] if by_shard else [KeepSampleModulo(rank, world_size)]
     stages += [DecodeBatch(EvalTransform(image_size, draft), batch_size, 0, rank, 0, None)]
     num_batches = None

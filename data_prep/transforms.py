@@ -34,7 +34,7 @@ def decode(data: bytes, min_shorter_side: Optional[int] = None) -> Image.Image:
     if min_shorter_side and image.format == "JPEG":
         w, h = image.size
         factor = min_shorter_side / min(w, h)
-        if factor < 0.5:  # draft only ever reduces by powers of two
+        if factor <= 0.5:  # draft only ever reduces by powers of two
             image.draft("RGB", (math.ceil(w * factor), math.ceil(h * factor)))
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import sys
 import tarfile
 import uuid
 from collections import Counter
@@ -252,6 +254,7 @@ def test_failed_run_resumes_without_rewriting(monkeypatch):
 
 # ---------------------------------------------------------------- prep with real local Ray
 
+@pytest.mark.slow
 def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
     from pipeline.tracking import client_for, start_run
     from pipeline.paths import tracking_uri
@@ -278,6 +281,7 @@ def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
             assert metrics["prep/train_images"] == 15 and metrics["prep/train_skipped"] == 3
 
 
+@pytest.mark.slow
 def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
     expected = make_imagenet_tree(tmp_path / "tree", per_class=5, val_layout="flat")
     make_ilsvrc_tars(tmp_path / "tree", tmp_path / "tars")
@@ -306,6 +310,29 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
     assert again["splits"] == manifest["splits"]  # same bytes: sha256 and counts match
     assert again["written_this_run"]["shards"] == 1
 
-    # The loader reads file:// shards from the manifest's stage directory.
-    seen = [k for r in range(2) for _, _, ks in eval_batches(str(tmp_path / "work" / "prep"), "train", r, 2, 8, 16) for k in ks]
+    # The loader reads file:// shards from the manifest's stage directory, inside Ray workers
+    # (rank and world size passed in, no global state), with its own DataLoader worker there.
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @ray.remote(num_cpus=1)
+    def keys_seen_by(rank):
+        batches = eval_batches(str(tmp_path / "work" / "prep"), "train", rank, 2, 8, 16, num_workers=1)
+        return [k for _, labels, keys in batches for k in keys]
+
+    seen = sum(ray.get([keys_seen_by.remote(r) for r in range(2)]), [])
     assert sorted(seen) == sorted(expected["train"])
+
+
+def test_prep_resize_reencodes_shorter_side():
+    work = f"memory://restok-{uuid.uuid4().hex[:8]}"
+    cfg = prep_cfg(work, "data.synthetic.train_per_class=1", "data.synthetic.val_per_class=1",
+                   "data.synthetic.resolution=48", "data.resize=32", "data.splits=[val]")
+    manifest = prepare.run(cfg)
+    urls = [storage.join(manifest["shards_url"], s["shard"]) for s in manifest["splits"]["val"]["shards"]]
+    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    assert len(samples) == 10 and "train" not in manifest["splits"]
+    for sample in samples:
+        assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
+        assert json.loads(sample["json"])["width"] == 48
