@@ -101,7 +101,8 @@ def _ray_executor(cfg: Any) -> Callable:
             try:
                 on_done(ray.get(ready[0]))
             except Exception as exc:
-                ray.wait(list(running), num_returns=len(running))  # let finished shards land
+                if running:  # let shards already in flight finish and record themselves
+                    ray.wait(list(running), num_returns=len(running))
                 raise RuntimeError(f"prep: shard {job.url} failed: {exc}") from exc
 
     return execute
@@ -187,6 +188,8 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
         if executor is not None:
             executor(source, todo, limit, on_done)
     elapsed = time.perf_counter() - start
+    # Temporaries of task attempts that Ray retried after a worker died mid-write.
+    storage.remove_stale_temporaries(shards_url)
     written = sum(r["planned"] for r in records[len(jobs) - len(todo):]) if todo else 0
 
     fields = summarise(cfg, source, shards_url, records)

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import sys
 import tarfile
 import uuid
@@ -206,6 +207,30 @@ def test_synthetic_memory_roundtrip_and_loaders():
         assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
     small = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, samples_per_epoch=17, num_workers=0)
     assert len(list(small)) == 2
+    # Same (seed, rank, epoch) -> same batches; another epoch -> other samples and crops.
+    def epoch_batches(epoch):
+        return list(train_batches(manifest, "train", 0, 2, 4, 16, seed=3, epoch=epoch, num_workers=0))
+    e0, e0_again, e1 = epoch_batches(0), epoch_batches(0), epoch_batches(1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0, e0_again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(e0, e1))
+
+
+def test_transforms_match_reference_arithmetic():
+    from torchvision import transforms as T
+
+    from data_prep.transforms import EvalTransform, TrainTransform, decode
+
+    image = Image.open(io.BytesIO(jpeg(5, size=(90, 61)))).convert("RGB")
+    reference = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32)])
+    assert np.array_equal(np.asarray(EvalTransform(32)(image)), np.asarray(reference(image)))
+    # scale_min=1 and no flip: the crop is the full shorter side at a random offset.
+    out = TrainTransform(61, scale_min=1.0, hflip=False)(image, random.Random(0))
+    offsets = [np.array_equal(np.asarray(out), np.asarray(image.crop((x, 0, x + 61, 61)))) for x in range(30)]
+    assert out.size == (61, 61) and any(offsets)
+    # Draft decoding never goes below the requested shorter side.
+    big = jpeg(6, size=(400, 300))
+    assert min(decode(big, 100).size) >= 100 and decode(big, 100).size != (400, 300)
+    assert decode(big, None).size == (400, 300)
 
 
 def test_failed_run_resumes_without_rewriting(monkeypatch):
