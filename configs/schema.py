@@ -139,6 +139,9 @@ class EvalConfig:
     probe_max_train_images: int = 20000
     grid_images: int = 8  # reconstruction / sample grid width
     samples_per_shard: int = 1000
+    probe_cache: str = ""  # where trained probes are kept; empty = <evaluate dir>/probe
+    # `restok sweep`: checkpoint chains run at once (Ray tasks); 0 = 1 on a local Ray, all on a cluster.
+    sweep_parallel: int = 0
 
 
 @dataclass

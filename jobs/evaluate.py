@@ -294,7 +294,8 @@ def ensure_probe_for(cfg: Any) -> dict:
     x, y = load_split_arrays(cfg, "train", int(cfg.eval.probe_max_train_images))
     xv, yv = load_split_arrays(cfg, "val", int(cfg.eval.probe_max_train_images))
     num_classes = int(max(y.max(), yv.max()) + 1)
-    manifest = ensure_probe(storage.join(paths.stage_dir(cfg, STAGE), "probe"), x, y, num_classes,
+    cache = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, STAGE), "probe")
+    manifest = ensure_probe(cache, x, y, num_classes,
                             int(cfg.data.image_size), xv, yv, steps=int(cfg.eval.probe_steps), seed=int(cfg.seed))
     print(f"[evaluate] probe {manifest['key']} ({'cached' if manifest['cached'] else 'trained'}): "
           f"val accuracy {manifest.get('val_accuracy', float('nan')):.3f}", flush=True)

@@ -90,7 +90,12 @@ def image_batches(shard_urls: list[str], size: int, batch_size: int
 
 
 def split_shards(shards_url: str, split: str) -> list[str]:
-    """Prep's shards of `split` (`<split>-NNNNNN.tar`, data_prep.shard_writer), sorted."""
+    """Prep's shards of `split`, in order: from its manifest (`splits.<split>.shards`), else the
+    `<split>-NNNNNN.tar` files (data_prep.shard_writer naming) under `shards_url`."""
+    manifest = storage.read_json(storage.join(shards_url, "manifest.json")) or {}
+    entries = manifest.get("splits", {}).get(split, {}).get("shards")
+    if entries:
+        return [storage.join(manifest.get("shards_url") or shards_url, e["shard"]) for e in entries]
     fs, path = storage.filesystem(shards_url)
     found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/{split}-*.tar") if not storage.is_temporary(p))
     protocol = shards_url.split("://", 1)[0] + "://" if "://" in shards_url else ""

@@ -32,7 +32,8 @@ def tiny_cfg(work_dir, extra=()):
 
 
 def write_split(cfg, split, per_class, shard_size):
-    """Prep-format shards (`<split>-NNNNNN.tar`: <key>.png + <key>.cls) of the synthetic set."""
+    """Prep-format shards (`<split>-NNNNNN.tar`: <key>.png + <key>.cls) of the synthetic set;
+    returns (keys, the manifest's split entry)."""
     from data_prep.synthetic import render, sample_class, sample_rng
 
     from jobs.sample import write_png_shard
@@ -43,32 +44,44 @@ def write_split(cfg, split, per_class, shard_size):
         cls = sample_class(i, NUM_CLASSES)
         samples.append((f"{split}_{i:06d}", render(cls, sample_rng(0, split, i), 32), cls))
     out = paths.shards_url(cfg)
+    entries = []
     for j in range(0, n, shard_size):
-        write_png_shard(f"{out}/{split}-{j // shard_size:06d}.tar", samples[j:j + shard_size])
-    return [s[0] for s in samples]
+        name = f"{split}-{j // shard_size:06d}.tar"
+        sha = write_png_shard(f"{out}/{name}", samples[j:j + shard_size])
+        entries.append({"shard": name, "count": len(samples[j:j + shard_size]), "sha256": sha, "bytes": 0})
+    return [s[0] for s in samples], {"shards": entries, "total": n}
 
 
-def write_models(cfg, seed=0):
+def write_models(cfg, seed=0, tokenizer_dir=None):
     """Exports in the train stages' format (jobs.checkpoints), random tiny weights, with manifests."""
     from jobs.checkpoints import generator_config, tokenizer_config, write_export
     from models.generator import GPT
     from models.tokenizer import ResTok
 
     torch.manual_seed(seed)
-    tok = ResTok(tokenizer_config(cfg)).state_dict()
+    tok = ResTok(tokenizer_config(cfg))
     gpt = GPT(generator_config(cfg)).state_dict()
-    for stage, name, state in (("train_tokenizer", "tokenizer", tok), ("train_generator", "generator", gpt)):
-        sd = paths.stage_dir(cfg, stage)
+    for stage, name, state, extra in (
+            ("train_tokenizer", "tokenizer", tok.state_dict(),
+             {"levels": list(tok.levels), "codebook_size": tok.codebook_size, "num_tokens": tok.num_tokens}),
+            ("train_generator", "generator", gpt, {})):
+        sd = tokenizer_dir if (stage == "train_tokenizer" and tokenizer_dir) else paths.stage_dir(cfg, stage)
         os.makedirs(sd, exist_ok=True)
         write_export(sd, name, state, state, cfg)
-        write_manifest(sd, stage, stage_fingerprint(cfg, stage), complete=True)
+        write_manifest(sd, stage, stage_fingerprint(cfg, stage), complete=True, **extra)
+
+
+def write_prep(cfg, val_per_class=6, val_shard=5, train_per_class=12, train_shard=16):
+    val_keys, val = write_split(cfg, "val", val_per_class, val_shard)
+    _, train = write_split(cfg, "train", train_per_class, train_shard)
+    write_manifest(paths.stage_dir(cfg, "prep"), "prep", stage_fingerprint(cfg, "prep"), complete=True,
+                   shards_url=paths.shards_url(cfg), num_classes=NUM_CLASSES, splits={"val": val, "train": train})
+    return val_keys
 
 
 def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
     cfg = tiny_cfg(tmp_path / "work", extra)
-    val_keys = write_split(cfg, "val", val_per_class, val_shard)
-    write_split(cfg, "train", 12, 16)
-    write_manifest(paths.stage_dir(cfg, "prep"), "prep", stage_fingerprint(cfg, "prep"), complete=True)
+    val_keys = write_prep(cfg, val_per_class, val_shard)
     write_models(cfg)
     return cfg, val_keys
 

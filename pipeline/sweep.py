@@ -1,0 +1,253 @@
+"""`restok sweep`: reconstruction vs generation over tokenizer checkpoints (paper Fig. 7, Sec. 5.4).
+
+For each tokenizer checkpoint (a train_tokenizer export directory, or its `.safetensors` beside its
+config.yaml) the sweep builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the
+parent's image shards and MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
+then runs the chain extract_codes -> train_generator -> evaluate (recon + gen), every stage an
+MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
+on a local 2-core Ray one at a time, since each stage already fans out on Ray itself). The probe
+and its reference statistics are made once in the parent and shared, so FD-probe numbers of all
+checkpoints are in the same feature space.
+
+Outputs (artifacts of the parent run and files in the sweep dir): `recon_vs_gen.png` (one point per
+checkpoint: rFID vs gFID with Inception, FD-probe recon vs gen with the probe; never labelled FID
+then), `sweep.csv`, `sweep.md`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from pipeline import paths, storage, tracking
+from pipeline.manifest import fingerprint, read_manifest, write_manifest
+from pipeline.stages import stage_fingerprint
+
+TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
+AXIS_LABELS = {
+    "inception": ("rFID (reconstruction)", "gFID (generation)"),
+    "probe": ("FD-probe, reconstruction (not FID)", "FD-probe, generation (not FID)"),
+}
+
+
+def checkpoint_dir(path: str) -> str:
+    """The export directory of a checkpoint given as a directory or one of its weight files."""
+    return path.rsplit("/", 1)[0] if path.endswith(".safetensors") else path.rstrip("/")
+
+
+def checkpoint_label(path: str, index: int) -> str:
+    manifest = read_manifest(checkpoint_dir(path)) or {}
+    steps = manifest.get("steps_done")
+    name = os.path.basename(checkpoint_dir(path)) or f"ckpt-{index}"
+    return f"{name}@{steps}" if steps is not None else name
+
+
+def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
+    """The parent config with its own work dir, the parent's shards / tracking store / probe, and
+    the checkpoint's tokenizer architecture."""
+    from configs.loading import from_yaml_text
+
+    fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
+    with fs.open(path, "r") as fh:
+        ckpt_cfg = from_yaml_text(fh.read())
+    child = OmegaConf.merge(cfg, {
+        "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
+        "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
+        "data": {"shards_url": paths.shards_url(cfg)},
+        "tracking": {"tracking_uri": paths.tracking_uri(cfg),
+                     "run_name": f"{cfg.tracking.run_name or cfg.preset}/sweep/ckpt-{index}"},
+        "eval": {"probe_cache": shared.get("probe_cache", ""), "reference_stats": shared.get("reference_stats", ""),
+                 "cfg_search_scales": [], "cfg_search_start_ratios": []},
+    })
+    # The generator must match the checkpoint's codes (train_generator.check_against_codes).
+    child.generator.vocab_size = int(ckpt_cfg.tokenizer.codebook_size)
+    child.generator.levels = list(ckpt_cfg.tokenizer.levels)
+    return child
+
+
+def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
+    """The child's prep stage = the parent's manifest (same shards); its train_tokenizer stage =
+    the checkpoint's files, with a manifest under the child's own fingerprint."""
+    child_prep = paths.stage_dir(child, "prep")
+    storage.makedirs(child_prep)
+    prep = read_manifest(prep_dir)
+    storage.write_json_atomic(storage.join(child_prep, "manifest.json"),
+                              {**prep, "fingerprint": stage_fingerprint(child, "prep")})
+    src, dst = checkpoint_dir(ckpt), paths.stage_dir(child, "train_tokenizer")
+    storage.makedirs(dst)
+    fs_src, _ = storage.filesystem(src)
+    for name in TOKENIZER_FILES:
+        url = storage.join(src, name)
+        if storage.exists(url):
+            with fs_src.open(storage.filesystem(url)[1], "rb") as fh:
+                storage.write_bytes_atomic(storage.join(dst, name), fh.read())
+    if not storage.exists(storage.join(dst, "tokenizer_ema.safetensors")):
+        raise FileNotFoundError(f"{src}: no tokenizer_ema.safetensors (a train_tokenizer export directory?)")
+    upstream = read_manifest(src) or {}
+    tok = child.tokenizer
+    write_manifest(dst, "train_tokenizer", stage_fingerprint(child, "train_tokenizer"), complete=True,
+                   **{**{k: v for k, v in upstream.items() if k not in ("fingerprint", "complete", "stage", "version", "written_at")},
+                      "levels": list(tok.levels), "codebook_size": int(tok.codebook_size),
+                      "num_tokens": int(sum(tok.levels)), "source_checkpoint": ckpt})
+
+
+def default_stages() -> dict[str, Callable]:
+    from jobs import evaluate, extract_codes, train_generator
+
+    return {"extract_codes": extract_codes.run, "train_generator": train_generator.run, "evaluate": evaluate.run}
+
+
+def run_chain(child_yaml: str, parent_run_id: str, stages: Optional[dict] = None) -> dict:
+    """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
+    from configs.loading import from_yaml_text
+
+    child = from_yaml_text(child_yaml)
+    stages = stages or default_stages()
+    for name in ("extract_codes", "train_generator"):
+        stages[name](child, parent_run_id=parent_run_id)
+    manifest = stages["evaluate"](child, parent_run_id=parent_run_id)
+    return {"metrics": manifest.get("metrics", {}), "run_id": manifest.get("run_id"),
+            "work_dir": str(child.work_dir)}
+
+
+def sweep(cfg: Any, checkpoints: Sequence[str], stages: Optional[dict] = None) -> dict:
+    """Run the sweep; returns {rows, parent_run_id, sweep_dir, plot, csv, markdown}."""
+    from configs.loading import to_yaml
+    from jobs import evaluate
+    from pipeline.manifest import require_complete
+
+    if not checkpoints:
+        raise ValueError("restok sweep needs at least one --checkpoints entry")
+    prep_dir = paths.stage_dir(cfg, "prep")
+    require_complete(prep_dir, "prep")
+    sweep_id = fingerprint({"checkpoints": list(checkpoints), "config": OmegaConf.to_container(cfg, resolve=True)})
+    sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
+    kind = str(cfg.eval.feature_net)
+    uri = paths.tracking_uri(cfg)
+    with tracking.stage_run(cfg, "sweep") as parent:
+        shared: dict = {"reference_stats": str(cfg.eval.reference_stats)}
+        try:  # one probe and one probe reference for every checkpoint
+            if kind == "probe":
+                spec, probe = evaluate.resolved_feature_spec(cfg)
+                shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
+                if not shared["reference_stats"]:
+                    shared["reference_stats"] = evaluate.reference_for_gen(cfg, spec, probe)[1]
+        finally:
+            evaluate.close_pool()
+        children = []
+        for i, ckpt in enumerate(checkpoints):
+            child = child_config(cfg, ckpt, i, sweep_dir, shared)
+            seed_work_dir(child, ckpt, prep_dir)
+            children.append(to_yaml(child))
+        outcomes = _run_chains(cfg, children, parent, stages)
+        rows = []
+        recon_key, gen_key = evaluate.distance_name(kind, "recon"), evaluate.distance_name(kind, "gen")
+        for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
+            m = out["metrics"]
+            rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),
+                         gen_key: m.get(gen_key), **{k: v for k, v in sorted(m.items()) if k not in (recon_key, gen_key)},
+                         "evaluate_run_id": out.get("run_id")})
+        csv_text, md_text = table_csv(rows), table_markdown(rows)
+        fig = recon_vs_gen_figure(rows, recon_key, gen_key, kind)
+        storage.makedirs(sweep_dir)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        storage.write_bytes_atomic(storage.join(sweep_dir, "recon_vs_gen.png"), buf.getvalue())
+        storage.write_bytes_atomic(storage.join(sweep_dir, "sweep.csv"), csv_text.encode())
+        storage.write_bytes_atomic(storage.join(sweep_dir, "sweep.md"), md_text.encode())
+        tracking.log_figure(uri, parent, fig, "recon_vs_gen.png")
+        client = tracking.client_for(uri)
+        client.log_text(parent, csv_text, "sweep.csv")
+        client.log_text(parent, md_text, "sweep.md")
+        client.set_tag(parent, "restok.sweep_dir", sweep_dir)
+        for i, row in enumerate(rows):  # one metric step per checkpoint on the parent
+            tracking.log_metrics(uri, parent, {k: row[k] for k in (recon_key, gen_key) if row[k] is not None}, step=i)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    print(md_text, flush=True)
+    return {"rows": rows, "parent_run_id": parent, "sweep_dir": sweep_dir,
+            "plot": storage.join(sweep_dir, "recon_vs_gen.png"), "csv": storage.join(sweep_dir, "sweep.csv"),
+            "markdown": storage.join(sweep_dir, "sweep.md")}
+
+
+def _run_chains(cfg: Any, children: list[str], parent: str, stages: Optional[dict]) -> list[dict]:
+    parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
+    if parallel <= 1 or stages is not None:
+        # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
+        return [run_chain(child, parent, stages) for child in children]
+    import ray
+
+    from jobs.ray_training import ensure_ray
+
+    ensure_ray(cfg)
+    # num_cpus=0: the task only orchestrates; its stages ask Ray for their own workers.
+    remote = ray.remote(num_cpus=0, max_retries=0)(run_chain)
+    pending, results = list(enumerate(children)), {}
+    running: dict = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, child = pending.pop(0)
+            running[remote.remote(child, parent)] = i
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            results[running.pop(ref)] = ray.get(ref)
+    return [results[i] for i in range(len(children))]
+
+
+def table_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def table_markdown(rows: list[dict]) -> str:
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in ("path", "evaluate_run_id")]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def recon_vs_gen_figure(rows: list[dict], recon_key: str, gen_key: str, kind: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xlabel, ylabel = AXIS_LABELS.get(kind, (recon_key, gen_key))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    points = [(r[recon_key], r[gen_key], r["checkpoint"]) for r in rows
+              if r.get(recon_key) is not None and r.get(gen_key) is not None]
+    ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="tab:blue")
+    for x, y, label in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Reconstruction vs generation per tokenizer checkpoint")
+    fig.tight_layout()
+    return fig
+
+
+def run_sweep(cfg: Any, checkpoints: Sequence[str]) -> int:
+    """CLI entry (`restok sweep [PRESET] [k=v ...] --checkpoints A B ...`): exit status."""
+    result = sweep(cfg, checkpoints)
+    print(f"sweep: plot {result['plot']}, table {result['csv']}, parent run {result['parent_run_id']}")
+    return 0
+
+
+__all__ = ["run_sweep", "sweep", "run_chain", "table_csv", "table_markdown", "recon_vs_gen_figure"]
