@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", nargs="?", help="output directory")
     s.add_argument("--vanilla", action="store_true", help="vanilla AR generator instead of HAR")
     s.add_argument("--from-hub", metavar="REPO_ID", help="download the release files first")
+    s.add_argument("--config", help="release tokenizer config (YAML or JSON) when not ResTok-L")
+    s.add_argument("--levels", help="generator level list, e.g. 1,1,2,4,8,16 (default: from the "
+                   "checkpoint's special table, else ResTok-L's)")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("sweep", help="recon-vs-gen sweep over tokenizer checkpoints")
