@@ -58,7 +58,12 @@ def pinned_requirements(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> li
 
 
 def code_version(root: Path = PROJECT_ROOT) -> str:
-    """git commit, plus a digest of uncommitted changes when the tree is dirty ('' outside git)."""
+    """git commit, plus a digest of uncommitted changes when the tree is dirty ('' outside git).
+
+    RESTOK_CODE_VERSION, when set, replaces it (a CI build label, or a pinned id while editing).
+    """
+    if os.environ.get("RESTOK_CODE_VERSION"):
+        return os.environ["RESTOK_CODE_VERSION"]
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               timeout=30).stdout
@@ -120,6 +125,15 @@ def normalise_stage(stage: str) -> str:
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    if is_loopback(address) and "RAY_AUTH_MODE" not in os.environ:
+        # Ray 2.60 heads started here enable token auth when ~/.ray/auth_token exists; like
+        # `ray.init("auto")`, send that token to a cluster on this machine. Remote clusters need
+        # RAY_AUTH_MODE=token and the cluster's token set explicitly (infra/RUNBOOK.md).
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     return JobSubmissionClient(address)
 
 
@@ -205,6 +219,10 @@ def submit(args: Any) -> int:
         return 0
     status = _follow(client, job_id)
     print(f"[restok] job {job_id}: {status}", flush=True)
+    if status != "SUCCEEDED":
+        message = (client.get_job_info(job_id).message or "").strip()
+        print(f"restok submit: job {job_id} {status}: {message.splitlines()[-1] if message else ''}",
+              file=sys.stderr, flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -237,6 +255,9 @@ def cli(args: Any) -> int:
     except (SubmitError, ConnectionError) as exc:
         print(f"restok {args.action}: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # the Jobs SDK reports HTTP failures and unknown jobs this way
+    except Exception as exc:
+        if type(exc).__name__ != "AuthenticationError" and not isinstance(exc, RuntimeError):
+            raise
+        # The Jobs SDK reports HTTP failures, unknown jobs and missing tokens this way.
         print(f"restok {args.action}: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
         return 2
