@@ -48,6 +48,9 @@ class TokenizerConfig:
     # NOTES #10: release reshapes (B,N,W)->(B,W,N,1) without permute before conv_out.
     legacy_reshape: bool = False
     rope_theta: float = 10000.0
+    # Trunc-normal std of the ViT-side linear/conv weights (release 0.02, tuned for width ~1024).
+    # At width 32 it shrinks every layer's output ~10x, so CPU presets use ~width^-0.5.
+    init_std: float = 0.02
     # Nested token dropout (SPEC "nested dropout"): keep all with prob 1 - p, else a level
     # boundary >= min_tokens with weights doubling towards longer lengths (1,2,4,8,16 for 128).
     nested_dropout: bool = True
@@ -135,7 +138,7 @@ def tokenizer_config_for(name: str) -> TokenizerConfig:
             encoder_size="nano", decoder_size="nano", image_size=32, pixel_channels=16,
             channel_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, cnn_norm_groups=8,
             levels=[1, 1, 2, 4, 8], codebook_size=256, num_scales=2, vf_align="none",
-            vf_feature_dim=32),
+            vf_feature_dim=32, init_std=0.18),
     }
     if name not in presets:
         raise KeyError(f"unknown tokenizer preset {name!r}; valid: {sorted(presets)}")

@@ -130,10 +130,10 @@ def nested_keep_distribution(levels: list[int], min_tokens: int, drop_prob: floa
 # ---------------------------------------------------------------------------------------------
 
 
-def _trunc_normal_init(module: nn.Module) -> None:
+def _trunc_normal_init(module: nn.Module, std: float) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -403,11 +403,10 @@ class ResTok(nn.Module):
         self.vf_proj = nn.Conv2d(enc_w, cfg.vf_feature_dim, 1, bias=False) if vf_enc else None
         self.vf_proj_dec = (nn.Conv2d(dec_w, cfg.vf_feature_dim, 1, bias=False)
                             if vf_dec else None)
-        _trunc_normal_init(self.encoder)
-        _trunc_normal_init(self.decoder)
-        for head in (self.vf_proj, self.vf_proj_dec):
-            if head is not None:
-                _trunc_normal_init(head)
+        # NOTES "Weights": ViT-side linear/conv trunc-normal (0.02 in the release), zero bias.
+        for part in (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec):
+            if part is not None:
+                _trunc_normal_init(part, cfg.init_std)
         self.keep_lengths, self.keep_probs = nested_keep_distribution(
             cfg.levels, cfg.min_tokens, cfg.nested_dropout_prob)
 
