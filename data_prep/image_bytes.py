@@ -81,6 +81,10 @@ def check_image(data: bytes, native_ext: str = "jpg", resize: Optional[int] = No
         except Exception as exc:
             reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
             raise SkipImage(reason, f"{type(exc).__name__}: {exc}") from None
+        if fmt == "JPEG":
+            # DCT-scaled decode: every entropy-coded byte is still parsed (so truncation and
+            # stream errors surface) at about half the cost of a full decode.
+            image.draft(None, (-(-size[0] // 8), -(-size[1] // 8)))
         try:  # pixel data: ends early = truncated; any other decode error = corrupt
             image.load()
         except Exception as exc:
@@ -91,6 +95,9 @@ def check_image(data: bytes, native_ext: str = "jpg", resize: Optional[int] = No
     needs_resize = resize is not None and min(size) > resize
     if reason is None and not needs_resize:
         return CheckedImage(data, native_ext, size, None)
+    if image.size != size:  # drafted for the check: decode again at full size to convert
+        image = Image.open(io.BytesIO(data))
+        image.load()
     if mode != "RGB":
         # PIL inverts Adobe CMYK JPEGs on load, so a plain convert gives the right colours.
         image = image.convert("RGBA").convert("RGB") if mode in ("P", "PA", "LA") else image.convert("RGB")

@@ -147,6 +147,7 @@ def test_bad_images_are_converted_or_skipped(stem):
         assert checked.converted == reason
         image = Image.open(io.BytesIO(checked.data))
         assert (image.format, image.mode) == ("JPEG", "RGB")
+        assert image.size == checked.original_size == Image.open(io.BytesIO(data)).size
 
 
 def test_tar_source_reads_same_samples_as_folder(tmp_path):
