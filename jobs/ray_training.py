@@ -282,8 +282,10 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
         tracking.client_for(session.tracking_uri).set_tag(session.run_id, "restok.mfu_peak",
                                                           f"{peak / 1e12:.3f} TFLOP/s per worker ({peak_source})")
     meter = Throughput(session.world, spec.tokens_per_sample, spec.flops_per_sample, peak)
+    stop_after = int(train.stop_after)
+    end = min(total, stop_after) if stop_after > 0 else total
     batches = spec.micro_batches(start * gas)
-    bar = tqdm(range(start, total), initial=start, total=total, desc=session.stage,
+    bar = tqdm(range(start, end), initial=start, total=total, desc=session.stage,
                disable=not session.is_logger, mininterval=2.0)
     logs: dict[str, float] = {}
     for step in bar:
@@ -315,10 +317,16 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
         if spec.log_images is not None and int(train.image_log_every) > 0 and (
                 done % int(train.image_log_every) == 0 or done == total):
             spec.log_images(step)
-        stop = int(train.stop_after) > 0 and done >= int(train.stop_after)
-        if done % int(train.checkpoint_every) == 0 or done == total or stop:
+        if done % int(train.checkpoint_every) == 0 or done == end:
             session.save(spec.engines, done,
                          {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
                          spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)})
-        if stop:
-            break
+
+
+def steps_done(result: Any) -> int:
+    """Optimizer steps in the run's latest checkpoint (also right when a rerun had nothing left to
+    do and reported nothing)."""
+    if result.checkpoint is None:
+        return 0
+    with result.checkpoint.as_directory() as directory:
+        return int(checkpoint_meta(directory)["step"])

@@ -37,8 +37,10 @@ def forward_flops(fn: Callable[[], Any]) -> float:
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
                          repeats: int = 5) -> float:
     """FLOP/s of an n x n matmul in `dtype` on `device` (best of a few runs)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: the global RNG is part of the checkpointed training state.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":

@@ -171,7 +171,7 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
     print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         result = ray_training.fit(cfg, STAGE, tokenizer_loop, rid)
-        steps_done = int(result.metrics.get("step", 0)) if result.metrics else 0
+        steps_done = ray_training.steps_done(result)
         if steps_done < int(cfg.tokenizer_train.steps):
             return write_manifest(stage_dir, STAGE, fp, complete=False, steps_done=steps_done,
                                   checkpoint=result.checkpoint.path if result.checkpoint else None)

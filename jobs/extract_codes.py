@@ -1,0 +1,181 @@
+"""Stage `extract_codes`: image shards -> code shards with a Ray actor pool (one tokenizer per actor).
+
+SPEC "codes" (LlamaGen's extraction): every image becomes A views, encoded together:
+  none     1 view: shorter side to S, centre crop S (the evaluation transform)
+  flip     2 views: that crop and its horizontal flip
+  tencrop  10 views: centre crop at 1.1 S, then the 4 corner + centre S crops and their flips
+Code shard i is written from image shard i (same name) atomically, then a small `.json` receipt;
+a rerun skips shards with a receipt, so a killed extraction resumes where it stopped. The codes
+are deterministic (eval mode, fixed batches per shard).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import paths, storage
+from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.stages import stage_fingerprint
+
+STAGE = "extract_codes"
+NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
+TENCROP_SCALE = 1.1  # LlamaGen: centre crop at 1.1x the resolution before the ten crops
+# Test-only fault injection (name says so): an actor exits after writing this many shards.
+TEST_EXIT_ENV = "RESTOK_TEST_EXTRACT_EXIT_AFTER_SHARDS"
+
+
+def views(image: Any, size: int, augment: str) -> list[Any]:
+    """The augmented PIL views of one image, in a fixed order."""
+    from PIL import Image
+
+    from data_prep.transforms import EvalTransform
+
+    if augment not in NUM_VIEWS:
+        raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
+    if augment == "tencrop":
+        big = EvalTransform(int(round(size * TENCROP_SCALE)))(image)
+        w, h = big.size
+        boxes = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size),
+                 ((w - size) // 2, (h - size) // 2)]
+        crops = [big.crop((x, y, x + size, y + size)) for x, y in boxes]
+        return crops + [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
+    crop = EvalTransform(size)(image)
+    return [crop] if augment == "none" else [crop, crop.transpose(Image.FLIP_LEFT_RIGHT)]
+
+
+def receipt_url(out_url: str) -> str:
+    return out_url[: -len(".tar")] + ".json"
+
+
+class CodeExtractor:
+    """Ray actor: holds one tokenizer; turns one image shard into one code shard per call."""
+
+    def __init__(self, tokenizer_dir: str, use_ema: bool, image_size: int, augment: str,
+                 code_dtype: str, batch_size: int, use_gpu: bool, exit_after: int = 0):
+        from jobs.checkpoints import load_tokenizer
+
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.model = load_tokenizer(tokenizer_dir, ema=use_ema, device=self.device)
+        self.image_size, self.augment = image_size, augment
+        self.dtype = np.dtype(code_dtype)
+        if self.model.codebook_size > np.iinfo(self.dtype).max + 1:
+            raise ValueError(f"extract.code_dtype={code_dtype} cannot hold codebook size "
+                             f"{self.model.codebook_size}; use int32")
+        self.batch_size = batch_size
+        self.exit_after, self.written = exit_after, 0
+
+    @torch.no_grad()
+    def encode_views(self, images: list[Any]) -> np.ndarray:
+        """PIL images -> codes [len(images), A, N] in the shard dtype."""
+        from data_prep.transforms import to_chw_uint8
+
+        per = NUM_VIEWS[self.augment]
+        stacked = torch.stack([to_chw_uint8(v) for im in images for v in views(im, self.image_size, self.augment)])
+        out = []
+        for i in range(0, stacked.shape[0], self.batch_size):
+            batch = stacked[i : i + self.batch_size].to(self.device).float() / 255.0
+            _, info = self.model.encode(batch)
+            out.append(info["codes"].reshape(batch.shape[0], -1).cpu())
+        codes = torch.cat(out).numpy().astype(self.dtype)
+        return codes.reshape(len(images), per, -1)
+
+    def extract(self, in_url: str, out_url: str) -> dict:
+        from data_prep.loaders import IMAGE_KEYS
+        from data_prep.transforms import decode
+        from jobs.code_shards import encode_shard, group_samples
+
+        fs, path = storage.filesystem(in_url)
+        with fs.open(path, "rb") as fh:
+            samples = group_samples(fh.read())
+        keys, labels, images = [], [], []
+        for key, parts in samples:
+            ext = next((e for e in IMAGE_KEYS if e in parts), None)
+            if ext is None or "cls" not in parts:
+                raise ValueError(f"{in_url}: sample {key!r} lacks an image or cls (has {sorted(parts)})")
+            keys.append(key)
+            labels.append(int(parts["cls"]))
+            images.append(decode(parts[ext]))
+        codes = (self.encode_views(images) if images
+                 else np.zeros((0, NUM_VIEWS[self.augment], self.model.num_tokens), self.dtype))
+        data = encode_shard(list(zip(keys, codes, labels)))
+        storage.write_bytes_atomic(out_url, data)
+        receipt = {"count": len(keys), "sha256": storage.sha256_bytes(data),
+                   "code_shape": list(codes.shape[1:]), "classes": sorted(set(labels))}
+        storage.write_json_atomic(receipt_url(out_url), receipt)
+        self.written += 1
+        if self.exit_after and self.written >= self.exit_after:
+            os._exit(1)  # test-only: a killed extraction (see TEST_EXIT_ENV)
+        return receipt
+
+
+def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from data_prep.loaders import resolve_shards
+    from jobs.checkpoints import CONFIG_NAME
+    from jobs.ray_training import ensure_ray
+    from pipeline import tracking
+
+    stage_dir = paths.stage_dir(cfg, STAGE)
+    fp = stage_fingerprint(cfg, STAGE)
+    if is_complete(stage_dir, fp):
+        return read_manifest(stage_dir)
+    prep = require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    tok_dir = paths.stage_dir(cfg, "train_tokenizer")
+    tok_manifest = require_complete(tok_dir, "train_tokenizer")
+    weights = "tokenizer_ema.safetensors" if cfg.extract.use_ema else "tokenizer.safetensors"
+    tokenizer_sha = storage.sha256_url(storage.join(tok_dir, weights))
+    storage.makedirs(stage_dir)
+    storage.remove_stale_temporaries(stage_dir)
+
+    jobs, expected = [], {}
+    for split in cfg.extract.splits:
+        urls, counts = resolve_shards(prep, split)
+        expected[split] = sum(counts)
+        for url in urls:
+            name = url.rsplit("/", 1)[-1]
+            jobs.append((split, name, url, storage.join(stage_dir, name)))
+    todo = [j for j in jobs if storage.read_json(receipt_url(j[3])) is None]
+    print(f"[{STAGE}] {len(jobs)} shards, {len(jobs) - len(todo)} already done; tokenizer "
+          f"{weights} sha256 {tokenizer_sha[:12]}", flush=True)
+
+    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
+        if todo:
+            ensure_ray(cfg)
+            use_gpu = bool(cfg.cluster.use_gpu)
+            actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(CodeExtractor)
+            exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)
+            actors = [actor_cls.remote(tok_dir, bool(cfg.extract.use_ema), int(cfg.data.image_size),
+                                       str(cfg.extract.augment), str(cfg.extract.code_dtype),
+                                       int(cfg.extract.batch_size), use_gpu, exit_after)
+                      for _ in range(max(1, min(int(cfg.extract.num_actors), len(todo))))]
+            pool = ActorPool(actors)
+            results = pool.map_unordered(lambda a, job: a.extract.remote(job[2], job[3]), todo)
+            for _ in tqdm(results, total=len(todo), desc=STAGE, unit="shard"):
+                pass
+            for a in actors:
+                ray.kill(a)
+
+        shards, counts, shape = [], {s: 0 for s in expected}, None
+        for split, name, _, out_url in jobs:
+            receipt = storage.read_json(receipt_url(out_url))
+            shards.append({"name": name, "split": split, "count": receipt["count"], "sha256": receipt["sha256"]})
+            counts[split] += receipt["count"]
+            shape = shape or (receipt["code_shape"] if receipt["count"] else None)
+        if counts != expected:
+            raise RuntimeError(f"{stage_dir}: code counts {counts} differ from the image manifest {expected}")
+        tracking.log_metrics(paths.tracking_uri(cfg), rid,
+                             {f"codes_{s}": float(n) for s, n in counts.items()}, 0)
+        return write_manifest(
+            stage_dir, STAGE, fp, complete=True, shards=shards, counts=counts, code_shape=shape,
+            dtype=str(cfg.extract.code_dtype), augment=str(cfg.extract.augment),
+            num_views=NUM_VIEWS[str(cfg.extract.augment)], tokenizer_weights=weights,
+            tokenizer_sha256=tokenizer_sha, tokenizer_config=storage.join(tok_dir, CONFIG_NAME),
+            codebook_size=int(tok_manifest["codebook_size"]), levels=list(tok_manifest["levels"]),
+            num_classes=int(prep["num_classes"]),
+            mlflow_run_id=rid)
