@@ -33,7 +33,11 @@ STAGE_MODULES = {
 
 # Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
 _BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at"}
-_SUMMARY_METRICS = 4
+_SUMMARY_METRICS = 5
+# Shown first in the summary when a manifest has them (the protocol's headline numbers).
+_HEADLINE = ("rfid", "gfid", "fd_probe_recon", "fd_probe_gen", "probe_class_consistency",
+             "probe_recon_class_consistency", "inception_score", "psnr", "loss", "mse",
+             "codebook_usage", "num_images", "num_codes")
 
 
 @dataclass
@@ -130,7 +134,8 @@ def clear_stage_dir(cfg: Any, stage: str) -> None:
 
 
 def _fmt_metrics(metrics: Mapping[str, float], limit: int = _SUMMARY_METRICS) -> str:
-    items = list(metrics.items())
+    rank = {name: i for i, name in enumerate(_HEADLINE)}
+    items = sorted(metrics.items(), key=lambda kv: rank.get(kv[0], len(rank)))
     text = ", ".join(f"{k}={v:.4g}" for k, v in items[:limit])
     return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
