@@ -311,6 +311,13 @@ def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
 
 
 # ---- reconstruction --------------------------------------------------------------------------------
+def split_count(cfg: Any, split: str) -> Optional[int]:
+    """Images of `split` according to the prep manifest (None when it does not say)."""
+    manifest = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
+    entries = manifest.get("splits", {}).get(split, {}).get("shards")
+    return sum(int(e["count"]) for e in entries) if entries else None
+
+
 def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     """uint8 CHW images, one list per row -> one HWC uint8 grid with 2 px gaps."""
     rows = [r for r in rows if r]
@@ -341,6 +348,9 @@ def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str]
                                        str(cfg.eval.lpips_vgg_weights), lpips_status, int(cfg.eval.grid_images))
     seconds = time.time() - t0
     count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
+    expected = split_count(cfg, "val")
+    if expected is not None and count != expected:  # prep already dropped corrupt images
+        print(f"[evaluate] WARNING: reconstructed {count} val images, the prep manifest lists {expected}", flush=True)
     real, recon = results[0]["real"], results[0]["recon"]
     hist = results[0]["codes_hist"].copy()
     sums = dict(results[0]["sums"])
@@ -373,7 +383,8 @@ def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str]
         metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())
         metrics["probe_val_accuracy"] = float(probe.get("val_accuracy", float("nan")))
     grid_rows = [results[0]["grid"].get("real", [])] + [results[0]["grid"].get(k, []) for k in sorted(recon, reverse=True)]
-    report = {"metrics": metrics, "num_images": count, "num_actors": len(results), "num_shards": len(shards),
+    report = {"metrics": metrics, "num_images": count, "expected_images": expected,
+              "num_actors": len(results), "num_shards": len(shards),
               "images_per_actor": [len(r["keys"]) for r in results], "lpips": lpips_status,
               "feature_net": kind, "curve": {str(k): v for k, v in curve.items()}, "seconds": round(seconds, 2),
               "probe": {k: probe[k] for k in ("key", "val_accuracy", "path") if k in probe} if probe else None}
