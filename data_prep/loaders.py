@@ -202,8 +202,7 @@ class Batches:
 
 def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_size: int, image_size: int, seed: int,
                   *, samples_per_epoch: Optional[int] = None, epoch: int = 0, num_workers: int = 2,
-                  crop_scale_min: float = 0.8, hflip: bool = True, shuffle_buffer: int = 1000,
-                  draft: bool = True) -> Batches:
+                  crop_scale_min: float = 0.8, hflip: bool = True, shuffle_buffer: int = 1000) -> Batches:
     """One epoch of training batches for `rank`: (images float [B,3,S,S] in [0,1], labels int64 [B]).
 
     `samples_per_epoch` (all ranks together) defaults to the split's sample count in the manifest.
@@ -222,7 +221,7 @@ def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_siz
         ResampledShardSource(urls, seed, rank, epoch),
         tar_samples,
         Shuffle(shuffle_buffer, seed, rank, epoch),
-        DecodeBatch(TrainTransform(image_size, crop_scale_min, hflip, draft), batch_size, seed, rank, epoch, rank_batches),
+        DecodeBatch(TrainTransform(image_size, crop_scale_min, hflip), batch_size, seed, rank, epoch, rank_batches),
     )
     return Batches(pipeline, num_workers, rank_batches, with_keys=False, urls=urls)
 

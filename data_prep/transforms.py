@@ -9,9 +9,13 @@ resizing the image by S / (f * shorter side) and cropping S x S at a random posi
 Evaluation (SPEC "rFID"): shorter side bicubic to S, centre crop; the arithmetic follows
 torchvision's Resize(S) + CenterCrop(S) exactly, so results match that reference pipeline.
 
-Decoding: JPEG draft mode (DCT-domain downscaling by 1/2, 1/4, 1/8) is used for training only,
-and only down to a size where the smallest crop still has at least S pixels, so the final
-bicubic step never upsamples what draft removed. Evaluation decodes at full resolution.
+Decoding for training: torchvision.io.decode_image (libjpeg-turbo / libpng) and the crop +
+resize + flip as uint8 tensor ops (antialiased bicubic, torch's fast uint8 kernel): the same
+crop parameters as the PIL path, about 1.7x cheaper per image than PIL decode + resize on CPU.
+TrainTransform also accepts PIL images (same parameters, PIL bicubic), which the benchmark's
+ImageFolder baseline uses. Evaluation stays on PIL at full resolution (bicubic as in the
+reference rFID pipelines). `decode(..., min_shorter_side)` offers PIL JPEG draft mode (DCT
+scaling by 1/2..1/8, never below the given side) for callers that want it.
 Images stay uint8 until the batch is on the consumer side ([0, 1] float there).
 """
 from __future__ import annotations
@@ -19,11 +23,18 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
+
+try:  # pinned torchvision 0.29 has it (deprecated in favour of torchcodec); PIL if a later one drops it
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # pragma: no cover
+    decode_image = None
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -39,7 +50,18 @@ def decode(data: bytes, min_shorter_side: Optional[int] = None) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def to_chw_uint8(image: Image.Image) -> torch.Tensor:
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """uint8 [3, H, W] (RGB) from JPEG or PNG bytes."""
+    if decode_image is None:
+        return to_chw_uint8(decode(data))
+    with warnings.catch_warnings():  # 0.29 warns on every call; the pin keeps the API available
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def to_chw_uint8(image: "Image.Image | torch.Tensor") -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -49,24 +71,33 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Random square crop of f * shorter side, f ~ U(scale_min, 1), bicubic to S, flip p=0.5."""
+    """Random square crop of f * shorter side, f ~ U(scale_min, 1), bicubic to S, flip p=0.5.
 
-    def __init__(self, size: int, scale_min: float = 0.8, hflip: bool = True, draft: bool = True):
+    Works on uint8 CHW tensors (the loader's path) and on PIL images (same parameters)."""
+
+    def __init__(self, size: int, scale_min: float = 0.8, hflip: bool = True):
         if not 0 < scale_min <= 1:
             raise ValueError(f"crop_scale_min={scale_min}: must be in (0, 1]")
-        self.size, self.scale_min, self.hflip, self.draft = size, scale_min, hflip, draft
+        self.size, self.scale_min, self.hflip = size, scale_min, hflip
 
-    def decode(self, data: bytes) -> Image.Image:
-        return decode(data, math.ceil(self.size / self.scale_min) if self.draft else None)
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_tensor(data)
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
-        w, h = image.size
-        side = max(1, round(rng.uniform(self.scale_min, 1.0) * min(w, h)))
-        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-        out = image.resize((self.size, self.size), BICUBIC, box=(x, y, x + side, y + side))
-        if self.hflip and rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return out
+    def params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, bool]:
+        """(left, top, side, flip) of one draw."""
+        side = max(1, round(rng.uniform(self.scale_min, 1.0) * min(width, height)))
+        x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+        return x, y, side, self.hflip and rng.random() < 0.5
+
+    def __call__(self, image: "Image.Image | torch.Tensor", rng: random.Random) -> "Image.Image | torch.Tensor":
+        s = self.size
+        if isinstance(image, torch.Tensor):
+            x, y, side, flip = self.params(image.shape[-1], image.shape[-2], rng)
+            out = TF.resized_crop(image, y, x, side, side, [s, s], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            return out.flip(-1) if flip else out
+        x, y, side, flip = self.params(*image.size, rng)
+        out = image.resize((s, s), BICUBIC, box=(x, y, x + side, y + side))
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
 class EvalTransform:

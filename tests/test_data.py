@@ -228,6 +228,12 @@ def test_transforms_match_reference_arithmetic():
     out = TrainTransform(61, scale_min=1.0, hflip=False)(image, random.Random(0))
     offsets = [np.array_equal(np.asarray(out), np.asarray(image.crop((x, 0, x + 61, 61)))) for x in range(30)]
     assert out.size == (61, 61) and any(offsets)
+    # The loader's tensor path draws the same crop as the PIL path and matches it closely.
+    tf = TrainTransform(24)
+    data = jpeg(7, size=(60, 45))
+    as_pil = np.asarray(tf(decode(data), random.Random(1)), dtype=np.float32)
+    as_tensor = tf(tf.decode(data), random.Random(1)).permute(1, 2, 0).numpy().astype(np.float32)
+    assert as_tensor.shape == as_pil.shape == (24, 24, 3) and np.abs(as_tensor - as_pil).mean() < 3
     # Draft decoding never goes below the requested shorter side.
     big = jpeg(6, size=(400, 300))
     assert min(decode(big, 100).size) >= 100 and decode(big, 100).size != (400, 300)
