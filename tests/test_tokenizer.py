@@ -305,7 +305,8 @@ def test_config_errors_and_omegaconf():
     assert ResTok(cfg).num_tokens == 16
     for name in ("official-l", "tiny-fixture", "cpu-nano", "restok-s", "restok-b", "restok-l"):
         omegaconf.OmegaConf.structured(tokenizer_config_for(name)).levels  # noqa: B018
-        tokenizer_config_for(name).validate()
+        with torch.device("meta"):  # every preset builds (merging blocks fit the depth, ...)
+            ResTok(tokenizer_config_for(name))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path needs CUDA")

@@ -139,7 +139,7 @@ def _trunc_normal_init(module: nn.Module, std: float) -> None:
 
 
 def _level_params(n: int, width: int) -> nn.ParameterList:
-    return nn.ParameterList([nn.Parameter(width ** -0.5 * torch.randn(1, width)) for _ in range(n)])
+    return nn.ParameterList([nn.Parameter(torch.randn(1, width).mul_(width ** -0.5)) for _ in range(n)])
 
 
 class _LayoutCache:
@@ -172,7 +172,7 @@ class ResTokEncoder(nn.Module):
         self.conv_out = nn.ModuleList([nn.Conv2d(size.width, cfg.code_dim, 1) for _ in cfg.levels])
         if cfg.latent_init == "learned":
             self.latent_tokens = nn.Parameter(
-                size.width ** -0.5 * torch.randn(cfg.num_tokens, size.width))
+                torch.randn(cfg.num_tokens, size.width).mul_(size.width ** -0.5))
         self.merge_blocks = merging_blocks(size.depth, cfg.num_scales)
         self.latent_pool_grids = latent_grids(cfg.levels)
         for gh, gw in self.latent_pool_grids:
@@ -227,11 +227,9 @@ class ResTokEncoder(nn.Module):
         """ViT part: [B, h*w, W] image tokens and [B, N, W] initial latents -> final sequence
         [B, T, W] (coarsest ... finest image scales, latents; before ln_post)."""
         layouts = self.layouts(image_tokens.device)
-        lat_emb = torch.cat(list(self.latent_token_level_embedding), 0)
-        lat_ids = torch.repeat_interleave(
-            torch.arange(len(self.cfg.levels), device=lat_emb.device),
-            torch.tensor(self.cfg.levels, device=lat_emb.device))
-        x = torch.cat([image_tokens + self.level_embedding[0], latents + lat_emb[lat_ids]], 1)
+        lat_emb = torch.cat([e.expand(n, -1) for e, n in  # one row per latent token
+                             zip(self.latent_token_level_embedding, self.cfg.levels)])
+        x = torch.cat([image_tokens + self.level_embedding[0], latents + lat_emb], 1)
         x = self.ln_pre(x)
         for b, blk in enumerate(self.blocks):
             m = self.layout_of_block[b]
@@ -280,7 +278,9 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, codebook_size: int, code_dim: int, commitment: float):
         super().__init__()
-        self.embedding = nn.Embedding(codebook_size, code_dim)
+        # _weight skips Embedding's normal_ reset, which imports torch._dynamo on meta (slow).
+        self.embedding = nn.Embedding(codebook_size, code_dim,
+                                      _weight=torch.empty(codebook_size, code_dim))
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.commitment = commitment
 
@@ -314,10 +314,10 @@ class ResTokDecoder(nn.Module):
         super().__init__()
         size = vit_size(cfg.decoder_size)
         self.cfg, self.grid, self.width = cfg, grid, size.width
-        self.latent_mask_token = nn.Parameter(size.width ** -0.5 * torch.randn(1, 1, cfg.code_dim))
-        self.mask_token = nn.Parameter(size.width ** -0.5 * torch.randn(1, 1, size.width))
+        self.latent_mask_token = nn.Parameter(torch.randn(1, 1, cfg.code_dim).mul_(size.width ** -0.5))
+        self.mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width ** -0.5))
         if with_feat_tokens:
-            self.feat_mask_token = nn.Parameter(size.width ** -0.5 * torch.randn(1, 1, size.width))
+            self.feat_mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width ** -0.5))
         else:
             self.feat_mask_token = None
         self.ln_pre = nn.LayerNorm(size.width, eps=1e-5)
