@@ -194,14 +194,14 @@ def test_tiny_generator_overfits_and_samples_back(har):
     model = GPT(cfg)
     labels = torch.arange(4)
     codes = torch.randint(0, 16, (4, cfg.block_size), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     model.train()
-    for _ in range(300):
+    for _ in range(120):
         loss = torch.nn.functional.cross_entropy(model(labels, codes).flatten(0, 1), codes.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.02
+    assert loss.item() < 0.01
     res = sample(model, labels, cfg_scale=1.0, top_k=1)
     assert torch.equal(res.codes, codes)
     res = sample(model, labels, cfg_scale=1.5, temperature=0.5, top_p=0.5, generator=torch.Generator().manual_seed(0))

@@ -24,8 +24,9 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
 
 def rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
     """1-D RoPE over adjacent pairs: (length, head_dim/2, [cos, sin]); position p = layout index p."""
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    # Always computed on CPU (also under a meta-device context: tiny, and meta ops import slowly).
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), freqs)
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -155,11 +156,13 @@ class GPT(nn.Module):
         # Built once; positions are layout indices, +1 so a full vanilla [cls, t0..t_{N-1}] fits.
         self.register_buffer("rope", rope_table(self.block_size + 1, self.head_dim, cfg.rope_base),
                              persistent=False)
-        self.register_buffer("train_mask", self.layout.attention_mask() if cfg.har else None,
+        self.register_buffer("train_mask", self.layout.attention_mask("cpu") if cfg.har else None,
                              persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.head.weight.is_meta:  # shapes only (parameter counts, key listings): nothing to draw
+            return
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):

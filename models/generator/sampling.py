@@ -96,7 +96,7 @@ def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_sch
     """
     was_training = gpt.training
     gpt.eval()
-    labels = class_labels.to(gpt.head.weight.device).long()
+    labels = torch.as_tensor(class_labels).to(gpt.head.weight.device).long()
     b = labels.shape[0]
     use_cfg = cfg_scale > 1.0
     if use_cfg:
