@@ -94,8 +94,9 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
-        q = apply_rope(self.q_norm(q), layout.cos, layout.sin)
-        k = apply_rope(self.k_norm(k), layout.cos, layout.sin)
+        # Under autocast LayerNorm returns fp32; attention kernels want one dtype.
+        q = apply_rope(self.q_norm(q), layout.cos, layout.sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), layout.cos, layout.sin).to(v.dtype)
         if layout.block_mask is not None and x.is_cuda:
             out = _flex(q, k, v, layout.block_mask)
         else:
