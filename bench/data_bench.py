@@ -1,9 +1,11 @@
 """Data throughput: restok prep + WebDataset loaders vs a plain torchvision ImageFolder + DataLoader.
 
 Both sides read the same JPEGs (written as files for ImageFolder, as prep shards for ours) with
-the same transform objects (data_prep.transforms), the same batch size and worker count, in the
-same run. Ours may decode JPEGs in draft mode for training (see data_prep.transforms); the
-baseline uses ImageFolder's default PIL loader. Prints a table of images/s with the ratio.
+the same transform objects (data_prep.transforms: same crop draws, bicubic), the same batch size
+and worker count, in the same run. For training ours decodes with torchvision.io and crops /
+resizes uint8 tensors; the baseline uses ImageFolder's default PIL loader and the PIL path of
+the same TrainTransform. Evaluation is PIL on both sides. Prints images/s with the ratio.
+The write row compares prep (decode check + tar, Ray tasks) with plainly writing the files.
 
     python bench/data_bench.py --images 1000 --image-sizes 128,256 --workers 2
 """
