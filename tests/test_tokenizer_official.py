@@ -60,6 +60,7 @@ def test_structure_matches_json(fixture):
     assert [list(g) for g in model.encoder.latent_pool_grids] == d["latent_pooling_patch_sizes"]
     assert sum(p.numel() for p in model.parameters()) == meta["parameter_count_total"]
     assert list(model.state_dict()) == [k["key"] for k in meta["keys"]]
+    assert model.cfg == tokenizer_config_for("tiny-fixture")  # the named preset is this model
 
 
 def test_codes_exact(fixture):
