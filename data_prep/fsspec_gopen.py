@@ -7,9 +7,8 @@ loader pipeline get the handlers too. Registration only adds entries; it changes
 """
 from __future__ import annotations
 
-from typing import IO, Any
-
 import importlib
+from typing import IO, Any
 
 import fsspec
 

@@ -23,12 +23,11 @@ from typing import Any, Callable, Iterable, Optional
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from data_prep.shard_writer import DONE_DIR, ShardJob, existing_record, write_shard
+from data_prep.sources import make_source
 from pipeline import manifest as manifest_lib
 from pipeline import paths, storage
 from pipeline.stages import stage_fingerprint
-
-from data_prep.shard_writer import DONE_DIR, ShardJob, existing_record, write_shard
-from data_prep.sources import make_source
 
 STAGE = "prep"
 # Train samples are shuffled once, with this fixed seed, before sharding: ImageNet listings are

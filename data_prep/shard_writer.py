@@ -18,9 +18,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline import storage
-
 from data_prep.image_bytes import SkipImage, check_image
+from pipeline import storage
 
 DONE_DIR = "_done"
 

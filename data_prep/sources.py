@@ -25,9 +25,8 @@ import os
 import tarfile
 from typing import Any, Iterable, Iterator, Optional
 
-from pipeline import storage
-
 from data_prep import synthetic
+from pipeline import storage
 
 SampleRef = tuple  # (key: str, cls: int, locator: Any)
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")

@@ -288,8 +288,8 @@ def test_failed_run_resumes_without_rewriting(monkeypatch):
 
 @pytest.mark.slow
 def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
-    from pipeline.tracking import client_for, start_run
     from pipeline.paths import tracking_uri
+    from pipeline.tracking import client_for, start_run
 
     for layout in ("folders", "flat"):
         root = tmp_path / layout
