@@ -20,11 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.generator import GPT, official_generator_config, official_sampling_config, sample  # noqa: E402
-from models.generator.gpt import rope_table  # noqa: E402
+from models.generator import (
+    GPT,
+    official_generator_config,
+    official_sampling_config,
+    sample,
+)
+from models.generator.gpt import rope_table
 
-PRESETS = {"tiny": dict(size="tiny", vocab_size=64, levels=[1, 1, 2, 4, 8, 16]),
-           "L": dict(size="L", vocab_size=8192, levels=[1, 1, 2, 4, 8, 16, 32, 64])}
+PRESETS = {"tiny": {"size": "tiny", "vocab_size": 64, "levels": [1, 1, 2, 4, 8, 16]},
+           "L": {"size": "L", "vocab_size": 8192, "levels": [1, 1, 2, 4, 8, 16, 32, 64]}}
 
 
 def build_pair(preset: str, device: str, dtype: torch.dtype):

@@ -4,8 +4,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.generator import (GPT, GeneratorConfig, build_layout, cfg_value, ffn_hidden_dim,
-                              filter_logits, har_groups, official_generator_config, sample)
+from models.generator import (
+    GPT,
+    GeneratorConfig,
+    build_layout,
+    cfg_value,
+    ffn_hidden_dim,
+    filter_logits,
+    har_groups,
+    official_generator_config,
+    sample,
+)
 from models.generator.layout import CLS, CODE, SPECIAL
 from models.generator.official import StateDictMismatchError, load_state_dict_checked
 
@@ -157,7 +166,7 @@ def test_forward_pass_counts_for_128_tokens(har, passes):
 def test_seeded_sampling_is_reproducible():
     model = random_model(tiny_cfg())
     labels = torch.tensor([1, 2, 3])
-    kw = dict(cfg_scale=2.0, cfg_schedule="linear", temperature=1.3, top_k=20, top_p=0.9)
+    kw = {"cfg_scale": 2.0, "cfg_schedule": "linear", "temperature": 1.3, "top_k": 20, "top_p": 0.9}
     a = sample(model, labels, generator=torch.Generator().manual_seed(11), **kw).codes
     b = sample(model, labels, generator=torch.Generator().manual_seed(11), **kw).codes
     c = sample(model, labels, generator=torch.Generator().manual_seed(12), **kw).codes

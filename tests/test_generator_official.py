@@ -13,8 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from models.generator import GPT, official_generator_config, sample
-from models.generator.official import (StateDictMismatchError, convert_official_state_dict,
-                                       load_official_generator, read_checkpoint)
+from models.generator.official import (
+    StateDictMismatchError,
+    convert_official_state_dict,
+    load_official_generator,
+    read_checkpoint,
+)
 from models.registry import GPT_SIZES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -43,9 +47,10 @@ def _config(meta: dict, vanilla: bool):
 def _sampler_kwargs(spec: dict) -> dict:
     kw = spec["kw"]
     sched = kw.get("cfg_schedule_kwargs", {})
-    return dict(cfg_scale=kw["cfg_scale"], cfg_schedule=kw["cfg_schedule"],
-                start_ratio=sched.get("window_start", 0.0), min_cfg_scale=sched.get("min_cfg_scale", 1.0),
-                temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"], release_cfg_floor=True)
+    return {"cfg_scale": kw["cfg_scale"], "cfg_schedule": kw["cfg_schedule"],
+            "start_ratio": sched.get("window_start", 0.0), "min_cfg_scale": sched.get("min_cfg_scale", 1.0),
+            "temperature": kw["temperature"], "top_k": kw["top_k"], "top_p": kw["top_p"],
+            "release_cfg_floor": True}
 
 
 def _seed(spec: dict) -> int:

@@ -5,7 +5,6 @@ set by `official_generator_config` / `official_sampling_config`. Width/depth/hea
 models.registry.GPT_SIZES via `size`.
 """
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 # SPEC "HAR generator": ResTok-L emits 128 tokens in levels [1,1,2,4,8,16,32,64]; 4 next-token steps.
 RESTOK_L_LEVELS = [1, 1, 2, 4, 8, 16, 32, 64]
@@ -38,7 +37,7 @@ class GeneratorConfig:
     har_group_order: str = "real_first"
     # Rows of the mask-token table. None = exactly the rows the layout reads (63 for 128 tokens);
     # the release allocates block_size - 1 rows (127) of which only 63 are ever read (quirk 16).
-    special_rows: Optional[int] = None
+    special_rows: int | None = None
 
     @property
     def block_size(self) -> int:
@@ -61,7 +60,7 @@ class SamplingConfig:
 
 
 def official_generator_config(vanilla: bool = False, size: str = "L", *, vocab_size: int = 8192,
-                              levels: Optional[list[int]] = None, ar_tokens: int = 4,
+                              levels: list[int] | None = None, ar_tokens: int = 4,
                               num_classes: int = 1000) -> GeneratorConfig:
     """The release's generator (HAR-L or vanilla GPT-L by default) with its quirks switched on."""
     levels = list(RESTOK_L_LEVELS if levels is None else levels)

@@ -5,7 +5,6 @@ mask-token table exists. Training: `gpt(class_labels, codes) -> logits (B, N, V)
 predicts codes[:, j]. Decoding with a KV cache: `gpt.decode_step(...)` (used by sampling.sample).
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +79,8 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
-    def forward(self, x, rope, mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None, start: int = 0):
+    def forward(self, x, rope, mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         q = apply_rope(q, rope).transpose(1, 2)
@@ -141,7 +140,7 @@ class GPT(nn.Module):
 
         self.class_embed = nn.Embedding(cfg.num_classes + 1, size.dim)  # last row = null class
         self.token_embed = nn.Embedding(cfg.vocab_size, size.dim)
-        self.mask_token_embed: Optional[nn.Embedding] = None
+        self.mask_token_embed: nn.Embedding | None = None
         if cfg.har:
             used = self.layout.special_rows_used
             rows = used if cfg.special_rows is None else cfg.special_rows
@@ -205,7 +204,7 @@ class GPT(nn.Module):
         return torch.cat([self.embed_step(class_labels, codes, s) for s in self.layout.steps], dim=1)
 
     # ---- forward passes ---------------------------------------------------------------------
-    def _trunk(self, h, start, mask=None, is_causal=False, cache: Optional[KVCache] = None):
+    def _trunk(self, h, start, mask=None, is_causal=False, cache: KVCache | None = None):
         rope = self.rope[start:start + h.shape[1]]
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
@@ -222,7 +221,7 @@ class GPT(nn.Module):
             return self._trunk(h, 0, mask=self.train_mask)
         return self._trunk(h, 0, is_causal=True)
 
-    def forward_embeddings(self, h: torch.Tensor, start: int = 0, mask: Optional[torch.Tensor] = None,
+    def forward_embeddings(self, h: torch.Tensor, start: int = 0, mask: torch.Tensor | None = None,
                            is_causal: bool = False) -> torch.Tensor:
         """Logits of arbitrary input embeddings at positions start.. (e.g. vanilla [cls, t0..t_{N-1}])."""
         return self._trunk(h, start, mask, is_causal)

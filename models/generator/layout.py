@@ -14,7 +14,6 @@ The sampler walks the same layout: one forward pass per step (`Layout.steps`), f
 embeddings the training layout has at those positions, so training and sampling never disagree.
 """
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ class Step:
     code_hi: int
     special_lo: int
     special_hi: int
-    perm: Optional[tuple[int, ...]] = None
+    perm: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ Every release key maps one-to-one; no tensor is reshaped. A mismatch raises Stat
 whose message is one line listing missing, unexpected and mis-shaped keys.
 """
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
 
 import torch
 
@@ -36,7 +36,7 @@ class StateDictMismatchError(ValueError):
     """One-line report of missing / unexpected / mis-shaped keys."""
 
 
-def official_key_to_ours(key: str) -> Optional[str]:
+def official_key_to_ours(key: str) -> str | None:
     for pattern, repl in OFFICIAL_KEY_RULES:
         if re.match(pattern, key):
             return re.sub(pattern, repl, key)
@@ -115,7 +115,7 @@ def load_state_dict_checked(model: GPT, state: Mapping[str, torch.Tensor]) -> GP
 
 
 def infer_official_config(state: Mapping[str, object], vanilla: bool = False,
-                          levels: Optional[list[int]] = None, ar_tokens: int = 4) -> GeneratorConfig:
+                          levels: list[int] | None = None, ar_tokens: int = 4) -> GeneratorConfig:
     """Size, vocabulary and class count from tensor shapes; levels must come from the tokenizer
     (default ResTok-L's), and must agree with the release's block_size - 1 special rows."""
     state = unwrap_checkpoint(state)
@@ -134,7 +134,7 @@ def infer_official_config(state: Mapping[str, object], vanilla: bool = False,
     return cfg
 
 
-def read_checkpoint(path: Union[str, Path]) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
     """safetensors, or a torch file loaded with weights_only=True (refuses arbitrary pickles)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -147,9 +147,9 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_official_generator(path: Union[str, Path, Mapping], vanilla: bool = False,
-                            levels: Optional[list[int]] = None, ar_tokens: int = 4,
-                            cfg: Optional[GeneratorConfig] = None) -> tuple[GPT, GeneratorConfig]:
+def load_official_generator(path: str | Path | Mapping, vanilla: bool = False,
+                            levels: list[int] | None = None, ar_tokens: int = 4,
+                            cfg: GeneratorConfig | None = None) -> tuple[GPT, GeneratorConfig]:
     """Build our GPT from a release checkpoint (file path or state dict) in eval mode."""
     state = read_checkpoint(path) if isinstance(path, (str, Path)) else dict(path)
     cfg = cfg or infer_official_config(state, vanilla, levels, ar_tokens)

@@ -9,7 +9,6 @@ order, so `torch.manual_seed(s)` before the call reproduces the release's stocha
 """
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -62,7 +61,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def draw(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, n, V) -> codes (B, n). One multinomial over (B*n, V), batch-major (quirk 18)."""
     b, n, v = logits.shape
     flat = logits.reshape(b * n, v) / max(temperature, 1e-5)
@@ -86,7 +85,7 @@ def _kv_cache(gpt: GPT, batch: int) -> KVCache:
 @torch.inference_mode()
 def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
            start_ratio: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None, *, min_cfg_scale: float = 1.0,
+           generator: torch.Generator | None = None, *, min_cfg_scale: float = 1.0,
            release_cfg_floor: bool = False, record_logits: bool = False,
            synchronize: bool = True) -> SampleResult:
     """Sample codes (B, N) for class_labels (B,). HAR or vanilla follows gpt.cfg.har.
