@@ -87,6 +87,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _read_in_plan_order(source: Any, refs: list) -> Any:
+    """(ref, bytes) in plan order; file-backed sources are read in storage order first.
+
+    Train plans are shuffled (prepare.TRAIN_ORDER_SEED), so plan order jumps across class tars;
+    reading in locality order keeps every tar read forward-only. Holds one shard's bytes."""
+    locality = getattr(source, "locality_key", None)
+    if locality is None:
+        yield from source.read(refs)
+        return
+    order = sorted(range(len(refs)), key=lambda i: locality(refs[i]))
+    data = [b""] * len(refs)
+    for i, (_, blob) in zip(order, source.read([refs[i] for i in order])):
+        data[i] = blob
+    yield from zip(refs, data)
+
+
 def existing_record(job: ShardJob) -> Optional[dict[str, Any]]:
     """The done record when the shard is complete for this plan and fingerprint, else None."""
     record = storage.read_json(job.done_url)
@@ -106,7 +122,7 @@ def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
     with storage.atomic_open(job.url, "wb") as fh:
         writer = _HashingWriter(fh)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            for (key, cls, _), data in source.read(job.refs):
+            for (key, cls, _), data in _read_in_plan_order(source, job.refs):
                 try:
                     image = check_image(data, source.native_ext, job.resize, job.jpeg_quality)
                 except SkipImage as skip:

@@ -3,7 +3,8 @@
 A source is a small picklable object (root URLs and settings only; Ray tasks receive it).
 `sample_refs(split)` returns the split's deterministic sample list of refs `(key, class index,
 locator)`; `read(refs)` yields `(ref, image bytes)` in the same order, reading a contiguous run
-efficiently. Prep cuts the list into shards before anything is written, so a rerun or a single
+efficiently. Sources backed by files define `locality_key(ref)`: the shard writer reads a
+shard's refs in that order (forward through each tar) and writes them in plan order. Prep cuts the list into shards before anything is written, so a rerun or a single
 task can regenerate any shard alone.
 
 Sources:
@@ -33,6 +34,10 @@ IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 VAL_CSV = "LOC_val_solution.csv"
+# Members closer than this (header to header) are reached by streaming through the gap rather
+# than by a new seek: one ImageNet JPEG is ~110 KiB, so a few skipped members cost less than a
+# round trip to an object store.
+MAX_STREAM_GAP = 4 << 20
 
 
 class SourceError(ValueError):
@@ -149,6 +154,10 @@ class ImageNetFolderSource(_ImageNetBase):
                 refs.append((key, self.class_index(labels[key], p), p))
         return refs
 
+    @staticmethod
+    def locality_key(ref: SampleRef) -> str:
+        return ref[2]
+
     def read(self, refs: Iterable[SampleRef]) -> Iterator[tuple[SampleRef, bytes]]:
         fs, _ = self._fs()
         for ref in refs:
@@ -195,6 +204,10 @@ class ImageNetTarSource(_ImageNetBase):
     """Locator of a sample: (tar URL, absolute header offset, end of its enclosing tar, member name)."""
 
     name = "imagenet_tar"
+
+    @staticmethod
+    def locality_key(ref: SampleRef) -> tuple:
+        return ref[2][0], ref[2][1]
 
     def _tar_url(self, split: str) -> str:
         return storage.join(self.root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar"))
@@ -250,7 +263,8 @@ class ImageNetTarSource(_ImageNetBase):
             while i < len(refs):
                 url, start, end, _ = refs[i][2]
                 j = i + 1
-                while j < len(refs) and refs[j][2][0] == url and refs[j][2][2] == end and refs[j][2][1] > refs[j - 1][2][1]:
+                while (j < len(refs) and refs[j][2][0] == url and refs[j][2][2] == end
+                       and 0 < refs[j][2][1] - refs[j - 1][2][1] <= MAX_STREAM_GAP):
                     j += 1
                 if url not in handles:
                     fs, path = storage.filesystem(url)
