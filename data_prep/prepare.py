@@ -126,11 +126,12 @@ def _absolute(url: str) -> str:
 
 
 def summarise(cfg: Any, source: Any, shards_url: str, records: list[dict]) -> dict[str, Any]:
-    splits: dict[str, Any] = {}
+    empty = lambda: {"shards": [], "total": 0, "planned": 0, "skipped": {}, "converted": {}}  # noqa: E731
+    splits: dict[str, Any] = {split: empty() for split in cfg.data.splits}  # an empty split is listed too
     skipped_keys: dict[str, dict[str, list[str]]] = {}
     converted_keys: dict[str, dict[str, list[str]]] = {}
     for rec in sorted(records, key=lambda r: (r["split"], r["index"])):
-        s = splits.setdefault(rec["split"], {"shards": [], "total": 0, "planned": 0, "skipped": {}, "converted": {}})
+        s = splits.setdefault(rec["split"], empty())
         s["shards"].append({k: rec[k] for k in ("shard", "count", "sha256", "bytes")})
         s["total"] += rec["count"]
         s["planned"] += rec["planned"]
@@ -179,7 +180,7 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     if todo:  # start Ray before the clock, so images/s measures writing
         executor = _thread_executor if shards_url.startswith("memory://") else _ray_executor(cfg)
     start = time.perf_counter()
-    with tqdm(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1) as bar:
+    with tqdm(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1, mininterval=1.0) as bar:
         def on_done(record: dict) -> None:
             records.append(record)
             bar.update(record["planned"])
