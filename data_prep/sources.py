@@ -38,6 +38,8 @@ VAL_CSV = "LOC_val_solution.csv"
 # than by a new seek: one ImageNet JPEG is ~110 KiB, so a few skipped members cost less than a
 # round trip to an object store.
 MAX_STREAM_GAP = 4 << 20
+# Listing seeks from header to header; small read blocks keep object-store range requests small.
+HEADER_SCAN_BLOCK = 64 << 10
 
 
 class SourceError(ValueError):
@@ -224,7 +226,7 @@ class ImageNetTarSource(_ImageNetBase):
         fs, path = storage.filesystem(url)
         if not fs.exists(path):
             return []
-        with fs.open(path, "rb") as fh:
+        with fs.open(path, "rb", block_size=HEADER_SCAN_BLOCK) as fh:
             return [sample_key(m.name) for m in self._class_tars(fh, url)]
 
     def sample_refs(self, split: str) -> list[SampleRef]:
@@ -233,7 +235,7 @@ class ImageNetTarSource(_ImageNetBase):
         if not fs.exists(path):
             raise SourceError(f"{url}: tar not found")
         refs: list[SampleRef] = []
-        with fs.open(path, "rb") as fh:
+        with fs.open(path, "rb", block_size=HEADER_SCAN_BLOCK) as fh:
             if split == "train":
                 for outer in self._class_tars(fh, url):
                     cls = self.class_index(sample_key(outer.name), f"{url}:{outer.name}")
