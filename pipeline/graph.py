@@ -37,7 +37,7 @@ _SUMMARY_METRICS = 5
 # Shown first in the summary when a manifest has them (the protocol's headline numbers).
 _HEADLINE = ("rfid", "gfid", "fd_probe_recon", "fd_probe_gen", "probe_class_consistency",
              "probe_recon_class_consistency", "inception_score", "psnr", "loss", "mse",
-             "codebook_usage", "num_images", "num_codes")
+             "codebook_usage", "train_images", "val_images", "train_count", "num_images", "num_codes")
 
 
 @dataclass
@@ -98,6 +98,13 @@ def key_metrics(manifest: Mapping[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     sources = [manifest.get(k) for k in ("metrics", "final_metrics")]
     sources.append({k: v for k, v in manifest.items() if k not in _BOOKKEEPING})
+    # Per-split sizes: prep's splits.<split>.total, extract_codes' counts.<split>.
+    splits = manifest.get("splits")
+    if isinstance(splits, Mapping):
+        sources.insert(0, {f"{k}_images": v.get("total") for k, v in splits.items() if isinstance(v, Mapping)})
+    counts = manifest.get("counts")
+    if isinstance(counts, Mapping):
+        sources.insert(0, {f"{k}_count": v for k, v in counts.items()})
     for source in sources:
         if isinstance(source, Mapping):
             for k, v in source.items():

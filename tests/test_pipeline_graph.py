@@ -185,6 +185,8 @@ def test_key_metrics_and_table():
     assert key_metrics({"metrics": {"rfid": 1.5, "note": "x", "ok": True}}) == {"rfid": 1.5}
     assert key_metrics({"version": 1, "num_images": 10, "files": []}) == {"num_images": 10.0}
     assert list(key_metrics({"steps_done": 3, "final_metrics": {"loss": 0.1}})) == ["loss", "steps_done"]
+    assert key_metrics({"splits": {"train": {"total": 20, "shards": []}}, "counts": {"train": 40}}) == {
+        "train_count": 40.0, "train_images": 20.0}
     table = summary_table([StageResult("prep", "skipped", 0.2, metrics={"n": 3.0}),
                            StageResult("evaluate", "not run")])
     lines = table.splitlines()
