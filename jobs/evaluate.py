@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -175,17 +176,25 @@ class EvalWorker:
 
 
 class EvalPool:
-    """`num_actors` EvalWorker actors (1 CPU each, or a GPU share with cluster.use_gpu)."""
+    """`num_actors` EvalWorker actors (1 CPU each, or a GPU share with cluster.use_gpu), reserved
+    together in one placement group: all or nothing, so two pools (e.g. two sweep chains) never
+    each hold half of a small cluster and wait on each other."""
 
     def __init__(self, cfg: Any, num_actors: int):
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from jobs.ray_training import ensure_ray
 
         ensure_ray(cfg)
         use_gpu = bool(cfg.cluster.use_gpu)
-        remote = ray.remote(num_cpus=1, num_gpus=(1.0 / num_actors if use_gpu else 0))(EvalWorker)
-        self.actors = [remote.remote(pick_device(use_gpu)) for _ in range(num_actors)]
+        gpus = 1.0 / num_actors if use_gpu else 0
+        self.group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK")
+        ray.get(self.group.ready())
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
+        self.actors = [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=i)).remote(pick_device(use_gpu)) for i in range(num_actors)]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     @property
@@ -212,8 +221,11 @@ class EvalPool:
         import ray
 
         if ray.is_initialized():
+            from ray.util.placement_group import remove_placement_group
+
             for actor in self.actors:
                 ray.kill(actor)
+            remove_placement_group(self.group)
         self.actors = []
 
 
@@ -231,11 +243,28 @@ def get_pool(cfg: Any) -> EvalPool:
     return _POOL
 
 
-def close_pool() -> None:
+_POOL_HOLDS = 0  # > 0 while a caller (e.g. a sweep) keeps the pool across several evaluations
+
+
+def close_pool(force: bool = False) -> None:
+    """End the pool's actors, unless held by `shared_pool()` (then the holder closes it)."""
     global _POOL
-    if _POOL is not None:
+    if _POOL is not None and (force or _POOL_HOLDS == 0):
         _POOL.close()
         _POOL = None
+
+
+@contextmanager
+def shared_pool() -> Iterator[None]:
+    """Keep one pool (its processes and loaded networks) across the evaluations inside."""
+    global _POOL_HOLDS
+    _POOL_HOLDS += 1
+    try:
+        yield
+    finally:
+        _POOL_HOLDS -= 1
+        if _POOL_HOLDS == 0:
+            close_pool()
 
 
 def lpips_availability(vgg_weights: str) -> str:
@@ -307,7 +336,13 @@ def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
     if str(cfg.eval.feature_net) == "probe":
         probe = ensure_probe_for(cfg)
         return feature_spec(cfg, probe["path"]), probe
-    return feature_spec(cfg), {}
+    if str(cfg.eval.feature_net) != "inception":
+        raise ValueError(f"eval.feature_net={cfg.eval.feature_net!r}; valid: ['inception', 'probe']")
+    from jobs.metrics.inception import resolve_weights
+
+    # Resolved (and downloaded when online) once in the driver: a missing file is one line here,
+    # not a traceback from every actor.
+    return {**feature_spec(cfg), "weights": resolve_weights(str(cfg.eval.inception_weights))}, {}
 
 
 # ---- reconstruction --------------------------------------------------------------------------------

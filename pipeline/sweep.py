@@ -5,7 +5,8 @@ config.yaml) the sweep builds a work directory `<work>/sweeps/<id>/ckpt-<i>` tha
 parent's image shards and MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
 then runs the chain extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
-on a local 2-core Ray one at a time, since each stage already fans out on Ray itself). The probe
+on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small
+cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does not). The probe
 and its reference statistics are made once in the parent and shared, so FD-probe numbers of all
 checkpoints are in the same feature space.
 
@@ -104,8 +105,12 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: Optional[dict] = None
     """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
     from configs.loading import from_yaml_text
 
+    from jobs.evaluate import close_pool
+
     child = from_yaml_text(child_yaml)
     stages = stages or default_stages()
+    # The eval pool reserves CPUs; extraction and Ray Train need them (a 2-core local Ray deadlocks otherwise).
+    close_pool(force=True)
     for name in ("extract_codes", "train_generator"):
         stages[name](child, parent_run_id=parent_run_id)
     manifest = stages["evaluate"](child, parent_run_id=parent_run_id)
@@ -127,16 +132,13 @@ def sweep(cfg: Any, checkpoints: Sequence[str], stages: Optional[dict] = None) -
     sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
     kind = str(cfg.eval.feature_net)
     uri = paths.tracking_uri(cfg)
-    with tracking.stage_run(cfg, "sweep") as parent:
+    with tracking.stage_run(cfg, "sweep") as parent, evaluate.shared_pool():
         shared: dict = {"reference_stats": str(cfg.eval.reference_stats)}
-        try:  # one probe and one probe reference for every checkpoint
-            if kind == "probe":
-                spec, probe = evaluate.resolved_feature_spec(cfg)
-                shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
-                if not shared["reference_stats"]:
-                    shared["reference_stats"] = evaluate.reference_for_gen(cfg, spec, probe)[1]
-        finally:
-            evaluate.close_pool()
+        if kind == "probe":  # one probe and one probe reference for every checkpoint
+            spec, probe = evaluate.resolved_feature_spec(cfg)
+            shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
+            if not shared["reference_stats"]:
+                shared["reference_stats"] = evaluate.reference_for_gen(cfg, spec, probe)[1]
         children = []
         for i, ckpt in enumerate(checkpoints):
             child = child_config(cfg, ckpt, i, sweep_dir, shared)
@@ -176,14 +178,16 @@ def sweep(cfg: Any, checkpoints: Sequence[str], stages: Optional[dict] = None) -
 
 def _run_chains(cfg: Any, children: list[str], parent: str, stages: Optional[dict]) -> list[dict]:
     parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
-    if parallel <= 1 or stages is not None:
+    if parallel <= 1:
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
         return [run_chain(child, parent, stages) for child in children]
     import ray
 
+    from jobs.evaluate import close_pool
     from jobs.ray_training import ensure_ray
 
     ensure_ray(cfg)
+    close_pool(force=True)  # the chains' tasks make their own pools: free the driver's CPUs
     # num_cpus=0: the task only orchestrates; its stages ask Ray for their own workers.
     remote = ray.remote(num_cpus=0, max_retries=0)(run_chain)
     pending, results = list(enumerate(children)), {}
@@ -191,7 +195,7 @@ def _run_chains(cfg: Any, children: list[str], parent: str, stages: Optional[dic
     while pending or running:
         while pending and len(running) < parallel:
             i, child = pending.pop(0)
-            running[remote.remote(child, parent)] = i
+            running[remote.remote(child, parent, stages)] = i
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             results[running.pop(ref)] = ray.get(ref)
