@@ -134,6 +134,7 @@ class EvalWorker:
         from jobs.metrics.image_quality import psnr, ssim, to_uint8
 
         tokenizer, net = self.tokenizer(tokenizer_url), self.feature_net(spec)
+        image_size = int(getattr(tokenizer.cfg, "image_size", image_size))  # the tokenizer's own resolution
         lpips = self.lpips(lpips_weights) if lpips_status == "computed" else None
         full = tokenizer.num_tokens
         lengths = [int(k) for k in keep_lengths if 1 <= int(k) < full]

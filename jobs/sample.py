@@ -53,14 +53,14 @@ def read_shard(url: str) -> Iterator[tuple[str, bytes, int]]:
             yield key, image, label
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: Optional[int]) -> np.ndarray:
     """Encoded image -> uint8 HWC RGB at size x size: shorter side bicubic to `size`, centre crop
-    (SPEC "rFID": the val protocol). Already-square images of that size are left untouched."""
+    (SPEC "rFID": the val protocol). Images already of that size, or size None, are left untouched."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
-    if (w, h) != (size, size):
+    if size is not None and (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((nw, nh), Image.BICUBIC)
@@ -197,14 +197,14 @@ def sample_slice(tokenizer: Any, generator: Any, device: str, rank: int, start: 
             "forward_passes_per_batch": passes / num_batches}
 
 
-def write_npz(out_url: str, shard_urls: list[str], size: int) -> tuple[str, list[int]]:
-    """ADM-style samples.npz: arr_0 [N, H, W, 3] uint8 (sample order), arr_1 [N] labels."""
+def write_npz(out_url: str, shard_urls: list[str]) -> tuple[str, list[int]]:
+    """ADM-style samples.npz: arr_0 [N, H, W, 3] uint8 (sample order, as generated), arr_1 [N] labels."""
     images, labels = [], []
     for url in shard_urls:
         for _, data, label in read_shard(url):
-            images.append(decode_image(data, size))
+            images.append(decode_image(data, None))
             labels.append(label)
-    arr = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    arr = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
     url = storage.join(out_url, SAMPLES_NPZ)
     with storage.atomic_open(url, "wb") as fh:
         np.savez(fh, arr_0=arr, arr_1=np.asarray(labels, np.int64))
@@ -248,8 +248,7 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
     world = pool.size
     seconds = time.time() - t0
     shard_names = [s["name"] for r in sorted(results, key=lambda r: r["rank"]) for s in r["shards"]]
-    npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names],
-                                   int(cfg.data.image_size))
+    npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names])
     manifest = {"complete": True, "fingerprint": fp, "request": request, "num_samples": int(len(labels)),
                 "num_actors": world, "shards": shard_names,
                 "shard_sha256": {s["name"]: s["sha256"] for r in results for s in r["shards"]},
