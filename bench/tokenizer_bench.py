@@ -50,6 +50,7 @@ def _peak_gib(device) -> float:
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
+    """Train-mode forward+backward (MSE + VQ, all tokens kept) then eval encode/decode."""
     cfg = tokenizer_config_for(name)
     model = ResTok(cfg).to(device).train()
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
@@ -63,18 +64,25 @@ def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
         model.zero_grad(set_to_none=True)
 
     flops = FlopCounterMode(display=False)
+    t = time.perf_counter()
     with flops:
-        step()  # also the first warm-up step
+        step()  # counts FLOPs; a warm-up step, or the only timed step when warmup == 0
+    _sync(device)
+    first_s = time.perf_counter() - t
     for _ in range(max(warmup - 1, 0)):
         step()
+    if warmup == 0:
+        step_s, steps = first_s, steps - 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    step_s = (time.perf_counter() - t) / steps
+    if steps > 0:
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        timed = (time.perf_counter() - t) / steps
+        step_s = timed if warmup else (first_s + timed * steps) / (steps + 1)
     peak = _peak_gib(device)
     model.eval()
     with torch.no_grad(), autocast:
@@ -99,7 +107,9 @@ def main(argv=None):
     ap.add_argument("--presets", default="tiny-fixture,official-l")
     ap.add_argument("--batch", default=None, help="comma list per preset (default cpu 4,1; cuda 32,8)")
     ap.add_argument("--steps", default=None, help="timed steps per preset (default cpu 3,1; cuda 10,5)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", default=None,
+                    help="warm-up steps per preset (default cpu 1,0: L is timed on its first step; "
+                         "cuda 3,3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fp32", action="store_true", help="on cuda: no bf16 autocast")
     args = ap.parse_args(argv)
@@ -110,13 +120,14 @@ def main(argv=None):
     cuda = device.type == "cuda"
     batches = [int(b) for b in (args.batch or ("32,8" if cuda else "4,1")).split(",")]
     steps = [int(s) for s in (args.steps or ("10,5" if cuda else "3,1")).split(",")]
+    warmups = [int(w) for w in (args.warmup or ("3,3" if cuda else "1,0")).split(",")]
     pad = lambda xs: (xs + [xs[-1]] * len(presets))[: len(presets)]  # noqa: E731
     amp = torch.bfloat16 if cuda and not args.fp32 else None
     peak = measured_matmul_peak(device, amp or torch.float32)
     print(f"device {device}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if amp else 'fp32'}, measured matmul peak {peak / 1e12:.2f} TFLOP/s")
-    rows = [bench(p, b, s, args.warmup, device, amp)
-            for p, b, s in zip(presets, pad(batches), pad(steps))]
+    rows = [bench(p, b, s, w, device, amp)
+            for p, b, s, w in zip(presets, pad(batches), pad(steps), pad(warmups))]
     head = (f"{'preset':14s} {'B':>3s} {'params M':>9s} {'step s':>8s} {'img/s':>8s} "
             f"{'GFLOP':>9s} {'MFU %':>6s} {'peak GiB':>8s} {'enc s':>7s} {'dec s':>7s}  vs authors")
     print(head)

@@ -334,7 +334,7 @@ def test_cpu_nano_overfits_a_few_images():
     images = F.interpolate(torch.rand(4, 3, 4, 4, generator=g), size=cfg.image_size,
                            mode="bilinear", align_corners=False)
     mean_image_mse = F.mse_loss(images.mean(0, keepdim=True).expand_as(images), images).item()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
 
     def eval_mse():
         model.eval()
