@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.tokenizer import ResTok, tokenizer_config_for  # noqa: E402
+from models.tokenizer import ResTok, tokenizer_config_for
 
 AUTHORS_CPU = {"official-l": {"step_s": 17.8, "peak_gib": 8.5, "encode_s": 2.55, "decode_s": 2.27}}
 
@@ -121,7 +121,7 @@ def main(argv=None):
     batches = [int(b) for b in (args.batch or ("32,8" if cuda else "4,1")).split(",")]
     steps = [int(s) for s in (args.steps or ("10,5" if cuda else "3,1")).split(",")]
     warmups = [int(w) for w in (args.warmup or ("3,3" if cuda else "1,0")).split(",")]
-    pad = lambda xs: (xs + [xs[-1]] * len(presets))[: len(presets)]  # noqa: E731
+    pad = lambda xs: (xs + [xs[-1]] * len(presets))[: len(presets)]
     amp = torch.bfloat16 if cuda and not args.fp32 else None
     peak = measured_matmul_peak(device, amp or torch.float32)
     print(f"device {device}, threads {torch.get_num_threads()}, "

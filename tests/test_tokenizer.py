@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 from models.tokenizer import ResTok, TokenizerConfig, tokenizer_config_for
 from models.tokenizer.config import official_tokenizer_config
-from models.tokenizer.restok import (encoder_layouts, latent_grids, merge_grid, merging_blocks,
-                                     nested_keep_distribution, scale_grids)
+from models.tokenizer.restok import (
+    encoder_layouts,
+    latent_grids,
+    merge_grid,
+    merging_blocks,
+    nested_keep_distribution,
+    scale_grids,
+)
 from models.tokenizer.vit import rope_angles
 
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from models.tokenizer import ResTok, tokenizer_config_for
-from models.tokenizer.official import convert_official_state_dict, tokenizer_config_from_official
+from models.tokenizer.official import (
+    convert_official_state_dict,
+    tokenizer_config_from_official,
+)
 
 safetensors = pytest.importorskip("safetensors.torch")
 
@@ -64,7 +67,7 @@ def test_structure_matches_json(fixture):
 
 
 def test_codes_exact(fixture):
-    _, model, io, _, info = fixture
+    _, _, io, _, info = fixture
     stored = io["codes"].reshape(info["codes"].shape)
     assert info["codes"].dtype == torch.long
     assert torch.equal(info["codes"], stored)

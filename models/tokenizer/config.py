@@ -145,4 +145,4 @@ def tokenizer_config_for(name: str) -> TokenizerConfig:
     return presets[name]()
 
 
-__all__ = ["TokenizerConfig", "official_tokenizer_config", "tokenizer_config_for", "levels_for"]
+__all__ = ["TokenizerConfig", "levels_for", "official_tokenizer_config", "tokenizer_config_for"]

@@ -8,7 +8,11 @@ from collections.abc import Mapping
 
 import torch
 
-from models.tokenizer.config import TokenizerConfig, levels_for, official_tokenizer_config
+from models.tokenizer.config import (
+    TokenizerConfig,
+    levels_for,
+    official_tokenizer_config,
+)
 
 # Wrappers a training checkpoint may nest the weights under, tried in this order.
 _WRAPPERS = ("state_dict", "model", "module")

@@ -4,8 +4,8 @@ Module names follow the release so its weights load by name. 3x3 convs use the c
 padding (no separate pad copy, SPEC "Speed").
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

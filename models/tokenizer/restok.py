@@ -3,16 +3,22 @@
 Module and parameter names equal the release's, so its state dict maps by identity
 (models/tokenizer/official.py checks it). Release quirks are config switches (config.py).
 """
+import functools
 import math
 from dataclasses import asdict, fields, is_dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from models.registry import vit_size
 from models.tokenizer.config import TokenizerConfig
-from models.tokenizer.pixel_cnn import IMAGENET_MEAN, IMAGENET_STD, PixelDecoder, PixelEncoder
+from models.tokenizer.pixel_cnn import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PixelDecoder,
+    PixelEncoder,
+)
 from models.tokenizer.vit import Block, Layout
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class ResTokEncoder(nn.Module):
         then subtract its nearest upsampling (residual_latent). fmap [B, W, h, w] -> [B, N, W]."""
         if self.cfg.latent_init == "learned":
             return self.latent_tokens.unsqueeze(0).expand(fmap.shape[0], -1, -1)
-        B, C, H, W = fmap.shape
+        H, W = fmap.shape[2:]
         residual, out = fmap, []
         for i, (gh, gw) in enumerate(self.latent_pool_grids):
             if i > 0 and self.cfg.residual_latent:
@@ -235,7 +241,8 @@ class ResTokEncoder(nn.Module):
             m = self.layout_of_block[b]
             if b in self.merge_blocks:
                 grid, new_grid = self._static[m][2][0], self._static[m + 1][2][0]
-                x = blk(x, layouts[m], merge=lambda t: self._merge(t, grid, new_grid))
+                x = blk(x, layouts[m], merge=functools.partial(self._merge, grid=grid,
+                                                               new_grid=new_grid))
                 n_new = new_grid[0] * new_grid[1]
                 # The new scale gets its own level embedding after the block (NOTES #7).
                 x = torch.cat([x[:, :n_new] + self.level_embedding[m + 1], x[:, n_new:]], 1)
@@ -392,9 +399,9 @@ class ResTok(nn.Module):
         vf_dec = cfg.vf_align in ("decoder", "both")
         self.encoder = ResTokEncoder(cfg, self.grid)
         self.decoder = ResTokDecoder(cfg, self.grid, with_feat_tokens=vf_dec)
-        cnn = dict(base=cfg.pixel_channels, channel_mult=list(cfg.channel_mult),
-                   num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
-                   groups=cfg.cnn_norm_groups, shortcut_on_branch=cfg.cnn_shortcut_on_branch)
+        cnn = {"base": cfg.pixel_channels, "channel_mult": list(cfg.channel_mult),
+               "num_res_blocks": cfg.num_res_blocks, "z_channels": cfg.z_channels,
+               "groups": cfg.cnn_norm_groups, "shortcut_on_branch": cfg.cnn_shortcut_on_branch}
         self.pixel_encoder = PixelEncoder(**cnn)
         self.pixel_decoder = PixelDecoder(**cnn)
         self.quantize = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment)

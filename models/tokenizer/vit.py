@@ -6,8 +6,8 @@ merging blocks, so callers build them once per layout and cache them (SPEC "Spee
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 try:  # FlexAttention (torch >= 2.5): block-sparse masked attention on CUDA.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
