@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from configs.loading import load_config  # noqa: E402
-from data_prep import synthetic  # noqa: E402
-from jobs.evaluate import EvalPool  # noqa: E402
-from jobs.sample import write_png_shard  # noqa: E402
+from configs.loading import load_config
+from data_prep import synthetic
+from jobs.evaluate import EvalPool
+from jobs.sample import write_png_shard
 
 
 def write_shards(folder: str, n: int, size: int, per_shard: int) -> list[str]:

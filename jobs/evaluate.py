@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-from jobs.metrics.fid import FeatureStats, ReferenceStats, frechet_distance, load_reference_stats, save_reference_stats
+from jobs.metrics.fid import (
+    FeatureStats,
+    ReferenceStats,
+    frechet_distance,
+    load_reference_stats,
+    save_reference_stats,
+)
 from jobs.sample import image_batches, pick_device, resolve_shards, split_shards
 from pipeline import paths, storage, tracking
 
@@ -53,7 +60,7 @@ class FeatureSet:
         self.probs.append(out["probs"].float().cpu().numpy())
         self.labels.append(labels.cpu().numpy())
 
-    def merge(self, other: "FeatureSet") -> "FeatureSet":
+    def merge(self, other: FeatureSet) -> FeatureSet:
         self.pool.merge(other.pool)
         if self.spatial is not None and other.spatial is not None:
             self.spatial.merge(other.spatial)
@@ -129,9 +136,8 @@ class EvalWorker:
     def recon(self, shard_urls: list[str], tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
               keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int) -> dict:
         """Reconstruct each image of the shards once; mergeable statistics (module doc)."""
-        from models.losses.codebook_stats import CodebookStats
-
         from jobs.metrics.image_quality import psnr, ssim, to_uint8
+        from models.losses.codebook_stats import CodebookStats
 
         tokenizer, net = self.tokenizer(tokenizer_url), self.feature_net(spec)
         image_size = int(getattr(tokenizer.cfg, "image_size", image_size))  # the tokenizer's own resolution
@@ -230,7 +236,7 @@ class EvalPool:
         self.actors = []
 
 
-_POOL: Optional[EvalPool] = None
+_POOL: EvalPool | None = None
 
 
 def get_pool(cfg: Any) -> EvalPool:
@@ -347,7 +353,7 @@ def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
 
 
 # ---- reconstruction --------------------------------------------------------------------------------
-def split_count(cfg: Any, split: str) -> Optional[int]:
+def split_count(cfg: Any, split: str) -> int | None:
     """Images of `split` according to the prep manifest (None when it does not say)."""
     manifest = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
     entries = manifest.get("splits", {}).get(split, {}).get("shards")
@@ -357,7 +363,7 @@ def split_count(cfg: Any, split: str) -> Optional[int]:
 def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     """uint8 CHW images, one list per row -> one HWC uint8 grid with 2 px gaps."""
     rows = [r for r in rows if r]
-    c, h, w = rows[0][0].shape
+    _, h, w = rows[0][0].shape
     cols = max(len(r) for r in rows)
     out = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
     for i, row in enumerate(rows):
@@ -366,12 +372,11 @@ def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     return out
 
 
-def evaluate_recon(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
-                   spec: Optional[dict] = None, probe: Optional[dict] = None) -> dict:
+def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+                   spec: dict | None = None, probe: dict | None = None) -> dict:
     """Reconstruction metrics of the val split; logs them (and a grid, and the Fig. 5 curve) to run_id."""
-    from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
-
     from jobs.metrics.inception_score import inception_score
+    from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
 
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
     if spec is None:
@@ -472,7 +477,7 @@ def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
     return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
 
 
-def make_reference(cfg: Any, out_url: str = "", spec: Optional[dict] = None, probe: Optional[dict] = None) -> str:
+def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
     """`restok eval make-ref`: mu, sigma (+ spatial, + rows for precision/recall) of any image shards."""
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
@@ -500,9 +505,9 @@ def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[ReferenceStats
 
 
 # ---- generation ------------------------------------------------------------------------------------
-def evaluate_gen(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
-                 generator_url: Optional[str] = None, sampling: Optional[Any] = None, spec: Optional[dict] = None,
-                 probe: Optional[dict] = None, step: Optional[int] = None, log_prefix: str = "") -> dict:
+def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+                 generator_url: str | None = None, sampling: Any | None = None, spec: dict | None = None,
+                 probe: dict | None = None, step: int | None = None, log_prefix: str = "") -> dict:
     """Sample (jobs.sample), then generation metrics against the reference; logged to run_id."""
     from jobs.metrics.inception_score import inception_score
     from jobs.metrics.precision_recall import precision_recall
@@ -601,8 +606,8 @@ def _sample_grid(shards: list[str], cfg: Any) -> np.ndarray:
 
 
 # ---- CFG search ------------------------------------------------------------------------------------
-def cfg_search(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = None,
-               generator_url: Optional[str] = None, spec: Optional[dict] = None, probe: Optional[dict] = None) -> dict:
+def cfg_search(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+               generator_url: str | None = None, spec: dict | None = None, probe: dict | None = None) -> dict:
     """Sweep eval.cfg_search_scales x eval.cfg_search_start_ratios (paper App. A.3: the best CFG
     schedule per checkpoint); each point is a child run and a metric step of `run_id`; keeps the best."""
     from omegaconf import OmegaConf
@@ -642,9 +647,14 @@ def cfg_search(cfg: Any, run_id: Optional[str], tokenizer_url: Optional[str] = N
 
 
 # ---- stage entry points ----------------------------------------------------------------------------
-def run(cfg: Any, run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
+def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     """The evaluate stage: recon and/or gen per cfg.eval (+ CFG search when its lists are set)."""
-    from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+    from pipeline.manifest import (
+        is_complete,
+        read_manifest,
+        require_complete,
+        write_manifest,
+    )
     from pipeline.stages import stage_fingerprint
 
     stage_dir = paths.stage_dir(cfg, STAGE)
@@ -667,7 +677,7 @@ def run(cfg: Any, run_id: Optional[str] = None, parent_run_id: Optional[str] = N
     return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
 
 
-def _run_evaluations(cfg: Any, run_id: Optional[str], parent_run_id: Optional[str], stage_dir: str) -> dict:
+def _run_evaluations(cfg: Any, run_id: str | None, parent_run_id: str | None, stage_dir: str) -> dict:
     fields: dict[str, Any] = {}
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         spec, probe = resolved_feature_spec(cfg)

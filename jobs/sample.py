@@ -16,7 +16,8 @@ import io
 import os
 import tarfile
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def read_shard(url: str) -> Iterator[tuple[str, bytes, int]]:
             yield key, image, label
 
 
-def decode_image(data: bytes, size: Optional[int]) -> np.ndarray:
+def decode_image(data: bytes, size: int | None) -> np.ndarray:
     """Encoded image -> uint8 HWC RGB at size x size: shorter side bicubic to `size`, centre crop
     (SPEC "rFID": the val protocol). Images already of that size, or size None, are left untouched."""
     from PIL import Image
@@ -175,9 +176,8 @@ def pick_device(use_gpu: bool) -> str:
 def sample_slice(tokenizer: Any, generator: Any, device: str, rank: int, start: int, labels: np.ndarray, seed: int,
                  sampler: dict, batch_size: int, out_url: str, samples_per_shard: int) -> dict:
     """Sample one rank's slice of labels into `samples-r<rank>-<n>.tar` PNG shards (global keys)."""
-    from models.generator import sample
-
     from jobs.metrics.image_quality import to_uint8
+    from models.generator import sample
 
     gen = torch.Generator(device=device).manual_seed(rank_seed(seed, rank))
     pending, shards, t0, passes = [], [], time.time(), 0
@@ -193,7 +193,7 @@ def sample_slice(tokenizer: Any, generator: Any, device: str, rank: int, start: 
             shards.append({"name": name, "count": len(part),
                            "sha256": write_png_shard(storage.join(out_url, name), part)})
     num_batches = max(1, -(-len(labels) // batch_size))
-    return {"rank": rank, "count": int(len(labels)), "shards": shards, "seconds": time.time() - t0,
+    return {"rank": rank, "count": len(labels), "shards": shards, "seconds": time.time() - t0,
             "forward_passes_per_batch": passes / num_batches}
 
 
@@ -212,14 +212,16 @@ def write_npz(out_url: str, shard_urls: list[str]) -> tuple[str, list[int]]:
 
 
 def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: str,
-                     sampling: Optional[Any] = None, pool: Optional[Any] = None) -> dict:
+                     sampling: Any | None = None, pool: Any | None = None) -> dict:
     """Sample the class-balanced set into `out_url` on a Ray actor pool; returns its manifest.
     Skips when `out_url` already holds a complete manifest for the same request."""
     from pipeline.manifest import fingerprint
 
     sampling = sampling if sampling is not None else cfg.sampling
     sampler = sampler_kwargs(sampling)
-    from configs.loading import from_yaml_text  # the generator's own config: its classes
+    from configs.loading import (
+        from_yaml_text,  # the generator's own config: its classes
+    )
 
     fs, cpath = storage.filesystem(storage.join(generator_url, "config.yaml"))
     with fs.open(cpath, "r") as fh:
@@ -249,7 +251,7 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
     seconds = time.time() - t0
     shard_names = [s["name"] for r in sorted(results, key=lambda r: r["rank"]) for s in r["shards"]]
     npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names])
-    manifest = {"complete": True, "fingerprint": fp, "request": request, "num_samples": int(len(labels)),
+    manifest = {"complete": True, "fingerprint": fp, "request": request, "num_samples": len(labels),
                 "num_actors": world, "shards": shard_names,
                 "shard_sha256": {s["name"]: s["sha256"] for r in results for s in r["shards"]},
                 "npz": SAMPLES_NPZ, "npz_shape": npz_shape, "npz_sha256": storage.sha256_url(npz_url),
@@ -261,7 +263,7 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
     return manifest
 
 
-def samples_url(cfg: Any, sampling: Optional[Any] = None) -> str:
+def samples_url(cfg: Any, sampling: Any | None = None) -> str:
     """<evaluate dir>/samples/<hash of the sampling settings and count>."""
     from omegaconf import OmegaConf
 
@@ -277,7 +279,7 @@ def samples_url(cfg: Any, sampling: Optional[Any] = None) -> str:
     return storage.join(paths.stage_dir(cfg, "evaluate"), "samples", key)
 
 
-def run(cfg: Any, run_id: Optional[str] = None) -> dict:
+def run(cfg: Any, run_id: str | None = None) -> dict:
     """`restok sample`: the class-balanced sample set of the trained generator (no metrics)."""
     from jobs.evaluate import close_pool
     from pipeline import paths, tracking

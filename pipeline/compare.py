@@ -6,7 +6,8 @@ latest value). RUN is a run id, or a run name (the newest run of that name).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _resolve_run(client: Any, ref: str):
@@ -55,7 +56,7 @@ def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[st
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-    fmt = lambda line: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+    fmt = lambda line: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                  for i, (c, w) in enumerate(zip(line, widths)))
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]])
 

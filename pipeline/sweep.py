@@ -19,7 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -101,10 +102,9 @@ def default_stages() -> dict[str, Callable]:
     return {"extract_codes": extract_codes.run, "train_generator": train_generator.run, "evaluate": evaluate.run}
 
 
-def run_chain(child_yaml: str, parent_run_id: str, stages: Optional[dict] = None) -> dict:
+def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -> dict:
     """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
     from configs.loading import from_yaml_text
-
     from jobs.evaluate import close_pool
 
     child = from_yaml_text(child_yaml)
@@ -118,7 +118,7 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: Optional[dict] = None
             "work_dir": str(child.work_dir)}
 
 
-def sweep(cfg: Any, checkpoints: Sequence[str], stages: Optional[dict] = None) -> dict:
+def sweep(cfg: Any, checkpoints: Sequence[str], stages: dict | None = None) -> dict:
     """Run the sweep; returns {rows, parent_run_id, sweep_dir, plot, csv, markdown}."""
     from configs.loading import to_yaml
     from jobs import evaluate
@@ -176,7 +176,7 @@ def sweep(cfg: Any, checkpoints: Sequence[str], stages: Optional[dict] = None) -
             "markdown": storage.join(sweep_dir, "sweep.md")}
 
 
-def _run_chains(cfg: Any, children: list[str], parent: str, stages: Optional[dict]) -> list[dict]:
+def _run_chains(cfg: Any, children: list[str], parent: str, stages: dict | None) -> list[dict]:
     parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
     if parallel <= 1:
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
@@ -254,4 +254,4 @@ def run_sweep(cfg: Any, checkpoints: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["run_sweep", "sweep", "run_chain", "table_csv", "table_markdown", "recon_vs_gen_figure"]
+__all__ = ["recon_vs_gen_figure", "run_chain", "run_sweep", "sweep", "table_csv", "table_markdown"]

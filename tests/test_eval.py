@@ -38,7 +38,6 @@ def write_split(cfg, split, per_class, shard_size):
     """Prep-format shards (`<split>-NNNNNN.tar`: <key>.png + <key>.cls) of the synthetic set;
     returns (keys, the manifest's split entry)."""
     from data_prep.synthetic import render, sample_class, sample_rng
-
     from jobs.sample import write_png_shard
 
     n = per_class * NUM_CLASSES
@@ -172,3 +171,24 @@ def test_make_ref_and_cfg_search(tmp_path, ray_local):
         assert child.data.tags["mlflow.parentRunId"] == run_id and "fd_probe_gen" in child.data.metrics
     steps = client.get_metric_history(run_id, "cfg_search_fd_probe_gen")
     assert sorted(s.step for s in steps) == [0, 1]
+
+
+def test_inception_features_worker_in_process(tmp_path):
+    """EvalWorker.features with the Inception path (test-written random weights, real architecture):
+    pool, probabilities and the sFID spatial features reach the FeatureSet; real metric names."""
+    from jobs.evaluate import EvalWorker, distance_name
+    from jobs.metrics.inception import STATE_DICT_FILE, build_fid_inception
+
+    cfg = tiny_cfg(tmp_path / "work")
+    write_split(cfg, "val", 1, 4)  # 4 images in one shard
+    weights = tmp_path / STATE_DICT_FILE
+    torch.manual_seed(0)
+    torch.save(build_fid_inception().state_dict(), weights)
+    spec = {"kind": "inception", "weights": str(weights), "probe_path": ""}
+    out = EvalWorker("cpu").features([f"{paths.shards_url(cfg)}/val-000000.tar"], spec, 32, 4, 10)
+    fs = out["features"]
+    assert len(out["keys"]) == 4 and fs.pool.count == 4 and fs.pool.dim == 2048
+    assert fs.spatial is not None and fs.spatial.dim == 7 * 17 * 17
+    assert fs.probs_array().shape == (4, 1008) and fs.pool.num_kept == 4
+    assert (distance_name("inception", "recon"), distance_name("inception", "gen")) == ("rfid", "gfid")
+    assert (distance_name("probe", "recon"), distance_name("probe", "gen")) == ("fd_probe_recon", "fd_probe_gen")

@@ -7,8 +7,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from jobs.metrics.fid import (FeatureStats, ReferenceStats, frechet_distance, load_reference_stats,
-                              mean_and_covariance, save_reference_stats)
+from jobs.metrics.fid import (
+    FeatureStats,
+    ReferenceStats,
+    frechet_distance,
+    load_reference_stats,
+    mean_and_covariance,
+    save_reference_stats,
+)
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.metrics.inception_score import inception_score
 from jobs.metrics.precision_recall import precision_recall
@@ -116,7 +122,11 @@ def test_psnr_ssim_and_uint8_rounding():
 # -- Inception loading path -------------------------------------------------------------------------
 
 def test_inception_loads_test_written_weights(tmp_path):
-    from jobs.metrics.inception import STATE_DICT_FILE, build_fid_inception, load_inception
+    from jobs.metrics.inception import (
+        STATE_DICT_FILE,
+        build_fid_inception,
+        load_inception,
+    )
 
     torch.manual_seed(0)
     net = build_fid_inception()  # random weights, the architecture and keys of the real file

@@ -9,12 +9,11 @@ cores. `RESTOK_REAL_SWEEP_TEST=1` runs the same checks with the real stages (pas
 import os
 
 import pytest
+from test_eval import make_workdir, tiny_cfg, write_models  # noqa: F401  (shared tiny fixtures)
 
 from pipeline import paths, tracking
 from pipeline.manifest import write_manifest
 from pipeline.stages import stage_fingerprint
-
-from test_eval import make_workdir, write_models, tiny_cfg  # noqa: F401  (shared tiny fixtures)
 
 SWEEP_OVERRIDES = [
     "eval.num_samples_per_class=3", "eval.probe_steps=30", "extract.augment=none", "extract.num_actors=2",
@@ -63,7 +62,7 @@ def standin_train_generator(cfg, run_id=None, parent_run_id=None):
     pytest.param("real", marks=pytest.mark.skipif(os.environ.get("RESTOK_REAL_SWEEP_TEST") != "1",
                                                   reason="~8 min on 2 cores; set RESTOK_REAL_SWEEP_TEST=1")),
 ])
-def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages):
+def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages, capsys):
     from jobs import evaluate
     from pipeline.compare import compare_runs, format_table
     from pipeline.sweep import sweep
@@ -85,7 +84,8 @@ def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages
     with open(result["csv"]) as fh:
         lines = fh.read().splitlines()
     assert len(lines) == 3 and lines[0].startswith("checkpoint,path,fd_probe_recon,fd_probe_gen")
-    assert "fid" not in open(result["markdown"]).read().replace("fd_probe", "")
+    with open(result["markdown"]) as fh:
+        assert "fid" not in fh.read().replace("fd_probe", "")
 
     client = tracking.client_for(paths.tracking_uri(cfg))
     parent = client.get_run(result["parent_run_id"])
@@ -109,3 +109,9 @@ def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages
     assert "fd_probe_gen" in names and "params.work_dir" in names and "params.seed" not in names
     text = format_table(header, table)
     assert ids[0][:8] in text
+    from argparse import Namespace
+
+    from pipeline.compare import cli
+
+    assert cli(Namespace(runs=ids, tracking_uri=paths.tracking_uri(cfg))) == 0
+    assert "fd_probe_gen" in capsys.readouterr().out

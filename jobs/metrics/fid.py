@@ -12,7 +12,7 @@ The same code serves every feature space; the caller names the metric (fid, sfid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +56,8 @@ class FeatureStats:
 
     dim: int
     count: int = 0
-    total: Optional[np.ndarray] = None
-    outer: Optional[np.ndarray] = None
+    total: np.ndarray | None = None
+    outer: np.ndarray | None = None
     keep_max: int = 0
     kept: list = field(default_factory=list)
 
@@ -68,7 +68,7 @@ class FeatureStats:
             self.outer = np.zeros((self.dim, self.dim), np.float64)
 
     @classmethod
-    def from_features(cls, features: Any, keep_max: int = 0) -> "FeatureStats":
+    def from_features(cls, features: Any, keep_max: int = 0) -> FeatureStats:
         features = np.asarray(features, np.float64)
         stats = cls(dim=features.shape[1], keep_max=keep_max)
         stats.update(features)
@@ -89,7 +89,7 @@ class FeatureStats:
     def num_kept(self) -> int:
         return sum(len(k) for k in self.kept)
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge feature statistics of dims {self.dim} and {other.dim}")
         self.count += other.count
@@ -128,14 +128,14 @@ class ReferenceStats:
     sigma: np.ndarray
     feature_net: str = "unknown"
     num_images: int = 0
-    features: Optional[np.ndarray] = None  # [M, D] rows for precision/recall
-    mu_s: Optional[np.ndarray] = None
-    sigma_s: Optional[np.ndarray] = None
-    images: Optional[np.ndarray] = None  # ADM files carry the reference batch itself as arr_0
+    features: np.ndarray | None = None  # [M, D] rows for precision/recall
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    images: np.ndarray | None = None  # ADM files carry the reference batch itself as arr_0
 
     @classmethod
     def from_stats(cls, stats: FeatureStats, feature_net: str,
-                   spatial: Optional[FeatureStats] = None) -> "ReferenceStats":
+                   spatial: FeatureStats | None = None) -> ReferenceStats:
         mu, sigma = stats.mean_cov()
         ref = cls(mu=mu, sigma=sigma, feature_net=feature_net, num_images=stats.count,
                   features=stats.features() if stats.kept else None)
@@ -176,7 +176,7 @@ def load_reference_stats(url: str) -> ReferenceStats:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
         if missing:
             raise ValueError(f"{url}: reference statistics lack {missing}; keys present: {data.files}")
-        get = lambda k: data[k] if k in data.files else None  # noqa: E731
+        get = lambda k: data[k] if k in data.files else None
         return ReferenceStats(
             mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
             feature_net=str(get("feature_net")) if "feature_net" in data.files else "inception-adm",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import urllib.request
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,12 @@ def build_fid_inception() -> nn.Module:
     """torchvision Inception3 with the FID blocks (the TF graph's pooling/branch order), random init.
     Its state_dict keys and shapes are those of pt_inception-2015-12-05-6726825d.pth."""
     import torchvision
-    from cleanfid.inception_pytorch import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    from cleanfid.inception_pytorch import (
+        FIDInceptionA,
+        FIDInceptionC,
+        FIDInceptionE_1,
+        FIDInceptionE_2,
+    )
 
     net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=NUM_LOGITS,
                                           init_weights=False)
@@ -150,7 +154,7 @@ def load_inception(weights_path: str = "", device: str | torch.device = "cpu",
 
 
 def load_feature_net(kind: str, weights_path: str = "", device: str | torch.device = "cpu",
-                     probe_path: Optional[str] = None) -> nn.Module:
+                     probe_path: str | None = None) -> nn.Module:
     """`inception` (real FID) or `probe` (the built-in dataset stand-in, jobs.metrics.probe)."""
     if kind == "inception":
         return load_inception(weights_path, device)

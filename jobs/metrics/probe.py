@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -124,8 +123,8 @@ def probe_key(images: np.ndarray, labels: np.ndarray, settings: dict) -> str:
 
 
 def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndarray, num_classes: int,
-                 image_size: int, val_images: Optional[np.ndarray] = None,
-                 val_labels: Optional[np.ndarray] = None, steps: int = 300, seed: int = 0) -> dict:
+                 image_size: int, val_images: np.ndarray | None = None,
+                 val_labels: np.ndarray | None = None, steps: int = 300, seed: int = 0) -> dict:
     """Train (or reuse) the probe; returns its manifest: {path, key, val_accuracy, ...}.
 
     Files: <cache_url>/probe-<key>/probe.pt and manifest.json (written last, atomically)."""
@@ -143,11 +142,11 @@ def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndar
     torch.save({"state_dict": net.state_dict(), **settings, "version": PROBE_VERSION}, buf)
     storage.write_bytes_atomic(storage.join(folder, "probe.pt"), buf.getvalue())
     manifest = {"complete": True, "key": key, **settings, "version": PROBE_VERSION,
-                "num_train_images": int(len(train_images)), "train_seconds": round(time.time() - t0, 2),
+                "num_train_images": len(train_images), "train_seconds": round(time.time() - t0, 2),
                 "sha256": storage.sha256_bytes(buf.getvalue())}
     if val_images is not None and val_labels is not None and len(val_images):
         manifest["val_accuracy"] = probe_accuracy(ProbeFeatures(net, image_size), val_images, val_labels)
-        manifest["num_val_images"] = int(len(val_images))
+        manifest["num_val_images"] = len(val_images)
     storage.write_json_atomic(storage.join(folder, "manifest.json"), manifest)
     return {**manifest, "path": storage.join(folder, "probe.pt"), "cached": False}
 
