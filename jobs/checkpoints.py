@@ -114,7 +114,7 @@ def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch
 
     weights, config = _resolve(stage_dir_or_file, "tokenizer", ema)
     cfg = _load_config(config)
-    model = ResTok(cfg.tokenizer)
+    model = ResTok(tokenizer_config(cfg))
     model.load_state_dict(_load_weights(weights), strict=True)
     return model.to(device).eval()
 
