@@ -329,7 +329,8 @@ def ensure_probe_for(cfg: Any) -> dict:
 
     x, y = load_split_arrays(cfg, "train", int(cfg.eval.probe_max_train_images))
     xv, yv = load_split_arrays(cfg, "val", int(cfg.eval.probe_max_train_images))
-    num_classes = int(max(y.max(), yv.max()) + 1)
+    prep = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
+    num_classes = int(prep.get("num_classes") or max(y.max(), yv.max()) + 1)
     cache = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, STAGE), "probe")
     manifest = ensure_probe(cache, x, y, num_classes,
                             int(cfg.data.image_size), xv, yv, steps=int(cfg.eval.probe_steps), seed=int(cfg.seed))

@@ -4,7 +4,7 @@ and checkpoint under the sweep parent, each with its metrics; `restok compare` o
 The default test runs the real evaluate stage (Ray eval pool: recon + sampling + gen metrics) but
 stand-ins for extract_codes / train_generator (named `standin_*`: they write a random generator
 export and log a child run), because Ray Train + DeepSpeed twice costs ~8 minutes on 2 loaded
-cores. `RESTOK_REAL_SWEEP_TEST=1` runs the same checks with the real stages (passed: 496 s).
+cores. `RESTOK_REAL_SWEEP_TEST=1` runs the same checks with the real stages (passed here in 377-496 s).
 """
 import os
 
