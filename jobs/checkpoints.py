@@ -21,7 +21,9 @@ CONFIG_NAME = "config.yaml"
 def _read_fp32_state(engine_dir: str, zero_stage: int, tag: str) -> dict[str, torch.Tensor]:
     """The raw fp32 weights of one DeepSpeed engine checkpoint (ZeRO shards merged)."""
     if zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag=tag)
     else:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def prepare_deepspeed(use_gpu: bool) -> None:

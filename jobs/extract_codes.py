@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from pipeline import paths, storage
-from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.manifest import (
+    is_complete,
+    read_manifest,
+    require_complete,
+    write_manifest,
+)
 from pipeline.stages import stage_fingerprint
 
 STAGE = "extract_codes"
@@ -36,7 +41,7 @@ def views(image: Any, size: int, augment: str) -> list[Any]:
     if augment not in NUM_VIEWS:
         raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
     if augment == "tencrop":
-        big = EvalTransform(int(round(size * TENCROP_SCALE)))(image)
+        big = EvalTransform(round(size * TENCROP_SCALE))(image)
         w, h = big.size
         boxes = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size),
                  ((w - size) // 2, (h - size) // 2)]

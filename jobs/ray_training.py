@@ -15,8 +15,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -107,7 +108,7 @@ class WorkerSession:
     logged_steps: set = field(default_factory=set)
 
     @classmethod
-    def from_loop_config(cls, config: dict) -> "WorkerSession":
+    def from_loop_config(cls, config: dict) -> WorkerSession:
         import ray.train
 
         ctx = ray.train.get_context()

@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from configs.loading import to_yaml
 from pipeline import paths, tracking
-from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.manifest import (
+    is_complete,
+    read_manifest,
+    require_complete,
+    write_manifest,
+)
 from pipeline.stages import stage_fingerprint
 
 STAGE = "train_generator"
@@ -56,7 +61,12 @@ def generator_loop(config: dict) -> None:
     """Ray Train worker: one DeepSpeed engine for the GPT."""
     from jobs import code_shards
     from jobs.checkpoints import generator_config, load_tokenizer
-    from jobs.deepspeed_runtime import EMA, build_engine, prepare_deepspeed, seed_everything
+    from jobs.deepspeed_runtime import (
+        EMA,
+        build_engine,
+        prepare_deepspeed,
+        seed_everything,
+    )
     from jobs.ray_training import LoopSpec, WorkerSession, run_loop
     from jobs.throughput import forward_flops
     from models.generator import GPT, sample
@@ -144,7 +154,7 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
         if cfg.tracking.register_models and "://" not in stage_dir:
             import os
 
-            files = [os.path.join(stage_dir, name) for name in hashes]
+            files = [os.path.join(stage_dir, name) for name in [*hashes, checkpoints.CONFIG_NAME]]
             version = checkpoints.register_model(paths.tracking_uri(cfg), rid, files,
                                                  "restok-generator", ["last-trained", str(cfg.preset)])
         return write_manifest(

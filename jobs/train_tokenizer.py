@@ -10,13 +10,19 @@ it (with its heads frozen), which ZeRO-3's gather hooks would turn into extra co
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from configs.loading import to_yaml
 from pipeline import paths, tracking
-from pipeline.manifest import is_complete, read_manifest, require_complete, write_manifest
+from pipeline.manifest import (
+    is_complete,
+    read_manifest,
+    require_complete,
+    write_manifest,
+)
 from pipeline.stages import stage_fingerprint
 
 STAGE = "train_tokenizer"
@@ -62,7 +68,12 @@ def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
 def tokenizer_loop(config: dict) -> None:
     """Ray Train worker: tokenizer engine (+ discriminator engine from the GAN start)."""
     from jobs.checkpoints import tokenizer_config
-    from jobs.deepspeed_runtime import EMA, build_engine, prepare_deepspeed, seed_everything
+    from jobs.deepspeed_runtime import (
+        EMA,
+        build_engine,
+        prepare_deepspeed,
+        seed_everything,
+    )
     from jobs.ray_training import LoopSpec, WorkerSession, run_loop
     from jobs.throughput import forward_flops
     from models.losses.codebook_stats import CodebookStats
@@ -181,7 +192,7 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
         hashes = checkpoints.write_export(stage_dir, "tokenizer", raw, ema, cfg)
         version = None
         if cfg.tracking.register_models and "://" not in stage_dir:
-            files = [os.path.join(stage_dir, name) for name in hashes]
+            files = [os.path.join(stage_dir, name) for name in [*hashes, checkpoints.CONFIG_NAME]]
             version = checkpoints.register_model(paths.tracking_uri(cfg), rid, files,
                                                  "restok-tokenizer", ["last-trained", str(cfg.preset)])
         return write_manifest(

@@ -8,7 +8,7 @@ from PIL import Image
 
 from configs.loading import load_config
 from jobs import checkpoints, code_shards, extract_codes
-from pipeline import paths, storage
+from pipeline import paths, storage, tracking
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.stages import stage_fingerprint
 
@@ -64,6 +64,9 @@ def test_deterministic_counts_match_and_killed_run_resumes(upstream, tmp_path, m
     assert first["tokenizer_sha256"] == storage.sha256_url(
         storage.join(paths.stage_dir(upstream, "train_tokenizer"), "tokenizer_ema.safetensors"))
     codes, classes = code_shards.load_split(paths.stage_dir(make_cfg(tmp_path / "a"), "extract_codes"))
+    run = tracking.client_for(paths.tracking_uri(make_cfg(tmp_path / "a"))).get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["codes_train"] == 48
+    assert run.data.params["extract.augment"] == "flip"
     assert codes.shape == (48, 2, 16) and codes.dtype == np.int16 and set(classes) == {0, 1, 2, 3}
 
     # Killed after one shard (one actor, test-only exit): the rerun finishes the rest.

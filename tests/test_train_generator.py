@@ -4,7 +4,6 @@ The code shards are written directly (learnable class-dependent codes), so this 
 depend on a trained tokenizer; a random tiny tokenizer export is placed beside them so sample
 grids are decoded and logged as they would be in a pipeline run.
 """
-import os
 
 import numpy as np
 import pytest

@@ -126,7 +126,7 @@ def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):
                                        "tokenizer_train.image_log_every=0"))
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
-    steps, gan = loss_history(cfg, run_id, "gan_active")
+    _, gan = loss_history(cfg, run_id, "gan_active")
     assert gan == [0.0, 0.0, 1.0, 1.0]
     metrics = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id).data.metrics
     assert any(k.startswith("disc_hinge") for k in metrics) and any(k.startswith("lpips") for k in metrics)
