@@ -29,7 +29,8 @@ def test_default_run_learns(tmp_path):
     work = tmp_path / "work"
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", f"work_dir={work}"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=tmp_path)  # MLflow's default artifact root is ./mlruns
     minutes = (time.perf_counter() - t0) / 60
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     print(done.stdout.rsplit("== restok run:", 1)[1])

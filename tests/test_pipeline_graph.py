@@ -61,6 +61,12 @@ def make_cfg(work, tracking_db, request, *overrides):
                               f"tracking.experiment={request.node.name}", *overrides])
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """MLflow puts a sqlite store's artifacts under ./mlruns of whoever creates the experiment."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def cfg(tmp_path, local_ray, tracking_db, request):
     return make_cfg(tmp_path / "work", tracking_db, request)

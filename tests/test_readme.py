@@ -83,7 +83,8 @@ def _restok_run(work, *extra):
     command = install_run.split(" && ")[-1].split()  # ["restok", "run"]
     argv = [restok, *command[1:], f"work_dir={work}", *SHORT_RUN, *extra]
     t0 = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1500,
+    # cwd: MLflow puts a sqlite store's artifacts under ./mlruns of the process creating the experiment.
+    done = subprocess.run(argv, cwd=Path(work).parent, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     return done.stdout, time.perf_counter() - t0
