@@ -39,6 +39,11 @@ class TokenizerConfig:
     codebook_size: int = 8192
     code_dim: int = 8
     commitment: float = 0.25
+    # Codebook entropy penalty (MaskGIT/MAGVIT-style; SPEC "quantizer": the release has none, so
+    # 0 = off). Adds w * (mean per-token entropy - entropy of the batch-mean assignment) over the
+    # soft assignments softmax(cos / T); keeps tiny CPU models from collapsing onto a few codes.
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.05
     # Image scales S (SPEC "scales"); 1 = TiTok-style baseline, no merging.
     num_scales: int = 4
     merge_op: str = "avg"  # nearest (release, NOTES #7) | avg (paper Fig. 2c)
@@ -138,7 +143,7 @@ def tokenizer_config_for(name: str) -> TokenizerConfig:
             encoder_size="nano", decoder_size="nano", image_size=32, pixel_channels=16,
             channel_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, cnn_norm_groups=8,
             levels=[1, 1, 2, 4, 8], codebook_size=256, num_scales=2, vf_align="none",
-            vf_feature_dim=32, init_std=0.18),
+            vf_feature_dim=32, init_std=0.18, entropy_weight=0.1),
     }
     if name not in presets:
         raise KeyError(f"unknown tokenizer preset {name!r}; valid: {sorted(presets)}")

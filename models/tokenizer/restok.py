@@ -283,13 +283,15 @@ class VectorQuantizer(nn.Module):
     """L2-normalised VQ, nearest code by squared distance, commitment + codebook loss,
     straight-through (SPEC "quantizer", NOTES #11). Runs in fp32."""
 
-    def __init__(self, codebook_size: int, code_dim: int, commitment: float):
+    def __init__(self, codebook_size: int, code_dim: int, commitment: float,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.05):
         super().__init__()
         # _weight skips Embedding's normal_ reset, which imports torch._dynamo on meta (slow).
         self.embedding = nn.Embedding(codebook_size, code_dim,
                                       _weight=torch.empty(codebook_size, code_dim))
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.commitment = commitment
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embedding.weight.float(), dim=-1)
@@ -304,9 +306,25 @@ class VectorQuantizer(nn.Module):
             zq = book[codes]
             commitment_loss = self.commitment * F.mse_loss(zq.detach(), z)
             codebook_loss = F.mse_loss(zq, z.detach())
+            vq_loss = commitment_loss + codebook_loss
+            info = {"codes": codes, "commitment_loss": commitment_loss,
+                    "codebook_loss": codebook_loss}
+            if self.training and self.entropy_weight > 0:
+                info["entropy_loss"] = self.entropy_loss(z, book)
+                vq_loss = vq_loss + self.entropy_weight * info["entropy_loss"]
             zq = z + (zq - z).detach()  # straight-through
-        return zq, {"codes": codes, "commitment_loss": commitment_loss,
-                    "codebook_loss": codebook_loss, "vq_loss": commitment_loss + codebook_loss}
+        return zq, {**info, "vq_loss": vq_loss}
+
+    def entropy_loss(self, z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+        """Per-token entropy (confident assignments) minus the entropy of the batch-mean
+        assignment (spread over the codebook), on softmax(cos(z, code) / T). Local batch only,
+        so it needs no collectives and changes no parameters in place (ZeRO-safe)."""
+        logits = torch.einsum("bnd,kd->bnk", z, book) / self.entropy_temperature
+        probs, log_probs = logits.softmax(-1), logits.log_softmax(-1)
+        per_token = -(probs * log_probs).sum(-1).mean()
+        mean_probs = probs.reshape(-1, probs.shape[-1]).mean(0)
+        batch = -(mean_probs * torch.log(mean_probs + 1e-8)).sum()
+        return per_token - batch
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         return self.codebook()[codes]
@@ -404,7 +422,8 @@ class ResTok(nn.Module):
                "groups": cfg.cnn_norm_groups, "shortcut_on_branch": cfg.cnn_shortcut_on_branch}
         self.pixel_encoder = PixelEncoder(**cnn)
         self.pixel_decoder = PixelDecoder(**cnn)
-        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment,
+                                        cfg.entropy_weight, cfg.entropy_temperature)
         # VF heads: 1x1 convs without bias, as in the release (SPEC "VF alignment").
         enc_w, dec_w = self.encoder.width, self.decoder.width
         self.vf_proj = nn.Conv2d(enc_w, cfg.vf_feature_dim, 1, bias=False) if vf_enc else None
