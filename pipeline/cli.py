@@ -160,6 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"restok: config error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, PermissionError) as exc:
+        # Missing weights, shards or checkpoints: their messages name the path (one line).
+        print(f"restok: {args.command}: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from pipeline.manifest import ManifestError
+
+        if isinstance(exc, ManifestError):
+            print(f"restok: {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("pipeline", "jobs", "data_prep"):
             print(f"restok: {args.command}: not available in this build ({exc.name})", file=sys.stderr)
