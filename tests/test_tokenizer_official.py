@@ -189,3 +189,12 @@ def test_training_checkpoint_wrapper_is_unwrapped():
     out = convert_official_state_dict(sd, _tiny_cfg())
     meta = json.loads((FIXTURES / "restok_tiny.json").read_text())
     assert "encoder.ln_pre.weight" in out and len(out) == meta["num_keys"]
+
+
+def test_restok_l_runs_shape_only_on_meta():
+    """Shape/FLOP planning without memory: a full L training forward on the meta device."""
+    with torch.device("meta"):
+        model = ResTok(tokenizer_config_for("official-l-vf")).train()
+        recon, aux = model(torch.empty(1, 3, 256, 256))
+    assert recon.shape == (1, 3, 256, 256) and aux["codes"].shape == (1, 128)
+    assert aux["vf_dec_feat"].shape == (1, 256, 1024) and aux["vf_enc_feat"].shape == (1, 1024)

@@ -3,12 +3,21 @@
 Module names follow the release so its weights load by name. 3x3 convs use the conv's own zero
 padding (no separate pad copy, SPEC "Speed").
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fp32_region(device: torch.device):
+    """Autocast off (fp32 parts of SPEC); meta tensors have no autocast (shape-only runs)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -109,7 +118,7 @@ class PixelDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # SPEC: the CNN decoder runs in fp32 (NOTES #11: it casts its input to float32).
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_region(z.device):
             h = self.conv_in(z.to(torch.promote_types(z.dtype, torch.float32)))
             for blk in self.mid:
                 h = blk(h)

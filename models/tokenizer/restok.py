@@ -18,6 +18,7 @@ from models.tokenizer.pixel_cnn import (
     IMAGENET_STD,
     PixelDecoder,
     PixelEncoder,
+    fp32_region,
 )
 from models.tokenizer.vit import Block, Layout
 
@@ -297,7 +298,7 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.embedding.weight.float(), dim=-1)
 
     def forward(self, z: torch.Tensor):
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_region(z.device):
             z = F.normalize(z.float(), dim=-1)
             book = self.codebook()
             dist = (z.pow(2).sum(-1, keepdim=True) + book.pow(2).sum(-1)
