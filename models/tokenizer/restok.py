@@ -325,7 +325,8 @@ class VectorQuantizer(nn.Module):
         per_token = -(probs * log_probs).sum(-1).mean()
         mean_probs = probs.reshape(-1, probs.shape[-1]).mean(0)
         batch = -(mean_probs * torch.log(mean_probs + 1e-8)).sum()
-        return per_token - batch
+        # + log K (constant): the logged term stays >= 0, 0 only for confident, uniform use.
+        return per_token - batch + math.log(book.shape[0])
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         return self.codebook()[codes]
