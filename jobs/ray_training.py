@@ -60,6 +60,9 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)
+    # Ray Train gives a worker group 60 s to start; importing torch + DeepSpeed on a loaded CPU
+    # box (or pulling images on a cluster) can take longer, and that timeout fails the run.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     train = cfg[TRAIN_SECTION[stage]]
     resume = str(train.resume)
     loop_config = {
