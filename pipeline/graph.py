@@ -157,7 +157,9 @@ def _fmt_time(seconds: float) -> str:
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "status", "time", "key metrics")]
     for r in results:
-        status = r.status + (f" ({r.reason})" if r.reason and r.status != "skipped" else "")
+        # Why a complete stage was rebuilt is logged when it happens; the table only flags it.
+        flag = {"forced": " (forced)"}.get(r.reason, " (stale)") if r.reason and r.status != "skipped" else ""
+        status = r.status + flag
         rows.append((r.stage, status, _fmt_time(r.wall_s) if r.status != "not run" else "-",
                      _fmt_metrics(r.metrics) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
