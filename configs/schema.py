@@ -107,6 +107,9 @@ class SamplingConfig:
     cfg_scale: float = 3.75
     cfg_schedule: str = "step"  # constant | step | linear
     cfg_start_ratio: float = 0.25
+    min_cfg_scale: float = 1.0  # scale used before the start ratio (step schedule)
+    # NOTES.md quirk 19: the release's step schedule returns 1.0001 (not 1.0) below the window.
+    release_cfg_floor: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.95

@@ -34,12 +34,22 @@ def _git_commit() -> str:
         return ""
 
 
-def experiment_id(client: Any, name: str) -> str:
+def artifact_root(cfg: Any) -> str:
+    """Artifacts beside the store under the work dir (MLflow would otherwise use ./mlruns of
+    whatever directory the command runs in)."""
+    from pipeline.paths import work_url
+    from pipeline.storage import join
+
+    root = join(work_url(cfg), "mlartifacts")
+    return root if "://" in root else f"file://{root}"
+
+
+def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -58,7 +68,7 @@ def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags
     }
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id(client, cfg.tracking.experiment), tags=tags)
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment, artifact_root(cfg)), tags=tags)
     run_id = run.info.run_id
     log_config(cfg, run_id)
     return run_id
