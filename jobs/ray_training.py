@@ -300,7 +300,8 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
             spec.ema.update()
         meter.add(int(train.micro_batch_size) * gas)
         done = step + 1
-        if done % int(train.log_every) == 0 or done == total:
+        # The first step is logged too: the curve starts at the untrained model's loss.
+        if done == 1 or done % int(train.log_every) == 0 or done == total:
             if spec.interval_metrics is not None:
                 logs = {**logs, **spec.interval_metrics()}
             logs = all_reduce_mean(logs, session.device)
