@@ -115,6 +115,8 @@ _CHOICES = {
     "eval.feature_net": ("inception", "probe"),
     "tokenizer.merge_op": ("nearest", "avg"),
     "tokenizer.vf_align": ("none", "encoder", "decoder", "both"),
+    "tokenizer.merge_layout": ("width", "alternate"),
+    "tokenizer.latent_init": ("pool", "learned"),
     "tokenizer_train.loss.lpips_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.vf_teacher_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.disc_backbone": ("pretrained", "random-untrained"),
