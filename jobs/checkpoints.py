@@ -173,3 +173,39 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version)
     return str(version)
+
+
+def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id: str, result: Any,
+                          build_model: Any, engine_name: str, export_name: str,
+                          total_steps: int, fields: Any) -> dict:
+    """Shared end of both training stages: an unfinished run (stop_after) gets an incomplete
+    manifest; a finished one is exported (raw + EMA safetensors, config), registered in MLflow
+    and recorded in a complete manifest with `fields(model)` added. `build_model()` is called
+    only when there is something to export."""
+    import os
+
+    from jobs.ray_training import steps_done as count_steps
+    from pipeline.manifest import write_manifest
+    from pipeline.paths import tracking_uri
+
+    steps_done = count_steps(result)
+    if steps_done < total_steps:
+        return write_manifest(stage_dir, stage, fp, complete=False, steps_done=steps_done,
+                              checkpoint=result.checkpoint.path if result.checkpoint else None)
+    model = build_model()
+    with result.checkpoint.as_directory() as directory:
+        raw, ema = export_weights(directory, engine_name, model)
+    hashes = write_export(stage_dir, export_name, raw, ema, cfg)
+    version = None
+    if cfg.tracking.register_models and "://" not in stage_dir:
+        files = [os.path.join(stage_dir, name) for name in [*hashes, CONFIG_NAME]]
+        version = register_model(tracking_uri(cfg), run_id, files, f"restok-{export_name}",
+                                 ["last-trained", str(cfg.preset)])
+    return write_manifest(
+        stage_dir, stage, fp, complete=True, steps_done=steps_done,
+        weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
+        config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
+        **fields(model),
+        final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
+                       if isinstance(v, (int, float))},
+        ray_checkpoint=result.checkpoint.path, mlflow_run_id=run_id, registered_version=version)

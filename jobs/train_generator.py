@@ -17,7 +17,6 @@ from pipeline.manifest import (
     is_complete,
     read_manifest,
     require_complete,
-    write_manifest,
 )
 from pipeline.stages import stage_fingerprint
 
@@ -142,26 +141,8 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
     print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         result = ray_training.fit(cfg, STAGE, generator_loop, rid)
-        steps_done = ray_training.steps_done(result)
-        if steps_done < int(cfg.generator_train.steps):
-            return write_manifest(stage_dir, STAGE, fp, complete=False, steps_done=steps_done,
-                                  checkpoint=result.checkpoint.path if result.checkpoint else None)
-        model = GPT(generator_config(cfg))
-        with result.checkpoint.as_directory() as directory:
-            raw, ema = checkpoints.export_weights(directory, ENGINE, model)
-        hashes = checkpoints.write_export(stage_dir, "generator", raw, ema, cfg)
-        version = None
-        if cfg.tracking.register_models and "://" not in stage_dir:
-            import os
-
-            files = [os.path.join(stage_dir, name) for name in [*hashes, checkpoints.CONFIG_NAME]]
-            version = checkpoints.register_model(paths.tracking_uri(cfg), rid, files,
-                                                 "restok-generator", ["last-trained", str(cfg.preset)])
-        return write_manifest(
-            stage_dir, STAGE, fp, complete=True, steps_done=steps_done,
-            weights="generator.safetensors", weights_ema="generator_ema.safetensors",
-            config="config.yaml", sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
-            block_size=model.block_size, vocab_size=int(cfg.generator.vocab_size),
-            final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
-                           if isinstance(v, (int, float))},
-            ray_checkpoint=result.checkpoint.path, mlflow_run_id=rid, registered_version=version)
+        return checkpoints.finish_training_stage(
+            cfg, STAGE, stage_dir, fp, rid, result, lambda: GPT(generator_config(cfg)), ENGINE,
+            "generator", int(cfg.generator_train.steps),
+            lambda model: {"block_size": model.block_size,
+                           "vocab_size": int(cfg.generator.vocab_size)})
