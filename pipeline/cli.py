@@ -12,16 +12,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 from configs.loading import ConfigError, list_presets, load_config, to_yaml
+from pipeline.stages import STAGE_MODULES as GRAPH_STAGE_MODULES
 
-# Stage name -> module exposing run(cfg, parent_run_id=None) -> manifest dict.
-STAGE_MODULES = {
-    "prep": "data_prep.prepare",
-    "train_tokenizer": "jobs.train_tokenizer",
-    "extract_codes": "jobs.extract_codes",
-    "train_generator": "jobs.train_generator",
-    "evaluate": "jobs.evaluate",
-    "sample": "jobs.sample",
-}
+# The graph's stages plus `sample`, which `restok sample` runs alone.
+STAGE_MODULES = {**GRAPH_STAGE_MODULES, "sample": "jobs.sample"}
 
 
 def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:

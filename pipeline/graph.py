@@ -18,18 +18,9 @@ from typing import Any, Callable, Mapping
 
 from pipeline import manifest as manifests
 from pipeline import paths, storage, tracking
-from pipeline.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+from pipeline.stages import STAGE_MODULES, STAGE_ORDER, UPSTREAM, stage_fingerprint
 
 StageFn = Callable[..., dict]
-
-# Stage name -> module exposing run(cfg, run_id=None) -> manifest (the stage contract).
-STAGE_MODULES = {
-    "prep": "data_prep.prepare",
-    "train_tokenizer": "jobs.train_tokenizer",
-    "extract_codes": "jobs.extract_codes",
-    "train_generator": "jobs.train_generator",
-    "evaluate": "jobs.evaluate",
-}
 
 # Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
 _BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at"}

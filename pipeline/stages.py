@@ -12,6 +12,15 @@ from pipeline.manifest import config_subtree, fingerprint
 
 STAGE_ORDER = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
 
+# Stage name -> module exposing run(cfg, run_id=None) -> manifest (the stage contract).
+STAGE_MODULES = {
+    "prep": "data_prep.prepare",
+    "train_tokenizer": "jobs.train_tokenizer",
+    "extract_codes": "jobs.extract_codes",
+    "train_generator": "jobs.train_generator",
+    "evaluate": "jobs.evaluate",
+}
+
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "prep": (),
     "train_tokenizer": ("prep",),
