@@ -6,6 +6,7 @@ A preset is `configs/presets/<name>.yaml` (or a path to any YAML file). A preset
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -77,8 +78,12 @@ def _load_yaml_chain(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, D
     return chain + [(str(path), raw)]
 
 
-def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> RestokConfig:
-    """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object)."""
+def load_config(preset: str | None = None, overrides: Iterable[str] = (),
+                resolve_relative_paths: bool = True) -> RestokConfig:
+    """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object).
+
+    Path fields are made absolute against the current directory unless `resolve_relative_paths`
+    is off (`restok submit`, whose job resolves them in its own directory on the cluster)."""
     preset = preset or DEFAULT_PRESET
     cfg = OmegaConf.structured(RestokConfig)
     for source, layer in _load_yaml_chain(preset):
@@ -100,7 +105,55 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> Res
     except OmegaConfBaseException as exc:
         raise _explain(exc, preset) from None
     validate(cfg)
+    if resolve_relative_paths:
+        resolve_paths(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def path_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every schema field declared a path (`metadata=PATH` in configs.schema)."""
+    node = RestokConfig() if node is None else node
+    keys: list[str] = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += path_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            keys.append(prefix + f.name)
+    return keys
+
+
+# Values of path fields that are words, not paths (TrainConfig.resume).
+_PATH_WORDS = ("auto", "never")
+
+
+def absolute_path(value: str, base: str) -> str:
+    """`value` made absolute against `base`; URLs with a scheme and empty values unchanged.
+
+    A sqlite tracking URI's file part is a path too (`sqlite:///rel.db` is relative to the cwd of
+    whichever process opens it). A comma list (eval.reference_shards) is resolved item by item.
+    """
+    if not value or value in _PATH_WORDS:
+        return value
+    if "," in value:
+        return ",".join(absolute_path(v.strip(), base) for v in value.split(","))
+    if value.startswith("sqlite:///"):
+        return "sqlite:///" + absolute_path(value[len("sqlite:///"):], base)
+    if "://" in value or value.startswith("file:"):
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def resolve_paths(cfg: Any, base: str | None = None) -> None:
+    """Make every path field absolute against `base` (default: the current directory), once, on
+    the driver: Ray Train workers, tasks and actors run in directories of their own (issue 18)."""
+    base = base or os.getcwd()
+    for key in path_keys():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value:
+            resolved = absolute_path(value, base)
+            if resolved != value:
+                OmegaConf.update(cfg, key, resolved)
 
 
 _CHOICES = {

@@ -40,20 +40,20 @@ class TokenizerLossConfig:
     gan_start_step: int = 20000  # generator adversarial term and discriminator training start here
     # LPIPS-VGG (backbone: pretrained | random-untrained; empty path = normal download).
     lpips_backbone: str = PRETRAINED
-    lpips_vgg_weights: str = ""  # torchvision vgg16-397923af.pth
-    lpips_linear_weights: str = ""  # empty = v0.1 heads bundled with the lpips package
+    lpips_vgg_weights: str = field(default="", metadata={"path": True})  # torchvision vgg16-397923af.pth
+    lpips_linear_weights: str = field(default="", metadata={"path": True})  # empty = v0.1 heads bundled with the lpips package
     # VF alignment (SPEC "VF alignment").
     vf_margin: float = 0.25  # release: m = 0.25 in relu(1 - m - cos)
     vf_margin_convention: str = "release"  # release: relu(1 - m - cos) | paper: relu(m - cos), m = 0.85
     vf_teacher: str = DEFAULT_TEACHER  # any timm model name with a CLS token
     vf_teacher_backbone: str = PRETRAINED
-    vf_teacher_weights: str = ""  # local .safetensors / .pth in timm format; empty = HF hub
+    vf_teacher_weights: str = field(default="", metadata={"path": True})  # local .safetensors / .pth in timm format; empty = HF hub
     vf_teacher_resolution: int = 256
     vf_teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     # Discriminator (SPEC "discriminator").
     disc_backbone_name: str = DEFAULT_BACKBONE
     disc_backbone: str = PRETRAINED
-    disc_backbone_weights: str = ""
+    disc_backbone_weights: str = field(default="", metadata={"path": True})
     disc_resolution: int = 224
     disc_feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
     disc_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
