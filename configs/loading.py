@@ -78,6 +78,20 @@ def _load_yaml_chain(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, D
     return chain + [(str(path), raw)]
 
 
+def _empty_string(item: str) -> str:
+    """`key=` on a string field means the empty string (OmegaConf would read None)."""
+    key, eq, value = item.partition("=")
+    if not eq or value:
+        return item
+    parent = _schema_node_at(key)
+    name = key.rsplit(".", 1)[-1]
+    if dataclasses.is_dataclass(parent):
+        for f in dataclasses.fields(parent):
+            if f.name == name and f.type in ("str", str):
+                return f"{key}=''"
+    return item
+
+
 def load_config(preset: str | None = None, overrides: Iterable[str] = (),
                 resolve_relative_paths: bool = True) -> RestokConfig:
     """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object).
@@ -91,7 +105,7 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = (),
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise _explain(exc, source) from None
-    overrides = list(overrides)
+    overrides = [_empty_string(item) for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -186,6 +200,7 @@ def validate(cfg: Any) -> None:
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
+    check_models_build(cfg)
     for name in ("tokenizer_train", "generator_train"):
         train = cfg[name]
         per_step = train.micro_batch_size * cfg.cluster.num_workers
@@ -194,6 +209,29 @@ def validate(cfg: Any) -> None:
                 f"{name}.global_batch_size={train.global_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.num_workers = {per_step}"
             )
+
+
+def check_models_build(cfg: Any) -> None:
+    """Build both models on the meta device (no memory, milliseconds): a config that cannot be
+    built fails here with one line, not inside Ray Train workers after the cluster started."""
+    import torch
+
+    from models.generator.gpt import GPT
+    from models.tokenizer.restok import ResTok
+
+    for section, build in (("tokenizer", ResTok), ("generator", GPT)):
+        try:
+            with torch.device("meta"):
+                build(OmegaConf.to_object(cfg[section]))
+        except Exception as exc:  # any constructor error is a config error here
+            raise ConfigError(f"{section}.*: the model cannot be built from this config: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if int(cfg.generator.vocab_size) != int(cfg.tokenizer.codebook_size):
+        raise ConfigError(f"generator.vocab_size={cfg.generator.vocab_size} must equal "
+                          f"tokenizer.codebook_size={cfg.tokenizer.codebook_size}")
+    if list(cfg.generator.levels) != list(cfg.tokenizer.levels):
+        raise ConfigError(f"generator.levels={list(cfg.generator.levels)} must equal "
+                          f"tokenizer.levels={list(cfg.tokenizer.levels)}")
 
 
 STAGE_NAMES = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")

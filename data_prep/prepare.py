@@ -21,12 +21,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from data_prep.shard_writer import DONE_DIR, ShardJob, existing_record, write_shard
 from data_prep.sources import make_source
 from pipeline import manifest as manifest_lib
 from pipeline import paths, storage
+from pipeline.console import progress
 from pipeline.stages import stage_fingerprint
 
 STAGE = "prep"
@@ -180,7 +180,7 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     if todo:  # start Ray before the clock, so images/s measures writing
         executor = _thread_executor if shards_url.startswith("memory://") else _ray_executor(cfg)
     start = time.perf_counter()
-    with tqdm(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1, mininterval=1.0) as bar:
+    with progress(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1) as bar:
         def on_done(record: dict) -> None:
             records.append(record)
             bar.update(record["planned"])

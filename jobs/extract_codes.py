@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import paths, storage
+from pipeline.console import progress
 from pipeline.manifest import (
     is_complete,
     read_manifest,
@@ -119,8 +120,6 @@ class CodeExtractor:
 def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     import ray
     from ray.util import ActorPool
-    from tqdm import tqdm
-
     from data_prep.loaders import resolve_shards
     from jobs.checkpoints import CONFIG_NAME
     from jobs.ray_training import ensure_ray
@@ -161,7 +160,7 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
                       for _ in range(max(1, min(int(cfg.extract.num_actors), len(todo))))]
             pool = ActorPool(actors)
             results = pool.map_unordered(lambda a, job: a.extract.remote(job[2], job[3]), todo)
-            for _ in tqdm(results, total=len(todo), desc=STAGE, unit="shard"):
+            for _ in progress(iterable=results, total=len(todo), desc=STAGE, unit="shard"):
                 pass
             for a in actors:
                 ray.kill(a)
