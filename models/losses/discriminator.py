@@ -175,12 +175,15 @@ class DinoDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment of images in [0, 1] (identity when the policy is empty)."""
+        if not self.diffaug_policy:
+            return images
+        return augment_images(images, self.diffaug_policy, self.diffaug_prob, self.diffaug_range)
+
     def forward(self, images: torch.Tensor, augment: bool = True) -> torch.Tensor:
         """images in [0, 1] -> logits [B, sum of token counts over features]."""
-        x = images
-        if augment and self.diffaug_policy:
-            x = augment_images(x, self.diffaug_policy, self.diffaug_prob, self.diffaug_range)
-        feats = self.features(x)
+        feats = self.features(self.augment(images) if augment else images)
         head_dtype = self.heads[0].to_logit.bias.dtype  # heads and backbone may differ in dtype
         return torch.cat([head(f.to(head_dtype)) for head, f in zip(self.heads, feats)], dim=1).float()
 

@@ -199,8 +199,11 @@ class TokenizerLoss(nn.Module):
         gan off) returns a constant zero and empty logs: skip the D step when not gan_active(step)."""
         if not self.gan_active(step):
             return images.new_zeros((), dtype=torch.float32), {}
-        logits_real = self.discriminator(images.detach())
-        logits_fake = self.discriminator(recon.detach())
+        # Release order of the random draws: augment real, augment fake, then the two forwards.
+        real = self.discriminator.augment(images.detach())
+        fake = self.discriminator.augment(recon.detach())
+        logits_real = self.discriminator(real, augment=False)
+        logits_fake = self.discriminator(fake, augment=False)
         hinge = hinge_d_loss(logits_real, logits_fake)
         lecam = self.lecam.loss(logits_real, logits_fake)
         total = hinge + self.config.lecam_weight * lecam
