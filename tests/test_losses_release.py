@@ -16,8 +16,8 @@ from models.losses.discriminator import DinoDiscriminator, LeCamEMA, hinge_d_los
 from models.losses.perceptual import pad_crop_resize
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
-TINY_BACKBONE = dict(backbone_name="vit_tiny_patch16_224", backbone="random-untrained",
-                     image_size=32, feature_blocks=(0, 1), model_kwargs={"depth": 2})
+TINY_BACKBONE = {"backbone_name": "vit_tiny_patch16_224", "backbone": "random-untrained",
+                 "image_size": 32, "feature_blocks": (0, 1), "model_kwargs": {"depth": 2}}
 RELEASE_PRESETS = ("imagenet256-restok-l", "official-restok-l", "official-har-l", "official-vanilla-l")
 
 
@@ -125,7 +125,7 @@ def test_lpips_pad_crop_resize_in_training(monkeypatch):
     import models.losses.tokenizer_loss as tl
     calls = []
     monkeypatch.setattr(tl, "pad_crop_resize", lambda x, y: calls.append(1) or (x, y))
-    off = dict(vf_weight=0.0, gan_weight=0.0, vq_weight=0.0, lpips_backbone="random-untrained")
+    off = {"vf_weight": 0.0, "gan_weight": 0.0, "vq_weight": 0.0, "lpips_backbone": "random-untrained"}
     loss = TokenizerLoss(TokenizerLossConfig(**off))
     loss.generator_loss(images, recon, {}, 0)
     assert calls == [1]
