@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from configs.loading import load_config
-from models.losses.diffaugment import augment_images, diff_augment, parse_policy
+from models.losses.diffaugment import diff_augment, parse_policy
 from models.losses.discriminator import DinoDiscriminator, LeCamEMA, hinge_d_loss
-from models.losses.perceptual import pad_crop_resize
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
 TINY_BACKBONE = {"backbone_name": "vit_tiny_patch16_224", "backbone": "random-untrained",
@@ -67,6 +66,8 @@ def test_input_random_crop_or_area_resize():
 
 
 def test_diffaugment_release_policy_probability_and_range():
+    from models.losses.diffaugment import augment_images
+
     assert parse_policy("color,translation,cutout_0.2") == ["color", "translation", "cutout_0.2"]
     with pytest.raises(ValueError, match="unknown DiffAugment"):
         parse_policy("cutout_1.5")
@@ -111,6 +112,8 @@ def test_hinge_is_halved():
 
 
 def test_lpips_pad_crop_resize_in_training(monkeypatch):
+    from models.losses.perceptual import pad_crop_resize
+
     images, recon = torch.rand(2, 3, 20, 24), torch.rand(2, 3, 20, 24)
     random.seed(3)
     a, b = pad_crop_resize(images, recon)
