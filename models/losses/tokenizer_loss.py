@@ -128,7 +128,8 @@ class TokenizerLoss(nn.Module):
         cfg = self.config
         lines = [f"mse x{cfg.mse_weight}", f"vq x{cfg.vq_weight}"]
         if self.lpips is not None:
-            lines.append(f"{self.lpips.name} (VGG, backbone {cfg.lpips_backbone}) x{cfg.lpips_weight}")
+            lines.append(f"{self.lpips.name} (VGG, backbone {cfg.lpips_backbone}, augment "
+                         f"{cfg.lpips_augment}) x{cfg.lpips_weight}")
         if self.vf is not None:
             lines.append(f"{self.vf.name}: teacher {cfg.vf_teacher} ({cfg.vf_teacher_backbone}) at "
                          f"{cfg.vf_teacher_resolution}px, margin {cfg.vf_margin} "
@@ -137,7 +138,10 @@ class TokenizerLoss(nn.Module):
             lines.append(f"gan: {cfg.disc_backbone_name} ({cfg.disc_backbone}) heads "
                          f"{sum(p.numel() for p in self.discriminator.trainable_parameters()):,} "
                          f"params, from step {cfg.gan_start_step} x{cfg.gan_weight}, "
-                         f"lecam x{cfg.lecam_weight}")
+                         f"lecam x{cfg.lecam_weight} ({cfg.lecam_variant}, decay "
+                         f"{cfg.lecam_ema_decay}), diffaug '{cfg.disc_diffaug}' p={cfg.disc_diffaug_prob} "
+                         f"on {cfg.disc_diffaug_range}, input {cfg.disc_input_mode}, "
+                         f"cls readout {cfg.disc_cls_readout}")
         return "\n".join(lines)
 
     def gan_active(self, step: int) -> bool:
