@@ -202,3 +202,13 @@ def test_release_presets_use_the_release_losses(preset):
     assert (loss.lecam_ema_decay, loss.lecam_variant, loss.lecam_weight) == (0.999, "release", 0.001)
     assert dict(loss.disc_backbone_kwargs) == {"act_layer": "gelu_tanh"}
     assert cfg.tokenizer_train.optim.grad_clip == 10.0
+
+
+@pytest.mark.parametrize("key", ["tokenizer.init_scheme", "tokenizer_train.loss.disc_input_mode",
+                                 "tokenizer_train.loss.disc_diffaug_range",
+                                 "tokenizer_train.loss.lecam_variant"])
+def test_bad_switch_values_are_rejected_naming_the_choices(key):
+    from configs.loading import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{key}='nope' is not valid; choose one of"):
+        load_config("default", [f"{key}=nope"])
