@@ -14,6 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from configs.schema import RestokConfig
+from models.losses.diffaugment import RANGES as DIFFAUG_RANGES
+from models.losses.discriminator import INPUT_MODES as DISC_INPUT_MODES
+from models.losses.discriminator import LECAM_VARIANTS
+from models.tokenizer.config import INIT_SCHEMES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -188,6 +192,11 @@ _CHOICES = {
     "tokenizer_train.loss.vf_teacher_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.disc_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.vf_margin_convention": ("release", "paper"),
+    # Issue 13 switches (choices defined beside their code).
+    "tokenizer.init_scheme": INIT_SCHEMES,
+    "tokenizer_train.loss.disc_input_mode": DISC_INPUT_MODES,
+    "tokenizer_train.loss.disc_diffaug_range": DIFFAUG_RANGES,
+    "tokenizer_train.loss.lecam_variant": LECAM_VARIANTS,
 }
 
 

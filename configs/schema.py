@@ -72,6 +72,9 @@ class TrainConfig:
     micro_batch_size: int = 32  # per worker; grad accumulation = global / (micro * workers)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float = 0.9999
+    # Release (ema_model.py): decay min(ema_decay, (1 + t) / (10 + t)), a copy at step 0; false =
+    # ema_decay from the first step.
+    ema_warmup: bool = False
     zero_stage: int = 1
     precision: str = "bf16"  # bf16 | fp32 (fp16 is not supported on CPU)
     log_every: int = 10

@@ -369,7 +369,7 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
         micro = [next(batches) for _ in range(gas)]
         logs = spec.train_step(step, micro)
         if spec.ema is not None:
-            spec.ema.update()
+            spec.ema.update(step)
         meter.add(int(train.micro_batch_size) * gas)
         done = step + 1
         # The first step is logged too: the curve starts at the untrained model's loss.
