@@ -172,8 +172,8 @@ def test_retrained_tokenizer_discards_stale_code_shards(upstream, flip_codes, tm
     old_codes = all_codes(cfg)["train"][0]
     retrain_tokenizer(cfg, seed=1)
     new = extract_codes.run(cfg)  # the stage run alone over a complete manifest of the same fingerprint
-    assert "discarded 3 of 3 code shards: 3 made by other tokenizer weights" in capsys.readouterr().out
     assert new["tokenizer_sha256"] != old["tokenizer_sha256"]
+    assert "discarded 3 of 3 code shards: 3 made by other tokenizer weights" in capsys.readouterr().out
     assert new["tokenizer_sha256"] == storage.sha256_url(
         storage.join(paths.stage_dir(cfg, "train_tokenizer"), "tokenizer_ema.safetensors"))
     clean = copy_upstream(upstream, make_cfg(tmp_path / "d", ONE_ACTOR))
