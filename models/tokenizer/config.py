@@ -38,6 +38,9 @@ class TokenizerConfig:
     # Latent hierarchy (SPEC "latent levels"); sum(levels) = number of tokens.
     levels: list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8, 16, 32, 64])
     latent_hierarchy: bool = True  # False: all latents one mask level (paper Tab. 2 #1)
+    # SPEC "encoder mask": True = the level mask (the release always builds it, also at S = 1);
+    # False = full bidirectional encoder attention, as TiTok (ablation-titok-full-attention).
+    encoder_mask: bool = True
     latent_init: str = "pool"  # pool (Alg. 1, release) | learned (TiTok-style queries)
     residual_latent: bool = True  # Alg. 1 subtracts each level before pooling the next
     codebook_size: int = 8192

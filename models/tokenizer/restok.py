@@ -101,7 +101,6 @@ def encoder_layouts(cfg: TokenizerConfig, grid: tuple[int, int]):
                                 device="cpu")
     if not cfg.latent_hierarchy:
         latent_level = torch.zeros_like(latent_level)
-    no_hierarchy = cfg.num_scales == 1 and not cfg.latent_hierarchy
     out = []
     for m in range(cfg.num_scales):
         seq_grids = list(reversed(grids[: m + 1]))
@@ -112,7 +111,7 @@ def encoder_layouts(cfg: TokenizerConfig, grid: tuple[int, int]):
             o += h * w
         pos.append(torch.arange(o, o + N, device="cpu")[:, None].expand(N, 2))
         lev.append(latent_level + len(seq_grids))
-        levels = None if no_hierarchy else torch.cat(lev)  # TiTok baseline: full attention
+        levels = torch.cat(lev) if cfg.encoder_mask else None  # None: full attention (TiTok)
         out.append((torch.cat(pos), levels, seq_grids))
     return out
 
