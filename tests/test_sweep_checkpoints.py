@@ -1,0 +1,111 @@
+"""`restok sweep` over the checkpoints training keeps: a tiny tokenizer trained on real Ray Train +
+DeepSpeed (ZeRO-2, 2 gloo workers) checkpoints every 2 of 8 steps and keeps 3; the sweep is given
+the train_tokenizer stage directory, exports each kept checkpoint (EMA as the EMA) and runs the real
+extract_codes -> train_generator -> evaluate chain for each (tiny schedules), with the plot and
+table in MLflow. `restok export` of a missing step is one line naming the steps there."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_eval import tiny_cfg, write_prep
+
+from jobs import checkpoints, train_tokenizer
+from pipeline import paths, tracking
+from pipeline.manifest import read_manifest
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=4",
+         "tokenizer_train.checkpoint_every=2", "tokenizer_train.keep_checkpoints=3",
+         "tokenizer_train.zero_stage=2", "tokenizer_train.ema_decay=0.5", "tokenizer_train.log_every=1",
+         "tokenizer_train.image_log_every=0", "tokenizer_train.optim.lr=3e-3",
+         "tokenizer_train.optim.warmup_steps=1", "data.loader_workers=0"]
+CHAIN = ["eval.num_samples_per_class=2", "eval.probe_steps=20", "extract.augment=none", "extract.num_actors=1",
+         "eval.num_actors=1", "generator_train.steps=1", "generator_train.global_batch_size=8",
+         "generator_train.micro_batch_size=4", "generator_train.checkpoint_every=1", "generator_train.log_every=1",
+         "generator_train.image_log_every=0", "tracking.register_models=false"]
+KEPT = [4, 6, 8]  # checkpoints at 2, 4, 6, 8; Ray Train keeps the newest 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from jobs.evaluate import close_pool
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    close_pool()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    cfg = tiny_cfg(tmp_path_factory.mktemp("sweepckpt") / "work", [*TRAIN, *CHAIN])
+    write_prep(cfg)
+    run_id = tracking.start_run(cfg, "train_tokenizer")
+    assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
+    return cfg, paths.stage_dir(cfg, "train_tokenizer")
+
+
+def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, capsys):
+    from pipeline.cli import main
+
+    cfg, stage_dir = trained
+    stage, kept, _ = checkpoints.kept_checkpoints(stage_dir)
+    assert stage == "train_tokenizer" and sorted(kept) == KEPT
+    # Under the Ray Train storage path, not in the stage dir.
+    assert all(k.startswith(paths.ray_storage_path(cfg) + "/") for k in kept.values())
+
+    assert main(["export", stage_dir, "--checkpoint", "4"]) == 0
+    out = os.path.join(stage_dir, "exports", "step_0000004")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"export: {out}"
+    # ZeRO-2: rank 0 holds the whole EMA; the export's EMA file is it, not the raw weights.
+    ema_ckpt = load_file(os.path.join(kept[4], "ema_rank0.safetensors"))
+    ema, raw = (load_file(os.path.join(out, f)) for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors"))
+    assert ema_ckpt and set(ema_ckpt) <= set(ema)
+    for k, v in ema_ckpt.items():
+        assert torch.equal(ema[k], v), k
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema_ckpt)  # decay 0.5: EMA != raw
+    assert checkpoints.load_tokenizer(out).levels == list(cfg.tokenizer.levels)
+    # The newest kept checkpoint is what the stage exported at its end.
+    last = checkpoints.export_checkpoint(stage_dir, 8)
+    for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors"):
+        a, b = load_file(os.path.join(last, f)), load_file(os.path.join(stage_dir, f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+    # A step Ray Train did not keep: one line naming the stage dir and the steps there.
+    assert main(["export", stage_dir, "--checkpoint", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and stage_dir in err and "step 2" in err and str(KEPT) in err, err
+
+
+def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
+    from pipeline.sweep import resolve_checkpoints, sweep
+
+    cfg, stage_dir = trained
+    with pytest.raises(FileNotFoundError, match=r"step 3; available steps: \[4, 6, 8\]"):
+        resolve_checkpoints(cfg, [stage_dir], steps=[3, 4])
+    assert resolve_checkpoints(cfg, [stage_dir], steps=[6]) == [os.path.join(stage_dir, "exports", "step_0000006")]
+
+    result = sweep(cfg)  # no --checkpoints: this config's train_tokenizer stage dir, all kept steps
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == KEPT
+    assert [r["checkpoint"] for r in rows] == [f"step {s}" for s in KEPT]
+    assert len({r["path"] for r in rows}) == 3
+    assert all(r["fd_probe_recon"] is not None and r["fd_probe_gen"] is not None for r in rows)
+    _, kept, _ = checkpoints.kept_checkpoints(stage_dir)
+    for r in rows:  # each row is the export of its own kept checkpoint
+        manifest = read_manifest(r["path"])
+        assert manifest["steps_done"] == r["step"] and manifest["source_checkpoint"] == kept[r["step"]]
+
+    client = tracking.client_for(paths.tracking_uri(cfg))
+    parent = result["parent_run_id"]
+    assert {"recon_vs_gen.png", "sweep.csv", "sweep.md"} <= {a.path for a in client.list_artifacts(parent)}
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    stages = sorted(run.data.tags["restok.stage"] for run in children)
+    assert stages == sorted(["extract_codes", "train_generator", "evaluate"] * 3)
+    assert all(run.data.metrics for run in children)
+    assert len(client.get_metric_history(parent, "fd_probe_gen")) == 3
