@@ -76,6 +76,7 @@ def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, ca
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
     # A step Ray Train did not keep: one line naming the stage dir and the steps there.
+    capsys.readouterr()
     assert main(["export", stage_dir, "--checkpoint", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and stage_dir in err and "step 2" in err and str(KEPT) in err, err
