@@ -1,8 +1,12 @@
 """`restok sweep`: reconstruction vs generation over tokenizer checkpoints (paper Fig. 7, Sec. 5.4).
 
-For each tokenizer checkpoint (a train_tokenizer export directory, or its `.safetensors` beside its
-config.yaml) the sweep builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the
-parent's image shards and MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
+The checkpoints: a train_tokenizer stage directory stands for the checkpoints Ray Train kept for it
+(all, or `--steps`), each exported first (jobs.checkpoints.export_checkpoint: any ZeRO stage, EMA
+weights as the EMA, into <stage dir>/exports/step_<N>); a Ray Train checkpoint directory is
+exported alone; an export directory (or its `.safetensors` beside its config.yaml) is used as is.
+With no `--checkpoints`, the config's own train_tokenizer stage directory. For each, the sweep
+builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the parent's image shards and
+MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
 then runs the chain extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
 on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small

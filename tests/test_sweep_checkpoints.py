@@ -4,6 +4,7 @@ the train_tokenizer stage directory, exports each kept checkpoint (EMA as the EM
 extract_codes -> train_generator -> evaluate chain for each (tiny schedules), with the plot and
 table in MLflow. `restok export` of a missing step is one line naming the steps there."""
 import os
+import pathlib
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "toke
          "tokenizer_train.checkpoint_every=2", "tokenizer_train.keep_checkpoints=3",
          "tokenizer_train.zero_stage=2", "tokenizer_train.ema_decay=0.5", "tokenizer_train.log_every=1",
          "tokenizer_train.image_log_every=0", "tokenizer_train.optim.lr=3e-3",
-         "tokenizer_train.optim.warmup_steps=1", "data.loader_workers=0"]
+         "tokenizer_train.optim.warmup_steps=1", "data.loader_workers=0", "cluster.peak_tflops_per_worker=1"]
 CHAIN = ["eval.num_samples_per_class=2", "eval.probe_steps=20", "extract.augment=none", "extract.num_actors=1",
-         "eval.num_actors=1", "generator_train.steps=1", "generator_train.global_batch_size=8",
+         "eval.num_actors=1", "generator_train.steps=1", "generator_train.global_batch_size=4",
          "generator_train.micro_batch_size=4", "generator_train.checkpoint_every=1", "generator_train.log_every=1",
          "generator_train.image_log_every=0", "tracking.register_models=false"]
 KEPT = [4, 6, 8]  # checkpoints at 2, 4, 6, 8; Ray Train keeps the newest 3
@@ -90,7 +91,9 @@ def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
         resolve_checkpoints(cfg, [stage_dir], steps=[3, 4])
     assert resolve_checkpoints(cfg, [stage_dir], steps=[6]) == [os.path.join(stage_dir, "exports", "step_0000006")]
 
-    result = sweep(cfg)  # no --checkpoints: this config's train_tokenizer stage dir, all kept steps
+    # The chains' generator training on one Ray Train worker (cluster.* is not in any fingerprint).
+    sweep_cfg = tiny_cfg(pathlib.Path(cfg.work_dir), [*TRAIN, *CHAIN, "cluster.num_workers=1"])
+    result = sweep(sweep_cfg)  # no --checkpoints: this config's train_tokenizer stage dir, all kept
     rows = result["rows"]
     assert [r["step"] for r in rows] == KEPT
     assert [r["checkpoint"] for r in rows] == [f"step {s}" for s in KEPT]
