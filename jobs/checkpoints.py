@@ -242,7 +242,7 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
     stage = str(manifest.get("stage") or os.path.basename(stage_dir.rstrip("/")))
     if stage not in EXPORTABLE:
         raise FileNotFoundError(f"{stage_dir}: not a training stage directory (stage {stage!r}; "
-                         f"valid: {sorted(EXPORTABLE)})")
+                                f"valid: {sorted(EXPORTABLE)})")
     return stage
 
 
@@ -270,8 +270,16 @@ def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[s
         stage_fingerprint(c, stage) for c in configs]
     roots = [ray_storage_path(c) for c in configs] + [storage.join(stage_dir.rsplit("/", 1)[0], "ray")]
     for root in dict.fromkeys(roots):
+        if not fps:  # nothing names the run: only an unambiguous one will do
+            runs = _fs_glob(storage.join(root, f"{stage}-*"))
+            if len({os.path.basename(r).split("-")[1] for r in runs}) > 1:
+                raise FileNotFoundError(f"{stage_dir}: no manifest or config names its Ray Train run among "
+                                        f"{runs}; pass the preset and overrides that trained it")
+            dirs += sorted(runs, reverse=True)
         for fp in dict.fromkeys(fps):
-            dirs += sorted(_fs_glob(storage.join(root, f"{stage}-{fp}")) + _fs_glob(storage.join(root, f"{stage}-{fp}-*")))
+            # The run itself, then `resume: never` runs (<stage>-<fp>-<time>), newest first.
+            dirs += _fs_glob(storage.join(root, f"{stage}-{fp}"))
+            dirs += sorted(_fs_glob(storage.join(root, f"{stage}-{fp}-*")), reverse=True)
     return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs))
 
 
@@ -286,7 +294,9 @@ def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int
     found: dict[int, str] = {}
     for d in dirs:
         # Ray Train v2 keeps <experiment>/checkpoint_*; v1 <experiment>/<trial>/checkpoint_*.
-        for meta_url in _fs_glob(storage.join(d, "*", "meta.json")) + _fs_glob(storage.join(d, "*", "*", "meta.json")):
+        # Newest first (checkpoint_<time>): a step saved twice (a rerun after a kill) is the rerun's.
+        metas = _fs_glob(storage.join(d, "*", "meta.json")) + _fs_glob(storage.join(d, "*", "*", "meta.json"))
+        for meta_url in sorted(metas, reverse=True):
             ckpt = meta_url.rsplit("/", 1)[0]
             meta = storage.read_json(meta_url) or {}
             if meta.get("stage") == stage and "step" in meta and _checkpoint_complete(ckpt, meta):

@@ -15,8 +15,6 @@ from jobs import checkpoints, train_tokenizer
 from pipeline import paths, tracking
 from pipeline.manifest import read_manifest
 
-pytestmark = pytest.mark.slow
-
 TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=4",
          "tokenizer_train.checkpoint_every=2", "tokenizer_train.keep_checkpoints=3",
          "tokenizer_train.zero_stage=2", "tokenizer_train.ema_decay=0.5", "tokenizer_train.log_every=1",
@@ -50,6 +48,7 @@ def trained(ray_local, tmp_path_factory):
     return cfg, paths.stage_dir(cfg, "train_tokenizer")
 
 
+@pytest.mark.slow
 def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, capsys):
     from pipeline.cli import main
 
@@ -83,6 +82,7 @@ def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, ca
     assert err.count("\n") == 0 and stage_dir in err and "step 2" in err and str(KEPT) in err, err
 
 
+@pytest.mark.slow
 def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
     from pipeline.sweep import resolve_checkpoints, sweep
 
@@ -113,3 +113,43 @@ def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
     assert stages == sorted(["extract_codes", "train_generator", "evaluate"] * 3)
     assert all(run.data.metrics for run in children)
     assert len(client.get_metric_history(parent, "fd_probe_gen")) == 3
+
+
+def test_kept_checkpoints_found_from_stage_dir_manifest_or_config(tmp_path):
+    """Finding a stage's checkpoints without running anything (fake layout, files only): under
+    cluster.storage_path from the stage's config.yaml, by the manifest's fingerprint; incomplete
+    checkpoints (a rank's state missing) and other runs' directories are not listed."""
+    import json
+
+    from configs.loading import to_yaml
+    from pipeline.manifest import write_manifest
+    from pipeline.stages import stage_fingerprint
+
+    storage_root = tmp_path / "elsewhere"
+    cfg = tiny_cfg(tmp_path / "work", [f"cluster.storage_path={storage_root}"])
+    fp = stage_fingerprint(cfg, "train_tokenizer")
+
+    def fake(run, name, step, ranks=(0, 1)):
+        d = storage_root / run / name
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"step": step, "world": 2, "stage": "train_tokenizer"}))
+        for r in ranks:
+            (d / f"rank{r}.pt").write_bytes(b"")
+        return str(d)
+
+    a = fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-01", 10)
+    fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-02", 20, ranks=(0,))  # rank 1 unfinished
+    b = fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-03", 30)
+    fake("train_tokenizer-0123456789abcdef", "checkpoint_2026-01-01_00-00-04", 40)  # another config
+    stage_dir = tmp_path / "work" / "train_tokenizer"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_manifest(str(stage_dir), "train_tokenizer", fp, complete=False, steps_done=30)
+    stage, kept, _ = checkpoints.kept_checkpoints(str(stage_dir))
+    assert stage == "train_tokenizer" and kept == {10: a, 30: b}
+    with pytest.raises(FileNotFoundError, match=r"step 20; available steps: \[10, 30\]"):
+        checkpoints.find_checkpoint(str(stage_dir), 20)
+    # Without config.yaml or manifest the config given names the run (a killed first run).
+    (stage_dir / "config.yaml").unlink()
+    (stage_dir / "manifest.json").unlink()
+    assert checkpoints.kept_checkpoints(str(stage_dir), cfg)[1] == {10: a, 30: b}
