@@ -22,7 +22,7 @@ TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "toke
          "tokenizer_train.optim.warmup_steps=1", "data.loader_workers=0", "cluster.peak_tflops_per_worker=1"]
 CHAIN = ["eval.num_samples_per_class=2", "eval.probe_steps=20", "extract.augment=none", "extract.num_actors=1",
          "eval.num_actors=1", "generator_train.steps=1", "generator_train.global_batch_size=4",
-         "generator_train.micro_batch_size=4", "generator_train.checkpoint_every=1", "generator_train.log_every=1",
+         "generator_train.micro_batch_size=2", "generator_train.checkpoint_every=1", "generator_train.log_every=1",
          "generator_train.image_log_every=0", "tracking.register_models=false"]
 KEPT = [4, 6, 8]  # checkpoints at 2, 4, 6, 8; Ray Train keeps the newest 3
 
