@@ -246,8 +246,8 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
     return stage
 
 
-def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str]]:
-    """(stage, candidate Ray Train experiment directories) of a training stage directory.
+def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
+    """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
 
     Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.ray_training.experiment_name)
     under cluster.storage_path (default <work_dir>/ray, pipeline.paths.ray_storage_path). The
@@ -261,6 +261,7 @@ def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[s
     manifest = storage.read_json(storage.join(stage_dir, "manifest.json")) or {}
     stage = _stage_of(stage_dir, manifest)
     dirs: list[str] = []
+    patterns: list[str] = []
     for key in ("ray_checkpoint", "checkpoint"):  # written by finish_training_stage
         path = manifest.get(key)
         if path and storage.exists(str(path)):
@@ -271,16 +272,18 @@ def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[s
     roots = [ray_storage_path(c) for c in configs] + [storage.join(stage_dir.rsplit("/", 1)[0], "ray")]
     for root in dict.fromkeys(roots):
         if not fps:  # nothing names the run: only an unambiguous one will do
-            runs = _fs_glob(storage.join(root, f"{stage}-*"))
+            patterns.append(storage.join(root, f"{stage}-*"))
+            runs = _fs_glob(patterns[-1])
             if len({os.path.basename(r).split("-")[1] for r in runs}) > 1:
                 raise FileNotFoundError(f"{stage_dir}: no manifest or config names its Ray Train run among "
                                         f"{runs}; pass the preset and overrides that trained it")
             dirs += sorted(runs, reverse=True)
         for fp in dict.fromkeys(fps):
             # The run itself, then `resume: never` runs (<stage>-<fp>-<time>), newest first.
+            patterns.append(storage.join(root, f"{stage}-{fp}[-*]"))
             dirs += _fs_glob(storage.join(root, f"{stage}-{fp}"))
             dirs += sorted(_fs_glob(storage.join(root, f"{stage}-{fp}-*")), reverse=True)
-    return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs))
+    return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs)), patterns
 
 
 def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int, str], list[str]]:
@@ -290,7 +293,7 @@ def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int
     if is_checkpoint_dir(source):
         meta = storage.read_json(storage.join(source, "meta.json"))
         return _stage_of(source, {"stage": meta.get("stage")}), {int(meta["step"]): source}, [source]
-    stage, dirs = experiment_dirs(source, cfg)
+    stage, dirs, patterns = experiment_dirs(source, cfg)
     found: dict[int, str] = {}
     for d in dirs:
         # Ray Train v2 keeps <experiment>/checkpoint_*; v1 <experiment>/<trial>/checkpoint_*.
@@ -301,7 +304,7 @@ def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int
             meta = storage.read_json(meta_url) or {}
             if meta.get("stage") == stage and "step" in meta and _checkpoint_complete(ckpt, meta):
                 found.setdefault(int(meta["step"]), ckpt)  # the manifest's own run first
-    return stage, dict(sorted(found.items())), dirs
+    return stage, dict(sorted(found.items())), dirs or patterns
 
 
 def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tuple[str, int, str]:
@@ -309,7 +312,7 @@ def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tu
     one-line FileNotFoundError naming where it looked and the steps there otherwise."""
     stage, kept, searched = kept_checkpoints(source, cfg)
     if not kept:
-        raise FileNotFoundError(f"{source}: no kept Ray Train checkpoints (searched {searched or [source]})")
+        raise FileNotFoundError(f"{source}: no kept Ray Train checkpoints (searched {searched})")
     if step is None:
         step = max(kept)
     if step not in kept:

@@ -184,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, PermissionError) as exc:
         # Missing weights, shards or checkpoints: their messages name the path (one line).
-        print(f"restok: {args.command}: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        # (`{a if c else b!r}` would repr the whole expression: the message came out quoted.)
+        print(f"restok: {args.command}: {(str(exc).splitlines() or [repr(exc)])[0]}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from pipeline.manifest import ManifestError
