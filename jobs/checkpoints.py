@@ -370,7 +370,7 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     tmp = None
     if "://" in ckpt and not ckpt.startswith("file://"):  # DeepSpeed's consolidation reads local files
         tmp = tempfile.mkdtemp(prefix="restok-export-")
-        fs.get(path, tmp, recursive=True)
+        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)  # the contents, not the dir
         path = tmp
     try:
         raw, ema = export_weights(path, engine_name, model)

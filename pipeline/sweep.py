@@ -6,8 +6,8 @@ weights as the EMA, into <stage dir>/exports/step_<N>); a Ray Train checkpoint d
 exported alone; an export directory (or its `.safetensors` beside its config.yaml) is used as is.
 With no `--checkpoints`, the config's own train_tokenizer stage directory. For each, the sweep
 builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the parent's image shards and
-MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
-then runs the chain extract_codes -> train_generator -> evaluate (recon + gen), every stage an
+MLflow store, seeds it with the checkpoint as its train_tokenizer stage, then runs the chain
+extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
 on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small
 cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does not). The probe
@@ -71,7 +71,9 @@ def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] =
             continue
         try:
             stage, kept, searched = ckpts.kept_checkpoints(entry, cfg)
-        except FileNotFoundError:  # no manifest naming a training stage: an export dir at most
+        except FileNotFoundError:  # nothing names a training run here: an export dir at most
+            if not storage.exists(storage.join(entry, "tokenizer_ema.safetensors")):
+                raise
             stage, kept, searched = "train_tokenizer", {}, [entry]
         if stage != "train_tokenizer":
             raise FileNotFoundError(f"{entry}: a {stage} directory; the sweep takes tokenizer checkpoints")

@@ -69,6 +69,15 @@ def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, ca
         assert torch.equal(ema[k], v), k
     assert any(not torch.equal(ema[k], raw[k]) for k in ema_ckpt)  # decay 0.5: EMA != raw
     assert checkpoints.load_tokenizer(out).levels == list(cfg.tokenizer.levels)
+    # A checkpoint on remote storage (fsspec memory:// here) exports the same weights.
+    import fsspec
+    from safetensors.torch import load as load_bytes
+
+    mem = fsspec.filesystem("memory")
+    mem.put(kept[4] + "/", "/sweepckpt/ckpt4/", recursive=True)
+    remote = checkpoints.export_checkpoint("memory:///sweepckpt/ckpt4", out="memory:///sweepckpt/export4")
+    remote_ema = load_bytes(mem.cat(remote.split("://", 1)[1] + "/tokenizer_ema.safetensors"))
+    assert remote_ema.keys() == ema.keys() and all(torch.equal(remote_ema[k], ema[k]) for k in ema)
     # The newest kept checkpoint is what the stage exported at its end.
     last = checkpoints.export_checkpoint(stage_dir, 8)
     for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors"):
