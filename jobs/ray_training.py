@@ -7,6 +7,7 @@ Checkpoint directory layout (one Ray Train checkpoint, merged from all workers' 
                        loaded with torch.load(weights_only=True))
   ema_rank<r>.safetensors  per-rank EMA (whole tensors on rank 0, or ZeRO-3 shards on every rank)
   meta.json            step, world size, ZeRO stage, EMA shapes (rank 0)
+  config.yaml          the resolved config of the run (rank 0)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pipeline.stages import stage_fingerprint
 
 STATE_TAG = "state"
 META_NAME = "meta.json"
+CONFIG_NAME = "config.yaml"
 # Test-only fault injection (name says so): rank 1 calls os._exit(1) once when it reaches this step.
 TEST_CRASH_ENV = "RESTOK_TEST_CRASH_RANK1_AT_STEP"
 # Stage name -> its TrainConfig section.
@@ -247,6 +249,9 @@ class WorkerSession:
                         "ema_shapes": ema.shapes if ema is not None else {}}
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
                     json.dump(meta, fh)
+                # The resolved config, so any kept checkpoint exports alone (jobs.checkpoints).
+                with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
+                    fh.write(to_yaml(self.cfg))
             ray.train.report({**metrics, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:

@@ -108,7 +108,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = resolve(args.items)
     with captured(args, cfg):
-        return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints) or 0
+        return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints, args.steps) or 0
+
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # The config is needed only for a checkpoint without its own config.yaml (older runs).
+    cfg = resolve(args.items) if args.items else None
+    if args.list:
+        stage, kept, searched = _call("jobs.checkpoints", "kept_checkpoints", args.source, cfg)
+        print(f"{stage}: kept checkpoints at steps {sorted(kept)} (searched {searched})")
+        return 0
+    out = _call("jobs.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg)
+    print(f"export: {out}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -161,9 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="recon-vs-gen sweep over tokenizer checkpoints")
     s.add_argument("items", nargs="*", help=items_help)
-    s.add_argument("--checkpoints", nargs="+", required=True)
+    s.add_argument("--checkpoints", nargs="+", default=[],
+                   help="train_tokenizer stage dirs (their kept Ray Train checkpoints), checkpoint "
+                        "dirs or export dirs (default: this config's train_tokenizer stage dir)")
+    s.add_argument("--steps", nargs="+", type=int, default=[],
+                   help="only these steps of a stage dir's kept checkpoints (default: all kept)")
     s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("export", help="export a kept training checkpoint (any ZeRO stage, EMA "
+                                      "as the EMA) to the format later stages and sweeps load")
+    s.add_argument("source", help="training stage dir (e.g. WORK/train_tokenizer) or a Ray Train "
+                                  "checkpoint dir")
+    s.add_argument("items", nargs="*", help="[PRESET] [key=value ...] that trained it (only for "
+                                            "checkpoints without their own config.yaml)")
+    s.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                   help="the step to export (default: the newest kept)")
+    s.add_argument("--out", default="", help="output dir (default: SOURCE/exports/step_<STEP>)")
+    s.add_argument("--list", action="store_true", help="list the kept checkpoints' steps")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("compare", help="side-by-side table of MLflow runs")
     s.add_argument("runs", nargs="+")
