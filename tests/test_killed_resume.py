@@ -133,7 +133,8 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
 
     # Storage: no orphan; exactly the KEEP newest complete checkpoints.
     experiment = os.path.dirname(complete[resume_step])
-    kept = sorted(os.path.basename(d) for d in glob.glob(os.path.join(experiment, "checkpoint_*")))
+    kept = sorted(os.path.basename(d) for d in glob.glob(os.path.join(experiment, "checkpoint_*"))
+                  if os.path.isdir(d))
     assert kept == [f"checkpoint_{s:08d}" for s in range(STEPS - EVERY * (KEEP - 1), STEPS + 1, EVERY)]
     assert all(os.path.exists(os.path.join(experiment, k, "COMPLETE.json")) for k in kept)
     manifest = json.loads((work / "train_tokenizer" / "manifest.json").read_text())
