@@ -200,13 +200,16 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
 @contextmanager
 def stage_run(cfg: Any, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
-    from pipeline.stages import stage_fingerprint
+    from pipeline.stages import CONFIG_KEYS, stage_fingerprint
 
     if run_id:
         yield run_id
         return
     reap_dead_runs(cfg)
-    run_id, _ = continue_or_start_run(cfg, stage, stage_fingerprint(cfg, stage), parent_run_id)
+    if stage in CONFIG_KEYS:  # a graph stage (not e.g. `sample` or `sweep`)
+        run_id, _ = continue_or_start_run(cfg, stage, stage_fingerprint(cfg, stage), parent_run_id)
+    else:
+        run_id = start_run(cfg, stage, parent_run_id)
     try:
         yield run_id
     except BaseException:
