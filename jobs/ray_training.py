@@ -57,8 +57,8 @@ def ensure_ray(cfg: Any) -> None:
 
 
 def experiment_name(cfg: Any, stage: str) -> str:
-    """`resume: auto` reuses the Ray Train run of the same stage fingerprint (Ray restores its
-    latest checkpoint); `never` starts a fresh run name."""
+    """`resume: auto` reuses the experiment directory of the same stage fingerprint (resuming
+    from its newest complete checkpoint); `never` starts a fresh one."""
     name = f"{stage}-{stage_fingerprint(cfg, stage)}"
     if str(cfg[TRAIN_SECTION[stage]].resume) == "never":
         # Once per process: fit and the stage's export must name the same directory.
@@ -165,7 +165,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         "stage": stage,
         "run_id": run_id,
         "tracking_uri": paths.tracking_uri(cfg),
-        # An explicit checkpoint path is used only when Ray has none of its own to restore.
+        # An explicit checkpoint path is used only when storage has no complete checkpoint.
         "resume_from": None if resume in ("auto", "never") else resume,
         "crash_marker": storage.join(paths.ray_storage_path(cfg), experiment_name(cfg, stage) + ".crashed"),
         "checkpoint_root": root,

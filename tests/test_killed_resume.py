@@ -18,8 +18,6 @@ import pytest
 from configs.loading import load_config
 from pipeline import paths, tracking
 
-pytestmark = pytest.mark.slow
-
 STEPS, EVERY, KEEP = 24, 8, 2
 # The default preset with a tiny data set and schedule (issue 19: "a tiny default-like config").
 OVERRIDES = [
@@ -100,6 +98,7 @@ def _kill_after_a_checkpoint(work, client):
     return proc.pid, run_id
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     work = tmp_path / "work"
@@ -154,3 +153,43 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     assert parents[0].data.tags["restok.continued_in"] == parents[1].info.run_id
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def _checkpoint(root, step, marker=True):
+    d = root / f"checkpoint_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"step": step, "world": 2}))
+    if marker:
+        (d / "COMPLETE.json").write_text(json.dumps({"step": step, "world": 2}))
+    return d
+
+
+def test_prepare_resume_adopts_registered_drops_orphans_and_keeps_the_newest(tmp_path):
+    """Storage decides, not Ray's snapshot: a checkpoint the snapshot registered but that lacks our
+    marker (killed in between) is adopted; unregistered unmarked directories are orphans."""
+    from jobs import ray_training
+
+    root = tmp_path / "train_tokenizer-fp"
+    for step in (10, 20):
+        _checkpoint(root, step)
+    _checkpoint(root, 30, marker=False)  # registered by Ray, marker not yet written
+    _checkpoint(root, 40, marker=False)  # half uploaded: no marker, not registered
+    (root / "checkpoint_00000050").mkdir()  # upload cut before meta.json
+    (root / ray_training.RAY_SNAPSHOT_NAME).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": f"checkpoint_{s:08d}", "metrics": {}} for s in (10, 20, 30)]}))
+
+    url, marker = ray_training.prepare_resume(str(root), keep=2)
+    assert (url, marker["step"]) == (str(root / "checkpoint_00000030"), 30)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000020", "checkpoint_00000030"]
+    assert ray_training.prepare_resume(str(root), keep=0)[1]["step"] == 30  # idempotent, keeps all
+
+
+def test_driver_alive_tells_dead_and_reused_pids_apart():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    me = tracking.driver_id()
+    host, pid, start = me.split(":")
+    assert tracking.driver_alive(me) is True
+    assert tracking.driver_alive(f"{host}:{child.pid}:123") is False
+    assert tracking.driver_alive(f"{host}:{pid}:{int(start) + 1}") is False  # pid reused by another
+    assert tracking.driver_alive(f"elsewhere-{host}:{pid}:{start}") is None  # unknown on another host
