@@ -111,6 +111,11 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     logged_before = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert max(logged_before) >= resume_step  # the rerun repeats steps that MLflow already has
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
+    # The case, made certain: Ray's snapshot has not registered that checkpoint (Ray
+    # alone would restart from an older one, here from scratch).
+    snapshot = os.path.join(os.path.dirname(complete[resume_step]), "checkpoint_manager_snapshot.json")
+    if os.path.exists(snapshot):
+        os.remove(snapshot)
     # An upload cut short by a kill: a newer checkpoint directory without the marker.
     orphan = re.sub(r"checkpoint_\d+$", f"checkpoint_{resume_step + EVERY:08d}", complete[resume_step])
     os.makedirs(orphan)
