@@ -174,12 +174,12 @@ class EvalWorker:
         return {"keys": keys, "real": real, "recon": recon, "sums": sums, "codes_hist": codes_hist.hist.numpy(),
                 "grid": grid, "lpips_status": lpips_status, "num_tokens": full, "seconds": time.time() - t0}
 
-    def sample(self, rank: int, start: int, labels: np.ndarray, tokenizer_url: str, generator_url: str,
-               seed: int, sampler: dict, batch_size: int, out_url: str, samples_per_shard: int) -> dict:
-        from jobs.sample import sample_slice
+    def sample(self, shards: list[tuple[int, int, int]], labels: np.ndarray, tokenizer_url: str,
+               generator_url: str, seed: int, sampler: dict, batch_size: int, out_url: str, fp: str) -> dict:
+        from jobs.sample import sample_shards
 
-        return sample_slice(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, rank, start,
-                            labels, seed, sampler, batch_size, out_url, samples_per_shard)
+        return sample_shards(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, shards,
+                             labels, seed, sampler, batch_size, out_url, fp)
 
 
 class EvalPool:
@@ -578,12 +578,14 @@ def _samples_url_for(cfg: Any, tokenizer_url: str, generator_url: str, sampling:
     """Sample sets of explicitly named checkpoints live under a hash of what produced them."""
     from omegaconf import OmegaConf
 
+    from jobs.sample import SAMPLING_PROTOCOL
     from pipeline.manifest import fingerprint
 
     sampling = sampling if sampling is not None else cfg.sampling
     key = fingerprint({"tokenizer": tokenizer_url, "generator": generator_url,
                        "sampling": OmegaConf.to_container(sampling) if OmegaConf.is_config(sampling) else sampling,
-                       "per_class": int(cfg.eval.num_samples_per_class)})
+                       "per_class": int(cfg.eval.num_samples_per_class),
+                       "samples_per_shard": int(cfg.eval.samples_per_shard), "protocol": SAMPLING_PROTOCOL})
     return storage.join(paths.stage_dir(cfg, STAGE), "samples", key)
 
 
