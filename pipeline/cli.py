@@ -61,6 +61,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.action == "score":  # restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]
+        files, items = args.items[:2], args.items[2:]
+        if len(files) != 2:
+            raise SystemExit("usage: restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]")
+        return _call("jobs.evaluate", "cli", "score", resolve(items), files) or 0
     cfg = resolve(args.items)
     return _call("jobs.evaluate", "cli", args.action, cfg) or 0
 
@@ -102,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("items", nargs="*", help=items_help)
         s.set_defaults(func=_stage_command(stage))
 
-    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search")
-    s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search"])
+    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search | "
+                                    "score REF.npz SAMPLES.npz (ADM's evaluator)")
+    s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search", "score"])
     s.add_argument("items", nargs="*", help=items_help)
     s.set_defaults(func=cmd_eval)
 

@@ -79,7 +79,13 @@ def test_reference_stats_roundtrip(tmp_path):
     adm = tmp_path / "adm.npz"
     np.savez(adm, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu, sigma_s=ref.sigma)
     back = load_reference_stats(str(adm))
-    assert back.images.shape == (3, 8, 8, 3) and back.mu_s is not None and back.num_images == 3
+    assert back.has_images and back.mu_s is not None and back.num_images == 3
+    from jobs.metrics.fid import npz_array_shape, read_npz_rows
+
+    images = np.arange(3 * 8 * 8 * 3, dtype=np.uint8).reshape(3, 8, 8, 3)
+    np.savez(adm, arr_0=images, mu=ref.mu, sigma=ref.sigma)
+    assert npz_array_shape(str(adm)) == (3, 8, 8, 3)  # from the header: the batch is never loaded whole
+    np.testing.assert_array_equal(read_npz_rows(str(adm), 1, 3), images[1:3])
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         load_reference_stats(str(tmp_path / "nope.npz"))
 
