@@ -148,10 +148,37 @@ def test_inception_loads_test_written_weights(tmp_path):
     assert out["spatial"].shape == (2, 7 * 17 * 17)
     assert torch.allclose(out["probs"].sum(1), torch.ones(2))
     assert torch.isfinite(out["pool"]).all()
+    # IS probabilities are bias-free (ADM softmax/logits/MatMul): the fc bias must not change them
+    with torch.no_grad():
+        inception.net.fc.bias.normal_(0, 5.0)
+    out2 = inception(images)
+    w = inception.logits_weight()
+    assert w.shape == (2048, 1008) and torch.equal(w, inception.net.fc.weight.T.contiguous())
+    assert torch.allclose(out2["probs"], torch.softmax(out2["pool"] @ w, 1), atol=1e-6)
+    assert torch.allclose(out2["probs"], out["probs"], atol=1e-6)
+    # the resize is selectable and changes the features
+    other = load_inception(str(path), resize="pytorch_fid")(images)["pool"]
+    assert (other - out["pool"]).abs().max() > 1e-3 * out["pool"].abs().max()
+    with pytest.raises(ValueError, match="inception_resize"):
+        load_inception(str(path), resize="bicubic")
     # wrong keys: a clear error naming the file
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth"):
         load_inception(str(tmp_path / "bad.pth"))
+
+
+def test_tf1_resize_matches_tensorflow1_bilinear():
+    """TF1 ResizeBilinear (align_corners=False, no half-pixel centres): out[i] = in at i * n_in / n_out,
+    linear between neighbours, the last pixel repeated past the edge."""
+    from jobs.metrics.inception import resize_tf1
+
+    x = torch.tensor([0.0, 10.0, 20.0])[None, None, None, :].expand(1, 1, 3, 3)
+    up = resize_tf1(x, 6)  # positions 0, .5, 1, 1.5, 2, 2.5
+    assert up[0, 0, 0].tolist() == pytest.approx([0, 5, 10, 15, 20, 20])
+    down = resize_tf1(torch.arange(16.0).reshape(1, 1, 4, 4), 2)  # positions 0, 2: plain subsampling
+    assert down[0, 0].tolist() == [[0, 2], [8, 10]]
+    same = torch.rand(1, 3, 5, 5)
+    assert torch.equal(resize_tf1(same, 5), same)
 
 
 def test_inception_missing_file_offline_one_line(tmp_path):
