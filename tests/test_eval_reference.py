@@ -71,7 +71,11 @@ def test_adm_reference_batch_cached_by_hash_and_feature_config(tmp_path, ray_loc
 @pytest.mark.slow
 def test_eval_score_cli_prints_adm_numbers(tmp_path, ray_local, capsys):  # noqa: F811
     from jobs.metrics.adm import scores
-    from jobs.metrics.inception import STATE_DICT_FILE, build_fid_inception, load_inception
+    from jobs.metrics.inception import (
+        STATE_DICT_FILE,
+        build_fid_inception,
+        load_inception,
+    )
     from pipeline.cli import main
 
     torch.manual_seed(0)
