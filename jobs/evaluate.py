@@ -250,6 +250,14 @@ class EvalWorker:
                              labels, seed, sampler, batch_size, out_url, fp)
 
 
+def actor_gpus(cfg: Any) -> float:
+    """GPUs each eval actor reserves: eval.gpus_per_actor (1) with cluster.use_gpu, else 0."""
+    gpus = float(cfg.eval.gpus_per_actor) if bool(cfg.cluster.use_gpu) else 0.0
+    if bool(cfg.cluster.use_gpu) and not 0 < gpus <= 1 and gpus != int(gpus):
+        raise ValueError(f"eval.gpus_per_actor={gpus}: a fraction in (0, 1] or a whole number of GPUs")
+    return gpus
+
+
 class EvalPool:
     """`num_actors` EvalWorker actors (1 CPU each; with cluster.use_gpu eval.gpus_per_actor GPUs each,
     one by default, a fraction only when configured), reserved
@@ -265,7 +273,7 @@ class EvalPool:
 
         ensure_ray(cfg)
         use_gpu = bool(cfg.cluster.use_gpu)
-        gpus = float(cfg.eval.gpus_per_actor) if use_gpu else 0
+        gpus = actor_gpus(cfg)
         self.group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK")
         ray.get(self.group.ready())
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)

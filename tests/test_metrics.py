@@ -17,7 +17,7 @@ from jobs.metrics.fid import (
 )
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.metrics.inception_score import inception_score
-from jobs.metrics.precision_recall import precision_recall
+from jobs.metrics.adm import precision_recall
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -100,14 +100,14 @@ def test_inception_score_bounds():
 def test_precision_recall_identical_and_disjoint():
     rng = np.random.default_rng(4)
     real = rng.normal(size=(200, 8))
-    pr = precision_recall(real, real.copy())
-    assert pr == {"precision": 1.0, "recall": 1.0}
-    far = precision_recall(real, real + 100.0)
-    assert far == {"precision": 0.0, "recall": 0.0}
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
     # generated samples collapsed onto a few real points: high precision, low recall
     collapsed = np.repeat(real[:5], 40, axis=0) + 1e-3 * rng.normal(size=(200, 8))
-    pr = precision_recall(real, collapsed)
-    assert pr["precision"] > 0.9 and pr["recall"] < 0.2
+    precision, recall = precision_recall(real, collapsed)
+    assert precision > 0.9 and recall < 0.2
+    # blocks smaller than the sets give the same answer (ADM computes 10k x 10k blocks)
+    assert precision_recall(real, collapsed, block=37) == (precision, recall)
 
 
 def test_psnr_ssim_and_uint8_rounding():

@@ -116,3 +116,14 @@ def test_reference_statistics_from_file_are_used(acts):
                  ref_stats={"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
     assert abs(got["fid"]) < 1e-6 and abs(got["sfid"]) < 1e-6 and "inception_score" not in got
     assert scores(ref, None, smp, None, None)["fid"] > 0.1
+
+
+def test_eval_actors_ask_for_one_gpu_each_unless_configured():
+    from configs.loading import load_config
+    from jobs.evaluate import actor_gpus
+
+    assert actor_gpus(load_config(None, ["eval.num_actors=16"])) == 0  # CPU run
+    assert actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.num_actors=16"])) == 1.0
+    assert actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.gpus_per_actor=0.25"])) == 0.25
+    with pytest.raises(ValueError, match="gpus_per_actor"):
+        actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.gpus_per_actor=1.5"]))
