@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from jobs.metrics.adm import precision_recall
 from jobs.metrics.fid import (
     FeatureStats,
     ReferenceStats,
@@ -17,7 +18,6 @@ from jobs.metrics.fid import (
 )
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.metrics.inception_score import inception_score
-from jobs.metrics.adm import precision_recall
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
