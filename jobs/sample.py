@@ -234,30 +234,32 @@ def sample_shards(tokenizer: Any, generator: Any, device: str, shards: list[tupl
             "forward_passes_per_batch": passes / batches if batches else 0.0}
 
 
-def write_npz(out_url: str, shard_urls: list[str]) -> tuple[str, list[int]]:
+def write_npz(out_url: str, shard_urls: list[str], count: int | None = None) -> tuple[str, list[int]]:
     """ADM-style samples.npz: arr_0 [N, H, W, 3] uint8, arr_1 [N] labels, in shard order, written
-    one image at a time into the (uncompressed, zip64) archive: no full stack in memory."""
+    one image at a time into the (uncompressed, zip64) archive: no full stack in memory. `count`
+    (known from the shard receipts) saves a counting pass over the shards."""
     import zipfile
 
-    count, shape, labels = 0, None, []
-    for url in shard_urls:  # first pass: count and image shape (headers only need these)
-        for _, data, label in read_shard(url):
-            if shape is None:
-                shape = decode_image(data, None).shape
-            count += 1
-            labels.append(label)
-    shape = tuple(shape) if shape is not None else (0, 0, 3)
+    if count is None:
+        count = sum(1 for url in shard_urls for _ in read_shard(url))
+    first = next((item for url in shard_urls for item in read_shard(url)), None)
+    shape = decode_image(first[1], None).shape if first is not None else (0, 0, 3)
+    labels, written = [], 0
     url = storage.join(out_url, SAMPLES_NPZ)
     with storage.atomic_open(url, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as out:
             np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False,
                                                        "shape": (count, *shape)})
             for shard in shard_urls:
-                for _, data, _ in read_shard(shard):
+                for _, data, label in read_shard(shard):
                     image = decode_image(data, None)
                     if image.shape != shape:
                         raise ValueError(f"{shard}: sample of shape {image.shape}, expected {shape}")
                     out.write(np.ascontiguousarray(image).tobytes())
+                    labels.append(label)
+                    written += 1
+            if written != count:
+                raise ValueError(f"{out_url}: the shards hold {written} samples, their receipts {count}")
         with zf.open("arr_1.npy", "w") as out:
             np.lib.format.write_array(out, np.asarray(labels, np.int64))
     return url, [count, *shape]
@@ -304,7 +306,8 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
     seconds = time.time() - t0
     receipts = sorted((r for res in results for r in res["shards"]), key=lambda r: r["index"])
     shard_names = [r["name"] for r in receipts]
-    npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names])
+    npz_url, npz_shape = write_npz(out_url, [storage.join(out_url, n) for n in shard_names],
+                                   sum(r["count"] for r in receipts))
     sampled = sum(r["sampled"] for r in results)
     manifest = {"complete": True, "fingerprint": fp, "request": request, "num_samples": len(labels),
                 "num_actors": world, "shards": shard_names, "shard_sha256": {r["name"]: r["sha256"] for r in receipts},
