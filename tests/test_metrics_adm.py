@@ -5,6 +5,7 @@ compute_inception_score, ManifoldEstimator + DistanceBlock), on seeded class-sor
 (256 pool, 126 spatial) so the sqrtm calls take milliseconds; the definitions do not depend on them."""
 import numpy as np
 import pytest
+import torch
 from scipy import linalg
 
 N_SAMPLES, N_REF, POOL, SPATIAL, NUM_LOGITS, NUM_CLASSES = 11_000, 3_000, 256, 126, 1008, 100
@@ -127,3 +128,22 @@ def test_eval_actors_ask_for_one_gpu_each_unless_configured():
     assert actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.gpus_per_actor=0.25"])) == 0.25
     with pytest.raises(ValueError, match="gpus_per_actor"):
         actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.gpus_per_actor=1.5"]))
+
+
+def test_torchscript_path_gives_the_same_bias_free_logits_weight():
+    """Both weights formats hand jobs.metrics.adm the 2048 x 1008 weight without the bias."""
+    from torch import nn
+
+    from jobs.metrics.inception import InceptionFeatures
+
+    class Head(nn.Module):  # stands in for the TorchScript graph's output layer (a test-made graph)
+        def __init__(self):
+            super().__init__()
+            self.output = nn.Linear(2048, 1008)
+
+        def forward(self, x):
+            return self.output(x)
+
+    scripted = torch.jit.script(Head())
+    w = InceptionFeatures(scripted, torchscript=True).logits_weight()
+    assert w.shape == (2048, 1008) and torch.equal(w, scripted.output.weight.T.contiguous())

@@ -155,7 +155,9 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise ValueError(f"eval.inception_resize={resize!r}; valid: {list(RESIZE_MODES)}")
-        self.net = net.eval().requires_grad_(False)
+        self.net = net.eval()
+        for p in self.net.parameters():  # per parameter: ScriptModules lack requires_grad_()
+            p.requires_grad_(False)
         self.torchscript = torchscript
         self.resize = resize
         self.has_spatial = not torchscript
