@@ -872,9 +872,11 @@ def score_files(cfg: Any, ref_url: str, samples_url: str) -> dict:
     ref, _ = reference_for_gen(cfg, spec, {})
     acts = array_activations(cfg, samples_url, shape[0], spec)
     metrics, notes = gen_metrics(cfg, spec, ref, acts, None)
+    from pipeline.console import say
+
     for label, key in (("Inception Score", "inception_score"), ("FID", "gfid"), ("sFID", "sfid"),
-                       ("Precision", "precision"), ("Recall", "recall")):
-        print(f"{label}: {metrics[key]}" if key in metrics else f"{label}: {notes.get(key, 'not computed')}", flush=True)
+                       ("Precision", "precision"), ("Recall", "recall")):  # ADM's lines, on the terminal
+        say(f"{label}: {metrics[key]}" if key in metrics else f"{label}: {notes.get(key, 'not computed')}")
     with tracking.stage_run(cfg, STAGE) as rid:
         uri = paths.tracking_uri(cfg)
         tracking.log_metrics(uri, rid, metrics)

@@ -431,8 +431,12 @@ class ResTok(nn.Module):
         self.vf_proj = nn.Conv2d(enc_w, cfg.vf_feature_dim, 1, bias=False) if vf_enc else None
         self.vf_proj_dec = (nn.Conv2d(dec_w, cfg.vf_feature_dim, 1, bias=False)
                             if vf_dec else None)
-        # NOTES "Weights": ViT-side linear/conv trunc-normal (0.02 in the release), zero bias.
-        for part in (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec):
+        # NOTES "Weights": linear/conv trunc-normal (0.02 in the release), zero bias. The release
+        # applies it to the whole model before the VF heads are built (TokenizerConfig.init_scheme).
+        parts = ((self.encoder, self.decoder, self.pixel_encoder, self.pixel_decoder)
+                 if cfg.init_scheme == "release"
+                 else (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec))
+        for part in parts:
             if part is not None:
                 _trunc_normal_init(part, cfg.init_std)
         self.keep_lengths, self.keep_probs = nested_keep_distribution(
