@@ -88,8 +88,8 @@ def test_eval_score_cli_prints_adm_numbers(tmp_path, ray_local, capsys):  # noqa
     np.savez(ref, arr_0=ref_images)
     np.savez(smp, arr_0=smp_images, arr_1=np.arange(8))
     uri = f"sqlite:///{tmp_path.parent.parent}/mlflow-eval.db"
-    assert main(["eval", "score", "--verbose", ref, smp, f"work_dir={tmp_path / 'work'}", f"tracking.tracking_uri={uri}",
-                 f"eval.inception_weights={weights}", "eval.num_actors=2", "eval.batch_size=4"]) == 0
+    assert main(["eval", "score", ref, smp, f"work_dir={tmp_path / 'work'}", f"tracking.tracking_uri={uri}",
+                 f"eval.inception_weights={weights}", "eval.num_actors=1", "eval.batch_size=8", "--verbose"]) == 0
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
                  if line.split(": ", 1)[0] in ("Inception Score", "FID", "sFID", "Precision", "Recall"))
     # the same numbers from one in-process Inception pass and jobs.metrics.adm
