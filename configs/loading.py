@@ -184,6 +184,7 @@ _CHOICES = {
     "extract.code_dtype": ("int16", "int32"),
     "sampling.cfg_schedule": ("constant", "step", "linear"),
     "eval.feature_net": ("inception", "probe"),
+    "eval.inception_resize": ("tf1", "pytorch_fid"),
     "tokenizer.merge_op": ("nearest", "avg"),
     "tokenizer.vf_align": ("none", "encoder", "decoder", "both"),
     "tokenizer.merge_layout": ("width", "alternate"),

@@ -143,7 +143,11 @@ class EvalConfig:
     reference_shards: str = field(default="", metadata=PATH)
     reference_split: str = "train"  # ADM's reference batch is drawn from train
     reference_out: str = field(default="", metadata=PATH)  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
-    max_pr_features: int = 10000  # rows kept for precision/recall (ADM reference batch: 10k)
+    # Inception resize to 299 (jobs.metrics.inception): tf1 = the 2015 graph's TF1 bilinear and
+    # (x-128)/128 (ADM evaluator, torch-fidelity as the release's rFID); pytorch_fid = torch bilinear.
+    inception_resize: str = "tf1"
+    # GPUs per eval actor with cluster.use_gpu: one each; a fraction only to share on purpose.
+    gpus_per_actor: float = 1.0
     lpips_vgg_weights: str = field(default="", metadata=PATH)  # torchvision vgg16-397923af.pth; empty = hub cache / download
     probe_steps: int = 300  # probe stand-in training steps (CPU: seconds at 32 px)
     probe_max_train_images: int = 20000

@@ -7,11 +7,14 @@ Fig. 5), clamps and rounds to uint8 (SPEC "rFID") and returns mergeable statisti
 originals and of each reconstruction, PSNR / SSIM / LPIPS sums, the code histogram (usage, entropy
 in bits, eps 1e-8) and a few images for the grid.
 
-Generation (`evaluate_gen`): jobs.sample writes the class-balanced sample set (PNG shards + ADM
-npz); feature actors read its shards; gFID, sFID (state-dict Inception only), IS, precision and
-recall are computed against a reference statistics file (`eval.reference_stats`, ADM's
-VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref`). rFID and gFID use different references
-and are not comparable (SPEC note).
+Generation (`evaluate_gen`): jobs.sample writes the class-interleaved sample set (PNG shards + ADM
+npz); feature actors turn its shards into activations (pool, spatial; kept in sample order) and
+jobs.metrics.adm computes ADM's gFID, sFID (state-dict Inception only), IS, precision and recall
+over all rows against the reference (`eval.reference_stats`: ADM's VIRTUAL_imagenet256_labeled.npz
+or `restok eval make-ref` output). The reference activations are computed once by the actor pool
+and cached (<evaluate dir>/reference-cache/<fingerprint of the file's sha256 and the feature
+config>.npz), so every later evaluation and CFG-search point reads them. rFID and gFID use
+different references and are not comparable (SPEC note).
 
 Feature networks (`eval.feature_net`): `inception` gives the real metrics (rfid, gfid, sfid,
 inception_score, precision, recall); `probe` is the built-in dataset's stand-in (jobs.metrics.probe)
@@ -31,7 +34,6 @@ import torch
 from jobs.metrics.fid import (
     FeatureStats,
     ReferenceStats,
-    frechet_distance,
     load_reference_stats,
     save_reference_stats,
 )
@@ -76,13 +78,39 @@ class FeatureSet:
 
 
 def feature_spec(cfg: Any, probe_path: str = "") -> dict:
-    return {"kind": str(cfg.eval.feature_net), "weights": str(cfg.eval.inception_weights), "probe_path": probe_path}
+    return {"kind": str(cfg.eval.feature_net), "weights": str(cfg.eval.inception_weights), "probe_path": probe_path,
+            "resize": str(cfg.eval.inception_resize)}
 
 
 def load_features(spec: dict, device: str):
     from jobs.metrics.inception import load_feature_net
 
-    return load_feature_net(spec["kind"], spec.get("weights", ""), device, spec.get("probe_path") or None)
+    return load_feature_net(spec["kind"], spec.get("weights", ""), device, spec.get("probe_path") or None,
+                            resize=spec.get("resize", "tf1"))
+
+
+FEATURE_VERSION = 2  # bump when feature extraction changes (invalidates cached activations)
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def file_sha256(url: str) -> str:
+    """sha256 of a file, memoised per (url, size, mtime) so a CFG search hashes a reference once."""
+    fs, path = storage.filesystem(url)
+    info = fs.info(path)
+    key = (url, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("created"))
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = storage.sha256_url(url)
+    return _SHA_MEMO[key]
+
+
+def feature_fingerprint(spec: dict) -> str:
+    """What made a set of activations: network kind, its weights' hash, the resize."""
+    from pipeline.manifest import fingerprint
+
+    weights = spec.get("probe_path") if spec["kind"] == "probe" else spec.get("weights")
+    return fingerprint({"kind": spec["kind"], "weights_sha256": file_sha256(weights) if weights else "",
+                        "resize": spec.get("resize", "tf1") if spec["kind"] == "inception" else "",
+                        "version": FEATURE_VERSION})
 
 
 def _set_threads() -> None:
@@ -132,6 +160,46 @@ class EvalWorker:
             keys += batch_keys
         return {"features": fs, "keys": keys, "seconds": time.time() - t0}
 
+    @staticmethod
+    def _rows(parts: list[dict], dims: dict) -> dict:
+        out = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, dims.get(k, 0)), np.float32)
+               for k in ("pool", "spatial", "probs") if k in dims}
+        out["labels"] = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
+        return out
+
+    def _batch(self, net, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        out = net(images)
+        row = {k: out[k].float().cpu().numpy() for k in ("pool", "spatial", "probs") if k in out}
+        row["labels"] = labels.cpu().numpy()
+        return row
+
+    def activations(self, shard_urls: list[str], spec: dict, image_size: int, batch_size: int) -> list[dict]:
+        """Per shard, in the order given: keys, labels and float32 rows of pool, spatial (Inception
+        state dict) and probs, in the shard's sample order (IS splits depend on it)."""
+        net, out = self.feature_net(spec), []
+        for url in shard_urls:
+            keys, parts = [], []
+            for batch_keys, images, labels in image_batches([url], image_size, batch_size):
+                parts.append(self._batch(net, images, labels))
+                keys += batch_keys
+            out.append({"url": url, "keys": keys, **self._rows(parts, net.dims)})
+        return out
+
+    def array_activations(self, npz_url: str, start: int, end: int, spec: dict, batch_size: int) -> dict:
+        """Activations of images [start, end) of an npz's arr_0 (uint8 NHWC, ADM's format)."""
+        from jobs.metrics.fid import read_npz_rows
+
+        net, parts = self.feature_net(spec), []
+        for s in range(start, end, batch_size):
+            images = torch.from_numpy(read_npz_rows(npz_url, s, min(s + batch_size, end)).copy()).permute(0, 3, 1, 2)
+            parts.append(self._batch(net, images, torch.full((len(images),), -1)))
+        return {"start": start, **self._rows(parts, net.dims)}
+
+    def logits_weight(self, spec: dict) -> np.ndarray | None:
+        """The feature net's bias-free [2048, 1008] logits weight (Inception), else None."""
+        net = self.feature_net(spec)
+        return net.logits_weight().numpy() if hasattr(net, "logits_weight") else None
+
     @torch.inference_mode()
     def recon(self, shard_urls: list[str], tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
               keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int) -> dict:
@@ -174,16 +242,25 @@ class EvalWorker:
         return {"keys": keys, "real": real, "recon": recon, "sums": sums, "codes_hist": codes_hist.hist.numpy(),
                 "grid": grid, "lpips_status": lpips_status, "num_tokens": full, "seconds": time.time() - t0}
 
-    def sample(self, rank: int, start: int, labels: np.ndarray, tokenizer_url: str, generator_url: str,
-               seed: int, sampler: dict, batch_size: int, out_url: str, samples_per_shard: int) -> dict:
-        from jobs.sample import sample_slice
+    def sample(self, shards: list[tuple[int, int, int]], labels: np.ndarray, tokenizer_url: str,
+               generator_url: str, seed: int, sampler: dict, batch_size: int, out_url: str, fp: str) -> dict:
+        from jobs.sample import sample_shards
 
-        return sample_slice(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, rank, start,
-                            labels, seed, sampler, batch_size, out_url, samples_per_shard)
+        return sample_shards(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, shards,
+                             labels, seed, sampler, batch_size, out_url, fp)
+
+
+def actor_gpus(cfg: Any) -> float:
+    """GPUs each eval actor reserves: eval.gpus_per_actor (1) with cluster.use_gpu, else 0."""
+    gpus = float(cfg.eval.gpus_per_actor) if bool(cfg.cluster.use_gpu) else 0.0
+    if bool(cfg.cluster.use_gpu) and not 0 < gpus <= 1 and gpus != int(gpus):
+        raise ValueError(f"eval.gpus_per_actor={gpus}: a fraction in (0, 1] or a whole number of GPUs")
+    return gpus
 
 
 class EvalPool:
-    """`num_actors` EvalWorker actors (1 CPU each, or a GPU share with cluster.use_gpu), reserved
+    """`num_actors` EvalWorker actors (1 CPU each; with cluster.use_gpu eval.gpus_per_actor GPUs each,
+    one by default, a fraction only when configured), reserved
     together in one placement group: all or nothing, so two pools (e.g. two sweep chains) never
     each hold half of a small cluster and wait on each other."""
 
@@ -196,7 +273,7 @@ class EvalPool:
 
         ensure_ray(cfg)
         use_gpu = bool(cfg.cluster.use_gpu)
-        gpus = 1.0 / num_actors if use_gpu else 0
+        gpus = actor_gpus(cfg)
         self.group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK")
         ray.get(self.group.ready())
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
@@ -463,14 +540,56 @@ def _curve_figure(curve: dict, name: str):
 
 
 # ---- references ------------------------------------------------------------------------------------
+REFERENCE_PASSES = 0  # reference activation passes of the actor pool in this process (tests count them)
+_REFERENCE_MEMO: dict[tuple, dict] = {}
+
+
+def _count_reference_pass(what: str) -> None:
+    global REFERENCE_PASSES
+    REFERENCE_PASSES += 1
+    print(f"[evaluate] reference features: computing {what} on the actor pool (pass {REFERENCE_PASSES})", flush=True)
+
+
+def feature_config(cfg: Any, spec: dict) -> str:
+    """Fingerprint of everything that shapes a reference's activations besides its images."""
+    from pipeline.manifest import fingerprint
+
+    return fingerprint({"features": feature_fingerprint(spec), "image_size": int(cfg.data.image_size)})
+
+
+def shard_activations(cfg: Any, shards: list[str], spec: dict, what: str) -> dict:
+    """Activations of image shards on the pool, concatenated in shard order (each image once)."""
+    results = get_pool(cfg).map_shards("activations", shards, spec, int(cfg.data.image_size), int(cfg.eval.batch_size))
+    by_url = {part["url"]: part for parts in results for part in parts}
+    parts = [by_url[u] for u in shards]
+    count = check_each_once([p["keys"] for p in parts], what)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("pool", "spatial", "probs", "labels") if k in parts[0]}
+    out["count"], out["num_actors"] = count, len(results)
+    return out
+
+
+def array_activations(cfg: Any, npz_url: str, count: int, spec: dict) -> dict:
+    """Activations of an ADM batch's arr_0 rows, split into one contiguous range per actor."""
+    pool = get_pool(cfg)
+    bounds = np.linspace(0, count, pool.size + 1).round().astype(int)
+    results = pool.call("array_activations", [(npz_url, int(bounds[a]), int(bounds[a + 1])) for a in range(pool.size)],
+                        spec, int(cfg.eval.batch_size))
+    results.sort(key=lambda r: r["start"])
+    return {k: np.concatenate([r[k] for r in results]) for k in ("pool", "spatial") if k in results[0]}
+
+
 def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats:
-    results = get_pool(cfg).map_shards("features", shards, spec, int(cfg.data.image_size),
-                                       int(cfg.eval.batch_size), int(cfg.eval.max_pr_features))
-    check_each_once([r["keys"] for r in results], "reference statistics")
-    merged = results[0]["features"]
-    for r in results[1:]:
-        merged.merge(r["features"])
-    return ReferenceStats.from_stats(merged.pool, spec["kind"], merged.spatial)
+    """Reference statistics and all pool rows of image shards (ADM: precision/recall use every row)."""
+    from jobs.metrics.adm import mean_cov
+
+    _count_reference_pass(f"{len(shards)} shards")
+    acts = shard_activations(cfg, shards, spec, "reference statistics")
+    mu, sigma = mean_cov(acts["pool"])
+    ref = ReferenceStats(mu=mu, sigma=sigma, feature_net=spec["kind"], num_images=acts["count"],
+                         features=acts["pool"], feature_config=feature_config(cfg, spec))
+    if "spatial" in acts:
+        ref.mu_s, ref.sigma_s = mean_cov(acts["spatial"])
+    return ref
 
 
 def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
@@ -479,7 +598,7 @@ def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
 
 
 def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
-    """`restok eval make-ref`: mu, sigma (+ spatial, + rows for precision/recall) of any image shards."""
+    """`restok eval make-ref`: mu, sigma (+ spatial), all pool rows and the feature config of any image shards."""
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
     shards = (resolve_shards(str(cfg.eval.reference_shards)) if cfg.eval.reference_shards
@@ -491,27 +610,100 @@ def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe:
     return out_url
 
 
-def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[ReferenceStats, str]:
-    """eval.reference_stats; with the probe and none configured, the prep train split's (cached)."""
+def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[dict, str]:
+    """The reference for generation metrics: ({pool, spatial, stats, num_images}, url).
+
+    eval.reference_stats, or with the probe and none configured the prep split's (made once, remade
+    when its feature config differs). Our make-ref files carry their pool rows; an ADM batch's
+    images are turned into activations by the actor pool once per (file sha256, feature config) and
+    cached under <evaluate dir>/reference-cache; in-process memo for the points of a CFG search."""
     url = str(cfg.eval.reference_stats)
+    want = feature_config(cfg, spec)
     if not url and spec["kind"] == "probe":
         url = default_reference_url(cfg, spec, probe)
-        if not storage.exists(url):
+        if not storage.exists(url) or load_reference_stats(url).feature_config != want:
             make_reference(cfg, url, spec, probe)
+    memo_key = (file_sha256(url) if url and storage.exists(url) else url, want)
+    if memo_key in _REFERENCE_MEMO:
+        return _REFERENCE_MEMO[memo_key], url
     ref = load_reference_stats(url)
     expected = spec["kind"] if spec["kind"] == "inception" else "probe"
-    if expected == "probe" and ref.feature_net != "probe" or expected == "inception" and ref.feature_net == "probe":
+    has_stats = ref.mu is not None
+    if has_stats and (expected == "probe" and ref.feature_net != "probe"
+                      or expected == "inception" and ref.feature_net == "probe"):
         raise ValueError(f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}")
-    return ref, url
+    if ref.feature_config and ref.feature_config != want:
+        raise ValueError(f"{url}: reference made with feature config {ref.feature_config}, this evaluation's is "
+                         f"{want} (other weights, resize or image size); remake it with `restok eval make-ref`")
+    stats = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
+    out = {"pool": ref.features, "spatial": None, "stats": stats, "num_images": ref.num_images}
+    if ref.features is None and ref.has_images:
+        out.update(_cached_array_activations(cfg, url, ref.num_images, spec, want))
+    _REFERENCE_MEMO[memo_key] = out
+    return out, url
+
+
+def _cached_array_activations(cfg: Any, url: str, count: int, spec: dict, want: str) -> dict:
+    import io
+
+    from pipeline.manifest import fingerprint
+
+    key = fingerprint({"reference_sha256": file_sha256(url), "feature_config": want})
+    cache = storage.join(paths.stage_dir(cfg, STAGE), "reference-cache", f"{key}.npz")
+    if storage.exists(cache):
+        fs, path = storage.filesystem(cache)
+        with fs.open(path, "rb") as fh:
+            data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+            if str(data["fingerprint"]) == key:
+                return {"pool": data["pool"], "spatial": data["spatial"] if "spatial" in data.files else None}
+    _count_reference_pass(f"{count} images of {url}")
+    acts = array_activations(cfg, url, count, spec)
+    buf = io.BytesIO()
+    np.savez(buf, fingerprint=np.array(key), **acts)
+    storage.makedirs(storage.join(paths.stage_dir(cfg, STAGE), "reference-cache"))
+    storage.write_bytes_atomic(cache, buf.getvalue())
+    return {"pool": acts["pool"], "spatial": acts.get("spatial")}
 
 
 # ---- generation ------------------------------------------------------------------------------------
+def gen_metrics(cfg: Any, spec: dict, ref: dict, acts: dict, probe: dict | None) -> tuple[dict, dict]:
+    """(metrics, notes) from sample activations and the reference via jobs.metrics.adm."""
+    from jobs.metrics.adm import frechet_distance, inception_score, mean_cov, scores
+
+    kind, notes = spec["kind"], {}
+    device = pick_device(bool(cfg.cluster.use_gpu))
+    name = distance_name(kind, "gen")
+    weight = get_pool(cfg).call("logits_weight", [(spec,)])[0] if kind == "inception" else None
+    if ref["pool"] is None:  # statistics-only file: no precision/recall
+        s = {"fid": frechet_distance(*mean_cov(acts["pool"]), ref["stats"]["mu"], ref["stats"]["sigma"])}
+        if "spatial" in acts and ref["stats"].get("mu_s") is not None:
+            s["sfid"] = frechet_distance(*mean_cov(acts["spatial"]), ref["stats"]["mu_s"], ref["stats"]["sigma_s"])
+        if weight is not None:
+            s["inception_score"] = inception_score(acts["pool"], weight)
+        notes["precision_recall"] = "not computed: the reference file has neither feature rows nor images"
+    elif kind == "inception":
+        s = scores(ref["pool"], ref["spatial"], acts["pool"], acts.get("spatial"), weight,
+                   ref_stats=ref["stats"], device=device)
+    else:
+        s = scores(ref["pool"], None, acts["pool"], None, None, ref_stats=ref["stats"], device=device)
+        s["probe_precision"], s["probe_recall"] = s.pop("precision"), s.pop("recall")
+    metrics = {name: s.pop("fid")}
+    if kind == "inception":
+        metrics.update(s)
+        if "sfid" not in s:
+            notes["sfid"] = ("not computed: " + ("the TorchScript Inception exposes no mixed_6/conv features"
+                                                 if "spatial" not in acts else "the reference has no mu_s/sigma_s"))
+    else:
+        metrics.update({k: v for k, v in s.items() if k.startswith("probe_")})
+        metrics["probe_class_consistency"] = float((acts["probs"].argmax(1) == acts["labels"]).mean())
+        metrics["probe_val_accuracy"] = float((probe or {}).get("val_accuracy", float("nan")))
+    return metrics, notes
+
+
 def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
                  generator_url: str | None = None, sampling: Any | None = None, spec: dict | None = None,
                  probe: dict | None = None, step: int | None = None, log_prefix: str = "") -> dict:
     """Sample (jobs.sample), then generation metrics against the reference; logged to run_id."""
-    from jobs.metrics.inception_score import inception_score
-    from jobs.metrics.precision_recall import precision_recall
     from jobs.sample import generate_samples, samples_url
 
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
@@ -525,40 +717,12 @@ def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     samples = generate_samples(cfg, out_url, tokenizer_url, generator_url, sampling)
     shards = [storage.join(out_url, n) for n in samples["shards"]]
     t0 = time.time()
-    results = get_pool(cfg).map_shards("features", shards, spec, int(cfg.data.image_size),
-                                       int(cfg.eval.batch_size), int(cfg.eval.max_pr_features))
-    count = check_each_once([r["keys"] for r in results], "generation evaluation")
-    feats = results[0]["features"]
-    for r in results[1:]:
-        feats.merge(r["features"])
+    acts = shard_activations(cfg, shards, spec, "generation evaluation")
+    metrics, notes = gen_metrics(cfg, spec, ref, acts, probe)
+    metrics["sample_images_per_second"] = samples["images_per_second"]
     kind = spec["kind"]
-    name = distance_name(kind, "gen")
-    metrics = {name: feats.pool.distance_to(ref.mu, ref.sigma),
-               "sample_images_per_second": samples["images_per_second"]}
-    notes = {}
-    if kind == "inception":
-        metrics["inception_score"] = inception_score(feats.probs_array())[0]
-        if feats.spatial is not None and ref.mu_s is not None:
-            mu_s, sigma_s = feats.spatial.mean_cov()
-            metrics["sfid"] = frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
-        else:
-            notes["sfid"] = ("not computed: " + ("the TorchScript Inception exposes no mixed_6/conv features"
-                                                 if feats.spatial is None else f"{ref_url} has no mu_s/sigma_s"))
-    else:
-        probs, labels = feats.probs_array(), feats.labels_array()
-        metrics["probe_class_consistency"] = float((probs.argmax(1) == labels).mean())
-        metrics["probe_val_accuracy"] = float((probe or {}).get("val_accuracy", float("nan")))
-    ref_rows = ref.features
-    if ref_rows is None and ref.images is not None:  # ADM file: features of its arr_0 batch
-        ref_rows = _features_of_array(cfg, spec, ref.images)
-    if ref_rows is not None and len(ref_rows) > 3 and feats.pool.num_kept > 3:
-        pr = precision_recall(ref_rows, feats.pool.features())
-        prefix = "" if kind == "inception" else "probe_"
-        metrics[f"{prefix}precision"], metrics[f"{prefix}recall"] = pr["precision"], pr["recall"]
-    else:
-        notes["precision_recall"] = f"not computed: {ref_url} has no feature rows or images"
     seconds = time.time() - t0
-    report = {"metrics": metrics, "num_samples": count, "num_actors": len(results), "reference": ref_url,
+    report = {"metrics": metrics, "num_samples": acts["count"], "num_actors": acts["num_actors"], "reference": ref_url,
               "samples": out_url, "notes": notes, "feature_net": kind, "seconds": round(seconds, 2)}
     if run_id:
         uri = paths.tracking_uri(cfg)
@@ -568,7 +732,7 @@ def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
             tracking.log_image(uri, run_id, _sample_grid(shards, cfg), "sample_grid.png")
             for k, v in notes.items():
                 tracking.client_for(uri).set_tag(run_id, f"restok.{k}", v[:5000])
-    print(f"[evaluate] gen: {count} samples on {len(results)} actors: "
+    print(f"[evaluate] gen: {acts['count']} samples on {acts['num_actors']} actors: "
           + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
           + "".join(f"; {k} {v}" for k, v in notes.items()), flush=True)
     return report
@@ -578,22 +742,15 @@ def _samples_url_for(cfg: Any, tokenizer_url: str, generator_url: str, sampling:
     """Sample sets of explicitly named checkpoints live under a hash of what produced them."""
     from omegaconf import OmegaConf
 
+    from jobs.sample import SAMPLING_PROTOCOL
     from pipeline.manifest import fingerprint
 
     sampling = sampling if sampling is not None else cfg.sampling
     key = fingerprint({"tokenizer": tokenizer_url, "generator": generator_url,
                        "sampling": OmegaConf.to_container(sampling) if OmegaConf.is_config(sampling) else sampling,
-                       "per_class": int(cfg.eval.num_samples_per_class)})
+                       "per_class": int(cfg.eval.num_samples_per_class),
+                       "samples_per_shard": int(cfg.eval.samples_per_shard), "protocol": SAMPLING_PROTOCOL})
     return storage.join(paths.stage_dir(cfg, STAGE), "samples", key)
-
-
-def _features_of_array(cfg: Any, spec: dict, images: np.ndarray) -> np.ndarray:
-    net = load_features(spec, pick_device(bool(cfg.cluster.use_gpu)))
-    rows = []
-    for s in range(0, min(len(images), int(cfg.eval.max_pr_features)), int(cfg.eval.batch_size)):
-        batch = torch.from_numpy(images[s:s + int(cfg.eval.batch_size)]).permute(0, 3, 1, 2)
-        rows.append(net(batch)["pool"].double().cpu().numpy())
-    return np.concatenate(rows)
 
 
 def _sample_grid(shards: list[str], cfg: Any) -> np.ndarray:
@@ -695,11 +852,54 @@ def _run_evaluations(cfg: Any, run_id: str | None, parent_run_id: str | None, st
     return fields
 
 
-def cli(action: str, cfg: Any) -> int:
-    """`restok eval recon|gen|all|make-ref|cfg-search`."""
-    actions = ("recon", "gen", "all", "make-ref", "cfg-search")
+def score_files(cfg: Any, ref_url: str, samples_url: str) -> dict:
+    """`restok eval score REF.npz SAMPLES.npz`: ADM's evaluator (evaluations/evaluator.py) in our
+    environment. Inputs in its format: arr_0 uint8 NHWC images; the reference's mu, sigma, mu_s,
+    sigma_s are used when present. Always the Inception network (eval.inception_weights,
+    eval.inception_resize). Prints ADM's five lines and logs them to an `evaluate` MLflow run."""
+    from jobs.metrics.fid import npz_array_shape
+    from jobs.metrics.inception import resolve_weights
+
+    for url in (ref_url, samples_url):
+        if not storage.exists(url):
+            raise FileNotFoundError(f"restok eval score: no such file {url}")
+    shape = npz_array_shape(samples_url)
+    if shape is None or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{samples_url}: needs arr_0 uint8 images [N, H, W, 3] (ADM's sample batch format), got {shape}")
+    spec = {**feature_spec(cfg), "kind": "inception", "weights": resolve_weights(str(cfg.eval.inception_weights))}
+    cfg.eval.reference_stats = ref_url
+    t0 = time.time()
+    ref, _ = reference_for_gen(cfg, spec, {})
+    acts = array_activations(cfg, samples_url, shape[0], spec)
+    metrics, notes = gen_metrics(cfg, spec, ref, acts, None)
+    from pipeline.console import say
+
+    for label, key in (("Inception Score", "inception_score"), ("FID", "gfid"), ("sFID", "sfid"),
+                       ("Precision", "precision"), ("Recall", "recall")):  # ADM's lines, on the terminal
+        say(f"{label}: {metrics[key]}" if key in metrics else f"{label}: {notes.get(key, 'not computed')}")
+    with tracking.stage_run(cfg, STAGE) as rid:
+        uri = paths.tracking_uri(cfg)
+        tracking.log_metrics(uri, rid, metrics)
+        client = tracking.client_for(uri)
+        client.set_tag(rid, "restok.eval_score.reference", ref_url)
+        client.set_tag(rid, "restok.eval_score.samples", samples_url)
+    return {"metrics": metrics, "notes": notes, "num_samples": shape[0], "seconds": round(time.time() - t0, 2),
+            "run_id": rid}
+
+
+def cli(action: str, cfg: Any, files: list[str] | None = None) -> int:
+    """`restok eval recon|gen|all|make-ref|cfg-search`, `restok eval score REF.npz SAMPLES.npz`."""
+    actions = ("recon", "gen", "all", "make-ref", "cfg-search", "score")
     if action not in actions:
         raise ValueError(f"unknown eval action {action!r}; valid: {list(actions)}")
+    if action == "score":
+        if not files or len(files) != 2:
+            raise ValueError("usage: restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]")
+        try:
+            score_files(cfg, *files)
+        finally:
+            close_pool()
+        return 0
     if action == "all":
         run(cfg)
         return 0

@@ -58,7 +58,7 @@ def captured(args: argparse.Namespace, cfg: Any) -> contextlib.AbstractContextMa
 
 # `restok eval ACTION` reads these stages' outputs (checked before anything starts).
 EVAL_INPUTS = {"recon": ["prep", "train_tokenizer"], "gen": ["train_tokenizer", "train_generator"],
-               "cfg-search": ["train_tokenizer", "train_generator"], "make-ref": [],
+               "cfg-search": ["train_tokenizer", "train_generator"], "make-ref": [], "score": [],
                "all": ["prep", "train_tokenizer", "train_generator"]}
 
 
@@ -94,6 +94,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.manifest import require_complete
     from pipeline.paths import stage_dir
 
+    if args.action == "score":  # restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]
+        import os
+
+        files, items = args.items[:2], args.items[2:]
+        if len(files) != 2:
+            raise SystemExit("usage: restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]")
+        files = [f if "://" in f else os.path.abspath(f) for f in files]  # against the cwd, as config paths
+        cfg = resolve(items)
+        with captured(args, cfg):
+            return _call("jobs.evaluate", "cli", "score", cfg, files) or 0
     cfg = resolve(args.items)
     for up in EVAL_INPUTS[args.action]:
         require_complete(stage_dir(cfg, up), up)
@@ -155,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
         s.set_defaults(func=_stage_command(stage))
 
-    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search")
-    s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search"])
+    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search | "
+                                    "score REF.npz SAMPLES.npz (ADM's evaluator)")
+    s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search", "score"])
     s.add_argument("items", nargs="*", help=items_help)
     s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_eval)

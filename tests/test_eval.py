@@ -142,6 +142,8 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
     npz = np.load(os.path.join(sample_dir, "samples.npz"))
     assert npz["arr_0"].shape == (24, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
     assert np.bincount(npz["arr_1"]).tolist() == [6] * NUM_CLASSES
+    # the release's order: labels interleaved, every block of NUM_CLASSES holds each class once
+    assert (np.sort(npz["arr_1"].reshape(-1, NUM_CLASSES), 1) == np.arange(NUM_CLASSES)).all()
     keys = [k for f in sorted(os.listdir(sample_dir)) if f.endswith(".tar")
             for k, _, _ in read_shard(os.path.join(sample_dir, f))]
     assert len(keys) == len(set(keys)) == 24

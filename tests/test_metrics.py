@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from jobs.metrics.adm import precision_recall
 from jobs.metrics.fid import (
     FeatureStats,
     ReferenceStats,
@@ -17,7 +18,6 @@ from jobs.metrics.fid import (
 )
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.metrics.inception_score import inception_score
-from jobs.metrics.precision_recall import precision_recall
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -79,7 +79,13 @@ def test_reference_stats_roundtrip(tmp_path):
     adm = tmp_path / "adm.npz"
     np.savez(adm, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu, sigma_s=ref.sigma)
     back = load_reference_stats(str(adm))
-    assert back.images.shape == (3, 8, 8, 3) and back.mu_s is not None and back.num_images == 3
+    assert back.has_images and back.mu_s is not None and back.num_images == 3
+    from jobs.metrics.fid import npz_array_shape, read_npz_rows
+
+    images = np.arange(3 * 8 * 8 * 3, dtype=np.uint8).reshape(3, 8, 8, 3)
+    np.savez(adm, arr_0=images, mu=ref.mu, sigma=ref.sigma)
+    assert npz_array_shape(str(adm)) == (3, 8, 8, 3)  # from the header: the batch is never loaded whole
+    np.testing.assert_array_equal(read_npz_rows(str(adm), 1, 3), images[1:3])
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         load_reference_stats(str(tmp_path / "nope.npz"))
 
@@ -94,14 +100,14 @@ def test_inception_score_bounds():
 def test_precision_recall_identical_and_disjoint():
     rng = np.random.default_rng(4)
     real = rng.normal(size=(200, 8))
-    pr = precision_recall(real, real.copy())
-    assert pr == {"precision": 1.0, "recall": 1.0}
-    far = precision_recall(real, real + 100.0)
-    assert far == {"precision": 0.0, "recall": 0.0}
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
     # generated samples collapsed onto a few real points: high precision, low recall
     collapsed = np.repeat(real[:5], 40, axis=0) + 1e-3 * rng.normal(size=(200, 8))
-    pr = precision_recall(real, collapsed)
-    assert pr["precision"] > 0.9 and pr["recall"] < 0.2
+    precision, recall = precision_recall(real, collapsed)
+    assert precision > 0.9 and recall < 0.2
+    # blocks smaller than the sets give the same answer (ADM computes 10k x 10k blocks)
+    assert precision_recall(real, collapsed, block=37) == (precision, recall)
 
 
 def test_psnr_ssim_and_uint8_rounding():
@@ -142,10 +148,37 @@ def test_inception_loads_test_written_weights(tmp_path):
     assert out["spatial"].shape == (2, 7 * 17 * 17)
     assert torch.allclose(out["probs"].sum(1), torch.ones(2))
     assert torch.isfinite(out["pool"]).all()
+    # IS probabilities are bias-free (ADM softmax/logits/MatMul): the fc bias must not change them
+    with torch.no_grad():
+        inception.net.fc.bias.normal_(0, 5.0)
+    out2 = inception(images)
+    w = inception.logits_weight()
+    assert w.shape == (2048, 1008) and torch.equal(w, inception.net.fc.weight.T.contiguous())
+    assert torch.allclose(out2["probs"], torch.softmax(out2["pool"] @ w, 1), atol=1e-6)
+    assert torch.allclose(out2["probs"], out["probs"], atol=1e-6)
+    # the resize is selectable and changes the features
+    other = load_inception(str(path), resize="pytorch_fid")(images)["pool"]
+    assert (other - out["pool"]).abs().max() > 1e-3 * out["pool"].abs().max()
+    with pytest.raises(ValueError, match="inception_resize"):
+        load_inception(str(path), resize="bicubic")
     # wrong keys: a clear error naming the file
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth"):
         load_inception(str(tmp_path / "bad.pth"))
+
+
+def test_tf1_resize_matches_tensorflow1_bilinear():
+    """TF1 ResizeBilinear (align_corners=False, no half-pixel centres): out[i] = in at i * n_in / n_out,
+    linear between neighbours, the last pixel repeated past the edge."""
+    from jobs.metrics.inception import resize_tf1
+
+    x = torch.tensor([0.0, 10.0, 20.0])[None, None, None, :].expand(1, 1, 3, 3)
+    up = resize_tf1(x, 6)  # positions 0, .5, 1, 1.5, 2, 2.5
+    assert up[0, 0, 0].tolist() == pytest.approx([0, 5, 10, 15, 20, 20])
+    down = resize_tf1(torch.arange(16.0).reshape(1, 1, 4, 4), 2)  # positions 0, 2: plain subsampling
+    assert down[0, 0].tolist() == [[0, 2], [8, 10]]
+    same = torch.rand(1, 3, 5, 5)
+    assert torch.equal(resize_tf1(same, 5), same)
 
 
 def test_inception_missing_file_offline_one_line(tmp_path):

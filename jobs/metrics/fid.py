@@ -119,8 +119,11 @@ class FeatureStats:
 
 # -- reference statistics files --------------------------------------------------------------------
 # An .npz with ADM's key names (mu, sigma for pool3; mu_s, sigma_s for the spatial sFID features),
-# so ADM's VIRTUAL_imagenet256_labeled.npz loads as is, plus ours: `features` (pool3 rows kept for
-# precision/recall), `feature_net` (which network made them) and `num_images`.
+# so ADM's VIRTUAL_imagenet256_labeled.npz loads as is, plus ours: `features` (all pool3 rows, for
+# precision/recall), `feature_net` (which network made them), `feature_config` (fingerprint of the
+# feature network and settings that made them: a file made otherwise is refused) and `num_images`.
+# ADM files carry the reference batch itself as arr_0: it is not loaded here (10k x 256 x 256 x 3 is
+# 2 GB), only its shape; the actors read row ranges of it (read_npz_rows).
 
 @dataclass
 class ReferenceStats:
@@ -131,7 +134,8 @@ class ReferenceStats:
     features: np.ndarray | None = None  # [M, D] rows for precision/recall
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
-    images: np.ndarray | None = None  # ADM files carry the reference batch itself as arr_0
+    has_images: bool = False  # ADM file: arr_0 holds the reference batch
+    feature_config: str = ""
 
     @classmethod
     def from_stats(cls, stats: FeatureStats, feature_net: str,
@@ -150,7 +154,7 @@ def save_reference_stats(url: str, ref: ReferenceStats) -> None:
     from pipeline import storage
 
     arrays = {"mu": ref.mu, "sigma": ref.sigma, "feature_net": np.array(ref.feature_net),
-              "num_images": np.array(ref.num_images)}
+              "num_images": np.array(ref.num_images), "feature_config": np.array(ref.feature_config)}
     for key in ("features", "mu_s", "sigma_s"):
         if getattr(ref, key) is not None:
             arrays[key] = getattr(ref, key)
@@ -159,10 +163,51 @@ def save_reference_stats(url: str, ref: ReferenceStats) -> None:
     storage.write_bytes_atomic(url, buf.getvalue())
 
 
+def _npz_member(zf: Any, key: str):
+    """(open member file positioned at the data, shape, dtype) of `key` in an open npz ZipFile."""
+    f = zf.open(f"{key}.npy")
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran:
+        raise ValueError(f"{key}: Fortran-ordered arrays are not supported")
+    return f, shape, dtype
+
+
+def npz_array_shape(url: str, key: str = "arr_0") -> tuple[int, ...] | None:
+    """Shape of one array of an npz from its header only (None when absent)."""
+    import zipfile
+
+    from pipeline import storage
+
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            return None
+        f, shape, _ = _npz_member(zf, key)
+        f.close()
+        return tuple(shape)
+
+
+def read_npz_rows(url: str, start: int, end: int, key: str = "arr_0") -> np.ndarray:
+    """Rows [start, end) of one array of an (uncompressed) npz, reading only those bytes."""
+    import zipfile
+
+    from pipeline import storage
+
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+        f, shape, dtype = _npz_member(zf, key)
+        with f:
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            end = min(end, shape[0])
+            f.seek(f.tell() + start * row)
+            data = f.read((end - start) * row)
+    return np.frombuffer(data, dtype).reshape(end - start, *shape[1:])
+
+
 def load_reference_stats(url: str) -> ReferenceStats:
     """Our make-ref files or ADM reference batches; a one-line error naming the file otherwise."""
-    import io
-
     from pipeline import storage
 
     if not url:
@@ -172,14 +217,17 @@ def load_reference_stats(url: str) -> ReferenceStats:
         raise FileNotFoundError(f"reference statistics not found: {url} (make one with `restok eval make-ref`)")
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh:
-        data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
-        missing = [k for k in ("mu", "sigma") if k not in data.files]
-        if missing:
-            raise ValueError(f"{url}: reference statistics lack {missing}; keys present: {data.files}")
-        get = lambda k: data[k] if k in data.files else None
+        data = np.load(fh, allow_pickle=False)  # lazy: members are read when accessed
+        files = data.files
+        get = lambda k: data[k] if k in files else None
+        images = npz_array_shape(url) if "arr_0" in files else None
+        has_stats = "mu" in files and "sigma" in files
+        if not has_stats and images is None:
+            raise ValueError(f"{url}: reference statistics lack ['mu', 'sigma'] and images 'arr_0'; keys present: {files}")
         return ReferenceStats(
-            mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
-            feature_net=str(get("feature_net")) if "feature_net" in data.files else "inception-adm",
-            num_images=int(get("num_images")) if "num_images" in data.files else
-            (len(data["arr_0"]) if "arr_0" in data.files else 0),
-            features=get("features"), mu_s=get("mu_s"), sigma_s=get("sigma_s"), images=get("arr_0"))
+            mu=data["mu"].astype(np.float64) if has_stats else None,
+            sigma=data["sigma"].astype(np.float64) if has_stats else None,
+            feature_net=str(get("feature_net")) if "feature_net" in files else "inception-adm",
+            num_images=int(get("num_images")) if "num_images" in files else (images[0] if images else 0),
+            features=get("features"), mu_s=get("mu_s"), sigma_s=get("sigma_s"), has_images=images is not None,
+            feature_config=str(get("feature_config")) if "feature_config" in files else "")
