@@ -36,6 +36,7 @@ from jobs.metrics.fid import (
     save_reference_stats,
 )
 from jobs.sample import image_batches, pick_device, resolve_shards, split_shards
+from models.losses.pretrained_weights import RANDOM_UNTRAINED
 from pipeline import paths, storage, tracking
 
 STAGE = "evaluate"
@@ -305,10 +306,21 @@ def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:
 
 
 # ---- metric naming ---------------------------------------------------------------------------------
-def distance_name(kind: str, which: str) -> str:
-    """rfid / gfid with Inception; fd_probe_recon / fd_probe_gen with the probe (never *fid)."""
+def inception_suffix(kind: str, weights: str = "") -> str:
+    """'_random_untrained' on every number of a random-untrained Inception (never plain FID/IS)."""
+    return "_random_untrained" if kind == "inception" and weights == RANDOM_UNTRAINED else ""
+
+
+def feature_net_tag(spec: dict) -> str:
+    """What made a set of features: inception | inception-random-untrained | probe."""
+    return spec["kind"] + ("-" + RANDOM_UNTRAINED if inception_suffix(spec["kind"], spec.get("weights", "")) else "")
+
+
+def distance_name(kind: str, which: str, weights: str = "") -> str:
+    """rfid / gfid with Inception (rfid_random_untrained / gfid_random_untrained with random
+    weights); fd_probe_recon / fd_probe_gen with the probe (never *fid)."""
     if kind == "inception":
-        return {"recon": "rfid", "gen": "gfid"}[which]
+        return {"recon": "rfid", "gen": "gfid"}[which] + inception_suffix(kind, weights)
     return f"fd_probe_{which}"
 
 
@@ -348,6 +360,10 @@ def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
         raise ValueError(f"eval.feature_net={cfg.eval.feature_net!r}; valid: ['inception', 'probe']")
     from jobs.metrics.inception import resolve_weights
 
+    if str(cfg.eval.inception_weights) == RANDOM_UNTRAINED:
+        print(f"[evaluate] WARNING: eval.inception_weights={RANDOM_UNTRAINED} (test mode): Inception "
+              "numbers are logged with a _random_untrained suffix, not as FID/IS", flush=True)
+        return feature_spec(cfg), {}
     # Resolved (and downloaded when online) once in the driver: a missing file is one line here,
     # not a traceback from every actor.
     return {**feature_spec(cfg), "weights": resolve_weights(str(cfg.eval.inception_weights))}, {}
@@ -404,7 +420,8 @@ def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = Non
         for k in sums:
             sums[k] += r["sums"][k]
     kind, full = spec["kind"], results[0]["num_tokens"]
-    name = distance_name(kind, "recon")
+    name = distance_name(kind, "recon", spec.get("weights", ""))
+    sfx = inception_suffix(kind, spec.get("weights", ""))
     mu, sigma = real.pool.mean_cov()
     metrics = {name: recon[full].pool.distance_to(mu, sigma),
                "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
@@ -419,7 +436,7 @@ def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = Non
         if k != full:
             metrics[f"{name}_keep{k}"] = curve[k]
     if kind == "inception":
-        metrics["recon_inception_score"] = inception_score(recon[full].probs_array())[0]
+        metrics["recon_inception_score" + sfx] = inception_score(recon[full].probs_array())[0]
     else:
         probs, labels = recon[full].probs_array(), recon[full].labels_array()
         metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())
@@ -470,11 +487,11 @@ def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats
     merged = results[0]["features"]
     for r in results[1:]:
         merged.merge(r["features"])
-    return ReferenceStats.from_stats(merged.pool, spec["kind"], merged.spatial)
+    return ReferenceStats.from_stats(merged.pool, feature_net_tag(spec), merged.spatial)
 
 
 def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
-    tag = spec["kind"] if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
+    tag = feature_net_tag(spec) if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
     return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
 
 
@@ -494,13 +511,18 @@ def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe:
 def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[ReferenceStats, str]:
     """eval.reference_stats; with the probe and none configured, the prep train split's (cached)."""
     url = str(cfg.eval.reference_stats)
-    if not url and spec["kind"] == "probe":
+    random_inception = bool(inception_suffix(spec["kind"], spec.get("weights", "")))
+    if not url and (spec["kind"] == "probe" or random_inception):
+        # No published reference exists for these networks: the prep train split's (cached).
         url = default_reference_url(cfg, spec, probe)
         if not storage.exists(url):
             make_reference(cfg, url, spec, probe)
     ref = load_reference_stats(url)
-    expected = spec["kind"] if spec["kind"] == "inception" else "probe"
-    if expected == "probe" and ref.feature_net != "probe" or expected == "inception" and ref.feature_net == "probe":
+    expected = feature_net_tag(spec)
+    # Real Inception references (ours: "inception", ADM's: "inception-adm") are interchangeable.
+    same = (ref.feature_net == expected if expected != "inception"
+            else ref.feature_net not in ("probe", "inception-" + RANDOM_UNTRAINED))
+    if not same:
         raise ValueError(f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}")
     return ref, url
 
@@ -532,15 +554,16 @@ def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     for r in results[1:]:
         feats.merge(r["features"])
     kind = spec["kind"]
-    name = distance_name(kind, "gen")
+    name = distance_name(kind, "gen", spec.get("weights", ""))
+    sfx = inception_suffix(kind, spec.get("weights", ""))
     metrics = {name: feats.pool.distance_to(ref.mu, ref.sigma),
                "sample_images_per_second": samples["images_per_second"]}
     notes = {}
     if kind == "inception":
-        metrics["inception_score"] = inception_score(feats.probs_array())[0]
+        metrics["inception_score" + sfx] = inception_score(feats.probs_array())[0]
         if feats.spatial is not None and ref.mu_s is not None:
             mu_s, sigma_s = feats.spatial.mean_cov()
-            metrics["sfid"] = frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
+            metrics["sfid" + sfx] = frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
         else:
             notes["sfid"] = ("not computed: " + ("the TorchScript Inception exposes no mixed_6/conv features"
                                                  if feats.spatial is None else f"{ref_url} has no mu_s/sigma_s"))
@@ -554,7 +577,7 @@ def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     if ref_rows is not None and len(ref_rows) > 3 and feats.pool.num_kept > 3:
         pr = precision_recall(ref_rows, feats.pool.features())
         prefix = "" if kind == "inception" else "probe_"
-        metrics[f"{prefix}precision"], metrics[f"{prefix}recall"] = pr["precision"], pr["recall"]
+        metrics[f"{prefix}precision{sfx}"], metrics[f"{prefix}recall{sfx}"] = pr["precision"], pr["recall"]
     else:
         notes["precision_recall"] = f"not computed: {ref_url} has no feature rows or images"
     seconds = time.time() - t0
@@ -617,7 +640,7 @@ def cfg_search(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     ratios = list(cfg.eval.cfg_search_start_ratios) or [float(cfg.sampling.cfg_start_ratio)]
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
-    name = distance_name(spec["kind"], "gen")
+    name = distance_name(spec["kind"], "gen", spec.get("weights", ""))
     points = []
     for i, (scale, ratio) in enumerate((s, r) for s in scales for r in ratios):
         sampling = OmegaConf.merge(cfg.sampling, {"cfg_scale": float(scale), "cfg_start_ratio": float(ratio)})
