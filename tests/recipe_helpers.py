@@ -115,4 +115,4 @@ def site_paths(work_dir: Path, data_root: Path, source: str) -> list[str]:
     eval.reference_stats is empty: ADM's Inception reference cannot be compared with features of
     a random-untrained Inception, so the reference is made from the prep train split."""
     return [f"work_dir={work_dir}", f"data.source={source}", f"data.root={data_root}",
-            "tracking.tracking_uri=", "cluster.storage_path=", "eval.reference_stats="]
+            "tracking.tracking_uri=''", "cluster.storage_path=''", "eval.reference_stats=''"]

@@ -23,6 +23,13 @@ FULL_LOSS_TINY = TokenizerLossConfig(
     disc_feature_blocks=[0], disc_backbone_kwargs={"depth": 1}, disc_virtual_batch=2, gan_start_step=0)
 
 
+def cast_params_like_deepspeed(module: torch.nn.Module) -> torch.nn.Module:
+    """DeepSpeed bf16 casts parameters only and keeps fp32 buffers (engine._configure_distributed_model)."""
+    for p in module.parameters():
+        p.data = p.data.to(BF16)
+    return module
+
+
 def record_dtypes(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, list], list]:
     """Forward hooks recording the dtypes of each module's first input and tensor outputs."""
     seen: dict[str, list] = {name: [] for name in modules}
@@ -85,7 +92,7 @@ def test_tokenizer_losses_fp32_with_bf16_model_and_discriminator():
     torch.manual_seed(0)
     model = ResTok(NANO).train().to(BF16)
     loss_fn = TokenizerLoss(FULL_LOSS_TINY)
-    loss_fn.discriminator.to(BF16)
+    cast_params_like_deepspeed(loss_fn.discriminator)  # spectral norm's u, v stay fp32 buffers
     images = torch.rand(4, 3, 32, 32)
     recon, aux = model(images.to(BF16))
     loss, logs = loss_fn.generator_loss(images, recon, aux, step=0)

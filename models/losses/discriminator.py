@@ -143,6 +143,14 @@ class DinoDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    def _match_spectral_norm_buffers(self, dtype: torch.dtype) -> None:
+        """A DeepSpeed bf16 engine casts parameters only, leaving spectral norm's power-iteration
+        vectors u, v in fp32; torch.mv needs them in the weight's dtype."""
+        for name, buf in self.heads.named_buffers():
+            if name.endswith(("._u", "._v")) and buf.dtype != dtype:
+                module = self.heads.get_submodule(name.rsplit(".", 1)[0])
+                setattr(module, name.rsplit(".", 1)[1], buf.to(dtype))
+
     def forward(self, images: torch.Tensor, augment: bool = True) -> torch.Tensor:
         """images in [0, 1] -> logits [B, sum of token counts over features]."""
         x = images
@@ -150,6 +158,7 @@ class DinoDiscriminator(nn.Module):
             x = (diff_augment(x * 2 - 1, self.diffaug_policy) + 1) / 2  # DiffAugment works in [-1, 1]
         feats = self.features(x)
         head_dtype = self.heads[0].to_logit.bias.dtype  # heads and backbone may differ in dtype
+        self._match_spectral_norm_buffers(head_dtype)
         return torch.cat([head(f.to(head_dtype)) for head, f in zip(self.heads, feats)], dim=1).float()
 
 
