@@ -19,6 +19,7 @@ from recipe_helpers import (
     GAN_START,
     RECIPE_STEPS,
     SHRINK_SIZES,
+    WNIDS,
     site_paths,
     write_imagenet_folder,
     write_imagenet_tars,
@@ -63,8 +64,10 @@ def test_recipe_small_scale_every_stage(source, fake_imagenet, tmp_path):
     done = restok_run(RECIPE, overrides, tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     print(done.stdout.rsplit("== restok run:", 1)[-1])
+    check_recipe_outputs(load_config(RECIPE, overrides), work)
 
-    cfg = load_config(RECIPE, overrides)
+
+def check_recipe_outputs(cfg, work: Path) -> None:
     # The switches are the recipe's (only sizes were overridden).
     assert (cfg.tokenizer_train.precision, cfg.tokenizer_train.zero_stage) == ("bf16", 2)
     assert (cfg.generator_train.precision, cfg.generator_train.zero_stage) == ("bf16", 2)
@@ -83,8 +86,10 @@ def test_recipe_small_scale_every_stage(source, fake_imagenet, tmp_path):
         assert len(runs) == 1, (stage, len(runs))
         return runs[0]
 
+    assert all(stage_run(s).info.status == "FINISHED" for s in STAGES)
+    assert manifests["prep"]["source"] == cfg.data.source
+    assert manifests["prep"]["num_classes"] == len(WNIDS) == cfg.generator.num_classes
     tok = stage_run("train_tokenizer")
-    assert tok.info.status == "FINISHED"
     missing = [k for k in TOKENIZER_METRICS if k not in tok.data.metrics]
     assert not missing, (missing, sorted(tok.data.metrics))
     gan = sorted(client.get_metric_history(tok.info.run_id, "gan_active"), key=lambda m: m.step)
