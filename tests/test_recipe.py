@@ -98,6 +98,8 @@ def check_recipe_outputs(cfg, work: Path) -> None:
     gen = stage_run("train_generator")
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib"):
         assert key in gen.data.metrics, key
+    assert client.list_artifacts(tok.info.run_id, "reconstructions"), "no reconstruction grid"
+    assert client.list_artifacts(gen.info.run_id, "samples"), "no sample grid (bf16 module, CFG, top-p)"
 
     # Ten-crop: 10 augmented code views per training image.
     codes = manifests["extract_codes"]
