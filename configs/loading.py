@@ -6,6 +6,7 @@ A preset is `configs/presets/<name>.yaml` (or a path to any YAML file). A preset
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,6 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from configs.schema import RestokConfig
+from models.losses.diffaugment import RANGES as DIFFAUG_RANGES
+from models.losses.discriminator import INPUT_MODES as DISC_INPUT_MODES
+from models.losses.discriminator import LECAM_VARIANTS
+from models.tokenizer.config import INIT_SCHEMES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -77,8 +82,26 @@ def _load_yaml_chain(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, D
     return chain + [(str(path), raw)]
 
 
-def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> RestokConfig:
-    """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object)."""
+def _empty_string(item: str) -> str:
+    """`key=` on a string field means the empty string (OmegaConf would read None)."""
+    key, eq, value = item.partition("=")
+    if not eq or value:
+        return item
+    parent = _schema_node_at(key)
+    name = key.rsplit(".", 1)[-1]
+    if dataclasses.is_dataclass(parent):
+        for f in dataclasses.fields(parent):
+            if f.name == name and f.type in ("str", str):
+                return f"{key}=''"
+    return item
+
+
+def load_config(preset: str | None = None, overrides: Iterable[str] = (),
+                resolve_relative_paths: bool = True) -> RestokConfig:
+    """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object).
+
+    Path fields are made absolute against the current directory unless `resolve_relative_paths`
+    is off (`restok submit`, whose job resolves them in its own directory on the cluster)."""
     preset = preset or DEFAULT_PRESET
     cfg = OmegaConf.structured(RestokConfig)
     for source, layer in _load_yaml_chain(preset):
@@ -86,7 +109,7 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> Res
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise _explain(exc, source) from None
-    overrides = list(overrides)
+    overrides = [_empty_string(item) for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -100,7 +123,55 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> Res
     except OmegaConfBaseException as exc:
         raise _explain(exc, preset) from None
     validate(cfg)
+    if resolve_relative_paths:
+        resolve_paths(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def path_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every schema field declared a path (`metadata=PATH` in configs.schema)."""
+    node = RestokConfig() if node is None else node
+    keys: list[str] = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += path_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            keys.append(prefix + f.name)
+    return keys
+
+
+# Values of path fields that are words, not paths (TrainConfig.resume).
+_PATH_WORDS = ("auto", "never")
+
+
+def absolute_path(value: str, base: str) -> str:
+    """`value` made absolute against `base`; URLs with a scheme and empty values unchanged.
+
+    A sqlite tracking URI's file part is a path too (`sqlite:///rel.db` is relative to the cwd of
+    whichever process opens it). A comma list (eval.reference_shards) is resolved item by item.
+    """
+    if not value or value in _PATH_WORDS:
+        return value
+    if "," in value:
+        return ",".join(absolute_path(v.strip(), base) for v in value.split(","))
+    if value.startswith("sqlite:///"):
+        return "sqlite:///" + absolute_path(value[len("sqlite:///"):], base)
+    if "://" in value or value.startswith("file:"):
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def resolve_paths(cfg: Any, base: str | None = None) -> None:
+    """Make every path field absolute against `base` (default: the current directory), once, on
+    the driver: Ray Train workers, tasks and actors run in directories of their own (issue 18)."""
+    base = base or os.getcwd()
+    for key in path_keys():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value:
+            resolved = absolute_path(value, base)
+            if resolved != value:
+                OmegaConf.update(cfg, key, resolved)
 
 
 _CHOICES = {
@@ -121,6 +192,11 @@ _CHOICES = {
     "tokenizer_train.loss.vf_teacher_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.disc_backbone": ("pretrained", "random-untrained"),
     "tokenizer_train.loss.vf_margin_convention": ("release", "paper"),
+    # Issue 13 switches (choices defined beside their code).
+    "tokenizer.init_scheme": INIT_SCHEMES,
+    "tokenizer_train.loss.disc_input_mode": DISC_INPUT_MODES,
+    "tokenizer_train.loss.disc_diffaug_range": DIFFAUG_RANGES,
+    "tokenizer_train.loss.lecam_variant": LECAM_VARIANTS,
 }
 
 
@@ -133,6 +209,7 @@ def validate(cfg: Any) -> None:
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
+    check_models_build(cfg)
     for name in ("tokenizer_train", "generator_train"):
         train = cfg[name]
         per_step = train.micro_batch_size * cfg.cluster.num_workers
@@ -141,6 +218,29 @@ def validate(cfg: Any) -> None:
                 f"{name}.global_batch_size={train.global_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.num_workers = {per_step}"
             )
+
+
+def check_models_build(cfg: Any) -> None:
+    """Build both models on the meta device (no memory, milliseconds): a config that cannot be
+    built fails here with one line, not inside Ray Train workers after the cluster started."""
+    import torch
+
+    from models.generator.gpt import GPT
+    from models.tokenizer.restok import ResTok
+
+    for section, build in (("tokenizer", ResTok), ("generator", GPT)):
+        try:
+            with torch.device("meta"):
+                build(OmegaConf.to_object(cfg[section]))
+        except Exception as exc:  # any constructor error is a config error here
+            raise ConfigError(f"{section}.*: the model cannot be built from this config: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if int(cfg.generator.vocab_size) != int(cfg.tokenizer.codebook_size):
+        raise ConfigError(f"generator.vocab_size={cfg.generator.vocab_size} must equal "
+                          f"tokenizer.codebook_size={cfg.tokenizer.codebook_size}")
+    if list(cfg.generator.levels) != list(cfg.tokenizer.levels):
+        raise ConfigError(f"generator.levels={list(cfg.generator.levels)} must equal "
+                          f"tokenizer.levels={list(cfg.tokenizer.levels)}")
 
 
 STAGE_NAMES = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")

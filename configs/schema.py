@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Field metadata: a local path (or fsspec URL) that configs.loading makes absolute against the
+# directory the command ran in, on the driver, before any Ray worker sees the config (issue 18).
+PATH = {"path": True}
+
 from models.generator.config import GeneratorConfig
 from models.losses.tokenizer_loss import TokenizerLossConfig
 from models.tokenizer.config import TokenizerConfig
@@ -31,11 +35,11 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | imagenet_folder | imagenet_tar
     # Root of the ImageNet folder tree (train/<wnid>/*.JPEG, val/...) or directory holding
     # ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar.
-    root: str = ""
-    val_labels_csv: str = ""  # LOC_val_solution.csv for a flat val folder / the val tar
+    root: str = field(default="", metadata=PATH)
+    val_labels_csv: str = field(default="", metadata=PATH)  # LOC_val_solution.csv for a flat val folder / the val tar
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     # Where shards go: any fsspec URL; empty = <work_dir>/shards.
-    shards_url: str = ""
+    shards_url: str = field(default="", metadata=PATH)
     samples_per_shard: int = 1000
     # None keeps the original JPEG bytes; an int re-encodes with the shorter side resized.
     resize: Optional[int] = None
@@ -68,13 +72,16 @@ class TrainConfig:
     micro_batch_size: int = 32  # per worker; grad accumulation = global / (micro * workers)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float = 0.9999
+    # Release (ema_model.py): decay min(ema_decay, (1 + t) / (10 + t)), a copy at step 0; false =
+    # ema_decay from the first step.
+    ema_warmup: bool = False
     zero_stage: int = 1
     precision: str = "bf16"  # bf16 | fp32 (fp16 is not supported on CPU)
     log_every: int = 10
     image_log_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | never | <checkpoint path>
+    resume: str = field(default="auto", metadata=PATH)  # auto | never | <checkpoint path>
     max_failures: int = 1
     seed: int = 0
     # Stop with a checkpoint after this many steps (0 = run all `steps`); a later run with
@@ -128,28 +135,28 @@ class EvalConfig:
     # Feature network for FID/IS/precision/recall: inception (real metric) or probe (built-in
     # dataset stand-in, reported as FD-probe, never as FID).
     feature_net: str = "inception"
-    inception_weights: str = ""  # local path; empty = normal download when online
-    reference_stats: str = ""  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
+    inception_weights: str = field(default="", metadata=PATH)  # local path; empty = normal download when online
+    reference_stats: str = field(default="", metadata=PATH)  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
     cfg_search_scales: list[float] = field(default_factory=list)
     cfg_search_start_ratios: list[float] = field(default_factory=list)
     # make-ref input: any shard dir / glob / comma list; empty = the prep split below.
-    reference_shards: str = ""
+    reference_shards: str = field(default="", metadata=PATH)
     reference_split: str = "train"  # ADM's reference batch is drawn from train
-    reference_out: str = ""  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
+    reference_out: str = field(default="", metadata=PATH)  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
     max_pr_features: int = 10000  # rows kept for precision/recall (ADM reference batch: 10k)
-    lpips_vgg_weights: str = ""  # torchvision vgg16-397923af.pth; empty = hub cache / download
+    lpips_vgg_weights: str = field(default="", metadata=PATH)  # torchvision vgg16-397923af.pth; empty = hub cache / download
     probe_steps: int = 300  # probe stand-in training steps (CPU: seconds at 32 px)
     probe_max_train_images: int = 20000
     grid_images: int = 8  # reconstruction / sample grid width
     samples_per_shard: int = 1000
-    probe_cache: str = ""  # where trained probes are kept; empty = <evaluate dir>/probe
+    probe_cache: str = field(default="", metadata=PATH)  # where trained probes are kept; empty = <evaluate dir>/probe
     # `restok sweep`: checkpoint chains run at once (Ray tasks); 0 = 1 on a local Ray, all on a cluster.
     sweep_parallel: int = 0
 
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = ""  # empty = sqlite:///<work_dir>/mlflow.db
+    tracking_uri: str = field(default="", metadata=PATH)  # empty = sqlite:///<work_dir>/mlflow.db
     experiment: str = "restok"
     run_name: str = ""
     register_models: bool = True
@@ -162,7 +169,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     # Ray Train storage for checkpoints (any pyarrow/fsspec filesystem URL); empty = <work_dir>/ray.
-    storage_path: str = ""
+    storage_path: str = field(default="", metadata=PATH)
     # Peak FLOP/s of one worker's device for MFU (e.g. 989 for an H100 in bf16); 0 = measure a
     # matmul once at start (a lower bound of the peak, so MFU is then an upper bound).
     peak_tflops_per_worker: float = 0.0
@@ -171,7 +178,7 @@ class ClusterConfig:
 @dataclass
 class RestokConfig:
     preset: str = "default"  # set by the loader; tags every MLflow run
-    work_dir: str = "restok_work"
+    work_dir: str = field(default="restok_work", metadata=PATH)
     seed: int = 0
     stages: list[str] = field(
         default_factory=lambda: ["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]

@@ -2,8 +2,9 @@
 
 The shard plan is fixed before anything is written: shard i of a split holds samples
 [i*n, (i+1)*n) of the source's deterministic sample list (n = data.samples_per_shard). Each shard
-is one Ray task (at most data.prep_tasks in flight); a shard with a matching done record is
-skipped, so a rerun after a kill writes only what is missing. Stale temporaries of killed
+is one Ray task (at most data.prep_tasks in flight); a shard whose done record names the current
+stage fingerprint and plan is skipped, so a rerun after a kill writes only what is missing, and
+shards of another config are deleted and redone, never reused (issue 19). Stale temporaries of killed
 writers and shards outside the plan (left by another config) are removed first, so the output
 ends as exactly the planned shard set.
 
@@ -17,16 +18,23 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
-from data_prep.shard_writer import DONE_DIR, ShardJob, existing_record, write_shard
+from data_prep.shard_writer import (
+    DONE_DIR,
+    ShardJob,
+    existing_record,
+    stale_reason,
+    write_shard,
+)
 from data_prep.sources import make_source
 from pipeline import manifest as manifest_lib
 from pipeline import paths, storage
+from pipeline.console import progress
 from pipeline.stages import stage_fingerprint
 
 STAGE = "prep"
@@ -34,6 +42,8 @@ STAGE = "prep"
 # sorted by class, and class-sorted shards would make every shuffle buffer nearly one class.
 # Fixed (not a config value) so the plan, and the prep fingerprint, do not depend on it.
 TRAIN_ORDER_SEED = 0
+STALE_REASONS = {"fingerprint": "made under another config", "plan": "made from another sample list",
+                 "shard": "shard missing or truncated"}
 
 
 def evenly_spaced(refs: list, cap: Optional[int]) -> list:
@@ -163,15 +173,29 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
 
     shards_url = _absolute(paths.shards_url(cfg))
     storage.makedirs(shards_url)
+    # An old manifest must not outlive the shards it lists while they are redone.
+    manifest_lib.remove_manifest(stage_dir)
     stale = storage.remove_stale_temporaries(shards_url) + storage.remove_stale_temporaries(storage.join(shards_url, DONE_DIR))
     source = make_source(cfg.data)
     jobs = plan_jobs(source, cfg, shards_url, fingerprint)
     outside = remove_outside_plan(shards_url, cfg.data.splits, {j.name for j in jobs})
 
-    records, todo = [], []
+    records, todo, discarded = [], [], Counter()
     for job in jobs:
         record = existing_record(job)
-        (records.append(record) if record else todo.append(job))
+        if record:
+            records.append(record)
+            continue
+        todo.append(job)
+        reason = stale_reason(job)
+        if reason:  # another producer's shard: delete record then shard, so neither is mistaken
+            discarded[reason] += 1
+            storage.remove(job.done_url)
+            storage.remove(job.url)
+    if discarded:
+        print(f"prep: discarded {sum(discarded.values())} of {len(jobs)} shards: "
+              + ", ".join(f"{n} {STALE_REASONS[r]}" for r, n in discarded.items())
+              + f" (now fingerprint {fingerprint})", flush=True)
     print(f"prep: {source.name} -> {shards_url}: {len(jobs)} shards planned, {len(records)} already complete, "
           f"{len(todo)} to write; removed {stale} temporaries and {len(outside)} files outside the plan", flush=True)
 
@@ -180,7 +204,7 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     if todo:  # start Ray before the clock, so images/s measures writing
         executor = _thread_executor if shards_url.startswith("memory://") else _ray_executor(cfg)
     start = time.perf_counter()
-    with tqdm(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1, mininterval=1.0) as bar:
+    with progress(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1) as bar:
         def on_done(record: dict) -> None:
             records.append(record)
             bar.update(record["planned"])

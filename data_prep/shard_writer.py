@@ -103,15 +103,32 @@ def _read_in_plan_order(source: Any, refs: list) -> Any:
     yield from zip(refs, data)
 
 
-def existing_record(job: ShardJob) -> Optional[dict[str, Any]]:
-    """The done record when the shard is complete for this plan and fingerprint, else None."""
+def _check(job: ShardJob) -> tuple[dict[str, Any] | None, str | None]:
+    """(done record, None) when the shard is complete for this plan and fingerprint, else (None,
+    why not: missing | fingerprint | plan | shard)."""
     record = storage.read_json(job.done_url)
-    if not record or record.get("fingerprint") != job.fingerprint or record.get("plan_sha256") != job.plan:
-        return None
+    if not record:
+        return None, "missing"
+    if record.get("fingerprint") != job.fingerprint:
+        return None, "fingerprint"
+    if record.get("plan_sha256") != job.plan:
+        return None, "plan"
     fs, path = storage.filesystem(job.url)
     if not fs.exists(path) or fs.size(path) != record.get("bytes"):
-        return None
-    return record
+        return None, "shard"
+    return record, None
+
+
+def existing_record(job: ShardJob) -> Optional[dict[str, Any]]:
+    """The done record when the shard is complete for this plan and fingerprint, else None."""
+    return _check(job)[0]
+
+
+def stale_reason(job: ShardJob) -> str | None:
+    """Why a done record on storage is not reused (fingerprint | plan | shard); None when there
+    is none or it is current."""
+    reason = _check(job)[1]
+    return None if reason == "missing" else reason
 
 
 def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:

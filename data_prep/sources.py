@@ -292,6 +292,35 @@ class ImageNetTarSource(_ImageNetBase):
         raise SourceError(f"{run[0][2][0]}: member {ref[2][3]!r} not found where the listing put it")
 
 
+_LAYOUTS = {
+    "imagenet_folder": "train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv)",
+    "imagenet_tar": f"{TRAIN_TAR} and {VAL_TAR}",
+}
+
+
+def check_source(data_cfg: Any) -> None:
+    """One line naming the root and the layout expected, before anything is written (issue 18)."""
+    if data_cfg.source == "synthetic":
+        return
+    if data_cfg.source not in _LAYOUTS:
+        raise SourceError(f"data.source={data_cfg.source!r}; valid: synthetic, {', '.join(_LAYOUTS)}")
+    root = str(data_cfg.root)
+    if not root:
+        raise SourceError(f"data.source={data_cfg.source} needs data.root (a directory holding "
+                          f"{_LAYOUTS[data_cfg.source]})")
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        raise SourceError(f"data.root={root} does not exist (expected {_LAYOUTS[data_cfg.source]})")
+    for split in data_cfg.splits:
+        if data_cfg.source == "imagenet_folder":
+            want = storage.join(root, split)
+        else:
+            want = storage.join(root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar"))
+        if not fs.exists(storage.filesystem(want)[1]):
+            raise SourceError(f"data.root={root}: {want} not found (data.source={data_cfg.source} expects "
+                              f"{_LAYOUTS[data_cfg.source]}; data.splits={list(data_cfg.splits)})")
+
+
 def make_source(data_cfg: Any):
     """The source named by `data.source` (config section DataConfig)."""
     if data_cfg.source == "synthetic":

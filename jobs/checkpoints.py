@@ -209,3 +209,189 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
         final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
                        if isinstance(v, (int, float))},
         ray_checkpoint=result.checkpoint.path, mlflow_run_id=run_id, registered_version=version)
+
+
+# ---- kept Ray Train checkpoints -> exports (`restok export`, `restok sweep`) -------------------------
+# Training stage -> (DeepSpeed engine directory in the checkpoint, export file name).
+EXPORTABLE = {"train_tokenizer": ("tokenizer", "tokenizer"), "train_generator": ("generator", "generator")}
+EXPORTS_DIR = "exports"
+
+
+def _fs_glob(pattern: str) -> list[str]:
+    """Matches of `pattern`, as URLs of the same filesystem."""
+    fs, path = storage.filesystem(pattern)
+    matches = sorted(fs.glob(path))
+    return matches if "://" not in pattern else [fs.unstrip_protocol(p) for p in matches]
+
+
+def _read_config_url(url: str) -> Any | None:
+    return _load_config(url) if storage.exists(url) else None
+
+
+def is_checkpoint_dir(url: str) -> bool:
+    """A Ray Train checkpoint directory of a training stage (jobs.ray_training layout)."""
+    return storage.exists(storage.join(url, "meta.json"))
+
+
+def _checkpoint_complete(url: str, meta: dict) -> bool:
+    """meta.json (rank 0) and every rank's state file are there: every rank finished its part."""
+    return all(storage.exists(storage.join(url, f"rank{r}.pt")) for r in range(int(meta.get("world", 1))))
+
+
+def _stage_of(stage_dir: str, manifest: dict) -> str:
+    stage = str(manifest.get("stage") or os.path.basename(stage_dir.rstrip("/")))
+    if stage not in EXPORTABLE:
+        raise FileNotFoundError(f"{stage_dir}: not a training stage directory (stage {stage!r}; "
+                                f"valid: {sorted(EXPORTABLE)})")
+    return stage
+
+
+def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
+    """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
+
+    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.ray_training.experiment_name)
+    under cluster.storage_path (default <work_dir>/ray, pipeline.paths.ray_storage_path). The
+    fingerprint comes from the stage manifest (else from the stage's config), the storage path from
+    the config that trained it (its config.yaml, else `cfg`), and the default beside the stage dir;
+    the manifest's own checkpoint path names its directory first."""
+    from pipeline.paths import ray_storage_path
+    from pipeline.stages import stage_fingerprint
+
+    stage_dir = stage_dir.rstrip("/")
+    manifest = storage.read_json(storage.join(stage_dir, "manifest.json")) or {}
+    stage = _stage_of(stage_dir, manifest)
+    dirs: list[str] = []
+    patterns: list[str] = []
+    for key in ("ray_checkpoint", "checkpoint"):  # written by finish_training_stage
+        path = manifest.get(key)
+        if path and storage.exists(str(path)):
+            dirs.append(str(path).rstrip("/").rsplit("/", 1)[0])
+    configs = [c for c in (_read_config_url(storage.join(stage_dir, CONFIG_NAME)), cfg) if c is not None]
+    fps = [str(manifest["fingerprint"])] if manifest.get("fingerprint") else [
+        stage_fingerprint(c, stage) for c in configs]
+    roots = [ray_storage_path(c) for c in configs] + [storage.join(stage_dir.rsplit("/", 1)[0], "ray")]
+    for root in dict.fromkeys(roots):
+        if not fps:  # nothing names the run: only an unambiguous one will do
+            patterns.append(storage.join(root, f"{stage}-*"))
+            runs = _fs_glob(patterns[-1])
+            if len({os.path.basename(r).split("-")[1] for r in runs}) > 1:
+                raise FileNotFoundError(f"{stage_dir}: no manifest or config names its Ray Train run among "
+                                        f"{runs}; pass the preset and overrides that trained it")
+            dirs += sorted(runs, reverse=True)
+        for fp in dict.fromkeys(fps):
+            # The run itself, then `resume: never` runs (<stage>-<fp>-<time>), newest first.
+            patterns.append(storage.join(root, f"{stage}-{fp}[-*]"))
+            dirs += _fs_glob(storage.join(root, f"{stage}-{fp}"))
+            dirs += sorted(_fs_glob(storage.join(root, f"{stage}-{fp}-*")), reverse=True)
+    return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs)), patterns
+
+
+def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int, str], list[str]]:
+    """(stage, {step: checkpoint URL}, directories searched) of the complete checkpoints Ray Train
+    kept for a training stage directory (or of one checkpoint directory given itself)."""
+    source = source.rstrip("/")
+    if is_checkpoint_dir(source):
+        meta = storage.read_json(storage.join(source, "meta.json"))
+        return _stage_of(source, {"stage": meta.get("stage")}), {int(meta["step"]): source}, [source]
+    stage, dirs, patterns = experiment_dirs(source, cfg)
+    found: dict[int, str] = {}
+    for d in dirs:
+        # Ray Train v2 keeps <experiment>/checkpoint_*; v1 <experiment>/<trial>/checkpoint_*.
+        # Newest first (checkpoint_<time>): a step saved twice (a rerun after a kill) is the rerun's.
+        metas = _fs_glob(storage.join(d, "*", "meta.json")) + _fs_glob(storage.join(d, "*", "*", "meta.json"))
+        for meta_url in sorted(metas, reverse=True):
+            ckpt = meta_url.rsplit("/", 1)[0]
+            meta = storage.read_json(meta_url) or {}
+            if meta.get("stage") == stage and "step" in meta and _checkpoint_complete(ckpt, meta):
+                found.setdefault(int(meta["step"]), ckpt)  # the manifest's own run first
+    return stage, dict(sorted(found.items())), dirs or patterns
+
+
+def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tuple[str, int, str]:
+    """(stage, step, checkpoint URL) of a kept checkpoint, the newest when `step` is None; a
+    one-line FileNotFoundError naming where it looked and the steps there otherwise."""
+    stage, kept, searched = kept_checkpoints(source, cfg)
+    if not kept:
+        raise FileNotFoundError(f"{source}: no kept Ray Train checkpoints (searched {searched})")
+    if step is None:
+        step = max(kept)
+    if step not in kept:
+        raise FileNotFoundError(f"{source}: no kept checkpoint for step {step}; available steps: {sorted(kept)}")
+    return stage, step, kept[step]
+
+
+def checkpoint_config(ckpt: str, stage: str, source: str, cfg: Any | None = None) -> Any:
+    """The config that trained a checkpoint: its own config.yaml, else the stage dir's or `cfg` when
+    its fingerprint is the one in the experiment name."""
+    from pipeline.stages import stage_fingerprint
+
+    own = _read_config_url(storage.join(ckpt, CONFIG_NAME))
+    if own is not None:
+        return own
+    experiment = next((part for part in reversed(ckpt.split("/")) if part.startswith(f"{stage}-")), "")
+    candidates = [c for c in (_read_config_url(storage.join(source, CONFIG_NAME)), cfg) if c is not None]
+    for c in candidates:
+        fp = stage_fingerprint(c, stage)
+        if experiment == f"{stage}-{fp}" or experiment.startswith(f"{stage}-{fp}-"):
+            return c
+    raise FileNotFoundError(f"{ckpt}: no config.yaml, and no config given whose {stage} fingerprint "
+                            f"matches {experiment or 'its experiment'}; pass the preset and overrides that trained it")
+
+
+def default_export_dir(source: str, step: int) -> str:
+    """`<stage dir>/exports/step_<N>` (a checkpoint directory given alone needs an explicit out)."""
+    if is_checkpoint_dir(source):
+        raise FileNotFoundError(f"{source}: a checkpoint directory; give the export directory (--out)")
+    return storage.join(source.rstrip("/"), EXPORTS_DIR, f"step_{step:07d}")
+
+
+def export_checkpoint(source: str, step: int | None = None, out: str | None = None,
+                      cfg: Any | None = None) -> str:
+    """Export a kept Ray Train checkpoint of a training stage (any ZeRO stage; EMA weights as the
+    EMA) to the export format (<name>.safetensors, <name>_ema.safetensors, config.yaml, manifest
+    with the step) that load_tokenizer / load_generator and `restok sweep` read. `source` is a
+    training stage directory (with `step`, default the newest) or a checkpoint directory. Returns
+    the export directory; an export of the same checkpoint already there is reused."""
+    import shutil
+    import tempfile
+
+    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.stages import stage_fingerprint
+
+    stage, step, ckpt = find_checkpoint(source, step, cfg)
+    out = (out or default_export_dir(source, step)).rstrip("/")
+    done = read_manifest(out) or {}
+    if done.get("complete") and done.get("source_checkpoint") == ckpt and done.get("steps_done") == step:
+        return out
+    train_cfg = checkpoint_config(ckpt, stage, source, cfg)
+    engine_name, export_name = EXPORTABLE[stage]
+    model = _build_model(stage, train_cfg)
+    fs, path = storage.filesystem(ckpt)
+    tmp = None
+    if "://" in ckpt and not ckpt.startswith("file://"):  # DeepSpeed's consolidation reads local files
+        tmp = tempfile.mkdtemp(prefix="restok-export-")
+        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)  # the contents, not the dir
+        path = tmp
+    try:
+        raw, ema = export_weights(path, engine_name, model)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    hashes = write_export(out, export_name, raw, ema, train_cfg)
+    fields = ({"num_tokens": int(model.num_tokens), "levels": list(model.levels),
+               "codebook_size": int(model.codebook_size)} if stage == "train_tokenizer" else {})
+    write_manifest(out, stage, stage_fingerprint(train_cfg, stage), complete=True, steps_done=step,
+                   weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
+                   config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
+                   source_checkpoint=ckpt, **fields)
+    return out
+
+
+def _build_model(stage: str, cfg: Any) -> torch.nn.Module:
+    if stage == "train_tokenizer":
+        from models.tokenizer import ResTok
+
+        return ResTok(tokenizer_config(cfg))
+    from models.generator import GPT
+
+    return GPT(generator_config(cfg))

@@ -151,8 +151,8 @@ class EMA:
     are whole on every rank, so only rank 0 keeps the average.
     """
 
-    def __init__(self, model: nn.Module, decay: float, rank: int):
-        self.decay = float(decay)
+    def __init__(self, model: nn.Module, decay: float, rank: int, warmup: bool = False):
+        self.decay, self.warmup = float(decay), bool(warmup)
         params = list(model.named_parameters())
         self.sharded = any(is_partitioned(p) for _, p in params)
         self.active = self.sharded or rank == 0
@@ -161,10 +161,19 @@ class EMA:
         # Full shapes, so shards can be put back together (rank 0 writes them).
         self.shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.params}
 
+    def decay_at(self, step: int | None) -> float:
+        """Decay of the update after optimizer step `step` (0-based). With warm-up (release
+        ema_model.py, diffusers' EMAModel without use_ema_warmup): 0 at step 0 (a copy), then
+        min(decay, (1 + t) / (10 + t)); without it the constant decay."""
+        if not self.warmup or step is None:
+            return self.decay
+        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int | None = None) -> None:
+        weight = 1.0 - self.decay_at(step)
         for n, p in self.params:
-            self.shadow[n].lerp_(local_tensor(p).detach().float(), 1.0 - self.decay)
+            self.shadow[n].lerp_(local_tensor(p).detach().float(), weight)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.shadow.items()}

@@ -4,22 +4,29 @@ SPEC "codes" (LlamaGen's extraction): every image becomes A views, encoded toget
   none     1 view: shorter side to S, centre crop S (the evaluation transform)
   flip     2 views: that crop and its horizontal flip
   tencrop  10 views: centre crop at 1.1 S, then the 4 corner + centre S crops and their flips
-Code shard i is written from image shard i (same name) atomically, then a small `.json` receipt;
-a rerun skips shards with a receipt, so a killed extraction resumes where it stopped. The codes
-are deterministic (eval mode, fixed batches per shard).
+Code shard i is written from image shard i (same name) atomically, then a small `.json` receipt
+naming what produced it: the stage fingerprint (extract config + upstream fingerprints), the
+tokenizer weights' sha256 (a retrained tokenizer keeps its config's fingerprint) and the image
+shard's sha256. A rerun keeps only shards whose receipt names the current producer, so a killed
+extraction resumes where it stopped and a changed one never reuses stale codes (issue 19). The
+codes are deterministic (eval mode, fixed batches per shard).
 """
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import paths, storage
+from pipeline.console import progress
 from pipeline.manifest import (
     is_complete,
     read_manifest,
+    remove_manifest,
     require_complete,
     write_manifest,
 )
@@ -55,6 +62,49 @@ def receipt_url(out_url: str) -> str:
     return out_url[: -len(".tar")] + ".json"
 
 
+# Why a receipt is not reused, by the first identity field that differs (logged as counts).
+STALE_REASONS = {"fingerprint": "made under another config", "tokenizer_sha256": "made by other tokenizer weights",
+                 "input_sha256": "made from another image shard", "shard": "code shard missing or truncated"}
+SHARD_FILE = re.compile(r"^.+-\d{6}\.(tar|json)$")  # prep's `{split}-NNNNNN.tar` names and receipts
+
+
+def stale_reason(receipt: dict | None, out_url: str, identity: dict[str, str]) -> str | None:
+    """None when the receipt names this producer and its shard is on storage, else why not."""
+    if receipt is None:
+        return "missing"
+    for key, value in identity.items():
+        if receipt.get(key) != value:
+            return key
+    fs, path = storage.filesystem(out_url)
+    if not fs.exists(path) or fs.size(path) != receipt.get("bytes"):
+        return "shard"
+    return None
+
+
+def discard_stale(stage_dir: str, jobs: list[tuple]) -> tuple[list[tuple], dict[str, int]]:
+    """Delete code shards and receipts not made by the current producer (or outside the plan);
+    returns the jobs left to do and the discard counts by reason."""
+    fs, root = storage.filesystem(stage_dir)
+    todo, discarded = [], Counter()
+    for job in jobs:
+        out_url, identity = job[3], job[4]
+        reason = stale_reason(storage.read_json(receipt_url(out_url)), out_url, identity)
+        if reason is None:
+            continue
+        todo.append(job)
+        if reason != "missing":
+            discarded[reason] += 1
+        storage.remove(receipt_url(out_url))  # receipt first: never a receipt without its shard
+        storage.remove(out_url)
+    planned = {j[1] for j in jobs} | {receipt_url(j[1]) for j in jobs}
+    for path in fs.ls(root, detail=False):
+        name = os.path.basename(path)
+        if SHARD_FILE.match(name) and name not in planned:
+            fs.rm(path)
+            discarded["outside the plan"] += name.endswith(".tar")
+    return todo, {k: v for k, v in discarded.items() if v}
+
+
 class CodeExtractor:
     """Ray actor: holds one tokenizer; turns one image shard into one code shard per call."""
 
@@ -87,7 +137,7 @@ class CodeExtractor:
         codes = torch.cat(out).numpy().astype(self.dtype)
         return codes.reshape(len(images), per, -1)
 
-    def extract(self, in_url: str, out_url: str) -> dict:
+    def extract(self, in_url: str, out_url: str, identity: dict[str, str]) -> dict:
         from data_prep.loaders import IMAGE_KEYS
         from data_prep.transforms import decode
         from jobs.code_shards import encode_shard, group_samples
@@ -107,7 +157,7 @@ class CodeExtractor:
                  else np.zeros((0, NUM_VIEWS[self.augment], self.model.num_tokens), self.dtype))
         data = encode_shard(list(zip(keys, codes, labels)))
         storage.write_bytes_atomic(out_url, data)
-        receipt = {"count": len(keys), "sha256": storage.sha256_bytes(data),
+        receipt = {**identity, "count": len(keys), "sha256": storage.sha256_bytes(data), "bytes": len(data),
                    "code_shape": list(codes.shape[1:]), "classes": sorted(set(labels))}
         storage.write_json_atomic(receipt_url(out_url), receipt)
         self.written += 1
@@ -119,8 +169,6 @@ class CodeExtractor:
 def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     import ray
     from ray.util import ActorPool
-    from tqdm import tqdm
-
     from data_prep.loaders import resolve_shards
     from jobs.checkpoints import CONFIG_NAME
     from jobs.ray_training import ensure_ray
@@ -128,24 +176,36 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
 
     stage_dir = paths.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, STAGE)
-    if is_complete(stage_dir, fp):
-        return read_manifest(stage_dir)
-    prep = require_complete(paths.stage_dir(cfg, "prep"), "prep")
     tok_dir = paths.stage_dir(cfg, "train_tokenizer")
-    tok_manifest = require_complete(tok_dir, "train_tokenizer")
     weights = "tokenizer_ema.safetensors" if cfg.extract.use_ema else "tokenizer.safetensors"
-    tokenizer_sha = storage.sha256_url(storage.join(tok_dir, weights))
+    weights_url = storage.join(tok_dir, weights)
+    if is_complete(stage_dir, fp):
+        done = read_manifest(stage_dir)
+        # Same config, but the tokenizer may have been retrained since (its fingerprint is its config).
+        if not storage.exists(weights_url) or done.get("tokenizer_sha256") == storage.sha256_url(weights_url):
+            return done
+    prep = require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    tok_manifest = require_complete(tok_dir, "train_tokenizer")
+    tokenizer_sha = storage.sha256_url(weights_url)
     storage.makedirs(stage_dir)
+    # An old manifest must not outlive the shards it lists while they are redone.
+    remove_manifest(stage_dir)
     storage.remove_stale_temporaries(stage_dir)
 
     jobs, expected = [], {}
     for split in cfg.extract.splits:
         urls, counts = resolve_shards(prep, split)
         expected[split] = sum(counts)
+        input_sha = {e["shard"]: e.get("sha256") for e in prep["splits"][split]["shards"]}
         for url in urls:
             name = url.rsplit("/", 1)[-1]
-            jobs.append((split, name, url, storage.join(stage_dir, name)))
-    todo = [j for j in jobs if storage.read_json(receipt_url(j[3])) is None]
+            identity = {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha, "input_sha256": input_sha[name]}
+            jobs.append((split, name, url, storage.join(stage_dir, name), identity))
+    todo, discarded = discard_stale(stage_dir, jobs)
+    if discarded:
+        print(f"[{STAGE}] discarded {sum(discarded.values())} of {len(jobs)} code shards: "
+              + ", ".join(f"{n} {STALE_REASONS.get(r, r)}" for r, n in discarded.items())
+              + f" (now fingerprint {fp}, tokenizer sha256 {tokenizer_sha[:12]})", flush=True)
     print(f"[{STAGE}] {len(jobs)} shards, {len(jobs) - len(todo)} already done; tokenizer "
           f"{weights} sha256 {tokenizer_sha[:12]}", flush=True)
 
@@ -160,15 +220,18 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
                                        int(cfg.extract.batch_size), use_gpu, exit_after)
                       for _ in range(max(1, min(int(cfg.extract.num_actors), len(todo))))]
             pool = ActorPool(actors)
-            results = pool.map_unordered(lambda a, job: a.extract.remote(job[2], job[3]), todo)
-            for _ in tqdm(results, total=len(todo), desc=STAGE, unit="shard"):
+            results = pool.map_unordered(lambda a, job: a.extract.remote(job[2], job[3], job[4]), todo)
+            for _ in progress(iterable=results, total=len(todo), desc=STAGE, unit="shard"):
                 pass
             for a in actors:
                 ray.kill(a)
 
         shards, counts, shape = [], {s: 0 for s in expected}, None
-        for split, name, _, out_url in jobs:
+        for split, name, _, out_url, identity in jobs:
             receipt = storage.read_json(receipt_url(out_url))
+            reason = stale_reason(receipt, out_url, identity)
+            if reason is not None:  # another writer in the same directory
+                raise RuntimeError(f"{receipt_url(out_url)}: not made by this extraction ({reason})")
             shards.append({"name": name, "split": split, "count": receipt["count"], "sha256": receipt["sha256"]})
             counts[split] += receipt["count"]
             shape = shape or (receipt["code_shape"] if receipt["count"] else None)

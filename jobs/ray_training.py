@@ -7,6 +7,7 @@ Checkpoint directory layout (one Ray Train checkpoint, merged from all workers' 
                        loaded with torch.load(weights_only=True))
   ema_rank<r>.safetensors  per-rank EMA (whole tensors on rank 0, or ZeRO-3 shards on every rank)
   meta.json            step, world size, ZeRO stage, EMA shapes (rank 0)
+  config.yaml          the resolved config of the run (rank 0)
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch
 
 from configs.loading import from_yaml_text, to_yaml
 from pipeline import paths, storage, tracking
+from pipeline.console import one_line, unwrap
 from pipeline.stages import stage_fingerprint
 
 STATE_TAG = "state"
 META_NAME = "meta.json"
+CONFIG_NAME = "config.yaml"
 # Test-only fault injection (name says so): rank 1 calls os._exit(1) once when it reaches this step.
 TEST_CRASH_ENV = "RESTOK_TEST_CRASH_RANK1_AT_STEP"
 # Stage name -> its TrainConfig section.
@@ -65,6 +68,8 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     train = cfg[TRAIN_SECTION[stage]]
     resume = str(train.resume)
+    if resume not in ("auto", "never"):
+        check_checkpoint(resume)
     loop_config = {
         "cfg_yaml": to_yaml(cfg),
         "stage": stage,
@@ -76,22 +81,76 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         **(extra or {}),
     }
     env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, "OMP_NUM_THREADS")}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
-            resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
-                                  **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=experiment_name(cfg, stage),
-            storage_path=paths.ray_storage_path(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=int(train.max_failures)),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(train.keep_checkpoints)),
-            worker_runtime_env={"env_vars": env} if env else None,
-        ),
-    )
-    return trainer.fit()
+
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
+                resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
+                                      **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=experiment_name(cfg, stage),
+                storage_path=paths.ray_storage_path(cfg),
+                # Retries are ours (below): Ray would retry a deterministic error too.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(train.keep_checkpoints)),
+                worker_runtime_env={"env_vars": env} if env else None,
+            ),
+        )
+
+    retries = int(train.max_failures)
+    attempt = 0
+    while True:
+        try:
+            # A new trainer of the same name and storage restores the run's latest checkpoint.
+            return trainer().fit()
+        except ray.train.TrainingFailedError as exc:
+            if not is_transient(exc):
+                raise StageFailure(worker_error_line(exc)) from exc
+            if retries >= 0 and attempt >= retries:
+                raise StageFailure(f"gave up after {attempt} retries "
+                                   f"(training.max_failures): {worker_error_line(exc)}") from exc
+            attempt += 1
+            print(f"[{stage}] worker lost ({worker_error_line(exc)}); retry {attempt} "
+                  "from the latest checkpoint", flush=True)
+
+
+class StageFailure(RuntimeError):
+    """A training stage failed for a reason a retry cannot fix; the message is one line."""
+
+    one_line_message = True
+
+
+def _worker_failures(exc: BaseException) -> list[BaseException]:
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        return [failures[r] for r in sorted(failures)]
+    controller = getattr(exc, "controller_failure", None)
+    return [controller] if controller is not None else [exc]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A worker or node died (or a collective broke because a peer did): worth a retry. An
+    exception raised by our code on a live worker (bad config, missing input, corrupt checkpoint)
+    is deterministic and would fail the same way again."""
+    from ray.exceptions import RayActorError
+
+    if getattr(exc, "preemption_info", None) is not None:
+        return True
+    for failure in _worker_failures(exc):
+        if type(failure).__name__.startswith("WorkerHealthCheck") or isinstance(unwrap(failure), RayActorError):
+            return True
+        inner = unwrap(failure)
+        if isinstance(inner, (ConnectionError, torch.distributed.DistBackendError)):
+            return True
+    return False
+
+
+def worker_error_line(exc: BaseException) -> str:
+    """`Type: first line` of the first worker's own exception."""
+    return one_line(_worker_failures(exc)[0])
 
 
 # ---- worker ---------------------------------------------------------------------------------------
@@ -190,6 +249,9 @@ class WorkerSession:
                         "ema_shapes": ema.shapes if ema is not None else {}}
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
                     json.dump(meta, fh)
+                # The resolved config, so any kept checkpoint exports alone (jobs.checkpoints).
+                with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
+                    fh.write(to_yaml(self.cfg))
             ray.train.report({**metrics, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
@@ -211,6 +273,20 @@ class WorkerSession:
         if ema is not None and ema.active:
             ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
         return torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=True)
+
+
+def check_checkpoint(directory: str) -> dict:
+    """The meta of a checkpoint named by the user, read on the driver: a wrong or corrupt path
+    fails in one line before any worker starts."""
+    url = storage.join(directory, META_NAME)
+    try:
+        meta = storage.read_json(url)
+    except (OSError, ValueError) as exc:
+        meta = f"{type(exc).__name__}: {exc}"
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise StageFailure(f"{directory}: not a restok checkpoint ({url}: "
+                           f"{'missing' if meta is None else 'unreadable'})")
+    return meta
 
 
 def checkpoint_meta(directory: str) -> dict:
@@ -289,15 +365,16 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     stop_after = int(train.stop_after)
     end = min(total, stop_after) if stop_after > 0 else total
     batches = spec.micro_batches(start * gas)
+    # Rank 0's bar goes to the worker log; the terminal shows the driver's (tracking.follow_run).
     bar = tqdm(range(start, end), initial=start, total=total, desc=session.stage,
-               disable=not session.is_logger, mininterval=2.0)
+               disable=not session.is_logger, mininterval=10.0)
     logs: dict[str, float] = {}
     for step in bar:
         session.maybe_crash(step)
         micro = [next(batches) for _ in range(gas)]
         logs = spec.train_step(step, micro)
         if spec.ema is not None:
-            spec.ema.update()
+            spec.ema.update(step)
         meter.add(int(train.micro_batch_size) * gas)
         done = step + 1
         # The first step is logged too: the curve starts at the untrained model's loss.
@@ -307,6 +384,7 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
             logs = all_reduce_mean(logs, session.device)
             rates = meter.rates()
             logs.update({
+                "step": float(done),  # the driver's progress bar follows it (tracking.follow_run)
                 "lr": float(main.get_lr()[0]),
                 f"{spec.sample_unit}_per_s": rates["samples_per_s"],
                 "tokens_per_s": rates["tokens_per_s"],

@@ -79,7 +79,8 @@ def generator_loop(config: dict) -> None:
     labels1 = torch.zeros(1, dtype=torch.long)
     flops = 3 * forward_flops(lambda: model(labels1, torch.zeros(1, gen_cfg.block_size, dtype=torch.long)))
     engine = build_engine(model.to(device), train, session.world, int(train.steps))
-    ema = EMA(engine.module, float(train.ema_decay), session.rank)
+    ema = EMA(engine.module, float(train.ema_decay), session.rank,
+              bool(train.ema_warmup))
     seed_everything(int(train.seed) + 1 + session.rank)  # per-rank dropout streams
 
     codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")

@@ -98,7 +98,8 @@ def tokenizer_loop(config: dict) -> None:
                                    lr=float(train.disc_lr), zero_stage=min(int(train.zero_stage), 2))
         engines[DISC_ENGINE] = disc_engine
     loss_fn.to(device)
-    ema = EMA(engine.module, float(train.ema_decay), session.rank)
+    ema = EMA(engine.module, float(train.ema_decay), session.rank,
+              bool(train.ema_warmup))
     seed_everything(int(train.seed) + 1 + session.rank)  # per-rank nested-dropout streams
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     stats = CodebookStats(tok_cfg.codebook_size, device=device)

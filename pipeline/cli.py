@@ -7,11 +7,14 @@ Subcommands are thin: they resolve the config and call into pipeline/ jobs/ data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from configs.loading import ConfigError, list_presets, load_config, to_yaml
+from pipeline import console
 from pipeline.stages import STAGE_MODULES as GRAPH_STAGE_MODULES
 
 # The graph's stages plus `sample`, which `restok sample` runs alone.
@@ -45,11 +48,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def captured(args: argparse.Namespace, cfg: Any) -> contextlib.AbstractContextManager:
+    """Full output to <work_dir>/logs/ (the terminal gets lines, bars and the summary), unless
+    --verbose."""
+    if getattr(args, "verbose", False):
+        return contextlib.nullcontext()
+    return console.log_to_file(console.log_path(str(cfg.work_dir), args.command))
+
+
+# `restok eval ACTION` reads these stages' outputs (checked before anything starts).
+EVAL_INPUTS = {"recon": ["prep", "train_tokenizer"], "gen": ["train_tokenizer", "train_generator"],
+               "cfg-search": ["train_tokenizer", "train_generator"], "make-ref": [],
+               "all": ["prep", "train_tokenizer", "train_generator"]}
+
+
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        from pipeline.graph import preflight
+
         cfg = resolve(args.items)
-        print(f"# restok {stage}: preset {cfg.preset}\n{to_yaml(cfg)}", flush=True)
-        _call(STAGE_MODULES[stage], "run", cfg)
+        if stage in GRAPH_STAGE_MODULES:
+            preflight(cfg, [stage])
+        with captured(args, cfg):
+            console.say(f"restok {args.command}: preset {cfg.preset} | work dir {cfg.work_dir}")
+            print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
+            _call(STAGE_MODULES[stage], "run", cfg)
+            console.say(f"{stage}: done")
         return 0
 
     return run
@@ -57,12 +81,24 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve(args.items)
-    return _call("pipeline.graph", "run_pipeline", cfg, force=args.force) or 0
+    if args.verbose:
+        print(to_yaml(cfg), end="")
+    from pipeline.graph import preflight, selected_stages
+
+    preflight(cfg, selected_stages(cfg))
+    with captured(args, cfg):
+        return _call("pipeline.graph", "run_pipeline", cfg, force=args.force) or 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.manifest import require_complete
+    from pipeline.paths import stage_dir
+
     cfg = resolve(args.items)
-    return _call("jobs.evaluate", "cli", args.action, cfg) or 0
+    for up in EVAL_INPUTS[args.action]:
+        require_complete(stage_dir(cfg, up), up)
+    with captured(args, cfg):
+        return _call("jobs.evaluate", "cli", args.action, cfg) or 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -71,7 +107,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = resolve(args.items)
-    return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints) or 0
+    with captured(args, cfg):
+        return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints, args.steps) or 0
+
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # The config is needed only for a checkpoint without its own config.yaml (older runs).
+    cfg = resolve(args.items) if args.items else None
+    if args.list:
+        stage, kept, searched = _call("jobs.checkpoints", "kept_checkpoints", args.source, cfg)
+        print(f"{stage}: kept checkpoints at steps {sorted(kept)} (searched {searched})")
+        return 0
+    out = _call("jobs.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg)
+    print(f"export: {out}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -87,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     items_help = "[PRESET] [key=value ...]"
 
+    verbose_help = "everything on the terminal (the resolved config, Ray and worker output)"
     s = sub.add_parser("run", help="run every stage end to end (skips finished stages)")
     s.add_argument("items", nargs="*", help=items_help)
     s.add_argument("--force", action="store_true", help="rerun every stage")
+    s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("config", help="show the resolved config or list presets")
@@ -100,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("prep", "train_tokenizer", "extract_codes", "train_generator", "sample"):
         s = sub.add_parser(stage.replace("_", "-"), help=f"run the {stage} stage alone")
         s.add_argument("items", nargs="*", help=items_help)
+        s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
         s.set_defaults(func=_stage_command(stage))
 
     s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search")
     s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search"])
     s.add_argument("items", nargs="*", help=items_help)
+    s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("convert", help="convert the authors' released checkpoints")
@@ -120,8 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="recon-vs-gen sweep over tokenizer checkpoints")
     s.add_argument("items", nargs="*", help=items_help)
-    s.add_argument("--checkpoints", nargs="+", required=True)
+    s.add_argument("--checkpoints", nargs="+", default=[],
+                   help="train_tokenizer stage dirs (their kept Ray Train checkpoints), checkpoint "
+                        "dirs or export dirs (default: this config's train_tokenizer stage dir)")
+    s.add_argument("--steps", nargs="+", type=int, default=[],
+                   help="only these steps of a stage dir's kept checkpoints (default: all kept)")
+    s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("export", help="export a kept training checkpoint (any ZeRO stage, EMA "
+                                      "as the EMA) to the format later stages and sweeps load")
+    s.add_argument("source", help="training stage dir (e.g. WORK/train_tokenizer) or a Ray Train "
+                                  "checkpoint dir")
+    s.add_argument("items", nargs="*", help="[PRESET] [key=value ...] that trained it (only for "
+                                            "checkpoints without their own config.yaml)")
+    s.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                   help="the step to export (default: the newest kept)")
+    s.add_argument("--out", default="", help="output dir (default: SOURCE/exports/step_<STEP>)")
+    s.add_argument("--list", action="store_true", help="list the kept checkpoints' steps")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("compare", help="side-by-side table of MLflow runs")
     s.add_argument("runs", nargs="+")
@@ -147,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story: one line, no traceback."""
+    from data_prep.sources import SourceError
+    from jobs.ray_training import StageFailure
+    from pipeline.compare import RunNotFound
+    from pipeline.convert import ConvertError
+    from pipeline.graph import PipelineError
+    from pipeline.manifest import ManifestError
+    from pipeline.submit import SubmitError
+
+    return (ConfigError, SourceError, ManifestError, StageFailure, PipelineError, ConvertError,
+            SubmitError, RunNotFound, FileNotFoundError, PermissionError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -154,22 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"restok: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError) as exc:
-        # Missing weights, shards or checkpoints: their messages name the path (one line).
-        print(f"restok: {args.command}: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from pipeline.manifest import ManifestError
-
-        if isinstance(exc, ManifestError):
-            print(f"restok: {args.command}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        log = getattr(exc, "restok_log", None)
+        where = f" (full log: {log})" if log else ""
+        if isinstance(exc, _user_errors()):
+            print(f"restok {args.command}: {console.one_line(exc)}{where}", file=sys.stderr)
             return 2
-        raise
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("pipeline", "jobs", "data_prep"):
-            print(f"restok: {args.command}: not available in this build ({exc.name})", file=sys.stderr)
-            return 2
-        raise
+        if log is None:
+            raise  # output was not captured: the traceback is the log
+        print(f"restok {args.command}: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ latest value). RUN is a run id, or a run name (the newest run of that name).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
+
+
+class RunNotFound(LookupError):
+    """A run id or name that is not in the store (one line)."""
 
 
 def _resolve_run(client: Any, ref: str):
@@ -18,10 +23,11 @@ def _resolve_run(client: Any, ref: str):
     except MlflowException:
         pass
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`mlflow.runName` = '{ref}'", order_by=["attributes.start_time DESC"],
+    name = ref.replace("'", "\\'")
+    runs = client.search_runs(experiments, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"],
                               max_results=1) if experiments else []
     if not runs:
-        raise ValueError(f"no MLflow run with id or name {ref!r}")
+        raise RunNotFound(f"no MLflow run with id or name {ref!r} in {client.tracking_uri}")
     return runs[0]
 
 
@@ -69,6 +75,8 @@ def cli(args: Any) -> int:
         from pipeline.paths import tracking_uri
 
         uri = tracking_uri(load_config())
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        raise RunNotFound(f"no MLflow store at {uri} (pass --tracking-uri)")
     header, rows = compare_runs(uri, list(args.runs))
     print(format_table(header, rows))
     return 0

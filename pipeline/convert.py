@@ -334,11 +334,16 @@ def verify_generator(fixture_dir: Path) -> list:
 def verify(fixture_dir: str) -> int:
     root = Path(fixture_dir)
     rows: list = []
-    for fname, fn in (("restok_tiny.json", verify_tokenizer), ("har_tiny.json", verify_generator)):
+    from pipeline.convert_losses import FIXTURE as LOSS_FIXTURE
+    from pipeline.convert_losses import verify_losses
+
+    for fname, fn in (("restok_tiny.json", verify_tokenizer), ("har_tiny.json", verify_generator),
+                      (LOSS_FIXTURE, verify_losses)):
         if (root / fname).exists():
             rows += fn(root)
     if not rows:
-        raise ConvertError(f"{fixture_dir}: no restok_tiny.json or har_tiny.json fixture set found")
+        raise ConvertError(f"{fixture_dir}: no restok_tiny.json, har_tiny.json or {LOSS_FIXTURE} "
+                           f"fixture set found")
     width = max(len(r[0]) for r in rows)
     print(f"{'tensor':<{width}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for name, diff, tol, ok, note in rows:

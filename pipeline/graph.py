@@ -8,22 +8,24 @@ so a fully finished pipeline re-checks in seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from configs.loading import to_yaml
 from pipeline import manifest as manifests
-from pipeline import paths, storage, tracking
+from pipeline import console, paths, storage, tracking
+from pipeline.console import say
 from pipeline.stages import STAGE_MODULES, STAGE_ORDER, UPSTREAM, stage_fingerprint
 
 StageFn = Callable[..., dict]
 
 # Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
-_BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at"}
+_BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at", "step", "lr"}
 _SUMMARY_METRICS = 5
 # Shown first in the summary when a manifest has them (the protocol's headline numbers).
 _HEADLINE = ("rfid", "gfid", "fd_probe_recon", "fd_probe_gen", "probe_class_consistency",
@@ -63,9 +65,9 @@ def connect_ray(cfg: Any) -> bool:
         # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
         needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     else:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     return True
 
 
@@ -99,7 +101,7 @@ def key_metrics(manifest: Mapping[str, Any] | None) -> dict[str, float]:
     for source in sources:
         if isinstance(source, Mapping):
             for k, v in source.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _BOOKKEEPING:
                     out.setdefault(str(k), float(v))
     return out
 
@@ -168,14 +170,40 @@ def mlflow_ui_command(uri: str) -> str:
 
 def _print_summary(cfg: Any, results: list[StageResult], parent_run_id: str, total_s: float) -> None:
     uri = paths.tracking_uri(cfg)
-    print(f"\n== restok run: {cfg.preset} ({_fmt_time(total_s)}) ==", flush=True)
-    print(summary_table(results))
-    print(f"artifacts:    {paths.work_url(cfg)}  (one folder per stage, each with manifest.json)")
-    print(f"MLflow store: {uri}  (experiment '{cfg.tracking.experiment}', pipeline run {parent_run_id})")
-    print(f"look at it:   {mlflow_ui_command(uri)}", flush=True)
+    say(f"\n== restok run: {cfg.preset} ({_fmt_time(total_s)}) ==")
+    say(summary_table(results))
+    say(f"artifacts:    {paths.work_url(cfg)}  (one folder per stage, each with manifest.json)")
+    say(f"MLflow store: {uri}  (experiment '{cfg.tracking.experiment}', pipeline run {parent_run_id})")
+    say(f"look at it:   {mlflow_ui_command(uri)}")
 
 
 # ---------------------------------------------------------------------------------------- graph
+
+
+def preflight(cfg: Any, stages: list[str]) -> None:
+    """Checks that fail in seconds with one line, before Ray, MLflow or any output directory exists:
+    the data source's layout (when prep runs) and the manifests of inputs not run now."""
+    from data_prep.sources import check_source
+
+    if "prep" in stages:
+        check_source(cfg.data)
+    for stage in stages:
+        for up in UPSTREAM[stage]:
+            if up not in stages:
+                manifests.require_complete(paths.stage_dir(cfg, up), up)
+
+
+def _follow(cfg: Any, stage: str, run_id: str):
+    """The terminal's progress bar of a training stage (other stages draw their own)."""
+    section = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}.get(stage)
+    if section is None:
+        return contextlib.nullcontext()
+    return tracking.follow_run(paths.tracking_uri(cfg), run_id, int(cfg[section].steps), stage)
+
+
+def write_resolved_config(cfg: Any) -> None:
+    """<work_dir>/config.yaml: the resolved config of the latest run (also in every MLflow run)."""
+    storage.write_bytes_atomic(storage.join(paths.work_url(cfg), "config.yaml"), to_yaml(cfg).encode())
 
 
 def run_pipeline(cfg: Any, force: bool = False,
@@ -186,12 +214,15 @@ def run_pipeline(cfg: Any, force: bool = False,
     with the stage contract `run(cfg, run_id=None) -> manifest`; names not given load the real
     stage modules (tests inject stand-ins here, production never passes it).
     """
-    from configs.loading import to_yaml
-
     stages = selected_stages(cfg)
     impls = dict(stage_impls or {})
+    preflight(cfg, [s for s in stages if s not in impls])
     uri = paths.tracking_uri(cfg)
-    print(f"# restok run: preset {cfg.preset}, stages {stages}\n{to_yaml(cfg)}", flush=True)
+    say(f"restok run: preset {cfg.preset} | work dir {paths.work_url(cfg)} | MLflow {uri}")
+    if console.current_log():
+        say(f"full log: {console.current_log()}")
+    print(f"# restok run: stages {stages}\n{to_yaml(cfg)}", flush=True)
+    write_resolved_config(cfg)
 
     parent = tracking.start_run(cfg, "pipeline", extra_tags={"restok.stages": ",".join(stages)})
     client = tracking.client_for(uri)
@@ -212,13 +243,13 @@ def run_pipeline(cfg: Any, force: bool = False,
                     result.status = "skipped"
                     result.metrics = key_metrics(manifests.read_manifest(stage_dir))
                     client.set_tag(parent, f"restok.stage.{stage}", "skipped")
-                    print(f"[restok] {stage}: complete for fingerprint {fp}, skipped", flush=True)
+                    say(f"{stage}: skipped (complete for this config, fingerprint {fp})")
                     continue
-                print(f"[restok] {stage}: {reason}; clearing {stage_dir} and rebuilding", flush=True)
+                say(f"{stage}: {reason}; clearing {stage_dir} and rebuilding")
                 clear_stage_dir(cfg, stage)
                 result.reason = reason
             elif force:
-                print(f"[restok] {stage}: --force, clearing {stage_dir} and rebuilding", flush=True)
+                say(f"{stage}: --force, clearing {stage_dir} and rebuilding")
                 clear_stage_dir(cfg, stage)
                 result.reason = "forced"
 
@@ -230,7 +261,8 @@ def run_pipeline(cfg: Any, force: bool = False,
             print(f"[restok] {stage}: running (MLflow run {child})", flush=True)
             t0 = time.perf_counter()
             try:
-                manifest = run_fn(cfg, run_id=child)
+                with _follow(cfg, stage, child):
+                    manifest = run_fn(cfg, run_id=child)
             except BaseException:
                 result.wall_s = time.perf_counter() - t0
                 result.status = "failed"
@@ -249,8 +281,7 @@ def run_pipeline(cfg: Any, force: bool = False,
                 result.metrics = key_metrics(written)
                 tracking.end_run(cfg, child, "FINISHED")
                 client.set_tag(parent, f"restok.stage.{stage}", "incomplete")
-                print(f"[restok] {stage}: stopped before completion; `restok run` again resumes it",
-                      flush=True)
+                say(f"{stage}: stopped before completion; `restok run` again resumes it")
                 break
             result.status = "ran"
             result.metrics = key_metrics(manifest or manifests.read_manifest(stage_dir))
@@ -258,7 +289,7 @@ def run_pipeline(cfg: Any, force: bool = False,
             tracking.log_metrics(uri, child, {"stage_wall_s": result.wall_s})
             tracking.end_run(cfg, child, "FINISHED")
             client.set_tag(parent, f"restok.stage.{stage}", "ran")
-            print(f"[restok] {stage}: done in {_fmt_time(result.wall_s)}", flush=True)
+            say(f"{stage}: done in {_fmt_time(result.wall_s)}  {_fmt_metrics(result.metrics, 3)}")
         current = None
         total = time.perf_counter() - t_start
         _log_parent_metrics(uri, parent, results, total)
@@ -269,13 +300,13 @@ def run_pipeline(cfg: Any, force: bool = False,
         tracking.end_run(cfg, parent, "KILLED")
         raise
     except Exception as exc:
-        traceback.print_exc()
+        traceback.print_exc()  # the full story goes to the log
         tracking.end_run(cfg, parent, "FAILED")
         _print_summary(cfg, results, parent, time.perf_counter() - t_start)
         stage = current.stage if current else "?"
         where = f"MLflow run {current.run_id}" if current and current.run_id else f"pipeline run {parent}"
-        print(f"restok run: stage '{stage}' FAILED: {type(exc).__name__}: {exc} ({where})",
-              file=sys.stderr, flush=True)
+        log = f"; full log: {console.current_log()}" if console.current_log() else ""
+        console.error(f"restok run: stage '{stage}' FAILED: {console.one_line(exc)} ({where}{log})")
         return 1
     finally:
         if started_ray:

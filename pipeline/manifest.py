@@ -59,6 +59,11 @@ def write_manifest(stage_dir: str, stage: str, fp: str, complete: bool, **fields
     return manifest
 
 
+def remove_manifest(stage_dir: str) -> None:
+    """Delete a stage's manifest (before its outputs are redone under another fingerprint)."""
+    storage.remove(manifest_url(stage_dir))
+
+
 def is_complete(stage_dir: str, fp: str) -> bool:
     manifest = read_manifest(stage_dir)
     return bool(manifest and manifest.get("complete") and manifest.get("fingerprint") == fp)

@@ -29,7 +29,6 @@ def tracking_uri(cfg: Any) -> str:
     wd = work_url(cfg)
     if "://" in wd:
         raise ValueError("tracking.tracking_uri must be set when work_dir is a remote URL")
-    os.makedirs(wd, exist_ok=True)
     return f"sqlite:///{os.path.join(wd, 'mlflow.db')}"
 
 

@@ -37,6 +37,13 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def remove(url: str) -> None:
+    """Delete one file if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)

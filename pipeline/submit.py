@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
 
+from omegaconf import OmegaConf
+
+from configs.loading import absolute_path, path_keys
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -173,6 +177,16 @@ def _follow(client: Any, job_id: str, poll_s: float = 2.0) -> str:
     return str(status)
 
 
+def relative_paths(cfg: Any) -> list[tuple[str, str]]:
+    """(key, value) of every path field whose value is a relative local path."""
+    out = []
+    for key in path_keys():
+        value = str(OmegaConf.select(cfg, key) or "")
+        if absolute_path(value, "/a") != absolute_path(value, "/b"):
+            out.append((key, value))
+    return out
+
+
 def submit(args: Any) -> int:
     from configs.loading import load_config
     from pipeline.cli import split_preset_and_overrides
@@ -180,7 +194,8 @@ def submit(args: Any) -> int:
     preset, overrides = split_preset_and_overrides(args.items)
     preset = preset or "default"
     overrides = list(overrides)
-    cfg = load_config(preset, overrides)  # fail here, not on the cluster, on a bad key
+    # Fail here, not on the cluster, on a bad key; paths stay as written (the job resolves them).
+    cfg = load_config(preset, overrides, resolve_relative_paths=False)
     stage = normalise_stage(args.stage) if args.stage else ""
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     local = is_loopback(address)
@@ -189,13 +204,14 @@ def submit(args: Any) -> int:
     base_id = submission_id(preset, overrides, stage, code_version())
 
     job_overrides = list(overrides)
-    if local and "://" not in str(cfg.work_dir) and not os.path.isabs(str(cfg.work_dir)):
-        # The job runs inside an unpacked copy of working_dir; keep outputs where `restok run` would.
-        job_overrides.append(f"work_dir={os.path.abspath(str(cfg.work_dir))}")
-    if not local and "://" not in str(cfg.work_dir) and not os.path.isabs(str(cfg.work_dir)):
-        print(f"[restok] warning: work_dir={cfg.work_dir!r} is relative: on the cluster it lands inside "
-              "the job's temporary working_dir; use a shared path or an s3:// URL (infra/RUNBOOK.md)",
-              file=sys.stderr)
+    for key, value in relative_paths(cfg):
+        if local:
+            # The job runs inside an unpacked copy of working_dir; keep paths where `restok run` would.
+            job_overrides.append(f"{key}={absolute_path(value, os.getcwd())}")
+        else:
+            print(f"[restok] warning: {key}={value!r} is relative: on the cluster it lands inside the "
+                  "job's temporary working_dir; use a shared path or an s3:// URL (infra/RUNBOOK.md)",
+                  file=sys.stderr)
 
     client = _client(address)
     job_id, existing = _free_id(client, base_id)

@@ -1,9 +1,13 @@
 """`restok sweep`: reconstruction vs generation over tokenizer checkpoints (paper Fig. 7, Sec. 5.4).
 
-For each tokenizer checkpoint (a train_tokenizer export directory, or its `.safetensors` beside its
-config.yaml) the sweep builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the
-parent's image shards and MLflow store, seeds it with the checkpoint as its train_tokenizer stage,
-then runs the chain extract_codes -> train_generator -> evaluate (recon + gen), every stage an
+The checkpoints: a train_tokenizer stage directory stands for the checkpoints Ray Train kept for it
+(all, or `--steps`), each exported first (jobs.checkpoints.export_checkpoint: any ZeRO stage, EMA
+weights as the EMA, into <stage dir>/exports/step_<N>); a Ray Train checkpoint directory is
+exported alone; an export directory (or its `.safetensors` beside its config.yaml) is used as is.
+With no `--checkpoints`, the config's own train_tokenizer stage directory. For each, the sweep
+builds a work directory `<work>/sweeps/<id>/ckpt-<i>` that shares the parent's image shards and
+MLflow store, seeds it with the checkpoint as its train_tokenizer stage, then runs the chain
+extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
 on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small
 cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does not). The probe
@@ -43,8 +47,47 @@ def checkpoint_dir(path: str) -> str:
 def checkpoint_label(path: str, index: int) -> str:
     manifest = read_manifest(checkpoint_dir(path)) or {}
     steps = manifest.get("steps_done")
+    if steps is not None and manifest.get("source_checkpoint"):  # an export of a kept checkpoint
+        return f"step {steps}"
     name = os.path.basename(checkpoint_dir(path)) or f"ckpt-{index}"
     return f"{name}@{steps}" if steps is not None else name
+
+
+def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
+    """The export directories to sweep. An entry is a train_tokenizer stage directory (its kept Ray
+    Train checkpoints, all or `steps`, each exported by jobs.checkpoints.export_checkpoint into
+    <stage dir>/exports/), a Ray Train checkpoint directory (exported under the sweeps dir), or an
+    export directory / weights file. No entry: this config's train_tokenizer stage directory."""
+    from jobs import checkpoints as ckpts
+
+    out: list[str] = []
+    for entry in [str(e).rstrip("/") for e in entries] or [paths.stage_dir(cfg, "train_tokenizer")]:
+        if entry.endswith(".safetensors") or (read_manifest(entry) or {}).get("source_checkpoint"):
+            out.append(entry)  # already an export
+            continue
+        if ckpts.is_checkpoint_dir(entry):
+            dst = storage.join(paths.work_url(cfg), "sweeps", ckpts.EXPORTS_DIR, fingerprint({"checkpoint": entry}))
+            out.append(ckpts.export_checkpoint(entry, None, dst, cfg))
+            continue
+        try:
+            stage, kept, searched = ckpts.kept_checkpoints(entry, cfg)
+        except FileNotFoundError:  # nothing names a training run here: an export dir at most
+            if not storage.exists(storage.join(entry, "tokenizer_ema.safetensors")):
+                raise
+            stage, kept, searched = "train_tokenizer", {}, [entry]
+        if stage != "train_tokenizer":
+            raise FileNotFoundError(f"{entry}: a {stage} directory; the sweep takes tokenizer checkpoints")
+        if not kept:
+            if steps or not storage.exists(storage.join(entry, "tokenizer_ema.safetensors")):
+                raise FileNotFoundError(f"{entry}: no kept train_tokenizer checkpoints (searched {searched}) "
+                                        "and no tokenizer export")
+            out.append(entry)  # an export directory made elsewhere
+            continue
+        for step in steps or sorted(kept):
+            if step not in kept:
+                raise FileNotFoundError(f"{entry}: no kept checkpoint for step {step}; available steps: {sorted(kept)}")
+            out.append(ckpts.export_checkpoint(entry, step, None, cfg))
+    return list(dict.fromkeys(out))
 
 
 def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
@@ -118,16 +161,17 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
             "work_dir": str(child.work_dir)}
 
 
-def sweep(cfg: Any, checkpoints: Sequence[str], stages: dict | None = None) -> dict:
-    """Run the sweep; returns {rows, parent_run_id, sweep_dir, plot, csv, markdown}."""
+def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
+          steps: Sequence[int] = ()) -> dict:
+    """Run the sweep over `checkpoints` (see resolve_checkpoints); returns {rows, parent_run_id,
+    sweep_dir, plot, csv, markdown}."""
     from configs.loading import to_yaml
     from jobs import evaluate
     from pipeline.manifest import require_complete
 
-    if not checkpoints:
-        raise ValueError("restok sweep needs at least one --checkpoints entry")
     prep_dir = paths.stage_dir(cfg, "prep")
     require_complete(prep_dir, "prep")
+    checkpoints = resolve_checkpoints(cfg, checkpoints, steps)
     sweep_id = fingerprint({"checkpoints": list(checkpoints), "config": OmegaConf.to_container(cfg, resolve=True)})
     sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
     kind = str(cfg.eval.feature_net)
@@ -152,7 +196,8 @@ def sweep(cfg: Any, checkpoints: Sequence[str], stages: dict | None = None) -> d
         for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
             m = out["metrics"]
             rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),
-                         gen_key: m.get(gen_key), **{k: v for k, v in sorted(m.items()) if k not in (recon_key, gen_key)},
+                         gen_key: m.get(gen_key), "step": (read_manifest(checkpoint_dir(ckpt)) or {}).get("steps_done"),
+                         **{k: v for k, v in sorted(m.items()) if k not in (recon_key, gen_key)},
                          "evaluate_run_id": out.get("run_id")})
         csv_text, md_text = table_csv(rows), table_markdown(rows)
         fig = recon_vs_gen_figure(rows, recon_key, gen_key, kind)
@@ -249,11 +294,12 @@ def recon_vs_gen_figure(rows: list[dict], recon_key: str, gen_key: str, kind: st
     return fig
 
 
-def run_sweep(cfg: Any, checkpoints: Sequence[str]) -> int:
-    """CLI entry (`restok sweep [PRESET] [k=v ...] --checkpoints A B ...`): exit status."""
-    result = sweep(cfg, checkpoints)
+def run_sweep(cfg: Any, checkpoints: Sequence[str] = (), steps: Sequence[int] = ()) -> int:
+    """CLI entry (`restok sweep [PRESET] [k=v ...] [--checkpoints A B ...] [--steps N ...]`)."""
+    result = sweep(cfg, checkpoints, steps=steps)
     print(f"sweep: plot {result['plot']}, table {result['csv']}, parent run {result['parent_run_id']}")
     return 0
 
 
-__all__ = ["recon_vs_gen_figure", "run_chain", "run_sweep", "sweep", "table_csv", "table_markdown"]
+__all__ = ["recon_vs_gen_figure", "resolve_checkpoints", "run_chain", "run_sweep", "sweep", "table_csv",
+           "table_markdown"]

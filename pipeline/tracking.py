@@ -20,6 +20,8 @@ MLFLOW_PARAM_MAX = 6000  # MLflow 3 param value limit; longer values are truncat
 def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):  # the store's folder is made when a store is first used
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -140,3 +142,37 @@ def png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@contextmanager
+def follow_run(uri: str, run_id: str, total_steps: int, desc: str, every_s: float = 2.0) -> Iterator[None]:
+    """A terminal progress bar for a training stage, fed by the metrics its rank-0 worker logs to
+    MLflow (`step`, `loss`, images/s or tokens/s): the driver cannot see the workers' own bars."""
+    import threading
+
+    from pipeline.console import progress
+
+    stop = threading.Event()
+    bar = progress(total=total_steps, desc=desc, unit="step")
+
+    def poll() -> None:
+        client = client_for(uri)
+        while not stop.wait(every_s):
+            try:
+                metrics = client.get_run(run_id).data.metrics
+            except Exception:  # a busy sqlite store: try again at the next tick
+                continue
+            step = int(metrics.get("step", 0))
+            if step > bar.n:
+                shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "images_per_s", "tokens_per_s") if k in metrics}
+                bar.set_postfix(shown, refresh=False)
+                bar.update(step - bar.n)
+
+    thread = threading.Thread(target=poll, name=f"follow-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        bar.close()

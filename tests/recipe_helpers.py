@@ -110,6 +110,15 @@ SHRINK_SIZES = [
 ]
 
 
+# Per-preset size exceptions: S = 5 image scales need at least 5 encoder blocks (merging blocks at
+# int(i*N/S) - 1), and "small" is the smallest registry size that deep.
+PRESET_SIZES = {"ablation-scales-5": ["tokenizer.encoder_size=small"]}
+
+
+def shrink_sizes(preset: str) -> list[str]:
+    return SHRINK_SIZES + PRESET_SIZES.get(preset, [])
+
+
 def site_paths(work_dir: Path, data_root: Path, source: str) -> list[str]:
     """Site paths the preset takes from the environment: absolute, under the test's tmp dir.
     eval.reference_stats is empty: ADM's Inception reference cannot be compared with features of

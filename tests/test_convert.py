@@ -18,6 +18,8 @@ def test_verify_passes_on_the_shipped_fixtures(capsys):
     assert main(["convert", "verify", str(FIXTURES)]) == 0
     out = capsys.readouterr().out
     assert " 0 failed" in out and "tokenizer/codes" in out and "generator/har_sample_codes" in out
+    # The release's loss fixtures (issue 13) beside the model ones.
+    assert "losses/full/generator_total" in out and "losses/diffaug/seed0" in out
 
 
 def test_verify_fails_when_a_stored_tensor_is_off(tmp_path, capsys):
@@ -26,7 +28,8 @@ def test_verify_fails_when_a_stored_tensor_is_off(tmp_path, capsys):
     io = load_file(str(bad / "har_tiny_io.safetensors"))
     io["har_logits"] = io["har_logits"] + 1e-3  # above the 1e-5 logit tolerance
     save_file(io, str(bad / "har_tiny_io.safetensors"))
-    (bad / "restok_tiny.json").unlink()  # generator half only: keeps the test short
+    (bad / "restok_tiny.json").unlink()  # generator part only: keeps the test short
+    (bad / "losses_tiny.json").unlink()
     assert main(["convert", "verify", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "generator/har_logits" in out and " 1 failed" in out

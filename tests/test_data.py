@@ -299,6 +299,39 @@ def test_failed_run_resumes_without_rewriting(monkeypatch):
     assert manifest["splits"]["train"]["total"] == 40
 
 
+def test_prep_under_another_config_does_not_reuse_shards(monkeypatch, capsys):
+    """Issue 19: shards of a prep under data.resize=None are not reused under data.resize=32 (same
+    plan, other bytes), even when that run is interrupted and resumed."""
+    work = f"memory://restok-{uuid.uuid4().hex[:8]}"
+    base = ["data.synthetic.train_per_class=3", "data.synthetic.val_per_class=1", "data.synthetic.resolution=48",
+            "data.samples_per_shard=10", "data.prep_tasks=1"]
+    prepare.run(prep_cfg(work, *base))
+    resized = prep_cfg(work, *base, "data.resize=32")
+    real_write = prepare.write_shard
+    calls = []
+
+    def killed_after_one_shard(source, job):  # a run killed after its first shard
+        calls.append(job.name)
+        if len(calls) > 1:
+            raise OSError("simulated kill")
+        return real_write(source, job)
+
+    monkeypatch.setattr(prepare, "write_shard", killed_after_one_shard)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        prepare.run(resized)
+    # The resize=None manifest no longer claims the half-rewritten shards.
+    assert storage.read_json(storage.join(work, "prep", "manifest.json")) is None
+    assert "discarded 4 of 4 shards: 4 made under another config" in capsys.readouterr().out
+    monkeypatch.setattr(prepare, "write_shard", real_write)
+    resumed = prepare.run(resized)
+    clean = prepare.run(prep_cfg(f"memory://restok-{uuid.uuid4().hex[:8]}", *base, "data.resize=32"))
+    for split in ("train", "val"):
+        shards = resumed["splits"][split]["shards"]
+        assert [s["sha256"] for s in shards] == [s["sha256"] for s in clean["splits"][split]["shards"]]
+        for s in shards:  # and the bytes on storage are those the manifest names
+            assert storage.sha256_url(storage.join(work, "prep", s["shard"])) == s["sha256"]
+
+
 # ---------------------------------------------------------------- prep with real local Ray
 
 @pytest.mark.slow

@@ -55,6 +55,34 @@ def copy_upstream(upstream, cfg):
     return cfg
 
 
+def retrain_tokenizer(cfg, seed):
+    """Replace the export with other random weights under the same config (same fingerprint)."""
+    import torch
+
+    from models.tokenizer import ResTok
+
+    torch.manual_seed(seed)
+    tok_dir = paths.stage_dir(cfg, "train_tokenizer")
+    state = ResTok(checkpoints.tokenizer_config(cfg)).state_dict()
+    checkpoints.write_export(tok_dir, "tokenizer", state, state, cfg)
+    write_manifest(tok_dir, "train_tokenizer", stage_fingerprint(cfg, "train_tokenizer"), complete=True,
+                   codebook_size=64, levels=[1, 1, 2, 4, 8])
+
+
+def all_codes(cfg):
+    out_dir = paths.stage_dir(cfg, "extract_codes")
+    return {"train": code_shards.load_split(out_dir, "train")}
+
+
+def assert_same_codes(cfg, clean_cfg):
+    """Codes, classes and shard bytes equal those of a clean extraction."""
+    got, want = all_codes(cfg), all_codes(clean_cfg)
+    for split in want:
+        assert np.array_equal(got[split][0], want[split][0]) and np.array_equal(got[split][1], want[split][1])
+    shas = lambda c: [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
+    assert shas(cfg) == shas(clean_cfg)
+
+
 @pytest.mark.slow
 def test_deterministic_counts_match_and_killed_run_resumes(upstream, tmp_path, monkeypatch):
     first = extract_codes.run(copy_upstream(upstream, make_cfg(tmp_path / "a")), run_id=None)
@@ -96,3 +124,60 @@ def test_tencrop_views_are_five_crops_and_their_flips():
     assert len(extract_codes.views(image, 32, "none")) == 1
     with pytest.raises(ValueError, match="extract.augment"):
         extract_codes.views(image, 32, "sixcrop")
+
+
+ONE_ACTOR = "extract.num_actors=1"  # one actor process per extraction: the cheapest real pool
+
+
+@pytest.fixture(scope="module")
+def flip_codes(upstream, tmp_path_factory):
+    """A complete augment=flip extraction with the upstream tokenizer (copied into each test)."""
+    cfg = copy_upstream(upstream, make_cfg(tmp_path_factory.mktemp("flip"), ONE_ACTOR))
+    extract_codes.run(cfg)
+    return cfg
+
+
+def copy_flip_codes(flip_codes, cfg):
+    copy_upstream(flip_codes, cfg)
+    shutil.copytree(paths.stage_dir(flip_codes, "extract_codes"), paths.stage_dir(cfg, "extract_codes"))
+    return cfg
+
+
+@pytest.mark.slow
+def test_changed_augment_discards_stale_code_shards(upstream, flip_codes, tmp_path, monkeypatch, capsys):
+    """Issue 19: code shards of another extract config are never reused by a resume."""
+    work = tmp_path / "a"
+    copy_flip_codes(flip_codes, make_cfg(work))
+    # augment=none, run alone over the complete flip outputs, killed after its first shard.
+    none = make_cfg(work, "extract.augment=none", ONE_ACTOR)
+    monkeypatch.setenv(extract_codes.TEST_EXIT_ENV, "1")
+    with pytest.raises(ray.exceptions.RayError):
+        extract_codes.run(none)
+    monkeypatch.delenv(extract_codes.TEST_EXIT_ENV)
+    # The flip manifest no longer claims the half-rewritten directory.
+    assert read_manifest(paths.stage_dir(none, "extract_codes")) is None
+    assert "discarded 3 of 3 code shards: 3 made under another config" in capsys.readouterr().out
+    resumed = extract_codes.run(none)
+    assert resumed["code_shape"] == [1, 16] and resumed["augment"] == "none"
+    clean = copy_upstream(upstream, make_cfg(tmp_path / "clean", "extract.augment=none", ONE_ACTOR))
+    extract_codes.run(clean)
+    assert_same_codes(none, clean)
+
+
+@pytest.mark.slow
+def test_retrained_tokenizer_discards_stale_code_shards(upstream, flip_codes, tmp_path, capsys):
+    """Issue 19: a tokenizer retrained under the same config (same fingerprint) is caught by its hash."""
+    cfg = copy_flip_codes(flip_codes, make_cfg(tmp_path / "c", ONE_ACTOR))
+    old = read_manifest(paths.stage_dir(cfg, "extract_codes"))
+    old_codes = all_codes(cfg)["train"][0]
+    retrain_tokenizer(cfg, seed=1)
+    new = extract_codes.run(cfg)  # the stage run alone over a complete manifest of the same fingerprint
+    assert new["tokenizer_sha256"] != old["tokenizer_sha256"]
+    assert "discarded 3 of 3 code shards: 3 made by other tokenizer weights" in capsys.readouterr().out
+    assert new["tokenizer_sha256"] == storage.sha256_url(
+        storage.join(paths.stage_dir(cfg, "train_tokenizer"), "tokenizer_ema.safetensors"))
+    clean = copy_upstream(upstream, make_cfg(tmp_path / "d", ONE_ACTOR))
+    retrain_tokenizer(clean, seed=1)
+    extract_codes.run(clean)
+    assert_same_codes(cfg, clean)
+    assert not np.array_equal(all_codes(cfg)["train"][0], old_codes)  # the weights did change the codes

@@ -14,16 +14,16 @@ TINY_BACKBONE = dict(backbone_name="vit_tiny_patch16_224", backbone="random-untr
 def test_hinge_and_generator_loss_vs_hand_computation():
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-2.0, 0.0, 1.0])
-    # relu(1 - real) = [0, .5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1
-    assert hinge_d_loss(real, fake).item() == pytest.approx(5 / 6 + 1)
+    # relu(1 - real) = [0, .5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1; release halves the sum
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
     assert generator_adv_loss(fake).item() == pytest.approx(1 / 3)
     assert generator_adv_loss(real).item() == pytest.approx(-0.5)
 
 
-def test_lecam_vs_hand_computation_and_ema():
+def test_lecam_per_logit_variant_vs_hand_computation_and_ema():
     real = torch.tensor([1.0, -0.5])
     fake = torch.tensor([0.0, -2.0])
-    ema = LeCamEMA(decay=0.9)
+    ema = LeCamEMA(decay=0.9, variant="per_logit")
     ema.update(real, fake)  # first update copies the means: 0.25, -1.0
     assert ema.ema_real.item() == pytest.approx(0.25) and ema.ema_fake.item() == pytest.approx(-1.0)
     # relu(real - ema_fake)^2 = [4, 0.25] -> 2.125; relu(ema_real - fake)^2 = [0.0625, 5.0625] -> 2.5625
@@ -69,7 +69,7 @@ def test_discriminator_forward_backward_trains_heads_only():
 def test_diffaugment_shapes_gradients_and_ops():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16, requires_grad=True)
-    y = diff_augment(x * 2 - 1, generator=g)
+    y = diff_augment(x * 2 - 1, "color,translation,cutout", 1.0, generator=g)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None

@@ -20,6 +20,7 @@ from recipe_helpers import (
     RECIPE_STEPS,
     SHRINK_SIZES,
     WNIDS,
+    shrink_sizes,
     site_paths,
     write_imagenet_folder,
     write_imagenet_tars,
@@ -125,7 +126,7 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     from models.losses.tokenizer_loss import TokenizerLoss
     from models.tokenizer import ResTok
 
-    cfg = load_config(preset, SHRINK_SIZES + site_paths(tmp_path / "work", tmp_path, "imagenet_folder"))
+    cfg = load_config(preset, shrink_sizes(preset) + site_paths(tmp_path / "work", tmp_path, "imagenet_folder"))
     train = cfg.tokenizer_train
     assert (train.precision, train.zero_stage) == ("bf16", 2)
     torch.manual_seed(0)

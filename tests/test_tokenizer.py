@@ -236,12 +236,18 @@ def test_decoder_keep_ignores_dropped_codes():
     assert not torch.equal(full_a, full_b)
 
 
-def test_no_hierarchy_is_full_attention():
-    cfg = small_cfg(num_scales=1, latent_hierarchy=False)
+def test_full_attention_is_its_own_switch():
+    # encoder_mask=False: no mask at all (TiTok); nothing else implies it (issue 13).
+    cfg = small_cfg(num_scales=1, encoder_mask=False)
     assert ResTok(cfg).encoder.layouts(torch.device("cpu"))[0].mask is None
-    cfg = small_cfg(latent_hierarchy=False)
+    # S = 1 without the latent hierarchy keeps the release's mask: image tokens never see latents.
+    cfg = small_cfg(num_scales=1, latent_hierarchy=False)
     mask = ResTok(cfg).encoder.layouts(torch.device("cpu"))[0].mask
     assert mask[-16:, -16:].all()  # latents form one level
+    assert not mask[:-16, -16:].any() and mask[-16:, :-16].all()
+    cfg = small_cfg(latent_hierarchy=False)
+    mask = ResTok(cfg).encoder.layouts(torch.device("cpu"))[0].mask
+    assert mask[-16:, -16:].all()
 
 
 # -- API -----------------------------------------------------------------------------------
@@ -252,6 +258,7 @@ def test_no_hierarchy_is_full_attention():
     {"num_scales": 1}, {"latent_hierarchy": False}, {"residual_image": False,
                                                      "residual_latent": False},
     {"latent_init": "learned"}, {"cnn_shortcut_on_branch": True}, {"denormalize_output": True},
+    {"num_scales": 1, "latent_init": "learned", "encoder_mask": False},
     {"merge_factor": 4, "num_scales": 3},
 ])
 def test_round_trip(variant):

@@ -198,3 +198,13 @@ def test_restok_l_runs_shape_only_on_meta():
         recon, aux = model(torch.empty(1, 3, 256, 256))
     assert recon.shape == (1, 3, 256, 256) and aux["codes"].shape == (1, 128)
     assert aux["vf_dec_feat"].shape == (1, 256, 1024) and aux["vf_enc_feat"].shape == (1, 1024)
+
+
+def test_release_latent_hierarchy_flag_is_an_init_not_our_mask():
+    """The release's latent_hierarchy=False swaps the latent init (area interpolation) and keeps
+    its mask; our latent_hierarchy is the mask, so such a config is refused, never mis-built."""
+    meta = json.loads((FIXTURES / "restok_tiny.json").read_text())
+    assert tokenizer_config_from_official(meta["config"]).latent_hierarchy
+    meta["config"]["model"]["vq_model"]["latent_hierarchy"] = False
+    with pytest.raises(ValueError, match="latent_hierarchy=False"):
+        tokenizer_config_from_official(meta["config"])

@@ -8,6 +8,7 @@ grids are decoded and logged as they would be in a pipeline run.
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from configs.loading import load_config
 from jobs import checkpoints, code_shards, ray_training, train_generator
@@ -98,6 +99,14 @@ def test_baseline_learns_exports_and_tracks(baseline):
     raw = checkpoints.load_generator(stage_dir, ema=False)
     assert gpt.block_size == sum(LEVELS)
     assert not torch.equal(gpt.head.weight, raw.head.weight)
+    # `restok export` of a kept mid-run checkpoint: its EMA file is the checkpoint's EMA.
+    _, kept, _ = checkpoints.kept_checkpoints(stage_dir)
+    assert sorted(kept) == [STEPS - CKPT, STEPS]  # keep_checkpoints=2
+    mid = checkpoints.export_checkpoint(stage_dir, STEPS - CKPT)
+    ema = load_file(f"{kept[STEPS - CKPT]}/ema_rank0.safetensors")
+    exported = load_file(f"{mid}/generator_ema.safetensors")
+    assert ema and all(torch.equal(exported[k], v) for k, v in ema.items())
+    assert checkpoints.load_generator(mid).block_size == sum(LEVELS)
     # MLflow's own API: params, metrics, sample grid, registered model with aliases.
     client = tracking.client_for(paths.tracking_uri(cfg))
     run = client.get_run(run_id)

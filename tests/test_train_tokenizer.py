@@ -117,6 +117,41 @@ def test_zero3_matches_zero1(baseline, prep_dir, tmp_path):
     np.testing.assert_allclose(values, ref, rtol=1e-3)
     # The ZeRO-3 export (gathered shards, sharded EMA) loads into a whole model.
     checkpoints.load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"))
+    # A kept mid-run ZeRO-3 checkpoint exports too (`restok export`): its weights and EMA match the
+    # ZeRO-1 run's at the same step (same losses), and EMA != raw weights.
+    z3, z1 = (load_export(checkpoints.export_checkpoint(paths.stage_dir(c, "train_tokenizer"), STEPS // 2))
+              for c in (cfg, baseline[0]))
+    for name in z1:
+        assert z3[name].keys() == z1[name].keys()
+        for k in z1[name]:
+            torch.testing.assert_close(z3[name][k], z1[name][k], rtol=1e-3, atol=1e-4, msg=k)
+    assert any(not torch.equal(z3["ema"][k], z3["raw"][k]) for k in z3["raw"])
+
+
+def load_export(directory):
+    from safetensors.torch import load_file
+
+    return {kind: load_file(f"{directory}/tokenizer{suffix}.safetensors")
+            for kind, suffix in (("raw", ""), ("ema", "_ema"))}
+
+
+def test_zero1_kept_checkpoint_exports_its_ema(baseline):
+    """`restok export` of a kept ZeRO-1 checkpoint: the EMA file is the checkpoint's EMA (rank 0
+    keeps it whole), and the newest kept checkpoint's export equals the stage's own export."""
+    from safetensors.torch import load_file
+
+    cfg = baseline[0]
+    stage_dir = paths.stage_dir(cfg, "train_tokenizer")
+    _, kept, _ = checkpoints.kept_checkpoints(stage_dir)
+    assert sorted(kept) == [STEPS // 2, STEPS]  # keep_checkpoints=2
+    mid = load_export(checkpoints.export_checkpoint(stage_dir, STEPS // 2))
+    ema = load_file(f"{kept[STEPS // 2]}/ema_rank0.safetensors")
+    assert ema and all(torch.equal(mid["ema"][k], v) for k, v in ema.items())
+    assert any(not torch.equal(mid["ema"][k], mid["raw"][k]) for k in ema)
+    last = load_export(checkpoints.export_checkpoint(stage_dir))  # the newest kept by default
+    final = load_export(stage_dir)
+    for name in final:
+        assert all(torch.equal(last[name][k], final[name][k]) for k in final[name])
 
 
 def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):

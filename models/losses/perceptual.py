@@ -11,10 +11,12 @@ gives one line naming the path instead of a download attempt deep inside lpips.
 from __future__ import annotations
 
 import os
+import random
 import re
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.losses.pretrained_weights import (
@@ -22,6 +24,28 @@ from models.losses.pretrained_weights import (
     load_state_dict_file, metric_suffix, require_local_file)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
+AUGMENT_PAD = 15  # release perceptual_loss.py padding_and_trimming
+
+
+def pad_crop_resize(images: torch.Tensor, recon: torch.Tensor,
+                    rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's LPIPS augmentation in training: both images padded by 15 px (replicate), one
+    random crop that keeps each side's inner 0..15 px margin (top, bottom, left, right drawn in that
+    order with `random.randrange(0, 16)`, the module RNG unless `rng` is given), bicubic resize back
+    to H x W. Same crop for the whole batch and for both images."""
+    draw = (rng or random).randrange
+    h, w = images.shape[-2:]
+    pad = (AUGMENT_PAD,) * 4
+    images = F.pad(images, pad, mode="replicate")
+    recon = F.pad(recon, pad, mode="replicate")
+    hp, wp = images.shape[-2:]
+    top, bottom = draw(0, AUGMENT_PAD + 1), hp - draw(0, AUGMENT_PAD + 1)
+    left, right = draw(0, AUGMENT_PAD + 1), wp - draw(0, AUGMENT_PAD + 1)
+
+    def crop(x):
+        return F.interpolate(x[:, :, top:bottom, left:right], size=(h, w), mode="bicubic",
+                             align_corners=False)
+    return crop(images), crop(recon)
 
 
 def bundled_linear_heads_path() -> str:

@@ -1,7 +1,9 @@
 """The tokenizer's training objective (SPEC "loss"; paper Sec. 3.4 Eq. 3-4 and App. A.2).
 
 L_G = 1.0 MSE + 1.0 LPIPS-VGG + 1.0 VQ + 1.0 VF + 0.5 GAN (GAN from step 20k);
-L_D = hinge + 0.001 LeCam (SPEC "discriminator"), trained from the same step.
+L_D = 0.5 hinge + 0.001 LeCam (SPEC "discriminator"), trained from the same step.
+Defaults follow the release (Kwai-Kolors/ResTok e0059cb, modeling/modules/losses.py); the switches
+below name the alternatives (README "The paper and the released code").
 The paper fixes lambda_gan = 0.5 (App. A.2) and mentions no adaptive GAN weight, so there is none.
 A network whose weight is 0 is never built, so CPU runs with lpips/vf/gan off stay cheap.
 """
@@ -17,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses.discriminator import (
-    DEFAULT_BACKBONE, DinoDiscriminator, LeCamEMA, generator_adv_loss, hinge_d_loss,
-    lecam_regularizer)
+    DEFAULT_BACKBONE, DinoDiscriminator, LeCamEMA, generator_adv_loss, hinge_d_loss)
 from models.losses.diffaugment import DEFAULT_POLICY
-from models.losses.perceptual import LPIPS
+from models.losses.perceptual import LPIPS, pad_crop_resize
 from models.losses.pretrained_weights import PRETRAINED, RANDOM_UNTRAINED, metric_suffix
 from models.losses.vf_align import DEFAULT_TEACHER, VFAlignLoss, VFTeacher
 
@@ -40,27 +41,37 @@ class TokenizerLossConfig:
     gan_start_step: int = 20000  # generator adversarial term and discriminator training start here
     # LPIPS-VGG (backbone: pretrained | random-untrained; empty path = normal download).
     lpips_backbone: str = PRETRAINED
-    lpips_vgg_weights: str = ""  # torchvision vgg16-397923af.pth
-    lpips_linear_weights: str = ""  # empty = v0.1 heads bundled with the lpips package
+    lpips_vgg_weights: str = field(default="", metadata={"path": True})  # torchvision vgg16-397923af.pth
+    lpips_linear_weights: str = field(default="", metadata={"path": True})  # empty = v0.1 heads bundled with the lpips package
+    # Release: in training both images are padded 15 px (replicate), randomly cropped and bicubic-
+    # resized back before LPIPS (perceptual.pad_crop_resize); false = LPIPS on the images as they are.
+    lpips_augment: bool = True
     # VF alignment (SPEC "VF alignment").
     vf_margin: float = 0.25  # release: m = 0.25 in relu(1 - m - cos)
     vf_margin_convention: str = "release"  # release: relu(1 - m - cos) | paper: relu(m - cos), m = 0.85
     vf_teacher: str = DEFAULT_TEACHER  # any timm model name with a CLS token
     vf_teacher_backbone: str = PRETRAINED
-    vf_teacher_weights: str = ""  # local .safetensors / .pth in timm format; empty = HF hub
+    vf_teacher_weights: str = field(default="", metadata={"path": True})  # local .safetensors / .pth in timm format; empty = HF hub
     vf_teacher_resolution: int = 256
     vf_teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     # Discriminator (SPEC "discriminator").
     disc_backbone_name: str = DEFAULT_BACKBONE
     disc_backbone: str = PRETRAINED
-    disc_backbone_weights: str = ""
+    disc_backbone_weights: str = field(default="", metadata={"path": True})
     disc_resolution: int = 224
     disc_feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
     disc_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    disc_diffaug: str = DEFAULT_POLICY  # empty = no augmentation
+    disc_diffaug: str = DEFAULT_POLICY  # release "color,translation,cutout_0.2"; empty = none
+    disc_diffaug_prob: float = 0.5  # release: each op group applied with probability 0.5 (1 = always)
+    disc_diffaug_range: str = "unit"  # unit: ops on [0, 1] images (release) | signed: on [-1, 1]
+    disc_cls_readout: bool = True  # release: CLS token added to every patch token before the heads
+    disc_input_mode: str = "release"  # release: random 224 crop (p 0.5) or area resize | bilinear
     disc_virtual_batch: int = 8  # local batch-norm group size
     lecam_weight: float = 0.001
-    lecam_ema_decay: float = 0.99
+    lecam_ema_decay: float = 0.999  # release 0.999 (LeCam reference code: 0.99)
+    # release: relu^2 of batch-mean logits vs EMAs from 0, previous EMA used | per_logit: reference
+    # LeCam code (every logit, EMA updated first, started from the first batch)
+    lecam_variant: str = "release"
 
 
 def _warn_if_random(what: str, mode: str, log_name: str) -> None:
@@ -105,8 +116,9 @@ class TokenizerLoss(nn.Module):
             self.discriminator = DinoDiscriminator(
                 cfg.disc_backbone_name, cfg.disc_backbone, cfg.disc_backbone_weights or None,
                 cfg.disc_resolution, tuple(cfg.disc_feature_blocks), True, cfg.disc_diffaug,
-                cfg.disc_virtual_batch, dict(cfg.disc_backbone_kwargs))
-            self.lecam = LeCamEMA(cfg.lecam_ema_decay)
+                cfg.disc_virtual_batch, dict(cfg.disc_backbone_kwargs), bool(cfg.disc_cls_readout),
+                cfg.disc_input_mode, float(cfg.disc_diffaug_prob), cfg.disc_diffaug_range)
+            self.lecam = LeCamEMA(cfg.lecam_ema_decay, cfg.lecam_variant)
             self.gan_suffix = metric_suffix(cfg.disc_backbone)
             _warn_if_random(f"discriminator {cfg.disc_backbone_name}", cfg.disc_backbone,
                             "gen_adv" + self.gan_suffix)
@@ -116,7 +128,8 @@ class TokenizerLoss(nn.Module):
         cfg = self.config
         lines = [f"mse x{cfg.mse_weight}", f"vq x{cfg.vq_weight}"]
         if self.lpips is not None:
-            lines.append(f"{self.lpips.name} (VGG, backbone {cfg.lpips_backbone}) x{cfg.lpips_weight}")
+            lines.append(f"{self.lpips.name} (VGG, backbone {cfg.lpips_backbone}, augment "
+                         f"{cfg.lpips_augment}) x{cfg.lpips_weight}")
         if self.vf is not None:
             lines.append(f"{self.vf.name}: teacher {cfg.vf_teacher} ({cfg.vf_teacher_backbone}) at "
                          f"{cfg.vf_teacher_resolution}px, margin {cfg.vf_margin} "
@@ -125,7 +138,10 @@ class TokenizerLoss(nn.Module):
             lines.append(f"gan: {cfg.disc_backbone_name} ({cfg.disc_backbone}) heads "
                          f"{sum(p.numel() for p in self.discriminator.trainable_parameters()):,} "
                          f"params, from step {cfg.gan_start_step} x{cfg.gan_weight}, "
-                         f"lecam x{cfg.lecam_weight}")
+                         f"lecam x{cfg.lecam_weight} ({cfg.lecam_variant}, decay "
+                         f"{cfg.lecam_ema_decay}), diffaug '{cfg.disc_diffaug}' p={cfg.disc_diffaug_prob} "
+                         f"on {cfg.disc_diffaug_range}, input {cfg.disc_input_mode}, "
+                         f"cls readout {cfg.disc_cls_readout}")
         return "\n".join(lines)
 
     def gan_active(self, step: int) -> bool:
@@ -154,7 +170,10 @@ class TokenizerLoss(nn.Module):
         total = cfg.mse_weight * mse
         terms["mse"] = mse
         if self.lpips is not None:
-            perceptual = self.lpips(images, recon).mean()
+            pair = (images, recon)
+            if cfg.lpips_augment and self.training:  # release: augmented in training only
+                pair = pad_crop_resize(images.float(), recon.float())
+            perceptual = self.lpips(*pair).mean()
             total = total + cfg.lpips_weight * perceptual
             terms[self.lpips.name] = perceptual
         if cfg.vq_weight > 0:
@@ -184,11 +203,13 @@ class TokenizerLoss(nn.Module):
         gan off) returns a constant zero and empty logs: skip the D step when not gan_active(step)."""
         if not self.gan_active(step):
             return images.new_zeros((), dtype=torch.float32), {}
-        logits_real = self.discriminator(images.detach())
-        logits_fake = self.discriminator(recon.detach())
+        # Release order of the random draws: augment real, augment fake, then the two forwards.
+        real = self.discriminator.augment(images.detach())
+        fake = self.discriminator.augment(recon.detach())
+        logits_real = self.discriminator(real, augment=False)
+        logits_fake = self.discriminator(fake, augment=False)
         hinge = hinge_d_loss(logits_real, logits_fake)
-        self.lecam.update(logits_real, logits_fake)
-        lecam = lecam_regularizer(logits_real, logits_fake, self.lecam.ema_real, self.lecam.ema_fake)
+        lecam = self.lecam.loss(logits_real, logits_fake)
         total = hinge + self.config.lecam_weight * lecam
         s = self.gan_suffix
         logs = {f"disc_hinge{s}": hinge, f"disc_lecam{s}": lecam,

@@ -11,6 +11,10 @@ VF_CHOICES = ("none", "encoder", "decoder", "both")
 MERGE_OPS = ("nearest", "avg")
 MERGE_LAYOUTS = ("width", "alternate")
 LATENT_INITS = ("pool", "learned")
+# Which modules get the trunc-normal(init_std) init: "release" (restok.py `self.apply` before the
+# VF heads exist): encoder, decoder and the pixel CNN, VF heads at PyTorch's default; "vit":
+# encoder, decoder and VF heads, pixel CNN at PyTorch's default.
+INIT_SCHEMES = ("release", "vit")
 
 
 @dataclass
@@ -34,6 +38,9 @@ class TokenizerConfig:
     # Latent hierarchy (SPEC "latent levels"); sum(levels) = number of tokens.
     levels: list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8, 16, 32, 64])
     latent_hierarchy: bool = True  # False: all latents one mask level (paper Tab. 2 #1)
+    # SPEC "encoder mask": True = the level mask (the release always builds it, also at S = 1);
+    # False = full bidirectional encoder attention, as TiTok (ablation-titok-full-attention).
+    encoder_mask: bool = True
     latent_init: str = "pool"  # pool (Alg. 1, release) | learned (TiTok-style queries)
     residual_latent: bool = True  # Alg. 1 subtracts each level before pooling the next
     codebook_size: int = 8192
@@ -56,6 +63,7 @@ class TokenizerConfig:
     # Trunc-normal std of the ViT-side linear/conv weights (release 0.02, tuned for width ~1024).
     # At width 32 it shrinks every layer's output ~10x, so CPU presets use ~width^-0.5.
     init_std: float = 0.02
+    init_scheme: str = "vit"  # INIT_SCHEMES; the release (and imagenet256-restok-l) uses "release"
     # Nested token dropout (SPEC "nested dropout"): keep all with prob 1 - p, else a level
     # boundary >= min_tokens with weights doubling towards longer lengths (1,2,4,8,16 for 128).
     nested_dropout: bool = True
@@ -81,7 +89,8 @@ class TokenizerConfig:
             except KeyError as exc:
                 bad(name, exc.args[0])
         for name, choices in (("vf_align", VF_CHOICES), ("merge_op", MERGE_OPS),
-                              ("merge_layout", MERGE_LAYOUTS), ("latent_init", LATENT_INITS)):
+                              ("merge_layout", MERGE_LAYOUTS), ("latent_init", LATENT_INITS),
+                              ("init_scheme", INIT_SCHEMES)):
             if getattr(self, name) not in choices:
                 bad(name, f"choose one of {list(choices)}")
         down = 2 ** (len(self.channel_mult) - 1)
@@ -112,6 +121,7 @@ def official_tokenizer_config(size: str = "large", image_size: int = 256, num_to
         cnn_shortcut_on_branch=True, denormalize_output=False,
         merge_op="nearest", merge_layout="width", merge_factor=2, num_scales=4,
         legacy_reshape=True, vf_align="both" if vf else "none", vf_margin=0.25,
+        init_scheme="release",
     )
 
 

@@ -30,6 +30,10 @@ def tokenizer_config_from_official(release: Mapping) -> TokenizerConfig:
         raise ValueError("release config: only vae_encoder=True, multi_quant=True are supported")
     if vq.get("learnable_latent_tokens", False):
         raise ValueError("release config: learnable_latent_tokens=True is not supported")
+    # The release's latent_hierarchy changes only the latent init (False: area interpolation of the
+    # raster to N latents); its mask over latent levels is always on. Ours is that mask.
+    if not vq.get("latent_hierarchy", True):
+        raise ValueError("release config: latent_hierarchy=False (flat area latent init) is not supported")
     if vq["vit_enc_model_size"] != vq["vit_dec_model_size"]:
         raise ValueError("release config: encoder and decoder sizes must match")
     ratio = float(vq.get("reduction_ratio", 0.5))
@@ -45,7 +49,6 @@ def tokenizer_config_from_official(release: Mapping) -> TokenizerConfig:
     cfg.merge_factor = round(1 / ratio)
     cfg.residual_image = bool(vq.get("residual_image_tokens", True))
     cfg.residual_latent = bool(vq.get("residual_latent_tokens", True))
-    cfg.latent_hierarchy = bool(vq.get("latent_hierarchy", True))
     cfg.legacy_reshape = bool(vq.get("is_legacy", True))
     cfg.rope_theta = float(vq.get("rope_base_len", 10000))
     cfg.min_tokens = int(vq.get("num_min_tokens", 4))

@@ -101,7 +101,6 @@ def encoder_layouts(cfg: TokenizerConfig, grid: tuple[int, int]):
                                 device="cpu")
     if not cfg.latent_hierarchy:
         latent_level = torch.zeros_like(latent_level)
-    no_hierarchy = cfg.num_scales == 1 and not cfg.latent_hierarchy
     out = []
     for m in range(cfg.num_scales):
         seq_grids = list(reversed(grids[: m + 1]))
@@ -112,7 +111,7 @@ def encoder_layouts(cfg: TokenizerConfig, grid: tuple[int, int]):
             o += h * w
         pos.append(torch.arange(o, o + N, device="cpu")[:, None].expand(N, 2))
         lev.append(latent_level + len(seq_grids))
-        levels = None if no_hierarchy else torch.cat(lev)  # TiTok baseline: full attention
+        levels = torch.cat(lev) if cfg.encoder_mask else None  # None: full attention (TiTok)
         out.append((torch.cat(pos), levels, seq_grids))
     return out
 
@@ -434,8 +433,12 @@ class ResTok(nn.Module):
         self.vf_proj = nn.Conv2d(enc_w, cfg.vf_feature_dim, 1, bias=False) if vf_enc else None
         self.vf_proj_dec = (nn.Conv2d(dec_w, cfg.vf_feature_dim, 1, bias=False)
                             if vf_dec else None)
-        # NOTES "Weights": ViT-side linear/conv trunc-normal (0.02 in the release), zero bias.
-        for part in (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec):
+        # NOTES "Weights": linear/conv trunc-normal (0.02 in the release), zero bias. The release
+        # applies it to the whole model before the VF heads are built (TokenizerConfig.init_scheme).
+        parts = ((self.encoder, self.decoder, self.pixel_encoder, self.pixel_decoder)
+                 if cfg.init_scheme == "release"
+                 else (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec))
+        for part in parts:
             if part is not None:
                 _trunc_normal_init(part, cfg.init_std)
         self.keep_lengths, self.keep_probs = nested_keep_distribution(

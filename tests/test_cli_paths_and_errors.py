@@ -1,0 +1,135 @@
+"""Relative paths resolve where the user typed the command; bad input ends in one line, at once
+(issue 18). Every command here is the real console script in a scratch working directory."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs.loading import load_config, path_keys
+
+RESTOK = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
+TINY_DATA = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=1", "data.prep_tasks=1"]
+TINY_TOKENIZER = ["tokenizer_train.steps=2", "tokenizer_train.checkpoint_every=2",
+                  "tokenizer_train.image_log_every=0", "tokenizer_train.global_batch_size=4",
+                  "tokenizer_train.micro_batch_size=2"]
+
+
+def restok(cwd, *argv, timeout=900):
+    t0 = time.perf_counter()
+    done = subprocess.run([RESTOK, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done, time.perf_counter() - t0
+
+
+def assert_one_line_failure(done, seconds, *needles, limit_s=60):
+    """Non-zero exit, one line on stderr naming the culprit, no traceback, quickly."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(err) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    for needle in needles:
+        assert needle in err[0], err[0]
+    assert seconds < limit_s, (seconds, err[0])
+    return err[0]
+
+
+def test_every_path_field_is_made_absolute_against_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=imagenet", "cluster.storage_path=ckpt", "tracking.tracking_uri=sqlite:///m.db",
+                             "eval.reference_shards=a/*.tar,s3://bucket/b", "data.shards_url=s3://bucket/shards"])
+    assert cfg.work_dir == str(tmp_path / "restok_work")
+    assert cfg.data.root == str(tmp_path / "imagenet")
+    assert cfg.cluster.storage_path == str(tmp_path / "ckpt")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/m.db"
+    assert cfg.eval.reference_shards == f"{tmp_path}/a/*.tar,s3://bucket/b"
+    assert cfg.data.shards_url == "s3://bucket/shards"  # URLs are left alone
+    assert cfg.tokenizer_train.resume == "auto"  # a word, not a path
+    for key in ("work_dir", "data.root", "tokenizer_train.resume", "tracking.tracking_uri",
+                "tokenizer_train.loss.vf_teacher_weights", "eval.inception_weights"):
+        assert key in path_keys()
+
+
+def test_empty_value_of_a_string_key_is_the_empty_string():
+    cfg = load_config(None, ["tracking.run_name=", "data.max_images_per_split="])
+    assert cfg.tracking.run_name == "" and cfg.data.max_images_per_split is None
+
+
+def test_a_model_that_cannot_be_built_is_a_config_error_at_load(tmp_path):
+    done, seconds = restok(tmp_path, "run", "tokenizer.pixel_channels=12")
+    line = assert_one_line_failure(done, seconds, "tokenizer", "divisible", limit_s=90)
+    assert line.startswith("restok: config error:")
+    assert not (tmp_path / "restok_work").exists()
+
+
+def test_unknown_key_is_one_line_naming_the_valid_keys(tmp_path):
+    done, seconds = restok(tmp_path, "run", "tokenizer_train.stepz=3")
+    assert_one_line_failure(done, seconds, "tokenizer_train.stepz", "steps", limit_s=90)
+    assert not (tmp_path / "restok_work").exists()
+
+
+def test_missing_data_root_names_the_root_and_the_layout_and_creates_nothing(tmp_path):
+    done, seconds = restok(tmp_path, "run", "data.source=imagenet_folder", "data.root=no/such/dir")
+    assert_one_line_failure(done, seconds, f"{tmp_path}/no/such/dir", "train/<wnid>", limit_s=90)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "tars").mkdir()
+    done, seconds = restok(tmp_path, "run", "data.source=imagenet_tar", "data.root=tars")
+    assert_one_line_failure(done, seconds, "ILSVRC2012_img_train.tar", limit_s=90)
+
+
+def test_missing_upstream_output_is_one_line_and_creates_nothing(tmp_path):
+    done, seconds = restok(tmp_path, "train-tokenizer")
+    assert_one_line_failure(done, seconds, f"{tmp_path}/restok_work/prep/manifest.json", "restok prep", limit_s=90)
+    done, seconds = restok(tmp_path, "eval", "gen")
+    assert_one_line_failure(done, seconds, "train_tokenizer/manifest.json", limit_s=90)
+    assert os.listdir(tmp_path) == []  # no work dir, no MLflow store
+
+
+def test_compare_with_an_unknown_run_is_one_line(tmp_path):
+    done, seconds = restok(tmp_path, "compare", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/x.db")
+    assert_one_line_failure(done, seconds, "nope" if (tmp_path / "x.db").exists() else "no MLflow store",
+                            limit_s=90)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_stage_alone_from_another_cwd_finds_prep_and_a_corrupt_checkpoint_fails_once(tmp_path):
+    """prep from one directory, train-tokenizer from a subdirectory, both with relative work dirs
+    naming the same place: the Ray Train workers (in their own cwd) must find prep's output."""
+    done, _ = restok(tmp_path, "prep", "work_dir=w", *TINY_DATA)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+
+    bad = tmp_path / "corrupt-ckpt"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    done, seconds = restok(sub, "train-tokenizer", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER,
+                           "tokenizer_train.resume=../corrupt-ckpt")
+    assert_one_line_failure(done, seconds, f"{bad}", "not a restok checkpoint", limit_s=60)
+
+    done, _ = restok(sub, "train-tokenizer", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "w" / "train_tokenizer" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert not (sub / "w").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_deterministic_worker_error_is_not_retried(tmp_path):
+    """An error raised by our code inside a Train worker stops the stage once with its own line;
+    Ray's retry budget is for worker deaths (test_train_tokenizer covers a killed worker)."""
+    done, _ = restok(tmp_path, "prep", *TINY_DATA)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = tmp_path / "restok_work" / "prep" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    shutil.rmtree(tmp_path / "restok_work" / "prep" / "train")  # shards gone, manifest says complete
+    manifest.write_text(json.dumps(data))
+    done, _ = restok(tmp_path, "train-tokenizer", *TINY_DATA, *TINY_TOKENIZER, "tokenizer_train.max_failures=3")
+    line = assert_one_line_failure(done, 0.0, "restok train-tokenizer:", "full log:")
+    log = line.rsplit("full log: ", 1)[1].rstrip(")")
+    assert "retry 1" not in open(log).read()
