@@ -16,7 +16,8 @@ STEPS = 16
 NANO = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
         "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
         "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-        "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none"]
+        "tokenizer.codebook_size=64", "generator.vocab_size=64", "tokenizer.num_scales=2",
+        "tokenizer.vf_align=none"]
 MSE_VQ_ONLY = ["tokenizer_train.loss.lpips_weight=0", "tokenizer_train.loss.vf_weight=0",
                "tokenizer_train.loss.gan_weight=0"]
 # Test-only tiny random frozen networks for LPIPS, the VF teacher and the discriminator backbone.
