@@ -80,7 +80,7 @@ class TrainConfig:
     log_every: int = 10
     image_log_every: int = 500
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on storage (<= 0: all)
     resume: str = field(default="auto", metadata=PATH)  # auto | never | <checkpoint path>
     max_failures: int = 1
     seed: int = 0

@@ -184,16 +184,19 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
     only when there is something to export."""
     import os
 
-    from jobs.ray_training import steps_done as count_steps
+    import ray.train
+
+    from jobs.ray_training import final_checkpoint
     from pipeline.manifest import write_manifest
     from pipeline.paths import tracking_uri
 
-    steps_done = count_steps(result)
+    # The newest complete checkpoint on storage (our marker), not Ray's latest registered one.
+    checkpoint_url, steps_done, reported = final_checkpoint(cfg, stage)
     if steps_done < total_steps:
         return write_manifest(stage_dir, stage, fp, complete=False, steps_done=steps_done,
-                              checkpoint=result.checkpoint.path if result.checkpoint else None)
+                              checkpoint=checkpoint_url)
     model = build_model()
-    with result.checkpoint.as_directory() as directory:
+    with ray.train.Checkpoint(checkpoint_url).as_directory() as directory:
         raw, ema = export_weights(directory, engine_name, model)
     hashes = write_export(stage_dir, export_name, raw, ema, cfg)
     version = None
@@ -206,9 +209,9 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
         weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
         config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
         **fields(model),
-        final_metrics={k: float(v) for k, v in (result.metrics or {}).items()
+        final_metrics={k: float(v) for k, v in (result.metrics or reported).items()
                        if isinstance(v, (int, float))},
-        ray_checkpoint=result.checkpoint.path, mlflow_run_id=run_id, registered_version=version)
+        ray_checkpoint=checkpoint_url, mlflow_run_id=run_id, registered_version=version)
 
 
 # ---- kept Ray Train checkpoints -> exports (`restok export`, `restok sweep`) -------------------------
@@ -234,7 +237,12 @@ def is_checkpoint_dir(url: str) -> bool:
 
 
 def _checkpoint_complete(url: str, meta: dict) -> bool:
-    """meta.json (rank 0) and every rank's state file are there: every rank finished its part."""
+    """Complete by the training loop's own marker (jobs.ray_training.COMPLETE_NAME, written last);
+    a checkpoint from before the marker existed counts when every rank's state file is there."""
+    from jobs.ray_training import COMPLETE_NAME
+
+    if storage.exists(storage.join(url, COMPLETE_NAME)):
+        return True
     return all(storage.exists(storage.join(url, f"rank{r}.pt")) for r in range(int(meta.get("world", 1))))
 
 

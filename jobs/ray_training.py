@@ -8,6 +8,13 @@ Checkpoint directory layout (one Ray Train checkpoint, merged from all workers' 
   ema_rank<r>.safetensors  per-rank EMA (whole tensors on rank 0, or ZeRO-3 shards on every rank)
   meta.json            step, world size, ZeRO stage, EMA shapes (rank 0)
   config.yaml          the resolved config of the run (rank 0)
+  COMPLETE.json        our completeness marker, written by rank 0 last: after every rank's report
+                       returned (Ray uploads synchronously) and a barrier, by atomic rename
+
+Directories are named checkpoint_<step, 8 digits>. Resume is ours, not Ray's snapshot: a killed
+driver can leave a complete checkpoint Ray never registered (or a half-uploaded one), so every
+start resumes from the newest checkpoint with COMPLETE.json on storage, deletes the others beyond
+keep_checkpoints and every incomplete one, and drops Ray's snapshot (see `prepare_resume`).
 """
 from __future__ import annotations
 
@@ -30,10 +37,15 @@ from pipeline.stages import stage_fingerprint
 STATE_TAG = "state"
 META_NAME = "meta.json"
 CONFIG_NAME = "config.yaml"
+COMPLETE_NAME = "COMPLETE.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+# Ray Train's record of registered checkpoints in the experiment dir (ray.train.v2 constants).
+RAY_SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 # Test-only fault injection (name says so): rank 1 calls os._exit(1) once when it reaches this step.
 TEST_CRASH_ENV = "RESTOK_TEST_CRASH_RANK1_AT_STEP"
 # Stage name -> its TrainConfig section.
 TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
+_FRESH_NAMES: dict[str, str] = {}
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -48,12 +60,90 @@ def ensure_ray(cfg: Any) -> None:
 
 
 def experiment_name(cfg: Any, stage: str) -> str:
-    """`resume: auto` reuses the Ray Train run of the same stage fingerprint (Ray restores its
-    latest checkpoint); `never` starts a fresh run name."""
+    """`resume: auto` reuses the experiment directory of the same stage fingerprint (resuming
+    from its newest complete checkpoint); `never` starts a fresh one."""
     name = f"{stage}-{stage_fingerprint(cfg, stage)}"
     if str(cfg[TRAIN_SECTION[stage]].resume) == "never":
-        name += time.strftime("-%Y%m%d-%H%M%S")
+        # Once per process: fit and the stage's export must name the same directory.
+        name = _FRESH_NAMES.setdefault(name, name + time.strftime("-%Y%m%d-%H%M%S"))
     return name
+
+
+def experiment_url(cfg: Any, stage: str) -> str:
+    """The stage's Ray Train experiment directory (its checkpoints) on storage."""
+    return storage.join(paths.ray_storage_path(cfg), experiment_name(cfg, stage))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: str) -> tuple[list[tuple[int, str, dict]], list[str]]:
+    """(complete checkpoints as (step, url, marker) oldest first, incomplete checkpoint urls)."""
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        return [], []
+    complete, incomplete = [], []
+    for entry in fs.ls(path, detail=True):
+        name = os.path.basename(str(entry["name"]).rstrip("/"))
+        if entry["type"] != "directory" or not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        url = storage.join(root, name)
+        marker = storage.read_json(storage.join(url, COMPLETE_NAME))
+        if marker is None:
+            incomplete.append(url)
+        else:
+            complete.append((int(marker["step"]), url, marker))
+    complete.sort(key=lambda c: c[0])
+    return complete, incomplete
+
+
+def latest_checkpoint(root: str) -> tuple[str, dict] | None:
+    """(url, marker) of the newest complete checkpoint under `root`, or None."""
+    complete, _ = list_checkpoints(root)
+    return (complete[-1][1], complete[-1][2]) if complete else None
+
+
+def tidy_checkpoints(root: str, keep: int) -> None:
+    """Delete incomplete checkpoints and all but the `keep` newest complete ones (keep <= 0: all).
+    Called only when no upload is in flight (before training, and by rank 0 right after a marker)."""
+    complete, incomplete = list_checkpoints(root)
+    drop = incomplete + ([url for _, url, _ in complete[:-keep]] if keep > 0 else [])
+    for url in drop:
+        fs, path = storage.filesystem(url)
+        fs.rm(path, recursive=True)
+    if incomplete:
+        print(f"[restok] removed {len(incomplete)} incomplete checkpoint(s) under {root}", flush=True)
+
+
+def write_complete_marker(url: str, marker: dict) -> None:
+    storage.write_json_atomic(storage.join(url, COMPLETE_NAME), marker)
+
+
+def prepare_resume(root: str, keep: int) -> tuple[str, dict] | None:
+    """Driver, before a fit: adopt what Ray's snapshot registered, drop the snapshot, tidy.
+
+    Ray registers a checkpoint only once every worker has uploaded its part, so one its snapshot
+    lists but without our marker is complete (killed between the two): it gets the marker. The
+    snapshot is then deleted: resume is the newest marked checkpoint, and a snapshot naming a
+    checkpoint we pruned would stop Ray's controller from starting."""
+    snapshot = storage.join(root, RAY_SNAPSHOT_NAME)
+    try:
+        registered = [r["checkpoint_dir_name"] for r in
+                      (storage.read_json(snapshot) or {}).get("checkpoint_results", [])]
+    except ValueError:  # half-written by a killed controller
+        registered = []
+    for name in registered:
+        url = storage.join(root, name)
+        meta = storage.read_json(storage.join(url, META_NAME))
+        if meta is not None and not storage.exists(storage.join(url, COMPLETE_NAME)):
+            write_complete_marker(url, {"step": int(meta["step"]), "world": int(meta["world"]),
+                                        "adopted": "registered in Ray Train's snapshot"})
+    if storage.exists(snapshot):
+        fs, path = storage.filesystem(snapshot)
+        fs.rm(path)
+    tidy_checkpoints(root, keep)
+    return latest_checkpoint(root)
 
 
 def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
@@ -70,14 +160,19 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
     resume = str(train.resume)
     if resume not in ("auto", "never"):
         check_checkpoint(resume)
+    root = experiment_url(cfg, stage)
+    keep = int(train.keep_checkpoints)
     loop_config = {
         "cfg_yaml": to_yaml(cfg),
         "stage": stage,
         "run_id": run_id,
         "tracking_uri": paths.tracking_uri(cfg),
-        # An explicit checkpoint path is used only when Ray has none of its own to restore.
+        # An explicit checkpoint path is used only when storage has no complete checkpoint.
         "resume_from": None if resume in ("auto", "never") else resume,
         "crash_marker": storage.join(paths.ray_storage_path(cfg), experiment_name(cfg, stage) + ".crashed"),
+        "checkpoint_root": root,
+        "keep_checkpoints": keep,
+        "fingerprint": stage_fingerprint(cfg, stage),
         **(extra or {}),
     }
     env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, "OMP_NUM_THREADS")}
@@ -95,7 +190,9 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
                 storage_path=paths.ray_storage_path(cfg),
                 # Retries are ours (below): Ray would retry a deterministic error too.
                 failure_config=ray.train.FailureConfig(max_failures=0),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(train.keep_checkpoints)),
+                # Retention is ours (tidy_checkpoints, over everything on storage): Ray's counts only
+                # what its snapshot registered, and deleting behind its back would break the snapshot.
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
                 worker_runtime_env={"env_vars": env} if env else None,
             ),
         )
@@ -103,9 +200,14 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
     retries = int(train.max_failures)
     attempt = 0
     while True:
+        # Every attempt resumes from the newest checkpoint complete on storage (our marker).
+        latest = prepare_resume(root, keep)
+        if latest is not None:
+            print(f"[{stage}] newest complete checkpoint: {latest[0]} (step {latest[1]['step']})", flush=True)
         try:
-            # A new trainer of the same name and storage restores the run's latest checkpoint.
-            return trainer().fit()
+            result = trainer().fit()
+            tidy_checkpoints(root, keep)
+            return result
         except ray.train.TrainingFailedError as exc:
             if not is_transient(exc):
                 raise StageFailure(worker_error_line(exc)) from exc
@@ -167,6 +269,9 @@ class WorkerSession:
     device: torch.device
     resume_from: str | None
     crash_marker: str
+    checkpoint_root: str
+    keep_checkpoints: int
+    fingerprint: str
     logged_steps: set = field(default_factory=set)
 
     @classmethod
@@ -181,7 +286,8 @@ class WorkerSession:
             torch.cuda.set_device(device)
         return cls(cfg, config["stage"], config["run_id"], config["tracking_uri"],
                    ctx.get_world_rank(), ctx.get_world_size(), device, config.get("resume_from"),
-                   config["crash_marker"])
+                   config["crash_marker"], config["checkpoint_root"], int(config["keep_checkpoints"]),
+                   config["fingerprint"])
 
     @property
     def train(self) -> Any:
@@ -204,6 +310,12 @@ class WorkerSession:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step)
             self.logged_steps.add(step)
 
+    def tag_resume(self, step: int) -> None:
+        """Append `step` to the run's `restok.resumed_at_steps` tag (one run across restarts)."""
+        client = tracking.client_for(self.tracking_uri)
+        before = client.get_run(self.run_id).data.tags.get("restok.resumed_at_steps", "")
+        client.set_tag(self.run_id, "restok.resumed_at_steps", ",".join(filter(None, [before, str(step)])))
+
     def log_image(self, image: Any, name: str) -> None:
         if self.is_logger:
             tracking.log_image(self.tracking_uri, self.run_id, image, name)
@@ -217,14 +329,15 @@ class WorkerSession:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def restore_dir(self):
-        """A context manager yielding the directory to resume from, or None."""
+        """A context manager yielding the directory to resume from, or None: the newest complete
+        checkpoint on storage (not Ray's get_checkpoint(): its snapshot may lag behind storage)."""
         import contextlib
 
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            return checkpoint.as_directory()
+        latest = latest_checkpoint(self.checkpoint_root)
+        if latest is not None:
+            return ray.train.Checkpoint(latest[0]).as_directory()
         if self.resume_from:
             return contextlib.nullcontext(self.resume_from)
         return contextlib.nullcontext(None)
@@ -252,10 +365,19 @@ class WorkerSession:
                 # The resolved config, so any kept checkpoint exports alone (jobs.checkpoints).
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                     fh.write(to_yaml(self.cfg))
-            ray.train.report({**metrics, "step": step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            name = checkpoint_dir_name(step)
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        # Uploads are synchronous: once every rank has returned from report, every part is stored.
+        barrier()
+        if self.rank == 0:
+            url = storage.join(self.checkpoint_root, name)
+            write_complete_marker(url, {"step": step, "world": self.world, "stage": self.stage,
+                                        "fingerprint": self.fingerprint, "mlflow_run_id": self.run_id,
+                                        "metrics": metrics, "written_at": time.time()})
+            tidy_checkpoints(self.checkpoint_root, self.keep_checkpoints)
 
     def load(self, directory: str, engines: dict[str, Any], ema: Any | None) -> dict:
         """Restore engines, EMA and this rank's state; returns the rank state."""
@@ -292,6 +414,13 @@ def check_checkpoint(directory: str) -> dict:
 def checkpoint_meta(directory: str) -> dict:
     with open(os.path.join(directory, META_NAME)) as fh:
         return json.load(fh)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -356,6 +485,7 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
             spec.set_extra_state(state.get("extra", {}))
             if session.is_logger:
                 print(f"[{session.stage}] resumed from {directory} at step {start}", flush=True)
+                session.tag_resume(start)
     session.load_logged_steps("loss")
     peak, peak_source = peak_flops_per_worker(session)
     if session.is_logger:
@@ -411,10 +541,10 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
                          spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)})
 
 
-def steps_done(result: Any) -> int:
-    """Optimizer steps in the run's latest checkpoint (also right when a rerun had nothing left to
-    do and reported nothing)."""
-    if result.checkpoint is None:
-        return 0
-    with result.checkpoint.as_directory() as directory:
-        return int(checkpoint_meta(directory)["step"])
+def final_checkpoint(cfg: Any, stage: str) -> tuple[str | None, int, dict]:
+    """(url, step, reported metrics) of the stage's newest complete checkpoint on storage (also
+    right when a rerun had nothing left to do and reported nothing to Ray); (None, 0, {}) if none."""
+    latest = latest_checkpoint(experiment_url(cfg, stage))
+    if latest is None:
+        return None, 0, {}
+    return latest[0], int(latest[1]["step"]), dict(latest[1].get("metrics") or {})

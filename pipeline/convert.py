@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 

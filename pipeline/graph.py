@@ -224,8 +224,14 @@ def run_pipeline(cfg: Any, force: bool = False,
     print(f"# restok run: stages {stages}\n{to_yaml(cfg)}", flush=True)
     write_resolved_config(cfg)
 
+    # Runs left RUNNING by a killed driver: KILLED, and linked to this pipeline run.
+    reaped = tracking.reap_dead_runs(cfg)
     parent = tracking.start_run(cfg, "pipeline", extra_tags={"restok.stages": ",".join(stages)})
     client = tracking.client_for(uri)
+    for run_id in reaped:
+        client.set_tag(run_id, "restok.continued_in", parent)
+    if reaped:
+        client.set_tag(parent, "restok.continues", ",".join(reaped))
     results = [StageResult(s, "not run") for s in stages]
     rebuilt: set[str] = set()
     started_ray = False
@@ -256,9 +262,11 @@ def run_pipeline(cfg: Any, force: bool = False,
             run_fn = impls.get(stage) or load_stage(stage)
             if not started_ray:
                 started_ray = connect_ray(cfg) or started_ray
-            child = tracking.start_run(cfg, stage, parent_run_id=parent)
+            # A training stage resuming its checkpoints continues its previous run (one curve).
+            child, continued = tracking.continue_or_start_run(cfg, stage, fp, parent_run_id=parent)
             result.run_id = child
-            print(f"[restok] {stage}: running (MLflow run {child})", flush=True)
+            print(f"[restok] {stage}: running (MLflow run {child}{', continued' if continued else ''})",
+                  flush=True)
             t0 = time.perf_counter()
             try:
                 with _follow(cfg, stage, child):

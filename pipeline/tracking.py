@@ -2,11 +2,18 @@
 
 Workers never start or end runs: they log with `MlflowClient` against the explicit run id the
 driver hands them (DEVELOPERS.md "Known traps"). Only the driver ends runs.
+
+A killed driver cannot end its runs: every run is tagged with its driver (host:pid:start time), and
+a later driver on the same host marks RUNNING runs of dead drivers KILLED (`reap_dead_runs`). A
+training stage keeps one run per fingerprint across restarts: its id is recorded in the stage dir
+(`mlflow_run.json`), and the rerun that resumes the checkpoints continues that run
+(`continue_or_start_run`); the workers skip steps the run already has.
 """
 from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -15,6 +22,11 @@ from configs.loading import to_flat_dict, to_yaml
 from pipeline.paths import tracking_uri
 
 MLFLOW_PARAM_MAX = 6000  # MLflow 3 param value limit; longer values are truncated
+DRIVER_TAG = "restok.driver"
+FINGERPRINT_TAG = "restok.fingerprint"
+# Stages whose run continues across restarts (per-step curves); the record lives in the stage dir.
+CONTINUED_STAGES = ("train_tokenizer", "train_generator")
+RUN_RECORD = "mlflow_run.json"
 
 
 def client_for(uri: str):
@@ -56,7 +68,41 @@ def experiment_id(client: Any, name: str, artifact_location: str | None = None) 
         return client.get_experiment_by_name(name).experiment_id
 
 
-def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None) -> str:
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' if unknown): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return ""
+    return "" if fields[0] == "Z" else fields[19]  # a zombie is dead too
+
+
+def driver_id() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def driver_alive(tag: str) -> bool | None:
+    """Whether the driver named by a DRIVER_TAG value still runs; None when it ran on another host."""
+    host, _, rest = tag.partition(":")
+    pid, _, start = rest.partition(":")
+    if not pid.isdigit() or host != socket.gethostname():
+        return None
+    if os.path.exists("/proc/self/stat"):
+        now = _process_start(int(pid))
+        return bool(now) and (not start or now == start)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
+              fingerprint: str | None = None) -> str:
     """Create a FINISHED-able run for `stage`, tagged with the preset; returns its id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -65,7 +111,9 @@ def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags
         "restok.preset": str(cfg.preset),
         "restok.stage": stage,
         "restok.git_commit": _git_commit(),
+        DRIVER_TAG: driver_id(),
         MLFLOW_RUN_NAME: f"{cfg.tracking.run_name or cfg.preset}/{stage}",
+        **({FINGERPRINT_TAG: fingerprint} if fingerprint else {}),
         **(extra_tags or {}),
     }
     if parent_run_id:
@@ -91,13 +139,79 @@ def end_run(cfg: Any, run_id: str, status: str = "FINISHED") -> None:
     client_for(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
 
+def reap_dead_runs(cfg: Any) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose driver (on this host) is gone; returns
+    their ids. Runs of drivers on other hosts are left alone (their liveness is unknown here)."""
+    client = client_for(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    reaped = []
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        driver = run.data.tags.get(DRIVER_TAG, "")
+        if driver and driver_alive(driver) is False:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "restok.end_reason", f"driver {driver} died")
+            print(f"[restok] MLflow run {run.info.run_id} ({run.data.tags.get('restok.stage', '?')}) "
+                  f"of dead driver {driver}: marked KILLED", flush=True)
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+def _record_url(cfg: Any, stage: str) -> str:
+    from pipeline.paths import stage_dir
+    from pipeline.storage import join
+
+    return join(stage_dir(cfg, stage), RUN_RECORD)
+
+
+def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
+                          parent_run_id: str | None = None) -> tuple[str, bool]:
+    """(run id, continued): for a training stage, the run recorded in its stage dir for the same
+    fingerprint (set RUNNING again, moved under `parent_run_id`), unless its driver still runs;
+    otherwise a new run (recorded for training stages)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipeline import storage
+
+    client = client_for(tracking_uri(cfg))
+    record = storage.read_json(_record_url(cfg, stage)) if stage in CONTINUED_STAGES else None
+    if record and record.get("fingerprint") == fingerprint:
+        try:
+            run = client.get_run(record["run_id"])
+        except MlflowException:
+            run = None
+        if (run is not None and run.info.lifecycle_stage == "active"
+                and not (run.info.status == "RUNNING" and driver_alive(run.data.tags.get(DRIVER_TAG, "")))):
+            run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, DRIVER_TAG, driver_id())
+            old_parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+            if parent_run_id and old_parent != parent_run_id:
+                client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
+                before = run.data.tags.get("restok.previous_parent_runs", "")
+                client.set_tag(run_id, "restok.previous_parent_runs", ",".join(filter(None, [before, old_parent])))
+            return run_id, True
+    run_id = start_run(cfg, stage, parent_run_id, fingerprint=fingerprint)
+    if stage in CONTINUED_STAGES:
+        storage.write_json_atomic(_record_url(cfg, stage), {"run_id": run_id, "fingerprint": fingerprint})
+    return run_id, False
+
+
 @contextmanager
 def stage_run(cfg: Any, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
-    """Yield a run id for `stage`; a run created here is ended here (FAILED on error)."""
+    """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
+    from pipeline.stages import CONFIG_KEYS, stage_fingerprint
+
     if run_id:
         yield run_id
         return
-    run_id = start_run(cfg, stage, parent_run_id)
+    reap_dead_runs(cfg)
+    if stage in CONFIG_KEYS:  # a graph stage (not e.g. `sample` or `sweep`)
+        run_id, _ = continue_or_start_run(cfg, stage, stage_fingerprint(cfg, stage), parent_run_id)
+    else:
+        run_id = start_run(cfg, stage, parent_run_id)
     try:
         yield run_id
     except BaseException:
