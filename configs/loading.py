@@ -141,8 +141,8 @@ def path_keys(node: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
-# Values of path fields that are words, not paths (TrainConfig.resume).
-_PATH_WORDS = ("auto", "never")
+# Values of path fields that are words, not paths (TrainConfig.resume; eval.inception_weights).
+_PATH_WORDS = ("auto", "never", "random-untrained")
 
 
 def absolute_path(value: str, base: str) -> str:

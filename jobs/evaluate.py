@@ -38,6 +38,7 @@ from jobs.metrics.fid import (
     save_reference_stats,
 )
 from jobs.sample import image_batches, pick_device, resolve_shards, split_shards
+from models.losses.pretrained_weights import RANDOM_UNTRAINED
 from pipeline import paths, storage, tracking
 
 STAGE = "evaluate"
@@ -108,7 +109,9 @@ def feature_fingerprint(spec: dict) -> str:
     from pipeline.manifest import fingerprint
 
     weights = spec.get("probe_path") if spec["kind"] == "probe" else spec.get("weights")
-    return fingerprint({"kind": spec["kind"], "weights_sha256": file_sha256(weights) if weights else "",
+    # A seeded random network (tests) is named, not hashed.
+    digest = weights if weights == RANDOM_UNTRAINED else file_sha256(weights) if weights else ""
+    return fingerprint({"kind": spec["kind"], "weights_sha256": digest,
                         "resize": spec.get("resize", "tf1") if spec["kind"] == "inception" else "",
                         "version": FEATURE_VERSION})
 
@@ -382,10 +385,21 @@ def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:
 
 
 # ---- metric naming ---------------------------------------------------------------------------------
-def distance_name(kind: str, which: str) -> str:
-    """rfid / gfid with Inception; fd_probe_recon / fd_probe_gen with the probe (never *fid)."""
+def inception_suffix(kind: str, weights: str = "") -> str:
+    """'_random_untrained' on every number of a random-untrained Inception (never plain FID/IS)."""
+    return "_random_untrained" if kind == "inception" and weights == RANDOM_UNTRAINED else ""
+
+
+def feature_net_tag(spec: dict) -> str:
+    """What made a set of features: inception | inception-random-untrained | probe."""
+    return spec["kind"] + ("-" + RANDOM_UNTRAINED if inception_suffix(spec["kind"], spec.get("weights", "")) else "")
+
+
+def distance_name(kind: str, which: str, weights: str = "") -> str:
+    """rfid / gfid with Inception (rfid_random_untrained / gfid_random_untrained with random
+    weights); fd_probe_recon / fd_probe_gen with the probe (never *fid)."""
     if kind == "inception":
-        return {"recon": "rfid", "gen": "gfid"}[which]
+        return {"recon": "rfid", "gen": "gfid"}[which] + inception_suffix(kind, weights)
     return f"fd_probe_{which}"
 
 
@@ -425,6 +439,10 @@ def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
         raise ValueError(f"eval.feature_net={cfg.eval.feature_net!r}; valid: ['inception', 'probe']")
     from jobs.metrics.inception import resolve_weights
 
+    if str(cfg.eval.inception_weights) == RANDOM_UNTRAINED:
+        print(f"[evaluate] WARNING: eval.inception_weights={RANDOM_UNTRAINED} (test mode): Inception "
+              "numbers are logged with a _random_untrained suffix, not as FID/IS", flush=True)
+        return feature_spec(cfg), {}
     # Resolved (and downloaded when online) once in the driver: a missing file is one line here,
     # not a traceback from every actor.
     return {**feature_spec(cfg), "weights": resolve_weights(str(cfg.eval.inception_weights))}, {}
@@ -481,7 +499,8 @@ def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = Non
         for k in sums:
             sums[k] += r["sums"][k]
     kind, full = spec["kind"], results[0]["num_tokens"]
-    name = distance_name(kind, "recon")
+    name = distance_name(kind, "recon", spec.get("weights", ""))
+    sfx = inception_suffix(kind, spec.get("weights", ""))
     mu, sigma = real.pool.mean_cov()
     metrics = {name: recon[full].pool.distance_to(mu, sigma),
                "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
@@ -496,7 +515,7 @@ def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = Non
         if k != full:
             metrics[f"{name}_keep{k}"] = curve[k]
     if kind == "inception":
-        metrics["recon_inception_score"] = inception_score(recon[full].probs_array())[0]
+        metrics["recon_inception_score" + sfx] = inception_score(recon[full].probs_array())[0]
     else:
         probs, labels = recon[full].probs_array(), recon[full].labels_array()
         metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())
@@ -585,7 +604,7 @@ def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats
     _count_reference_pass(f"{len(shards)} shards")
     acts = shard_activations(cfg, shards, spec, "reference statistics")
     mu, sigma = mean_cov(acts["pool"])
-    ref = ReferenceStats(mu=mu, sigma=sigma, feature_net=spec["kind"], num_images=acts["count"],
+    ref = ReferenceStats(mu=mu, sigma=sigma, feature_net=feature_net_tag(spec), num_images=acts["count"],
                          features=acts["pool"], feature_config=feature_config(cfg, spec))
     if "spatial" in acts:
         ref.mu_s, ref.sigma_s = mean_cov(acts["spatial"])
@@ -593,7 +612,7 @@ def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats
 
 
 def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
-    tag = spec["kind"] if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
+    tag = feature_net_tag(spec) if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
     return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
 
 
@@ -619,7 +638,9 @@ def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[dict, str]:
     cached under <evaluate dir>/reference-cache; in-process memo for the points of a CFG search."""
     url = str(cfg.eval.reference_stats)
     want = feature_config(cfg, spec)
-    if not url and spec["kind"] == "probe":
+    random_inception = bool(inception_suffix(spec["kind"], spec.get("weights", "")))
+    if not url and (spec["kind"] == "probe" or random_inception):
+        # No published reference exists for these networks: the prep train split's (cached).
         url = default_reference_url(cfg, spec, probe)
         if not storage.exists(url) or load_reference_stats(url).feature_config != want:
             make_reference(cfg, url, spec, probe)
@@ -627,10 +648,11 @@ def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[dict, str]:
     if memo_key in _REFERENCE_MEMO:
         return _REFERENCE_MEMO[memo_key], url
     ref = load_reference_stats(url)
-    expected = spec["kind"] if spec["kind"] == "inception" else "probe"
-    has_stats = ref.mu is not None
-    if has_stats and (expected == "probe" and ref.feature_net != "probe"
-                      or expected == "inception" and ref.feature_net == "probe"):
+    expected = feature_net_tag(spec)
+    # Real Inception references (ours: "inception", ADM's: "inception-adm") are interchangeable.
+    same = (ref.feature_net == expected if expected != "inception"
+            else ref.feature_net not in ("probe", "inception-" + RANDOM_UNTRAINED))
+    if ref.mu is not None and not same:
         raise ValueError(f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}")
     if ref.feature_config and ref.feature_config != want:
         raise ValueError(f"{url}: reference made with feature config {ref.feature_config}, this evaluation's is "
@@ -672,7 +694,8 @@ def gen_metrics(cfg: Any, spec: dict, ref: dict, acts: dict, probe: dict | None)
 
     kind, notes = spec["kind"], {}
     device = pick_device(bool(cfg.cluster.use_gpu))
-    name = distance_name(kind, "gen")
+    name = distance_name(kind, "gen", spec.get("weights", ""))
+    sfx = inception_suffix(kind, spec.get("weights", ""))  # never a random network's number as IS
     weight = get_pool(cfg).call("logits_weight", [(spec,)])[0] if kind == "inception" else None
     if ref["pool"] is None:  # statistics-only file: no precision/recall
         s = {"fid": frechet_distance(*mean_cov(acts["pool"]), ref["stats"]["mu"], ref["stats"]["sigma"])}
@@ -689,7 +712,7 @@ def gen_metrics(cfg: Any, spec: dict, ref: dict, acts: dict, probe: dict | None)
         s["probe_precision"], s["probe_recall"] = s.pop("precision"), s.pop("recall")
     metrics = {name: s.pop("fid")}
     if kind == "inception":
-        metrics.update(s)
+        metrics.update({k + sfx: v for k, v in s.items()})
         if "sfid" not in s:
             notes["sfid"] = ("not computed: " + ("the TorchScript Inception exposes no mixed_6/conv features"
                                                  if "spatial" not in acts else "the reference has no mu_s/sigma_s"))
@@ -774,7 +797,7 @@ def cfg_search(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     ratios = list(cfg.eval.cfg_search_start_ratios) or [float(cfg.sampling.cfg_start_ratio)]
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
-    name = distance_name(spec["kind"], "gen")
+    name = distance_name(spec["kind"], "gen", spec.get("weights", ""))
     points = []
     for i, (scale, ratio) in enumerate((s, r) for s in scales for r in ratios):
         sampling = OmegaConf.merge(cfg.sampling, {"cfg_scale": float(scale), "cfg_start_ratio": float(ratio)})

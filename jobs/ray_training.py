@@ -523,6 +523,11 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
             grad_norm = main.get_global_grad_norm()
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
+            for name, engine in list(spec.engines.items())[1:]:  # e.g. the discriminator's own
+                logs[f"{name}_lr"] = float(engine.get_lr()[0])
+                other_norm = engine.get_global_grad_norm()
+                if other_norm is not None:
+                    logs[f"{name}_grad_norm"] = float(other_norm)
             if "mfu" in rates:
                 logs["mfu"] = rates["mfu"]
             session.log_metrics(logs, step)

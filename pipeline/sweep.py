@@ -190,7 +190,9 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
             children.append(to_yaml(child))
         outcomes = _run_chains(cfg, children, parent, stages)
         rows = []
-        recon_key, gen_key = evaluate.distance_name(kind, "recon"), evaluate.distance_name(kind, "gen")
+        weights = str(cfg.eval.inception_weights)
+        recon_key, gen_key = (evaluate.distance_name(kind, "recon", weights),
+                              evaluate.distance_name(kind, "gen", weights))
         for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
             m = out["metrics"]
             rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),

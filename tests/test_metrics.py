@@ -219,3 +219,19 @@ def test_probe_trains_caches_and_scores(tmp_path):
     assert probe_accuracy(probe, xv, yv) == pytest.approx(man["val_accuracy"])
     out = probe(torch.as_tensor(xv[:5]).permute(0, 3, 1, 2))
     assert out["pool"].shape == (5, 128) and probe.name == "probe"
+
+
+def test_random_untrained_inception_is_seeded_and_named_so():
+    """eval.inception_weights=random-untrained: every actor builds the same network (seeded), nothing
+    is downloaded, and its numbers never carry the real metric names."""
+    from jobs.evaluate import distance_name, feature_net_tag, inception_suffix
+    from jobs.metrics.inception import load_inception
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    a, b = load_inception("random-untrained")(images), load_inception("random-untrained")(images)
+    assert a["pool"].shape == (2, 2048) and torch.equal(a["pool"], b["pool"])
+    assert a["pool"].std() > 0 and "spatial" in a
+    assert distance_name("inception", "recon", "random-untrained") == "rfid_random_untrained"
+    assert distance_name("inception", "gen", "random-untrained") == "gfid_random_untrained"
+    assert distance_name("inception", "gen", "") == "gfid" and inception_suffix("inception", "") == ""
+    assert feature_net_tag({"kind": "inception", "weights": "random-untrained"}) == "inception-random-untrained"

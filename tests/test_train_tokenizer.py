@@ -16,7 +16,8 @@ STEPS = 16
 NANO = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
         "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
         "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-        "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none"]
+        "tokenizer.codebook_size=64", "generator.vocab_size=64", "tokenizer.num_scales=2",
+        "tokenizer.vf_align=none"]
 MSE_VQ_ONLY = ["tokenizer_train.loss.lpips_weight=0", "tokenizer_train.loss.vf_weight=0",
                "tokenizer_train.loss.gan_weight=0"]
 # Test-only tiny random frozen networks for LPIPS, the VF teacher and the discriminator backbone.
@@ -165,3 +166,23 @@ def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):
     assert gan == [0.0, 0.0, 1.0, 1.0]
     metrics = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id).data.metrics
     assert any(k.startswith("disc_hinge") for k in metrics) and any(k.startswith("lpips") for k in metrics)
+
+
+def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):
+    """DeepSpeed bf16 (weights cast to bf16; quantizer, pixel decoder and losses computed in fp32)
+    trains the same seed to the same loss curve as the fp32 baseline, within bf16 noise."""
+    cfg = with_prep(prep_dir, make_cfg(tmp_path, *MSE_VQ_ONLY, "tokenizer_train.zero_stage=1",
+                                       "tokenizer_train.precision=bf16",
+                                       "tokenizer_train.image_log_every=0"))
+    run_id = tracking.start_run(cfg, "train_tokenizer")
+    assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
+    _, ref = loss_history(*baseline[::2])
+    steps, values = loss_history(cfg, run_id)
+    assert steps == list(range(STEPS))
+    # Tolerance (bf16 noise, measured: step 0 0.1%, worst step 9%, mean 3%): the untrained step
+    # differs only by bf16 rounding (1%); later steps drift as bf16 rounding flips nearest codes,
+    # so each step within 12% and the curve on average within 5%.
+    rel = np.abs(np.asarray(values) - ref) / np.asarray(ref)
+    assert rel[0] < 0.01 and rel.max() < 0.12 and rel.mean() < 0.05, (values, ref)
+    assert np.mean(values[-3:]) < 0.7 * np.mean(values[:2]), values  # bf16 learns like fp32
+    checkpoints.load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"))

@@ -7,6 +7,8 @@ Two files of the same TensorFlow 2015-12-05 Inception are accepted, chosen by su
     probabilities; its internals are opaque, so sFID is not computed with it (reported as such).
 `eval.inception_weights` names a local file; empty means the torch hub cache, downloaded on a
 connected machine. A missing file with no network is a one-line MissingWeightsError naming the path.
+`random-untrained` builds the same network with seeded random weights (tests and smoke runs only):
+its numbers are logged with a `_random_untrained` suffix, never as FID/IS (jobs.evaluate).
 
 Input: uint8 images [B, 3, H, W] (SPEC: reconstructions/samples are rounded to uint8 first).
 The state-dict path's resize to 299 is selectable (`eval.inception_resize`):
@@ -28,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses.pretrained_weights import MissingWeightsError, load_state_dict_file
+from models.losses.pretrained_weights import (
+    RANDOM_UNTRAINED,
+    MissingWeightsError,
+    load_state_dict_file,
+)
 
 STATE_DICT_FILE = "pt_inception-2015-12-05-6726825d.pth"
 STATE_DICT_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -209,6 +215,15 @@ class InceptionFeatures(nn.Module):
 def load_inception(weights_path: str = "", device: str | torch.device = "cpu",
                    download: bool = True, resize: str = "tf1") -> InceptionFeatures:
     """The FID Inception from `weights_path` (see module doc); strict key check for state dicts."""
+    if weights_path == RANDOM_UNTRAINED:
+        # The same seed in every actor, so all of them compute the same (meaningless) features.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = build_fid_inception()
+            for m in net.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
+        return InceptionFeatures(net.to(device))
     path = resolve_weights(weights_path, download=download)
     if path.endswith(".pt"):
         return InceptionFeatures(torch.jit.load(path, map_location=device), torchscript=True, resize=resize)

@@ -175,6 +175,14 @@ class DinoDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    def _match_spectral_norm_buffers(self, dtype: torch.dtype) -> None:
+        """A DeepSpeed bf16 engine casts parameters only, leaving spectral norm's power-iteration
+        vectors u, v in fp32; torch.mv needs them in the weight's dtype."""
+        for name, buf in self.heads.named_buffers():
+            if name.endswith(("._u", "._v")) and buf.dtype != dtype:
+                module = self.heads.get_submodule(name.rsplit(".", 1)[0])
+                setattr(module, name.rsplit(".", 1)[1], buf.to(dtype))
+
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """DiffAugment of images in [0, 1] (identity when the policy is empty)."""
         if not self.diffaug_policy:
@@ -185,6 +193,7 @@ class DinoDiscriminator(nn.Module):
         """images in [0, 1] -> logits [B, sum of token counts over features]."""
         feats = self.features(self.augment(images) if augment else images)
         head_dtype = self.heads[0].to_logit.bias.dtype  # heads and backbone may differ in dtype
+        self._match_spectral_norm_buffers(head_dtype)
         return torch.cat([head(f.to(head_dtype)) for head, f in zip(self.heads, feats)], dim=1).float()
 
 

@@ -20,8 +20,35 @@ def fp32_region(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for reference runs
+
+
+class Fp32Conv2d(nn.Conv2d):
+    """Conv2d computed in fp32 whatever its parameters' dtype: a DeepSpeed bf16 engine casts every
+    weight to bf16, so the fp32 regions (SPEC "CNN decoder", NOTES #11) cast weights and input
+    explicitly. Same parameters and state-dict names as nn.Conv2d; gradients reach the bf16 weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(x)
+        return self._conv_forward(x.to(dt), self.weight.to(dt), _cast(self.bias, dt))
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever its parameters' dtype (see Fp32Conv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(x)
+        return F.group_norm(x.to(dt), self.num_groups, _cast(self.weight, dt),
+                            _cast(self.bias, dt), self.eps)
+
+
+def _norm(channels: int, groups: int, fp32: bool = False) -> nn.GroupNorm:
+    return (Fp32GroupNorm if fp32 else nn.GroupNorm)(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -32,15 +59,17 @@ class ResBlock(nn.Module):
     otherwise it is a normal in->out shortcut on the input.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, shortcut_on_branch: bool):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, shortcut_on_branch: bool,
+                 fp32: bool = False):
         super().__init__()
-        self.norm1 = _norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
-        self.norm2 = _norm(out_ch, groups)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        conv = Fp32Conv2d if fp32 else nn.Conv2d
+        self.norm1 = _norm(in_ch, groups, fp32)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1, bias=False)
+        self.norm2 = _norm(out_ch, groups, fp32)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
         self.shortcut_on_branch = shortcut_on_branch
         if in_ch != out_ch:
-            self.nin_shortcut = nn.Conv2d(out_ch if shortcut_on_branch else in_ch, out_ch, 1,
+            self.nin_shortcut = conv(out_ch if shortcut_on_branch else in_ch, out_ch, 1,
                                           bias=False)
         else:
             self.nin_shortcut = None
@@ -58,7 +87,7 @@ class _Stage(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         # Decoder stages end with nearest x2 + 3x3 conv (NOTES #4); encoder stages have no params.
-        self.upsample_conv = (nn.Conv2d(upsample_ch, upsample_ch, 3, padding=1)
+        self.upsample_conv = (Fp32Conv2d(upsample_ch, upsample_ch, 3, padding=1)
                               if upsample_ch is not None else None)
 
 
@@ -96,28 +125,31 @@ class PixelEncoder(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """Mirror of the encoder; `up.<i>` is resolution level i and runs i = n-1 .. 0 (NOTES #4)."""
+    """Mirror of the encoder; `up.<i>` is resolution level i and runs i = n-1 .. 0 (NOTES #4).
+    Every layer is an Fp32* layer: the decoder computes in fp32 even with bf16 weights (SPEC)."""
 
     def __init__(self, base: int, channel_mult: list[int], num_res_blocks: int, z_channels: int,
                  groups: int, shortcut_on_branch: bool):
         super().__init__()
         ch = base * channel_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, ch, 3, padding=1)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, groups, shortcut_on_branch) for _ in range(2)])
+        self.conv_in = Fp32Conv2d(z_channels, ch, 3, padding=1)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, groups, shortcut_on_branch, fp32=True)
+                                  for _ in range(2)])
         stages: list[nn.Module] = [None] * len(channel_mult)  # type: ignore[list-item]
         for i in reversed(range(len(channel_mult))):
             out_ch = base * channel_mult[i]
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, out_ch, groups, shortcut_on_branch))
+                blocks.append(ResBlock(ch, out_ch, groups, shortcut_on_branch, fp32=True))
                 ch = out_ch
             stages[i] = _Stage(blocks, upsample_ch=ch if i > 0 else None)
         self.up = nn.ModuleList(stages)
-        self.norm_out = _norm(ch, groups)
-        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+        self.norm_out = _norm(ch, groups, fp32=True)
+        self.conv_out = Fp32Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # SPEC: the CNN decoder runs in fp32 (NOTES #11: it casts its input to float32).
+        # SPEC: the CNN decoder runs in fp32 (NOTES #11: it casts its input to float32); autocast
+        # off, and every layer casts its own weights (Fp32Conv2d / Fp32GroupNorm).
         with fp32_region(z.device):
             h = self.conv_in(z.to(torch.promote_types(z.dtype, torch.float32)))
             for blk in self.mid:

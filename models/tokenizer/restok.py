@@ -368,6 +368,9 @@ class ResTokDecoder(nn.Module):
         """z [B, N, code_dim]; keep [B] kept lengths or None -> (map [B, z_ch, h, w],
         feature-branch image tokens before ln_post [B, h*w, W] or None)."""
         B, N, _ = z.shape
+        # The quantizer returns fp32 (NOTES #11); the ViT side runs in the weights' dtype (bf16
+        # under a DeepSpeed bf16 engine).
+        z = z.to(self.mask_token.dtype)
         if keep is not None:
             kept = torch.arange(N, device=z.device)[None, :] < keep[:, None]
             z = torch.where(kept[..., None], z, self.latent_mask_token.to(z.dtype))
