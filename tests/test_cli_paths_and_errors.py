@@ -65,6 +65,15 @@ def test_a_model_that_cannot_be_built_is_a_config_error_at_load(tmp_path):
     assert not (tmp_path / "restok_work").exists()
 
 
+def test_generator_vocabulary_and_levels_must_match_the_tokenizer_at_load():
+    from configs.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="generator.vocab_size=300 must equal tokenizer.codebook_size=256"):
+        load_config(None, ["generator.vocab_size=300"])
+    with pytest.raises(ConfigError, match="generator.levels"):
+        load_config(None, ["generator.levels=[1,1,2,4]"])
+
+
 def test_unknown_key_is_one_line_naming_the_valid_keys(tmp_path):
     done, seconds = restok(tmp_path, "run", "tokenizer_train.stepz=3")
     assert_one_line_failure(done, seconds, "tokenizer_train.stepz", "steps", limit_s=90)

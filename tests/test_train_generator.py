@@ -169,7 +169,8 @@ def test_zero2_killed_worker_is_restarted_from_checkpoint(baseline, tmp_path, mo
 def test_mismatched_vocabulary_is_a_clear_error(tmp_path):
     cfg = make_cfg(tmp_path)
     write_codes_stage(cfg)
-    bad = make_cfg(tmp_path, "generator.vocab_size=65")
+    # Consistent with its own tokenizer (the loader checks that), not with the codes on disk.
+    bad = make_cfg(tmp_path, "generator.vocab_size=65", "tokenizer.codebook_size=65")
     with pytest.raises(ValueError, match="generator.vocab_size=64"):
         train_generator.run(bad, run_id="unused")
 
