@@ -43,6 +43,9 @@ CHECKPOINT_PREFIX = "checkpoint_"
 RAY_SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 # Test-only fault injection (name says so): rank 1 calls os._exit(1) once when it reaches this step.
 TEST_CRASH_ENV = "RESTOK_TEST_CRASH_RANK1_AT_STEP"
+# Test-only pacing (name says so): seconds every rank sleeps per step, so a test can act between
+# two checkpoints however fast the machine is.
+TEST_STEP_SLEEP_ENV = "RESTOK_TEST_STEP_SLEEP_S"
 # Stage name -> its TrainConfig section.
 TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
 _FRESH_NAMES: dict[str, str] = {}
@@ -175,7 +178,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         "fingerprint": stage_fingerprint(cfg, stage),
         **(extra or {}),
     }
-    env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, TEST_STEP_SLEEP_ENV, "OMP_NUM_THREADS")}
 
     def trainer() -> TorchTrainer:
         return TorchTrainer(
@@ -473,6 +476,7 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     from jobs.throughput import Throughput, peak_memory_bytes
 
     train = session.train
+    pace_s = float(os.environ.get(TEST_STEP_SLEEP_ENV, "0") or 0)
     total = int(train.steps)
     gas = grad_accumulation(int(train.global_batch_size), int(train.micro_batch_size), session.world)
     main = next(iter(spec.engines.values()))
@@ -501,6 +505,8 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     logs: dict[str, float] = {}
     for step in bar:
         session.maybe_crash(step)
+        if pace_s:
+            time.sleep(pace_s)
         micro = [next(batches) for _ in range(gas)]
         logs = spec.train_step(step, micro)
         if spec.ema is not None:

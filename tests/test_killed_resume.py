@@ -16,6 +16,7 @@ import time
 import pytest
 
 from configs.loading import load_config
+from jobs.ray_training import TEST_STEP_SLEEP_ENV
 from pipeline import paths, tracking
 
 STEPS, EVERY, KEEP = 24, 8, 2
@@ -47,8 +48,9 @@ def _session_pids(sid):
 def _restok(work, log, **popen):
     """`restok run` (the console script next to this interpreter), output to the file `log`."""
     restok = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
+    # Paced (test-only env) so the kill lands between two checkpoints on a fast machine too.
     return subprocess.Popen([restok, "run", f"work_dir={work}", *OVERRIDES], cwd=work.parent,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", TEST_STEP_SLEEP_ENV: "0.5"}, stdout=log,
                             stderr=subprocess.STDOUT, **popen)
 
 
@@ -132,7 +134,11 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
             proc.wait()
     out = log.read_text()
     assert proc.returncode == 0, out[-6000:]
-    resumed = [int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", out)]
+    # Worker lines are in the run's full log (the terminal gets one line per stage).
+    full_log = re.search(r"full log: (\S+)", out).group(1)
+    with open(full_log) as fh:
+        worker_lines = fh.read()
+    resumed = [int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", worker_lines)]
     assert resumed and set(resumed) == {resume_step}, out[-6000:]  # (Ray may echo a line twice)
 
     # Storage: no orphan; exactly the KEEP newest complete checkpoints.

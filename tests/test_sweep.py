@@ -3,8 +3,8 @@ and checkpoint under the sweep parent, each with its metrics; `restok compare` o
 
 The default test runs the real evaluate stage (Ray eval pool: recon + sampling + gen metrics) but
 stand-ins for extract_codes / train_generator (named `standin_*`: they write a random generator
-export and log a child run), because Ray Train + DeepSpeed twice costs ~8 minutes on 2 loaded
-cores. `RESTOK_REAL_SWEEP_TEST=1` runs the same checks with the real stages (passed here in 377-496 s).
+export and log a child run); tests/test_sweep_checkpoints.py runs the real stages for each of
+3 kept training checkpoints.
 """
 import os
 
@@ -57,11 +57,8 @@ def standin_train_generator(cfg, run_id=None, parent_run_id=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages", [
-    "standin",
-    pytest.param("real", marks=pytest.mark.skipif(os.environ.get("RESTOK_REAL_SWEEP_TEST") != "1",
-                                                  reason="~8 min on 2 cores; set RESTOK_REAL_SWEEP_TEST=1")),
-])
+# The real stages run in tests/test_sweep_checkpoints.py (3 kept checkpoints, real chain each).
+@pytest.mark.parametrize("stages", ["standin"])
 def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages, capsys):
     from jobs import evaluate
     from pipeline.compare import compare_runs, format_table
