@@ -50,6 +50,6 @@ def test_official_presets_equal_the_release_configs():
     release = official_tokenizer_config("large").__dict__
     assert {k: tok[k] for k in release} == release
     for preset, vanilla in (("official-har-l", False), ("official-vanilla-l", True)):
-        gen = OmegaConf.to_container(load_config(preset).generator)
+        gen = OmegaConf.to_container(load_config(preset).generator, resolve=True)
         release = official_generator_config(vanilla=vanilla).__dict__
         assert {k: gen[k] for k in release} == release, preset
