@@ -88,18 +88,6 @@ def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
     return cfg, val_keys
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.evaluate import close_pool
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    close_pool()
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
     from jobs.evaluate import evaluate_recon

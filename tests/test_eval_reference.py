@@ -5,7 +5,7 @@ Inception weights. Tiny models on the default preset (probe stand-in, no referen
 import numpy as np
 import pytest
 import torch
-from test_eval import make_workdir, ray_local  # noqa: F401  (shared tiny fixtures)
+from test_eval import make_workdir  # shared tiny fixtures (ray_local: conftest)
 
 
 @pytest.mark.slow

@@ -23,18 +23,6 @@ SWEEP_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.evaluate import close_pool
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    close_pool()
-    ray.shutdown()
-
-
 def standin_extract_codes(cfg, run_id=None, parent_run_id=None):
     """Stand-in for jobs.extract_codes.run: no codes, just its child run and manifest."""
     with tracking.stage_run(cfg, "extract_codes", run_id, parent_run_id) as rid:

@@ -28,18 +28,6 @@ KEPT = [4, 6, 8]  # checkpoints at 2, 4, 6, 8; Ray Train keeps the newest 3
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.evaluate import close_pool
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    close_pool()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("sweepckpt") / "work", [*TRAIN, *CHAIN])
     write_prep(cfg)
