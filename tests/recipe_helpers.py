@@ -47,12 +47,12 @@ def write_imagenet_folder(root: Path, train_per_class: int = 8, val_per_class: i
     return root
 
 
-def write_imagenet_tars(tree: Path, out: Path) -> Path:
-    """`imagenet_tar` layout from a folder tree: out/ILSVRC2012_img_train.tar (a tar of <wnid>.tar),
-    out/ILSVRC2012_img_val.tar (flat) and out/LOC_val_solution.csv."""
+def write_imagenet_tars(tree: Path, out: Path, wnids=None) -> Path:
+    """`imagenet_tar` layout from a folder tree: out/ILSVRC2012_img_train.tar (a tar of <wnid>.tar,
+    in `wnids` order, default sorted), out/ILSVRC2012_img_val.tar (flat) and out/LOC_val_solution.csv."""
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
-        for wnid in sorted(os.listdir(tree / "train")):
+        for wnid in wnids if wnids is not None else sorted(os.listdir(tree / "train")):
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as inner:
                 for f in sorted((tree / "train" / wnid).iterdir()):

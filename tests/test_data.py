@@ -11,7 +11,6 @@ import json
 import os
 import random
 import sys
-import tarfile
 import uuid
 from collections import Counter
 
@@ -27,6 +26,7 @@ from data_prep.image_bytes import SkipImage, check_image
 from data_prep.loaders import eval_batches, train_batches
 from data_prep.sources import ImageNetFolderSource, ImageNetTarSource, iter_samples
 from pipeline import storage
+from recipe_helpers import write_imagenet_tars
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -89,22 +89,9 @@ def make_imagenet_tree(root, per_class=4, val_layout="folders", bad=False):
 
 
 def make_ilsvrc_tars(tree, out):
-    """ILSVRC2012_img_train.tar (tar of <wnid>.tar) and ILSVRC2012_img_val.tar from a flat-val tree."""
-    os.makedirs(out, exist_ok=True)
-    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
-        for wnid in reversed(WNIDS):  # out of order on purpose: class index = sorted wnid order
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as inner:
-                for f in sorted((tree / "train" / wnid).iterdir()):
-                    inner.add(f, arcname=f.name)
-            info = tarfile.TarInfo(f"{wnid}.tar")
-            info.size = buf.tell()
-            buf.seek(0)
-            outer.addfile(info, buf)
-    with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as val:
-        for f in sorted((tree / "val").iterdir()):
-            val.add(f, arcname=f.name)
-    (out / "LOC_val_solution.csv").write_bytes((tree / "LOC_val_solution.csv").read_bytes())
+    """The two ILSVRC tars from a flat-val tree, class tars out of order on purpose (class index =
+    sorted wnid order)."""
+    write_imagenet_tars(tree, out, wnids=list(reversed(WNIDS)))
 
 
 def read_shards(manifest, split):
