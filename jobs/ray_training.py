@@ -57,7 +57,8 @@ def ensure_ray(cfg: Any) -> None:
 
     if not ray.is_initialized():
         address = str(cfg.cluster.address)
-        ray.init(address=None if address == "local" else address,
+        # "local" must start a new instance: address=None would join any `ray start` cluster on the host.
+        ray.init(address=address,
                  **({"num_cpus": max(2, int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker))}
                     if address == "local" else {}))
 
