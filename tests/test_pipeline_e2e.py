@@ -1,10 +1,11 @@
 """The issue's acceptance run: `restok run` with no overrides but a scratch work dir (opt-in).
 
-It takes most of the 15-minute budget on 2 idle cores, so it runs only with
-RESTOK_FULL_DEFAULT_RUN=1 (`RESTOK_FULL_DEFAULT_RUN=1 python -m pytest tests/test_pipeline_e2e.py`);
-tests/test_readme.py runs the same command with shorter schedules on every CI run. Checks: it
-finishes, the tokenizer's reconstruction loss falls at least 5x, and the probe classifies the
-generator's class-conditional samples with at least 60% accuracy (chance: 1 / num_classes).
+It takes minutes on 2 cores, so it runs only with RESTOK_FULL_DEFAULT_RUN=1
+(`RESTOK_FULL_DEFAULT_RUN=1 python -m pytest tests/test_pipeline_e2e.py`); tests/test_readme.py
+runs the same command with shorter schedules on every CI run. Checks: it finishes within 15 minutes
+(issue 18 asks for 6), the tokenizer's reconstruction loss falls at least 5x, and the probe
+classifies the generator's class-conditional samples and the tokenizer's reconstructions with at
+least 85% accuracy each (issue 18 asks for 90% and 95%; chance: 1 / num_classes).
 """
 import json
 import os
@@ -29,7 +30,8 @@ def test_default_run_learns(tmp_path):
     work = tmp_path / "work"
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", f"work_dir={work}"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"},
                           cwd=tmp_path)  # MLflow's default artifact root is ./mlruns
     minutes = (time.perf_counter() - t0) / 60
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
