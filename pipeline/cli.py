@@ -236,11 +236,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.compare import RunNotFound
     from pipeline.convert import ConvertError
     from pipeline.graph import PipelineError
+    from pipeline.locks import LockHeld
     from pipeline.manifest import ManifestError
     from pipeline.submit import SubmitError
 
     return (ConfigError, SourceError, ManifestError, StageFailure, PipelineError, ConvertError,
-            SubmitError, RunNotFound, FileNotFoundError, PermissionError)
+            SubmitError, RunNotFound, LockHeld, FileNotFoundError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
