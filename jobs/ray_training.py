@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,43 @@ TEST_STEP_SLEEP_ENV = "RESTOK_TEST_STEP_SLEEP_S"
 # Stage name -> its TrainConfig section.
 TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
 _FRESH_NAMES: dict[str, str] = {}
+# Set in a Train worker by SIGTERM (a preemption notice: what a spot node's processes get before
+# it goes); run_loop then checkpoints at once on every rank and stops (issue 17, Deliver 3).
+PREEMPTED = threading.Event()
+
+
+def install_preemption_handler() -> bool:
+    """SIGTERM -> PREEMPTED instead of Ray's exit. Python handlers are set from the main thread
+    only: called through the Torch backend (below), which runs it as a worker actor task, on
+    the actor's main thread (the train loop itself runs in a thread of its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        print("[restok] SIGTERM handler not installed (not the main thread)", flush=True)
+        return False
+    PREEMPTED.clear()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        PREEMPTED.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+def preemptible_torch_config() -> Any:
+    """Ray Train's TorchConfig whose backend also installs the preemption handler on every worker."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _PreemptibleBackend(_TorchBackend):
+        def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
+            super().on_training_start(worker_group, backend_config)
+            worker_group.execute(install_preemption_handler)
+
+    class PreemptibleTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _PreemptibleBackend
+
+    return PreemptibleTorchConfig()
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -184,6 +223,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         return TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
+            torch_config=preemptible_torch_config(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
                 resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
@@ -210,6 +250,10 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         try:
             result = trainer().fit()
             tidy_checkpoints(root, keep)
+            newest = latest_checkpoint(root)
+            if newest is not None and newest[1].get("preempted"):
+                print(f"[{stage}] preempted ({newest[1]['preempted']}): checkpoint at step "
+                      f"{newest[1]['step']} written, stage stopped; rerun to continue", flush=True)
             return result
         except ray.train.TrainingFailedError as exc:
             if not is_transient(exc):
@@ -346,7 +390,7 @@ class WorkerSession:
         return contextlib.nullcontext(None)
 
     def save(self, engines: dict[str, Any], step: int, rank_state: dict, ema: Any | None,
-             metrics: dict[str, float]) -> None:
+             metrics: dict[str, float], note: dict | None = None) -> None:
         """DeepSpeed checkpoints of every engine + this rank's state, reported to Ray Train."""
         import ray.train
         from safetensors.torch import save_file
@@ -379,7 +423,7 @@ class WorkerSession:
             url = storage.join(self.checkpoint_root, name)
             write_complete_marker(url, {"step": step, "world": self.world, "stage": self.stage,
                                         "fingerprint": self.fingerprint, "mlflow_run_id": self.run_id,
-                                        "metrics": metrics, "written_at": time.time()})
+                                        "metrics": metrics, "written_at": time.time(), **(note or {})})
             tidy_checkpoints(self.checkpoint_root, self.keep_checkpoints)
 
     def load(self, directory: str, engines: dict[str, Any], ema: Any | None) -> dict:
@@ -424,6 +468,17 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any rank (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -541,10 +596,18 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
         if spec.log_images is not None and int(train.image_log_every) > 0 and (
                 done % int(train.image_log_every) == 0 or done == total):
             spec.log_images(step)
-        if done % int(train.checkpoint_every) == 0 or done == end:
+        # A preemption notice on any rank: every rank checkpoints this step now and stops.
+        preempted = done < end and any_rank(PREEMPTED.is_set(), session.device)
+        if done % int(train.checkpoint_every) == 0 or done == end or preempted:
+            note = {"preempted": f"SIGTERM at step {done}"} if preempted else None
             session.save(spec.engines, done,
                          {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
-                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)})
+                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)}, note)
+        if preempted:
+            if session.is_logger:
+                print(f"[{session.stage}] preemption notice (SIGTERM): checkpoint at step {done} "
+                      "written; stopping", flush=True)
+            break
 
 
 def final_checkpoint(cfg: Any, stage: str) -> tuple[str | None, int, dict]:
