@@ -433,8 +433,7 @@ class WorkerSession:
         with open(os.path.join(directory, META_NAME)) as fh:
             meta = json.load(fh)
         if meta["world"] != self.world:
-            raise RuntimeError(f"{directory}: checkpoint has {meta['world']} workers, this run "
-                               f"{self.world}; ZeRO optimizer shards need the same world size")
+            return self._load_resized(directory, meta, engines, ema)
         for name, engine in engines.items():
             path, _ = engine.load_checkpoint(os.path.join(directory, name), tag=STATE_TAG)
             if path is None:
@@ -442,6 +441,65 @@ class WorkerSession:
         if ema is not None and ema.active:
             ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
         return torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=True)
+
+    def _load_resized(self, directory: str, meta: dict, engines: dict[str, Any], ema: Any | None) -> dict:
+        """A checkpoint of another world size (issue 17, Deliver 4): each engine through DeepSpeed's
+        universal checkpoint (ds_to_universal, then load_universal), the EMA put back together and
+        re-split, this rank's state from old rank (rank mod old world). The data position is the
+        step: the loader re-splits the same global batches over the new ranks."""
+        from safetensors.torch import load_file
+
+        from jobs.deepspeed_runtime import consolidate_shards
+
+        old = int(meta["world"])
+        if self.is_logger:
+            print(f"[{self.stage}] resuming a {old}-worker checkpoint on {self.world} workers through "
+                  "DeepSpeed's universal checkpoint", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"restok-universal-r{self.rank}-") as tmp:
+            for name, engine in engines.items():
+                load_universal(engine, os.path.join(directory, name), os.path.join(tmp, name))
+        if ema is not None and ema.active:
+            if meta.get("ema_sharded"):
+                full = consolidate_shards([load_file(os.path.join(directory, f"ema_rank{r}.safetensors"))
+                                           for r in range(old)], meta["ema_shapes"])
+            else:
+                full = load_file(os.path.join(directory, "ema_rank0.safetensors"))
+            ema.load({n: reshard(full[n], ema.shadow[n], self.rank, self.world) if ema.sharded else full[n]
+                      for n in ema.shadow})
+        return torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
+
+
+def load_universal(engine: Any, saved: str, work: str) -> None:
+    """Load the DeepSpeed checkpoint `saved/<STATE_TAG>` of any data-parallel size into `engine`:
+    converted to DeepSpeed's universal format under `work` (deepspeed.checkpoint.ds_to_universal,
+    serial: no worker processes inside a Train worker), then loaded with `load_universal`."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(
+        input_folder=os.path.join(saved, STATE_TAG), output_folder=os.path.join(work, STATE_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # Our engines are plain data parallel (no tensor/pipeline slicing to describe): the
+        # converter's default checkpoint info is all there is to say.
+        inject_missing_state=True))
+    # The engine was built for a same-size resume; this one load reads the universal layout.
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(work, tag=STATE_TAG)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise FileNotFoundError(f"{saved}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
+
+
+def reshard(full: torch.Tensor, like: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's ZeRO-3 flat shard of `full` (elements [r*s, (r+1)*s) of it flattened and
+    zero-padded to world*s, s = like.numel(); see deepspeed_runtime.EMA)."""
+    size = like.numel()
+    flat = torch.zeros(size * world, dtype=like.dtype)
+    flat[: full.numel()] = full.reshape(-1).to(like.dtype)
+    return flat[rank * size:(rank + 1) * size].reshape(like.shape).clone()
 
 
 def check_checkpoint(directory: str) -> dict:

@@ -48,6 +48,14 @@ class SimCluster:
             pid = _ppid(pid)
         return None
 
+    def processes(self, title: str) -> list[int]:
+        """Pids titled `title` on this cluster's worker nodes (other Ray instances on the machine
+        have processes of the same titles)."""
+        return [pid for pid in processes(title) if self.node_of_pid(pid) is not None]
+
+    def train_workers(self) -> list[int]:
+        return self.processes("ray::RayTrainWorker")
+
     def remove(self, node) -> None:
         self.cluster.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
@@ -86,10 +94,6 @@ def processes(title: str) -> list[int]:
         if pid != me and title in _cmdline(pid):
             out.append(pid)
     return sorted(out)
-
-
-def train_workers() -> list[int]:
-    return processes("ray::RayTrainWorker")
 
 
 def restok(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
