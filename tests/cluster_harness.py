@@ -31,6 +31,9 @@ class SimCluster:
     def __init__(self, workers: int = 2):
         from ray.cluster_utils import Cluster
 
+        # The raylets inherit this: Ray's memory monitor would kill our workers when other jobs on
+        # this shared machine fill its memory (the faults under test are ours to inject).
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(HEAD_ARGS))
         self.nodes = [self.cluster.add_node(**NODE_ARGS) for _ in range(workers)]
         self.cluster.wait_for_nodes()
