@@ -36,7 +36,15 @@ TRAIN = [f"tokenizer_train.steps={STEPS}", f"tokenizer_train.checkpoint_every={E
          "tokenizer_train.keep_checkpoints=2", "tokenizer_train.log_every=1",
          "tokenizer_train.image_log_every=0", "tokenizer_train.global_batch_size=8",
          "tokenizer_train.micro_batch_size=4"]
-RESULTS: dict[str, dict] = {}  # fault -> measured figures (printed at the end of the module)
+class _Results(dict):
+    """fault -> measured figures; each printed as measured (`-s` shows them) and at the end."""
+
+    def __setitem__(self, fault, figures):
+        print(f"\n[reliability] {fault}: {json.dumps(figures)}", flush=True)
+        super().__setitem__(fault, figures)
+
+
+RESULTS: dict[str, dict] = _Results()
 TRAINED: dict[str, object] = {}  # a work dir whose train_tokenizer completed (set by a training test)
 PREEMPTED: dict[str, object] = {}  # a copy of a run stopped by a preemption notice (2 workers)
 
