@@ -417,9 +417,10 @@ def test_node_loss_during_evaluation_replaces_the_actor_and_counts_each_image_on
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    text = _text(re.search(r"full log: (\S+)", log.read_text()).group(1))
+    text = "".join(_text(p) for p in sorted((trained / "logs").glob("eval-*.log")))
     assert re.search(r"\[evaluate\] actor \d lost with node \w+; its share is redone", text), text[-3000:]
     assert "WARNING: reconstructed" not in text  # the count equals prep's val images
+    assert "[evaluate] recon: 10 images on 2 actors" in text
     RESULTS["node loss (evaluation actor)"] = {"duplicated": 0, "recover_s": round(time.time() - lost_at, 1)}
 
 
