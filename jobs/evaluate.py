@@ -272,6 +272,7 @@ class EvalPool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from jobs.node_loss import actor_node
         from jobs.ray_training import ensure_ray
 
         ensure_ray(cfg)
@@ -280,8 +281,14 @@ class EvalPool:
         self.group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK")
         ray.get(self.group.ready())
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
-        self.actors = [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.group, placement_group_bundle_index=i)).remote(pick_device(use_gpu)) for i in range(num_actors)]
+
+        def make_actor(i: int) -> Any:
+            return remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=i)).remote(pick_device(use_gpu))
+
+        self._make_actor = make_actor
+        self.actors = [make_actor(i) for i in range(num_actors)]
+        self.nodes = [actor_node(a) for a in self.actors]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     @property
@@ -297,8 +304,25 @@ class EvalPool:
         """actor a runs method(*per_actor[a], *common); results in actor order."""
         import ray
 
-        return ray.get([getattr(actor, method).remote(*args, *common)
-                        for actor, args in zip(self.actors, per_actor)])
+        from jobs.node_loss import lost_with_its_node, start_actor
+
+        refs = [getattr(actor, method).remote(*args, *common) for actor, args in zip(self.actors, per_actor)]
+        results = []
+        for a, ref in enumerate(refs):
+            while True:
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except Exception as error:
+                    # Lost with its node: a replacement in the same bundle (Ray re-places the bundle
+                    # on a live node) redoes the whole share, so every image is still counted once.
+                    if not lost_with_its_node(error, self.nodes[a]):
+                        raise
+                    print(f"[evaluate] actor {a} lost with node {self.nodes[a][:12]}; its share is "
+                          "redone by a replacement", flush=True)
+                    self.actors[a], self.nodes[a] = start_actor(lambda a=a: self._make_actor(a))
+                    ref = getattr(self.actors[a], method).remote(*per_actor[a], *common)
+        return results
 
     def map_shards(self, method: str, shards: list[str], *common: Any) -> list:
         """Shard i -> actor i % n; each shard (so each image) goes to exactly one actor."""

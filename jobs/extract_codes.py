@@ -168,8 +168,9 @@ class CodeExtractor:
 
 def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     import ray
-    from ray.util import ActorPool
+
     from data_prep.loaders import resolve_shards
+    from jobs import node_loss
     from jobs.checkpoints import CONFIG_NAME
     from jobs.ray_training import ensure_ray
     from pipeline import tracking
@@ -215,16 +216,17 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
             use_gpu = bool(cfg.cluster.use_gpu)
             actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(CodeExtractor)
             exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)
-            actors = [actor_cls.remote(tok_dir, bool(cfg.extract.use_ema), int(cfg.data.image_size),
-                                       str(cfg.extract.augment), str(cfg.extract.code_dtype),
-                                       int(cfg.extract.batch_size), use_gpu, exit_after)
-                      for _ in range(max(1, min(int(cfg.extract.num_actors), len(todo))))]
-            pool = ActorPool(actors)
-            results = pool.map_unordered(lambda a, job: a.extract.remote(job[2], job[3], job[4]), todo)
+            def make_actor():
+                return actor_cls.remote(tok_dir, bool(cfg.extract.use_ema), int(cfg.data.image_size),
+                                        str(cfg.extract.augment), str(cfg.extract.code_dtype),
+                                        int(cfg.extract.batch_size), use_gpu, exit_after)
+
+            # A shard whose actor is lost with its node is redone by a replacement (jobs.node_loss).
+            results = node_loss.map_unordered(make_actor, int(cfg.extract.num_actors), todo,
+                                              lambda a, job: a.extract.remote(job[2], job[3], job[4]), STAGE)
             for _ in progress(iterable=results, total=len(todo), desc=STAGE, unit="shard"):
                 pass
-            for a in actors:
-                ray.kill(a)
+            storage.remove_stale_temporaries(stage_dir)  # writes cut short by a lost node
 
         shards, counts, shape = [], {s: 0 for s in expected}, None
         for split, name, _, out_url, identity in jobs:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,43 @@ TEST_STEP_SLEEP_ENV = "RESTOK_TEST_STEP_SLEEP_S"
 # Stage name -> its TrainConfig section.
 TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
 _FRESH_NAMES: dict[str, str] = {}
+# Set in a Train worker by SIGTERM (a preemption notice: what a spot node's processes get before
+# it goes); run_loop then checkpoints at once on every rank and stops (issue 17, Deliver 3).
+PREEMPTED = threading.Event()
+
+
+def install_preemption_handler() -> bool:
+    """SIGTERM -> PREEMPTED instead of Ray's exit. Python handlers are set from the main thread
+    only: called through the Torch backend (below), which runs it as a worker actor task, on
+    the actor's main thread (the train loop itself runs in a thread of its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        print("[restok] SIGTERM handler not installed (not the main thread)", flush=True)
+        return False
+    PREEMPTED.clear()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        PREEMPTED.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+def preemptible_torch_config() -> Any:
+    """Ray Train's TorchConfig whose backend also installs the preemption handler on every worker."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _PreemptibleBackend(_TorchBackend):
+        def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
+            super().on_training_start(worker_group, backend_config)
+            worker_group.execute(install_preemption_handler)
+
+    class PreemptibleTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _PreemptibleBackend
+
+    return PreemptibleTorchConfig()
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -185,6 +224,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         return TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
+            torch_config=preemptible_torch_config(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
                 resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
@@ -211,6 +251,10 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         try:
             result = trainer().fit()
             tidy_checkpoints(root, keep)
+            newest = latest_checkpoint(root)
+            if newest is not None and newest[1].get("preempted"):
+                print(f"[{stage}] preempted ({newest[1]['preempted']}): checkpoint at step "
+                      f"{newest[1]['step']} written, stage stopped; rerun to continue", flush=True)
             return result
         except ray.train.TrainingFailedError as exc:
             if not is_transient(exc):
@@ -347,7 +391,7 @@ class WorkerSession:
         return contextlib.nullcontext(None)
 
     def save(self, engines: dict[str, Any], step: int, rank_state: dict, ema: Any | None,
-             metrics: dict[str, float]) -> None:
+             metrics: dict[str, float], note: dict | None = None) -> None:
         """DeepSpeed checkpoints of every engine + this rank's state, reported to Ray Train."""
         import ray.train
         from safetensors.torch import save_file
@@ -380,7 +424,7 @@ class WorkerSession:
             url = storage.join(self.checkpoint_root, name)
             write_complete_marker(url, {"step": step, "world": self.world, "stage": self.stage,
                                         "fingerprint": self.fingerprint, "mlflow_run_id": self.run_id,
-                                        "metrics": metrics, "written_at": time.time()})
+                                        "metrics": metrics, "written_at": time.time(), **(note or {})})
             tidy_checkpoints(self.checkpoint_root, self.keep_checkpoints)
 
     def load(self, directory: str, engines: dict[str, Any], ema: Any | None) -> dict:
@@ -390,8 +434,7 @@ class WorkerSession:
         with open(os.path.join(directory, META_NAME)) as fh:
             meta = json.load(fh)
         if meta["world"] != self.world:
-            raise RuntimeError(f"{directory}: checkpoint has {meta['world']} workers, this run "
-                               f"{self.world}; ZeRO optimizer shards need the same world size")
+            return self._load_resized(directory, meta, engines, ema)
         for name, engine in engines.items():
             path, _ = engine.load_checkpoint(os.path.join(directory, name), tag=STATE_TAG)
             if path is None:
@@ -399,6 +442,65 @@ class WorkerSession:
         if ema is not None and ema.active:
             ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
         return torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=True)
+
+    def _load_resized(self, directory: str, meta: dict, engines: dict[str, Any], ema: Any | None) -> dict:
+        """A checkpoint of another world size (issue 17, Deliver 4): each engine through DeepSpeed's
+        universal checkpoint (ds_to_universal, then load_universal), the EMA put back together and
+        re-split, this rank's state from old rank (rank mod old world). The data position is the
+        step: the loader re-splits the same global batches over the new ranks."""
+        from safetensors.torch import load_file
+
+        from jobs.deepspeed_runtime import consolidate_shards
+
+        old = int(meta["world"])
+        if self.is_logger:
+            print(f"[{self.stage}] resuming a {old}-worker checkpoint on {self.world} workers through "
+                  "DeepSpeed's universal checkpoint", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"restok-universal-r{self.rank}-") as tmp:
+            for name, engine in engines.items():
+                load_universal(engine, os.path.join(directory, name), os.path.join(tmp, name))
+        if ema is not None and ema.active:
+            if meta.get("ema_sharded"):
+                full = consolidate_shards([load_file(os.path.join(directory, f"ema_rank{r}.safetensors"))
+                                           for r in range(old)], meta["ema_shapes"])
+            else:
+                full = load_file(os.path.join(directory, "ema_rank0.safetensors"))
+            ema.load({n: reshard(full[n], ema.shadow[n], self.rank, self.world) if ema.sharded else full[n]
+                      for n in ema.shadow})
+        return torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
+
+
+def load_universal(engine: Any, saved: str, work: str) -> None:
+    """Load the DeepSpeed checkpoint `saved/<STATE_TAG>` of any data-parallel size into `engine`:
+    converted to DeepSpeed's universal format under `work` (deepspeed.checkpoint.ds_to_universal,
+    serial: no worker processes inside a Train worker), then loaded with `load_universal`."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(
+        input_folder=os.path.join(saved, STATE_TAG), output_folder=os.path.join(work, STATE_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # Our engines are plain data parallel (no tensor/pipeline slicing to describe): the
+        # converter's default checkpoint info is all there is to say.
+        inject_missing_state=True))
+    # The engine was built for a same-size resume; this one load reads the universal layout.
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(work, tag=STATE_TAG)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise FileNotFoundError(f"{saved}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
+
+
+def reshard(full: torch.Tensor, like: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's ZeRO-3 flat shard of `full` (elements [r*s, (r+1)*s) of it flattened and
+    zero-padded to world*s, s = like.numel(); see deepspeed_runtime.EMA)."""
+    size = like.numel()
+    flat = torch.zeros(size * world, dtype=like.dtype)
+    flat[: full.numel()] = full.reshape(-1).to(like.dtype)
+    return flat[rank * size:(rank + 1) * size].reshape(like.shape).clone()
 
 
 def check_checkpoint(directory: str) -> dict:
@@ -425,6 +527,17 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any rank (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -542,10 +655,18 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
         if spec.log_images is not None and int(train.image_log_every) > 0 and (
                 done % int(train.image_log_every) == 0 or done == total):
             spec.log_images(step)
-        if done % int(train.checkpoint_every) == 0 or done == end:
+        # A preemption notice on any rank: every rank checkpoints this step now and stops.
+        preempted = done < end and any_rank(PREEMPTED.is_set(), session.device)
+        if done % int(train.checkpoint_every) == 0 or done == end or preempted:
+            note = {"preempted": f"SIGTERM at step {done}"} if preempted else None
             session.save(spec.engines, done,
                          {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
-                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)})
+                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)}, note)
+        if preempted:
+            if session.is_logger:
+                print(f"[{session.stage}] preemption notice (SIGTERM): checkpoint at step {done} "
+                      "written; stopping", flush=True)
+            break
 
 
 def final_checkpoint(cfg: Any, stage: str) -> tuple[str | None, int, dict]:

@@ -72,7 +72,11 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
         with captured(args, cfg):
             console.say(f"restok {args.command}: preset {cfg.preset} | work dir {cfg.work_dir}")
             print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
-            _call(STAGE_MODULES[stage], "run", cfg)
+            from pipeline.locks import stage_lock
+
+            # One driver per stage, as under `restok run` (pipeline.locks).
+            with stage_lock(cfg, stage) if stage in GRAPH_STAGE_MODULES else contextlib.nullcontext():
+                _call(STAGE_MODULES[stage], "run", cfg)
             console.say(f"{stage}: done")
         return 0
 
@@ -236,11 +240,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.compare import RunNotFound
     from pipeline.convert import ConvertError
     from pipeline.graph import PipelineError
+    from pipeline.locks import LockHeld
     from pipeline.manifest import ManifestError
     from pipeline.submit import SubmitError
 
     return (ConfigError, SourceError, ManifestError, StageFailure, PipelineError, ConvertError,
-            SubmitError, RunNotFound, FileNotFoundError, PermissionError)
+            SubmitError, RunNotFound, LockHeld, FileNotFoundError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

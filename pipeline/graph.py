@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from configs.loading import to_yaml
+from pipeline import console, locks, paths, storage, tracking
 from pipeline import manifest as manifests
-from pipeline import console, paths, storage, tracking
 from pipeline.console import say
 from pipeline.stages import STAGE_MODULES, STAGE_ORDER, UPSTREAM, stage_fingerprint
 
@@ -217,6 +217,8 @@ def run_pipeline(cfg: Any, force: bool = False,
     stages = selected_stages(cfg)
     impls = dict(stage_impls or {})
     preflight(cfg, [s for s in stages if s not in impls])
+    # Another live driver running one of these stages: stop in one line before anything starts.
+    locks.check_free(cfg, stages)
     uri = paths.tracking_uri(cfg)
     say(f"restok run: preset {cfg.preset} | work dir {paths.work_url(cfg)} | MLflow {uri}")
     if console.current_log():
@@ -237,10 +239,13 @@ def run_pipeline(cfg: Any, force: bool = False,
     started_ray = False
     t_start = time.perf_counter()
     current: StageResult | None = None
+    held = contextlib.ExitStack()  # the running stage's lock (pipeline.locks)
     try:
         for result in results:
+            held.close()
             current = result
             stage = result.stage
+            held.enter_context(locks.stage_lock(cfg, stage))
             stage_dir = paths.stage_dir(cfg, stage)
             fp = stage_fingerprint(cfg, stage)
             if not force and manifests.is_complete(stage_dir, fp):
@@ -317,6 +322,7 @@ def run_pipeline(cfg: Any, force: bool = False,
         console.error(f"restok run: stage '{stage}' FAILED: {console.one_line(exc)} ({where}{log})")
         return 1
     finally:
+        held.close()
         if started_ray:
             import ray
 
