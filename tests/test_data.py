@@ -362,7 +362,8 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
 
     # What a kill leaves: no manifest, a missing shard (no done record), a half-written temporary;
     # plus a shard from an older config that the plan does not name.
-    shards = tmp_path / "shards"
+    shards = tmp_path / "shards" / f"prep-{manifest['fingerprint']}"  # one directory per data config
+    assert manifest["shards_url"] == f"file://{shards}"
     os.remove(tmp_path / "work" / "prep" / "manifest.json")
     os.remove(shards / "train-000002.tar")
     (shards / ".tmp-deadbeef-train-000002.tar").write_bytes(b"partial")
