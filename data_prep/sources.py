@@ -210,7 +210,7 @@ class _RangeReader(io.RawIOBase):
 
     def _fetch(self, begin: int, n: int) -> None:
         end = min(self.length, begin + max(n, self.block))
-        self.buf = self.fs.cat_file(self.path, self.start + begin, self.start + end)
+        self.buf = self.fs.cat_file(self.path, start=self.start + begin, end=self.start + end)
         self.buf_start = begin
         self.stats["requests"] = self.stats.get("requests", 0) + 1
         self.stats["bytes"] = self.stats.get("bytes", 0) + len(self.buf)
