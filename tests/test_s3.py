@@ -11,7 +11,11 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -223,3 +227,135 @@ def test_tar_reads_are_forward_ranges_one_per_class_tar(s3_endpoint, fake_imagen
     assert [d for _, d in got] == [fs.cat_file(f"{root}/ILSVRC2012_img_train.tar", start=r[2][2], end=r[2][2] + r[2][3])
                                    for r in refs]
     assert_no_temporaries(prefix)
+
+
+# ---------------------------------------------------------------- the pipeline on S3, end to end
+
+NANO_RUN = [
+    "data.synthetic.num_classes=4", "data.synthetic.train_per_class=16", "data.synthetic.val_per_class=2",
+    "data.samples_per_shard=32", "data.loader_workers=0", "data.prep_tasks=1", "generator.num_classes=4",
+    "tokenizer_train.steps=4", "tokenizer_train.checkpoint_every=2", "tokenizer_train.image_log_every=4",
+    "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=8", "tokenizer_train.log_every=1",
+    "tokenizer_train.optim.warmup_steps=1",
+    "generator_train.steps=4", "generator_train.checkpoint_every=4", "generator_train.image_log_every=4",
+    "generator_train.global_batch_size=8", "generator_train.micro_batch_size=8", "generator_train.log_every=1",
+    "generator_train.optim.warmup_steps=1",
+    "extract.num_actors=1", "extract.batch_size=16", "sampling.batch_size=8",
+    "eval.num_samples_per_class=2", "eval.num_actors=1", "eval.batch_size=8", "eval.probe_steps=5",
+    "cluster.num_workers=1", "cluster.cpus_per_worker=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """`mlflow server --artifacts-destination s3://...` on loopback, as the runbook sets it up."""
+    artifacts = f"s3://{s3_endpoint['bucket']}/mlflow-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    try:
+        yield {"uri": url, "artifacts": artifacts}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        fs, path = storage.filesystem(artifacts)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def restok(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
+    """One `restok run` with work_dir, cluster.storage_path and the MLflow artifacts on S3, split in
+    two by tokenizer_train.stop_after (the second run resumes from the checkpoint on S3). Shared
+    by the asserts below."""
+    base = f"s3://{s3_endpoint['bucket']}/run-{uuid.uuid4().hex[:8]}"
+    overrides = [f"work_dir={base}/work", f"cluster.storage_path={base}/ray",
+                 f"tracking.tracking_uri={mlflow_server['uri']}", f"tracking.experiment=s3-{base[-8:]}", *NANO_RUN]
+    cwd = tmp_path_factory.mktemp("cwd")
+    try:
+        t0 = time.perf_counter()
+        first = restok("run", "--verbose", *overrides, "tokenizer_train.stop_after=2", cwd=cwd)
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+        second = restok("run", "--verbose", *overrides, cwd=cwd)
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+        print(f"restok run on S3 (stop_after=2, then resume): {time.perf_counter() - t0:.0f}s")
+        for out in (first, second):
+            print(out.stdout.rsplit("== restok run:", 1)[-1])
+        cfg = load_config(None, overrides)
+        yield {"cfg": cfg, "base": base, "first": first.stdout + first.stderr,
+               "second": second.stdout + second.stderr, "mlflow": mlflow_server}
+    finally:
+        fs, path = storage.filesystem(base)
+        temporaries = [p for p in objects(base) if storage.TMP_MARKER in p]
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        assert not temporaries, temporaries
+
+
+def test_s3_run_resumes_training_from_checkpoint_on_s3(s3_pipeline):
+    from jobs.ray_training import experiment_url, list_checkpoints
+    from pipeline.manifest import read_manifest
+    from pipeline.paths import stage_dir
+
+    cfg = s3_pipeline["cfg"]
+    assert f"newest complete checkpoint: {s3_pipeline['base']}/ray/train_tokenizer-" in s3_pipeline["second"]
+    assert "(step 2)" in s3_pipeline["second"]
+    complete, incomplete = list_checkpoints(experiment_url(cfg, "train_tokenizer"))
+    assert [step for step, _, _ in complete] == [2, 4] and not incomplete
+    for stage in ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"):
+        manifest = read_manifest(stage_dir(cfg, stage))
+        assert manifest and manifest["complete"], stage
+    tok = read_manifest(stage_dir(cfg, "train_tokenizer"))
+    assert tok["steps_done"] == 4 and tok["ray_checkpoint"].startswith(f"{s3_pipeline['base']}/ray/")
+    assert tok["registered_version"]  # registration works on an s3:// stage dir
+    codes = read_manifest(stage_dir(cfg, "extract_codes"))
+    assert objects(stage_dir(cfg, "extract_codes")) and codes["complete"]
+    metrics = read_manifest(stage_dir(cfg, "evaluate"))["metrics"]
+    assert metrics, "no evaluation metrics"
+
+
+def test_s3_run_mlflow_artifacts_land_in_the_servers_store(s3_pipeline):
+    from pipeline.tracking import client_for
+
+    cfg, mlflow = s3_pipeline["cfg"], s3_pipeline["mlflow"]
+    client = client_for(mlflow["uri"])
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's default, not a work dir
+    runs = {r.data.tags["restok.stage"]: r for r in client.search_runs([exp.experiment_id])
+            if "restok.stage" in r.data.tags}
+    tok = runs["train_tokenizer"]
+    assert [a.path for a in client.list_artifacts(tok.info.run_id, "checkpoints")]
+    version = client.get_model_version_by_alias("restok-tokenizer", "last-trained")
+    assert version.run_id == tok.info.run_id
+    stored = objects(mlflow["artifacts"])
+    assert any(p.endswith("/checkpoints/tokenizer_ema.safetensors") for p in stored), stored[:20]
+    assert any(p.endswith("/config.yaml") for p in stored)
+    assert any("/reconstructions/" in p for p in stored)
