@@ -10,6 +10,11 @@ MB/s (prep manifest), the server's own GET count, and for the tar layout the lis
 headers in 64 KiB ranges on the driver (what prep did before issue 15).
 
     python bench/prep_bench.py --classes 8 --per-class 100 --val 80
+
+`--shuffle-quality` instead simulates the training batches of the ImageNet recipe over prep's
+shard plan (1,000 classes x 1,281 images, 1,000 per shard; 16 ranks x micro-batch 16, each
+micro-batch from one loader worker's stream) with the loader's own ResampledShardSource and
+Shuffle, and prints the distinct classes per batch of 256 for several shuffle buffers.
 """
 from __future__ import annotations
 
@@ -27,9 +32,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.loading import load_config  # noqa: E402
-from data_prep import prepare, sources, synthetic  # noqa: E402
-from pipeline import storage  # noqa: E402
+from configs.loading import load_config
+from data_prep import prepare, sources, synthetic
+from pipeline import storage
 
 
 def jpeg(index: int, size: tuple[int, int]) -> bytes:
@@ -121,6 +126,39 @@ def header_seek_listing(url: str) -> tuple[int, float]:
     return stats["requests"], time.perf_counter() - t0
 
 
+def _class_stream(shards: list[list[int]], rank: int):
+    """One loader worker's samples ({"cls"}) from resampled shards, as train_batches draws them."""
+    from data_prep.loaders import ResampledShardSource
+
+    for item in ResampledShardSource(list(range(len(shards))), 0, rank, 0)():
+        yield from ({"cls": c} for c in shards[item["url"]])
+
+
+def shuffle_quality(buffers: list[int], classes: int = 1000, per_class: int = 1281, shard: int = 1000,
+                    ranks: int = 16, micro: int = 16, batches: int = 400, warmup: int = 300) -> None:
+    import random
+
+    from data_prep.loaders import Shuffle
+
+    refs = [(f"{c}_{i}", c, None) for c in range(classes) for i in range(per_class)]
+    plans = {"prep plan (16-class groups)": prepare.interleave_classes(refs)}
+    shuffled = list(refs)
+    random.Random(0).shuffle(shuffled)
+    plans["shuffled plan (before issue 15)"] = shuffled
+    print(f"distinct classes per batch of {ranks * micro} ({ranks} ranks x {micro}); "
+          f"iid draws: {classes * (1 - (1 - 1 / classes) ** (ranks * micro)):.0f}")
+    print("| plan | shuffle buffer | first batch of an epoch | mean of first 20 | steady state mean | steady min |")
+    print("|---|---|---|---|---|---|")
+    for name, plan in plans.items():
+        shards = [[r[1] for r in plan[i : i + shard]] for i in range(0, len(plan), shard)]
+        for buffer in buffers if "prep" in name else buffers[:1]:
+            streams = [iter(Shuffle(buffer, 0, rank, 0)(_class_stream(shards, rank))) for rank in range(ranks)]
+            counts = [len({next(s)["cls"] for s in streams for _ in range(micro)}) for _ in range(batches)]
+            steady = counts[warmup:]
+            print(f"| {name} | {buffer} | {counts[0]} | {sum(counts[:20]) / 20:.0f} | "
+                  f"{sum(steady) / len(steady):.0f} | {min(steady)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, default=8)
@@ -128,7 +166,12 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=80)
     ap.add_argument("--size", default="320x256", help="JPEG width x height")
     ap.add_argument("--samples-per-shard", type=int, default=100)
+    ap.add_argument("--shuffle-quality", action="store_true", help="simulate classes per training batch")
+    ap.add_argument("--buffers", default="1000,5000,10000")
     args = ap.parse_args()
+    if args.shuffle_quality:
+        shuffle_quality([int(b) for b in args.buffers.split(",")])
+        return
     size = tuple(int(v) for v in args.size.split("x"))
 
     tmp = tempfile.mkdtemp(prefix="restok-prep-bench-")
@@ -174,8 +217,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     base = rows[0]["images_per_s"]
-    print(f"\n| source | storage | prep tasks | images/s | ratio | GETs/image | source MB/s | server GETs "
-          f"| listing GETs / 1k img | listing s / 1k img |")
+    print("\n| source | storage | prep tasks | images/s | ratio | GETs/image | source MB/s | server GETs "
+          "| listing GETs / 1k img | listing s / 1k img |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lst = f"{r['listing'][0]:.1f} | {r['listing'][1]:.3f}" if r["listing"] else "- | -"
