@@ -48,7 +48,8 @@ STAGE = "prep"
 # Classes interleaved into each train shard of a file-backed source: class-sorted shards would
 # make every shuffle buffer nearly one class, a shuffled plan makes every shard read ~600 class
 # tars at random. 16 classes per shard: ~16 contiguous runs (GETs) per 1,000-image shard, and a
-# shuffle buffer over a few shards already mixes ~50 classes (README "Data at cluster scale").
+# training batch of 256 still draws from ~188 classes with the default shuffle buffer (~221 with
+# 5000; iid draws 226: README "Data at cluster scale", bench/prep_bench.py --shuffle-quality).
 # Fixed (not a config value) so the plan, and the prep fingerprint, do not depend on it.
 CLASSES_PER_GROUP = 16
 STALE_REASONS = {"fingerprint": "made under another config", "plan": "made from another sample list",
