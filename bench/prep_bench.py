@@ -121,7 +121,8 @@ def header_seek_listing(url: str) -> tuple[int, float]:
     stats: dict = {"requests": 0, "bytes": 0}
     t0 = time.perf_counter()
     for outer in source._class_tars(fs, path, url, stats):
-        _, task = sources.list_tar_members(url, outer.offset_data, outer.size, block=sources.HEADER_SCAN_BLOCK)
+        _, task = sources.list_tar_members(url, outer.offset_data, outer.size,
+                                           block=sources.HEADER_SCAN_BLOCK)
         stats["requests"] += task["requests"]
     return stats["requests"], time.perf_counter() - t0
 
@@ -147,12 +148,14 @@ def shuffle_quality(buffers: list[int], classes: int = 1000, per_class: int = 12
     plans["shuffled plan (before issue 15)"] = shuffled
     print(f"distinct classes per batch of {ranks * micro} ({ranks} ranks x {micro}); "
           f"iid draws: {classes * (1 - (1 - 1 / classes) ** (ranks * micro)):.0f}")
-    print("| plan | shuffle buffer | first batch of an epoch | mean of first 20 | steady state mean | steady min |")
+    print("| plan | shuffle buffer | first batch of an epoch | mean of first 20 | steady state mean "
+          "| steady min |")
     print("|---|---|---|---|---|---|")
     for name, plan in plans.items():
         shards = [[r[1] for r in plan[i : i + shard]] for i in range(0, len(plan), shard)]
         for buffer in buffers if "prep" in name else buffers[:1]:
-            streams = [iter(Shuffle(buffer, 0, rank, 0)(_class_stream(shards, rank))) for rank in range(ranks)]
+            streams = [iter(Shuffle(buffer, 0, rank, 0)(_class_stream(shards, rank)))
+                       for rank in range(ranks)]
             counts = [len({next(s)["cls"] for s in streams for _ in range(micro)}) for _ in range(batches)]
             steady = counts[warmup:]
             print(f"| {name} | {buffer} | {counts[0]} | {sum(counts[:20]) / 20:.0f} | "

@@ -278,9 +278,9 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     written = sum(r["planned"] for r in new_records)
 
     fields = summarise(cfg, source, shards_url, records)
+    rate = round(written / elapsed, 1) if elapsed > 0 and written else 0.0
     fields["written_this_run"] = {"shards": len(todo), "images": written, "seconds": round(elapsed, 3),
-                                  "images_per_s": round(written / elapsed, 1) if elapsed > 0 and written else 0.0,
-                                  "source_reads": read_stats(new_records, elapsed)}
+                                  "images_per_s": rate, "source_reads": read_stats(new_records, elapsed)}
     fields["listing"] = listing
     if run_id:
         from pipeline.tracking import log_metrics

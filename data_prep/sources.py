@@ -191,7 +191,8 @@ class _RangeReader(io.RawIOBase):
     ({"requests", "bytes"}): one request here is one ranged GET on an object store."""
 
     def __init__(self, fs: Any, path: str, start: int, length: int, block: int, stats: dict):
-        self.fs, self.path, self.start, self.length, self.block, self.stats = fs, path, start, length, block, stats
+        self.fs, self.path, self.start, self.length = fs, path, start, length
+        self.block, self.stats = block, stats
         self.pos, self.buf, self.buf_start = 0, b"", 0
 
     def readable(self) -> bool:
@@ -323,8 +324,9 @@ class ImageNetTarSource(_ImageNetBase):
         if split == "train":
             outers = self._class_tars(fs, path, url, stats)
             results = mapper(list_tar_members, [(url, m.offset_data, m.size) for m in outers])
-            listing["class_tars"] = [{"name": m.name, "offset": m.offset_data, "size": m.size, "members": rows}
-                                     for m, (rows, _) in zip(outers, results)]
+            listing["class_tars"] = [
+                {"name": m.name, "offset": m.offset_data, "size": m.size, "members": rows}
+                for m, (rows, _) in zip(outers, results)]
         else:
             results = mapper(list_tar_members, [(url, 0, listing["size"])])
             listing["members"] = results[0][0]
@@ -371,7 +373,8 @@ class ImageNetTarSource(_ImageNetBase):
                 key = sample_key(name)
                 if key not in labels:
                     raise SourceError(f"{url}:{name}: no label for {key!r} in {self.val_labels_csv}")
-                refs.append((key, self.class_index(labels[key], f"{url}:{name}"), (url, hdr, data, size, name)))
+                cls = self.class_index(labels[key], f"{url}:{name}")
+                refs.append((key, cls, (url, hdr, data, size, name)))
         return refs
 
     def read(self, refs: Iterable[SampleRef], stats: dict | None = None) -> Iterator[tuple[SampleRef, bytes]]:

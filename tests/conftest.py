@@ -30,7 +30,8 @@ class S3RequestLog:
         self.app, self.requests = app, []
 
     def __call__(self, environ, start_response):
-        self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE")))
+        request = (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"))
+        self.requests.append(request)
         return self.app(environ, start_response)
 
     def gets(self, path_suffix: str) -> list:

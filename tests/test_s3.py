@@ -85,7 +85,8 @@ def expected_labels(folder: Path, split: str) -> dict[str, int]:
 
 def read_shards(manifest: dict, split: str) -> dict[str, int]:
     urls = [storage.join(manifest["shards_url"], s["shard"]) for s in manifest["splits"][split]["shards"]]
-    return {s["__key__"]: int(s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())}
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    return {s["__key__"]: int(s["cls"]) for s in samples}
 
 
 def prep_cfg(work: str, *overrides: str):
@@ -99,7 +100,8 @@ def shard_ranges(job, gap: int = sources.MAX_STREAM_GAP) -> list[str]:
     by_class: dict[int, list] = {}
     for ref in job.refs:
         by_class.setdefault(ref[1], []).append(ref[2])
-    spans = sorted((min(loc[1] for loc in locs), max(loc[2] + loc[3] for loc in locs)) for locs in by_class.values())
+    spans = sorted((min(loc[1] for loc in locs), max(loc[2] + loc[3] for loc in locs))
+                   for locs in by_class.values())
     merged = [list(spans[0])]
     for start, end in spans[1:]:
         if start - merged[-1][1] <= gap:
