@@ -111,7 +111,8 @@ def shard_ranges(job, gap: int = sources.MAX_STREAM_GAP) -> list[str]:
     return [f"bytes={a}-{b - 1}" for a, b in merged]
 
 
-def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint, ray_s3, fake_imagenet, prefix):
+def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint, ray_s3, fake_imagenet,
+                                                                     prefix):
     log = s3_endpoint["log"]
     root = upload(fake_imagenet["tars"], f"{prefix}/imagenet-tar")
     shared = f"{prefix}/shards"
@@ -189,7 +190,8 @@ def test_folder_prep_on_s3(s3_endpoint, ray_s3, fake_imagenet, prefix):
     # One whole-object GET per image; a train shard holds several classes.
     assert manifest["written_this_run"]["source_reads"]["gets_per_image"] == 1.0
     first = storage.join(manifest["shards_url"], "train-000000.tar")
-    classes = {int(s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([first]), wds.tarfile_to_samples())}
+    samples = wds.DataPipeline(wds.SimpleShardList([first]), wds.tarfile_to_samples())
+    classes = {int(s["cls"]) for s in samples}
     assert len(classes) == 4
     assert_no_temporaries(prefix)
 
@@ -197,24 +199,28 @@ def test_folder_prep_on_s3(s3_endpoint, ray_s3, fake_imagenet, prefix):
 def test_tar_reads_are_forward_ranges_one_per_class_tar(s3_endpoint, fake_imagenet, prefix, monkeypatch):
     """In one process against the endpoint: a shard's refs (in locality order) are read as one
     forward range per class tar when runs are far apart (MAX_STREAM_GAP=1 KiB, past a member's
-    header and padding, stands for ImageNet's 140 MB class tars), and a run longer than READ_BLOCK in consecutive forward ranges."""
+    header and padding, stands for ImageNet's 140 MB class tars), and a run longer than READ_BLOCK
+    in consecutive forward ranges."""
     root = upload(fake_imagenet["tars"], f"{prefix}/imagenet-tar")
-    cfg = prep_cfg(f"{prefix}/work", "data.source=imagenet_tar", f"data.root={root}", "data.samples_per_shard=12")
+    cfg = prep_cfg(f"{prefix}/work", "data.source=imagenet_tar", f"data.root={root}",
+                   "data.samples_per_shard=12")
     source = sources.make_source(cfg.data)
     log = s3_endpoint["log"]
 
     def ranged_gets(refs, stats):
         mark = len(log.requests)
         got = list(source.read(sorted(refs, key=source.locality_key), stats))
-        ranges = [r for m, p, r in log.requests[mark:] if m == "GET" and p.endswith("/ILSVRC2012_img_train.tar")]
+        ranges = [r for m, p, r in log.requests[mark:]
+                  if m == "GET" and p.endswith("/ILSVRC2012_img_train.tar")]
         return got, ranges
 
     monkeypatch.setattr(sources, "MAX_STREAM_GAP", 1024)
     for job in prepare.plan_jobs(source, cfg, f"{prefix}/unused", "fp")[:3]:
         stats: dict = {}
         got, ranges = ranged_gets(job.refs, stats)
-        assert sorted(ranges) == sorted(shard_ranges(job, gap=1024)) and len(ranges) == len({r[1] for r in job.refs})
-        assert stats["requests"] == len(ranges) and sorted(k for (k, _, _), _ in got) == sorted(r[0] for r in job.refs)
+        assert sorted(ranges) == sorted(shard_ranges(job, gap=1024))
+        assert len(ranges) == len({r[1] for r in job.refs}) == stats["requests"]
+        assert sorted(k for (k, _, _), _ in got) == sorted(r[0] for r in job.refs)
 
     refs = [r for r in source.sample_refs("train") if r[1] == 2]  # one class tar, all members
     monkeypatch.setattr(sources, "READ_BLOCK", 4096)
@@ -226,7 +232,8 @@ def test_tar_reads_are_forward_ranges_one_per_class_tar(s3_endpoint, fake_imagen
     assert spans[0][0] == refs[0][2][1] and spans[-1][1] == refs[-1][2][2] + refs[-1][2][3] - 1
     assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))  # forward, contiguous
     fs, _ = storage.filesystem(root)
-    assert [d for _, d in got] == [fs.cat_file(f"{root}/ILSVRC2012_img_train.tar", start=r[2][2], end=r[2][2] + r[2][3])
+    tar = f"{root}/ILSVRC2012_img_train.tar"
+    assert [d for _, d in got] == [fs.cat_file(tar, start=r[2][2], end=r[2][2] + r[2][3])
                                    for r in refs]
     assert_no_temporaries(prefix)
 
@@ -237,10 +244,12 @@ NANO_RUN = [
     "data.synthetic.num_classes=4", "data.synthetic.train_per_class=16", "data.synthetic.val_per_class=2",
     "data.samples_per_shard=32", "data.loader_workers=0", "data.prep_tasks=1", "generator.num_classes=4",
     "tokenizer_train.steps=4", "tokenizer_train.checkpoint_every=2", "tokenizer_train.image_log_every=4",
-    "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=8", "tokenizer_train.log_every=1",
+    "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=8",
+    "tokenizer_train.log_every=1",
     "tokenizer_train.optim.warmup_steps=1",
     "generator_train.steps=4", "generator_train.checkpoint_every=4", "generator_train.image_log_every=4",
-    "generator_train.global_batch_size=8", "generator_train.micro_batch_size=8", "generator_train.log_every=1",
+    "generator_train.global_batch_size=8", "generator_train.micro_batch_size=8",
+    "generator_train.log_every=1",
     "generator_train.optim.warmup_steps=1",
     "extract.num_actors=1", "extract.batch_size=16", "sampling.batch_size=8",
     "eval.num_samples_per_class=2", "eval.num_actors=1", "eval.batch_size=8", "eval.probe_steps=5",
@@ -261,7 +270,8 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
     port = free_port()
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1",
          "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
@@ -300,7 +310,8 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
     by the asserts below."""
     base = f"s3://{s3_endpoint['bucket']}/run-{uuid.uuid4().hex[:8]}"
     overrides = [f"work_dir={base}/work", f"cluster.storage_path={base}/ray",
-                 f"tracking.tracking_uri={mlflow_server['uri']}", f"tracking.experiment=s3-{base[-8:]}", *NANO_RUN]
+                 f"tracking.tracking_uri={mlflow_server['uri']}", f"tracking.experiment=s3-{base[-8:]}",
+                 *NANO_RUN]
     cwd = tmp_path_factory.mktemp("cwd")
     try:
         t0 = time.perf_counter()
