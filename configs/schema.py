@@ -38,7 +38,8 @@ class DataConfig:
     root: str = field(default="", metadata=PATH)
     val_labels_csv: str = field(default="", metadata=PATH)  # LOC_val_solution.csv for a flat val folder / the val tar
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    # Where shards go: any fsspec URL; empty = <work_dir>/shards.
+    # Where shards go: any fsspec URL (shared between runs: each data config writes its own
+    # <shards_url>/prep-<fingerprint>/); empty = <work_dir>/prep.
     shards_url: str = field(default="", metadata=PATH)
     samples_per_shard: int = 1000
     # None keeps the original JPEG bytes; an int re-encodes with the shorter side resized.
@@ -50,6 +51,9 @@ class DataConfig:
     crop_scale_min: float = 0.8  # paper: random resized crop 0.8-1.0 + flip
     hflip: bool = True
     loader_workers: int = 2
+    # Training sample shuffle buffer per DataLoader worker (after shard resampling); prep writes
+    # shards of ~16 classes each (data_prep.prepare.CLASSES_PER_GROUP), README "Data at cluster scale".
+    shuffle_buffer: int = 1000
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 

@@ -6,16 +6,23 @@ is one Ray task (at most data.prep_tasks in flight); a shard whose done record n
 stage fingerprint and plan is skipped, so a rerun after a kill writes only what is missing, and
 shards of another config are deleted and redone, never reused (issue 19). Stale temporaries of killed
 writers and shards outside the plan (left by another config) are removed first, so the output
-ends as exactly the planned shard set.
+ends as exactly the planned shard set. A shared `data.shards_url` holds one directory per
+prep fingerprint (`prep-<fingerprint>`, pipeline.paths.shards_url), so two data configs writing
+to one URL never delete or overwrite each other's shards (issue 15).
 
 memory:// lives inside one process, so for memory:// URLs the shard writers run as threads of
 the driver instead of Ray tasks (tests); every other URL (local, file://, s3://, gs://) uses Ray.
-Train samples are shuffled once (fixed seed) before sharding; val keeps the source order.
+Read plan (issue 15): no shuffle before sharding. A file-backed source's train list (sorted by
+class) is cut into groups of CLASSES_PER_GROUP classes, interleaved by position within each class,
+then cut into shards: a shard holds a contiguous run of each of <= CLASSES_PER_GROUP class tars
+(a few sequential ranged reads per shard) and about that many classes. Randomness is the
+trainer's: resampled shards plus a sample shuffle buffer of `data.shuffle_buffer`
+(data_prep.loaders). Val keeps the source order. The tar source's listing is built by Ray tasks
+and kept beside the manifest (data_prep.sources); the manifest reports GETs per image and MB/s.
 """
 from __future__ import annotations
 
 import os
-import random
 import re
 import time
 from collections import Counter
@@ -38,10 +45,13 @@ from pipeline.console import progress
 from pipeline.stages import stage_fingerprint
 
 STAGE = "prep"
-# Train samples are shuffled once, with this fixed seed, before sharding: ImageNet listings are
-# sorted by class, and class-sorted shards would make every shuffle buffer nearly one class.
+# Classes interleaved into each train shard of a file-backed source: class-sorted shards would
+# make every shuffle buffer nearly one class, a shuffled plan makes every shard read ~600 class
+# tars at random. 16 classes per shard: ~16 contiguous runs (GETs) per 1,000-image shard, and a
+# training batch of 256 still draws from ~188 classes with the default shuffle buffer (~221 with
+# 5000; iid draws 226: README "Data at cluster scale", bench/prep_bench.py --shuffle-quality).
 # Fixed (not a config value) so the plan, and the prep fingerprint, do not depend on it.
-TRAIN_ORDER_SEED = 0
+CLASSES_PER_GROUP = 16
 STALE_REASONS = {"fingerprint": "made under another config", "plan": "made from another sample list",
                  "shard": "shard missing or truncated"}
 
@@ -53,6 +63,21 @@ def evenly_spaced(refs: list, cap: Optional[int]) -> list:
     return [refs[(i * len(refs)) // cap] for i in range(cap)]
 
 
+def interleave_classes(refs: list, group: int = CLASSES_PER_GROUP) -> list:
+    """Class-sorted refs -> groups of `group` classes, each ordered by position within its class
+    (i / class size, then class): any contiguous cut holds a contiguous run of each class."""
+    by_class: dict[int, list] = {}
+    for ref in refs:
+        by_class.setdefault(ref[1], []).append(ref)
+    runs = list(by_class.values())
+    out: list = []
+    for g in range(0, len(runs), group):
+        members = runs[g : g + group]
+        order = sorted((i / len(run), j, i) for j, run in enumerate(members) for i in range(len(run)))
+        out += [members[j][i] for _, j, i in order]
+    return out
+
+
 def plan_jobs(source: Any, cfg: Any, shards_url: str, fingerprint: str) -> list[ShardJob]:
     data = cfg.data
     n = int(data.samples_per_shard)
@@ -62,9 +87,8 @@ def plan_jobs(source: Any, cfg: Any, shards_url: str, fingerprint: str) -> list[
     jobs = []
     for split in data.splits:
         refs = evenly_spaced(source.sample_refs(split), data.max_images_per_split)
-        if split == "train":
-            refs = list(refs)
-            random.Random(TRAIN_ORDER_SEED).shuffle(refs)
+        if split == "train" and hasattr(source, "locality_key"):
+            refs = interleave_classes(refs)
         for i in range(0, len(refs), n):
             jobs.append(ShardJob(split, i // n, refs[i : i + n], shards_url, fingerprint, names,
                                  data.resize, int(data.jpeg_quality)))
@@ -115,6 +139,34 @@ def _ray_executor(cfg: Any) -> Callable:
                 raise RuntimeError(f"prep: shard {job.url} failed: {exc}") from exc
 
     return execute
+
+
+def _ray_map(cfg: Any) -> Callable:
+    """mapper(fn, calls) -> results in order, one Ray task per call (the tar listing)."""
+    def mapper(fn: Callable, calls: list[tuple]) -> list:
+        import ray
+
+        _ray_executor(cfg)  # starts Ray as the shard writers do
+        task = ray.remote(num_cpus=1, max_retries=2)(fn)
+        return ray.get([task.remote(*args) for args in calls])
+
+    return mapper
+
+
+def _thread_map(fn: Callable, calls: list[tuple]) -> list:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda args: fn(*args), calls))
+
+
+def read_stats(records: list[dict], seconds: float) -> dict[str, Any]:
+    """Source reads of the shards written this run: GETs (ranged or whole-object reads) per image
+    and MB/s of source bytes over the writing wall time."""
+    requests = sum(int(r.get("source_requests", 0)) for r in records)
+    nbytes = sum(int(r.get("source_bytes", 0)) for r in records)
+    images = sum(int(r["planned"]) for r in records)
+    return {"requests": requests, "bytes": nbytes,
+            "gets_per_image": round(requests / images, 4) if images else 0.0,
+            "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 and nbytes else 0.0}
 
 
 def _thread_executor(source: Any, jobs: list[ShardJob], limit: int, on_done: Callable[[dict], None]) -> None:
@@ -177,6 +229,14 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     manifest_lib.remove_manifest(stage_dir)
     stale = storage.remove_stale_temporaries(shards_url) + storage.remove_stale_temporaries(storage.join(shards_url, DONE_DIR))
     source = make_source(cfg.data)
+    listing = {}
+    if hasattr(source, "attach_listing"):  # listed once by Ray tasks, kept beside the manifest
+        mapper = _thread_map if shards_url.startswith("memory://") else _ray_map(cfg)
+        for split in cfg.data.splits:
+            listing[split] = source.attach_listing(split, storage.join(stage_dir, f"listing-{split}.json.gz"),
+                                                   mapper)
+            print(f"prep: {split} listing {'reused' if listing[split]['reused'] else 'built'}: "
+                  f"{listing[split]['images']} images, {listing[split]['requests']} reads", flush=True)
     jobs = plan_jobs(source, cfg, shards_url, fingerprint)
     outside = remove_outside_plan(shards_url, cfg.data.splits, {j.name for j in jobs})
 
@@ -214,11 +274,14 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     # Temporaries of task attempts that Ray retried after a worker died mid-write.
     storage.remove_stale_temporaries(shards_url)
-    written = sum(r["planned"] for r in records[len(jobs) - len(todo):]) if todo else 0
+    new_records = records[len(jobs) - len(todo):] if todo else []
+    written = sum(r["planned"] for r in new_records)
 
     fields = summarise(cfg, source, shards_url, records)
+    rate = round(written / elapsed, 1) if elapsed > 0 and written else 0.0
     fields["written_this_run"] = {"shards": len(todo), "images": written, "seconds": round(elapsed, 3),
-                                  "images_per_s": round(written / elapsed, 1) if elapsed > 0 and written else 0.0}
+                                  "images_per_s": rate, "source_reads": read_stats(new_records, elapsed)}
+    fields["listing"] = listing
     if run_id:
         from pipeline.tracking import log_metrics
 
@@ -226,5 +289,7 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
         metrics.update({f"prep/{split}_skipped": sum(s["skipped"].values()) for split, s in fields["splits"].items()})
         metrics.update({f"prep/{split}_converted": sum(s["converted"].values()) for split, s in fields["splits"].items()})
         metrics["prep/images_per_s"] = fields["written_this_run"]["images_per_s"]
+        metrics["prep/gets_per_image"] = fields["written_this_run"]["source_reads"]["gets_per_image"]
+        metrics["prep/source_mb_per_s"] = fields["written_this_run"]["source_reads"]["mb_per_s"]
         log_metrics(paths.tracking_uri(cfg), run_id, metrics)
     return manifest_lib.write_manifest(stage_dir, STAGE, fingerprint, complete=True, **fields)

@@ -87,18 +87,20 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read_in_plan_order(source: Any, refs: list) -> Any:
+def _read_in_plan_order(source: Any, refs: list, stats: dict) -> Any:
     """(ref, bytes) in plan order; file-backed sources are read in storage order first.
 
-    Train plans are shuffled (prepare.TRAIN_ORDER_SEED), so plan order jumps across class tars;
-    reading in locality order keeps every tar read forward-only. Holds one shard's bytes."""
+    Train plans interleave classes (prepare.interleave_classes), so plan order alternates between
+    class tars; reading in locality order keeps every tar read forward-only. Holds one shard's
+    bytes. Sources that count their reads add {"requests", "bytes"} to `stats`."""
+    read = (lambda rs: source.read(rs, stats)) if getattr(source, "counts_reads", False) else source.read
     locality = getattr(source, "locality_key", None)
     if locality is None:
-        yield from source.read(refs)
+        yield from read(refs)
         return
     order = sorted(range(len(refs)), key=lambda i: locality(refs[i]))
     data = [b""] * len(refs)
-    for i, (_, blob) in zip(order, source.read([refs[i] for i in order])):
+    for i, (_, blob) in zip(order, read([refs[i] for i in order])):
         data[i] = blob
     yield from zip(refs, data)
 
@@ -136,10 +138,11 @@ def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
     skipped: dict[str, list[str]] = {}
     converted: dict[str, list[str]] = {}
     count = 0
+    stats: dict = {}
     with storage.atomic_open(job.url, "wb") as fh:
         writer = _HashingWriter(fh)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            for (key, cls, _), data in _read_in_plan_order(source, job.refs):
+            for (key, cls, _), data in _read_in_plan_order(source, job.refs, stats):
                 try:
                     image = check_image(data, source.native_ext, job.resize, job.jpeg_quality)
                 except SkipImage as skip:
@@ -161,6 +164,8 @@ def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
         "planned": len(job.refs), "sha256": writer.sha.hexdigest(), "bytes": writer.nbytes,
         "plan_sha256": job.plan, "fingerprint": job.fingerprint,
         "skipped": skipped, "converted": converted,
+        # Reads of the source for this shard (GETs on an object store), for the prep summary.
+        "source_requests": stats.get("requests", 0), "source_bytes": stats.get("bytes", 0),
     }
     storage.write_json_atomic(job.done_url, record)
     return record

@@ -12,19 +12,26 @@ Sources:
   imagenet_folder  <root>/train/<wnid>/*.JPEG; <root>/val/<wnid>/*.JPEG or a flat <root>/val/
                    labelled by LOC_val_solution.csv (first token of PredictionString = wnid).
   imagenet_tar     <root>/ILSVRC2012_img_train.tar (a tar of per-class <wnid>.tar) and
-                   <root>/ILSVRC2012_img_val.tar (flat, labelled by the CSV). Never unpacked:
-                   listing seeks over tar headers only; reading streams members with tarfile
-                   in stream mode ("r|") from the first needed header to the end of its class
-                   tar, so a task owns the class tars its shards cover.
+                   <root>/ILSVRC2012_img_val.tar (flat, labelled by the CSV). Never unpacked.
+                   Listing once (issue 15): the driver seeks over the outer tar's ~1,000 class
+                   tar headers, then one task per class tar reads it forward in large blocks
+                   and records (member, header offset, data offset, size); the listing is kept
+                   beside the prep manifest (`listing-<split>.json.gz`, checked against the
+                   tar's size and ETag/mtime) and reused by every rerun and resume. Reading
+                   fetches each contiguous run of members in sequential ranged reads of
+                   READ_BLOCK bytes and slices members out at their listed offsets.
 Class index = position of the wnid in the sorted train class list (ImageNet convention).
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import json
 import os
 import tarfile
-from typing import Any, Iterable, Iterator, Optional
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from data_prep import synthetic
 from pipeline import storage
@@ -38,8 +45,14 @@ VAL_CSV = "LOC_val_solution.csv"
 # than by a new seek: one ImageNet JPEG is ~110 KiB, so a few skipped members cost less than a
 # round trip to an object store.
 MAX_STREAM_GAP = 4 << 20
-# Listing seeks from header to header; small read blocks keep object-store range requests small.
+# The outer train tar's ~1,000 class-tar headers lie ~140 MB apart: small blocks, one range each.
 HEADER_SCAN_BLOCK = 64 << 10
+# Inside a class tar members are ~110 KiB apart, so a header-to-header seek in small blocks is one
+# round trip per image (1.28M serial GETs); reading forward in large blocks is ~1 GET per 8 MiB.
+LISTING_BLOCK = 8 << 20
+# Sequential ranged reads of a run of members: GETs per shard = its bytes / READ_BLOCK + one per run.
+READ_BLOCK = 8 << 20
+LISTING_VERSION = 1
 
 
 class SourceError(ValueError):
@@ -160,17 +173,27 @@ class ImageNetFolderSource(_ImageNetBase):
     def locality_key(ref: SampleRef) -> str:
         return ref[2]
 
-    def read(self, refs: Iterable[SampleRef]) -> Iterator[tuple[SampleRef, bytes]]:
+    counts_reads = True
+
+    def read(self, refs: Iterable[SampleRef], stats: dict | None = None) -> Iterator[tuple[SampleRef, bytes]]:
         fs, _ = self._fs()
+        stats = {} if stats is None else stats
         for ref in refs:
-            yield ref, fs.cat_file(ref[2])
+            data = fs.cat_file(ref[2])  # one GET per image on an object store
+            stats["requests"] = stats.get("requests", 0) + 1
+            stats["bytes"] = stats.get("bytes", 0) + len(data)
+            yield ref, data
 
 
-class _Window(io.RawIOBase):
-    """A read-only seekable view of bytes [start, start + length) of a seekable file."""
+class _RangeReader(io.RawIOBase):
+    """A read-only seekable view of bytes [start, start + length) of `path` that fetches forward
+    with explicit ranged reads (`fs.cat_file`) of at least `block` bytes, counting them in `stats`
+    ({"requests", "bytes"}): one request here is one ranged GET on an object store."""
 
-    def __init__(self, fh: Any, start: int, length: int):
-        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+    def __init__(self, fs: Any, path: str, start: int, length: int, block: int, stats: dict):
+        self.fs, self.path, self.start, self.length = fs, path, start, length
+        self.block, self.stats = block, stats
+        self.pos, self.buf, self.buf_start = 0, b"", 0
 
     def readable(self) -> bool:
         return True
@@ -186,15 +209,30 @@ class _Window(io.RawIOBase):
         self.pos = max(0, min(self.length, base + offset))
         return self.pos
 
+    def _fetch(self, begin: int, n: int) -> None:
+        end = min(self.length, begin + max(n, self.block))
+        self.buf = self.fs.cat_file(self.path, start=self.start + begin, end=self.start + end)
+        self.buf_start = begin
+        self.stats["requests"] = self.stats.get("requests", 0) + 1
+        self.stats["bytes"] = self.stats.get("bytes", 0) + len(self.buf)
+
     def read(self, n: int = -1) -> bytes:
         left = self.length - self.pos
         n = left if n is None or n < 0 else min(n, left)
-        if n <= 0:
-            return b""
-        self.fh.seek(self.start + self.pos)
-        data = self.fh.read(n)
-        self.pos += len(data)
-        return data
+        out = b""
+        while n > 0:
+            offset = self.pos - self.buf_start
+            if not 0 <= offset < len(self.buf):
+                # Forward from the end of the current block when the read continues it.
+                self._fetch(self.pos, n)
+                offset = 0
+            part = self.buf[offset : offset + n]
+            if not part:
+                break
+            out += part
+            self.pos += len(part)
+            n -= len(part)
+        return out
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
@@ -202,10 +240,46 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+def _members(reader: _RangeReader, where: str) -> list[tarfile.TarInfo]:
+    try:
+        return tarfile.open(fileobj=reader, mode="r:").getmembers()
+    except tarfile.TarError as exc:
+        raise SourceError(f"{where}: not a readable tar ({exc})") from exc
+
+
+def list_tar_members(url: str, start: int, length: int, block: int = LISTING_BLOCK) -> tuple[list, dict]:
+    """([[name, header offset, data offset, size], ...] of the image members of the tar at bytes
+    [start, start + length) of `url` (offsets absolute in `url`), read stats). Run as one Ray task
+    per class tar: it reads the class tar forward in `block`-sized ranges."""
+    fs, path = storage.filesystem(url)
+    stats: dict = {"requests": 0, "bytes": 0}
+    t0 = time.perf_counter()
+    rows = [[m.name, start + m.offset, start + m.offset_data, m.size]
+            for m in _members(_RangeReader(fs, path, start, length, block, stats), url)
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+    stats["seconds"] = time.perf_counter() - t0
+    return rows, stats
+
+
+def serial_map(fn: Callable, calls: list[tuple]) -> list:
+    """The default task mapper: every call in this process (prep passes a Ray one)."""
+    return [fn(*args) for args in calls]
+
+
 class ImageNetTarSource(_ImageNetBase):
-    """Locator of a sample: (tar URL, absolute header offset, end of its enclosing tar, member name)."""
+    """Locator of a sample: (tar URL, header offset, data offset, size, member name), offsets
+    absolute in the outer tar, from the split's listing."""
 
     name = "imagenet_tar"
+    counts_reads = True  # read(refs, stats) fills {"requests", "bytes"} (shard_writer)
+
+    def __init__(self, root: str, val_labels_csv: str = ""):
+        super().__init__(root, val_labels_csv)
+        self._listings: dict[str, dict] = {}
+
+    def __getstate__(self) -> dict:
+        # Tasks get their refs in the shard job; the listing (1.28M rows) stays on the driver.
+        return {**self.__dict__, "_listings": {}}
 
     @staticmethod
     def locality_key(ref: SampleRef) -> tuple:
@@ -214,82 +288,125 @@ class ImageNetTarSource(_ImageNetBase):
     def _tar_url(self, split: str) -> str:
         return storage.join(self.root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar"))
 
-    def _class_tars(self, fh: Any, url: str) -> list[tarfile.TarInfo]:
-        outer = tarfile.open(fileobj=fh, mode="r:")  # header scan: seeks past member data
-        members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
+    def _class_tars(self, fs: Any, path: str, url: str, stats: dict) -> list[tarfile.TarInfo]:
+        reader = _RangeReader(fs, path, 0, fs.size(path), HEADER_SCAN_BLOCK, stats)
+        members = [m for m in _members(reader, url) if m.isfile() and m.name.endswith(".tar")]
         if not members:
             raise SourceError(f"{url}: no per-class <wnid>.tar members")
         return sorted(members, key=lambda m: sample_key(m.name))
 
+    @staticmethod
+    def _identity(fs: Any, path: str) -> dict:
+        """What must not change for a kept listing to stay valid: size and ETag (or mtime)."""
+        info = fs.info(path)
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        return {"size": int(info["size"]), "tag": str(tag)}
+
     def _train_wnids(self) -> list[str]:
+        if "train" in self._listings:
+            return [sample_key(c["name"]) for c in self._listings["train"]["class_tars"]]
         url = self._tar_url("train")
         fs, path = storage.filesystem(url)
         if not fs.exists(path):
             return []
-        with fs.open(path, "rb", block_size=HEADER_SCAN_BLOCK) as fh:
-            return [sample_key(m.name) for m in self._class_tars(fh, url)]
+        return [sample_key(m.name) for m in self._class_tars(fs, path, url, {})]
 
-    def sample_refs(self, split: str) -> list[SampleRef]:
+    def build_listing(self, split: str, mapper: Callable = serial_map) -> dict:
+        """The split's listing, made with `mapper(list_tar_members, calls)` (one call per class tar)."""
         url = self._tar_url(split)
         fs, path = storage.filesystem(url)
         if not fs.exists(path):
             raise SourceError(f"{url}: tar not found")
+        t0 = time.perf_counter()
+        stats = {"requests": 0, "bytes": 0}
+        listing: dict[str, Any] = {"version": LISTING_VERSION, "split": split, "url": url,
+                                   **self._identity(fs, path)}
+        if split == "train":
+            outers = self._class_tars(fs, path, url, stats)
+            results = mapper(list_tar_members, [(url, m.offset_data, m.size) for m in outers])
+            listing["class_tars"] = [
+                {"name": m.name, "offset": m.offset_data, "size": m.size, "members": rows}
+                for m, (rows, _) in zip(outers, results)]
+        else:
+            results = mapper(list_tar_members, [(url, 0, listing["size"])])
+            listing["members"] = results[0][0]
+        for _, task_stats in results:
+            stats["requests"] += task_stats["requests"]
+            stats["bytes"] += task_stats["bytes"]
+        listing["stats"] = {**stats, "tasks": len(results), "seconds": round(time.perf_counter() - t0, 3)}
+        return listing
+
+    def attach_listing(self, split: str, listing_url: str, mapper: Callable = serial_map) -> dict:
+        """Use the listing kept at `listing_url` when it lists this tar as it is now; otherwise build
+        it (Ray tasks via `mapper`) and keep it there. Returns {"reused", "images", stats}."""
+        url = self._tar_url(split)
+        fs, path = storage.filesystem(url)
+        kept = None
+        if storage.exists(listing_url):
+            lfs, lpath = storage.filesystem(listing_url)
+            kept = json.loads(gzip.decompress(lfs.cat_file(lpath)))
+            if (kept.get("version"), kept.get("url")) != (LISTING_VERSION, url) or not fs.exists(path) or \
+                    {k: kept.get(k) for k in ("size", "tag")} != self._identity(fs, path):
+                kept = None
+        listing = kept or self.build_listing(split, mapper)
+        if kept is None:
+            storage.write_bytes_atomic(listing_url, gzip.compress(json.dumps(listing).encode(), 1))
+        self._listings[split] = listing
+        if split == "train":
+            self._classes = None  # from the listing now
+        images = (sum(len(c["members"]) for c in listing["class_tars"]) if split == "train"
+                  else len(listing["members"]))
+        return {"reused": kept is not None, "images": images, **listing["stats"]}
+
+    def sample_refs(self, split: str) -> list[SampleRef]:
+        url = self._tar_url(split)
+        listing = self._listings.get(split) or self.build_listing(split)
         refs: list[SampleRef] = []
-        with fs.open(path, "rb", block_size=HEADER_SCAN_BLOCK) as fh:
-            if split == "train":
-                for outer in self._class_tars(fh, url):
-                    cls = self.class_index(sample_key(outer.name), f"{url}:{outer.name}")
-                    end = outer.offset_data + outer.size
-                    inner = tarfile.open(fileobj=_Window(fh, outer.offset_data, outer.size), mode="r:")
-                    for m in inner.getmembers():
-                        if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
-                            refs.append((sample_key(m.name), cls, (url, outer.offset_data + m.offset, end, m.name)))
-            else:
-                labels = read_val_labels(self.val_labels_csv)
-                size = fs.size(path)
-                for m in tarfile.open(fileobj=fh, mode="r:").getmembers():
-                    if not (m.isfile() and m.name.lower().endswith(IMAGE_EXTS)):
-                        continue
-                    key = sample_key(m.name)
-                    if key not in labels:
-                        raise SourceError(f"{url}:{m.name}: no label for {key!r} in {self.val_labels_csv}")
-                    refs.append((key, self.class_index(labels[key], f"{url}:{m.name}"), (url, m.offset, size, m.name)))
+        if split == "train":
+            for outer in listing["class_tars"]:
+                cls = self.class_index(sample_key(outer["name"]), f"{url}:{outer['name']}")
+                refs += [(sample_key(name), cls, (url, hdr, data, size, name))
+                         for name, hdr, data, size in outer["members"]]
+        else:
+            labels = read_val_labels(self.val_labels_csv)
+            for name, hdr, data, size in listing["members"]:
+                key = sample_key(name)
+                if key not in labels:
+                    raise SourceError(f"{url}:{name}: no label for {key!r} in {self.val_labels_csv}")
+                cls = self.class_index(labels[key], f"{url}:{name}")
+                refs.append((key, cls, (url, hdr, data, size, name)))
         return refs
 
-    def read(self, refs: Iterable[SampleRef]) -> Iterator[tuple[SampleRef, bytes]]:
-        """Stream each run of refs sharing an enclosing tar, from its first header, in "r|" mode."""
+    def read(self, refs: Iterable[SampleRef], stats: dict | None = None) -> Iterator[tuple[SampleRef, bytes]]:
+        """Each run of refs whose members lie at most MAX_STREAM_GAP apart, in order, is fetched
+        forward from its first header in READ_BLOCK ranges; members are sliced at listed offsets."""
         refs = list(refs)
+        stats = {} if stats is None else stats
         i = 0
-        handles: dict[str, Any] = {}
-        try:
-            while i < len(refs):
-                url, start, end, _ = refs[i][2]
-                j = i + 1
-                while (j < len(refs) and refs[j][2][0] == url and refs[j][2][2] == end
-                       and 0 < refs[j][2][1] - refs[j - 1][2][1] <= MAX_STREAM_GAP):
-                    j += 1
-                if url not in handles:
-                    fs, path = storage.filesystem(url)
-                    handles[url] = fs.open(path, "rb")
-                yield from self._stream_run(handles[url], refs[i:j], start, end)
-                i = j
-        finally:
-            for fh in handles.values():
-                fh.close()
+        while i < len(refs):
+            url = refs[i][2][0]
+            j = i + 1
+            while (j < len(refs) and refs[j][2][0] == url
+                   and 0 <= refs[j][2][1] - (refs[j - 1][2][2] + refs[j - 1][2][3]) <= MAX_STREAM_GAP):
+                j += 1
+            yield from self._read_run(refs[i:j], stats)
+            i = j
 
     @staticmethod
-    def _stream_run(fh: Any, run: list[SampleRef], start: int, end: int) -> Iterator[tuple[SampleRef, bytes]]:
-        wanted = iter(run)
-        ref = next(wanted)
-        stream = tarfile.open(fileobj=io.BufferedReader(_Window(fh, start, end - start), 1 << 20), mode="r|")
-        for member in stream:
-            if member.name != ref[2][3]:
-                continue
-            yield ref, stream.extractfile(member).read()
-            ref = next(wanted, None)
-            if ref is None:
-                return
-        raise SourceError(f"{run[0][2][0]}: member {ref[2][3]!r} not found where the listing put it")
+    def _read_run(run: list[SampleRef], stats: dict) -> Iterator[tuple[SampleRef, bytes]]:
+        url, start = run[0][2][0], run[0][2][1]
+        last = run[-1][2]
+        fs, path = storage.filesystem(url)
+        reader = _RangeReader(fs, path, start, last[2] + last[3] - start, READ_BLOCK, stats)
+        for ref in run:
+            _, hdr, data, size, name = ref[2]
+            reader.seek(hdr - start)
+            header = reader.read(data - hdr)[-tarfile.BLOCKSIZE:]
+            listed = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if len(name.encode()) < 100 and listed != name:  # long names: header is a GNU/pax record
+                raise SourceError(f"{url}: member {name!r} not found where the listing put it "
+                                  f"(header names {listed!r}); delete the kept listing to rebuild it")
+            yield ref, reader.read(size)
 
 
 _LAYOUTS = {

@@ -175,6 +175,28 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     return str(version)
 
 
+def register_stage_files(uri: str, run_id: str, stage_dir: str, names: list[str], model_name: str,
+                         aliases: list[str]) -> str:
+    """register_model for files of a stage dir on any filesystem: a URL stage dir (s3://...) is
+    copied to a local temporary directory first (MLflow logs local files)."""
+    import shutil
+    import tempfile
+
+    if "://" not in stage_dir or stage_dir.startswith("file://"):
+        local = stage_dir.removeprefix("file://")
+        return register_model(uri, run_id, [os.path.join(local, n) for n in names], model_name, aliases)
+    tmp = tempfile.mkdtemp(prefix="restok-register-")
+    try:
+        files = []
+        for name in names:
+            fs, path = storage.filesystem(storage.join(stage_dir, name))
+            fs.get_file(path, os.path.join(tmp, name))
+            files.append(os.path.join(tmp, name))
+        return register_model(uri, run_id, files, model_name, aliases)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id: str, result: Any,
                           build_model: Any, engine_name: str, export_name: str,
                           total_steps: int, fields: Any) -> dict:
@@ -182,8 +204,6 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
     manifest; a finished one is exported (raw + EMA safetensors, config), registered in MLflow
     and recorded in a complete manifest with `fields(model)` added. `build_model()` is called
     only when there is something to export."""
-    import os
-
     import ray.train
 
     from jobs.ray_training import final_checkpoint
@@ -200,10 +220,9 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
         raw, ema = export_weights(directory, engine_name, model)
     hashes = write_export(stage_dir, export_name, raw, ema, cfg)
     version = None
-    if cfg.tracking.register_models and "://" not in stage_dir:
-        files = [os.path.join(stage_dir, name) for name in [*hashes, CONFIG_NAME]]
-        version = register_model(tracking_uri(cfg), run_id, files, f"restok-{export_name}",
-                                 ["last-trained", str(cfg.preset)])
+    if cfg.tracking.register_models:
+        version = register_stage_files(tracking_uri(cfg), run_id, stage_dir, [*hashes, CONFIG_NAME],
+                                       f"restok-{export_name}", ["last-trained", str(cfg.preset)])
     return write_manifest(
         stage_dir, stage, fp, complete=True, steps_done=steps_done,
         weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",

@@ -97,7 +97,7 @@ def discard_stale(stage_dir: str, jobs: list[tuple]) -> tuple[list[tuple], dict[
         storage.remove(receipt_url(out_url))  # receipt first: never a receipt without its shard
         storage.remove(out_url)
     planned = {j[1] for j in jobs} | {receipt_url(j[1]) for j in jobs}
-    for path in fs.ls(root, detail=False):
+    for path in fs.ls(root, detail=False) if fs.exists(root) else []:  # an object store has no empty dirs
         name = os.path.basename(path)
         if SHARD_FILE.match(name) and name not in planned:
             fs.rm(path)

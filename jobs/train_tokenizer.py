@@ -42,7 +42,8 @@ def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_ba
     def epoch_batches(epoch: int):
         return train_batches(prep_manifest, "train", rank, world, micro_batch, int(cfg.data.image_size),
                              seed, epoch=epoch, num_workers=int(cfg.data.loader_workers),
-                             crop_scale_min=float(cfg.data.crop_scale_min), hflip=bool(cfg.data.hflip))
+                             crop_scale_min=float(cfg.data.crop_scale_min), hflip=bool(cfg.data.hflip),
+                             shuffle_buffer=int(cfg.data.shuffle_buffer))
 
     per_epoch = len(epoch_batches(0))
     if per_epoch == 0:

@@ -18,8 +18,13 @@ def stage_dir(cfg: Any, stage: str) -> str:
 
 
 def shards_url(cfg: Any) -> str:
-    """Image shards: data.shards_url, or <work_dir>/prep."""
-    return str(cfg.data.shards_url) or stage_dir(cfg, "prep")
+    """Image shards: <data.shards_url>/prep-<prep fingerprint>, or <work_dir>/prep. A shared
+    shards URL holds one directory per data config, so no prep deletes another's shards."""
+    if not str(cfg.data.shards_url):
+        return stage_dir(cfg, "prep")
+    from pipeline.stages import stage_fingerprint
+
+    return storage.join(str(cfg.data.shards_url), f"prep-{stage_fingerprint(cfg, 'prep')}")
 
 
 def tracking_uri(cfg: Any) -> str:

@@ -20,8 +20,14 @@ TMP_MARKER = ".tmp-"
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for any fsspec URL or local path."""
+    """(filesystem, path within it) for any fsspec URL or local path.
+
+    Object-store filesystems cache directory listings per process, but other processes (Ray
+    tasks, Train workers) write the same prefixes: the listing cache of `path` and its parents is
+    dropped, so what a caller lists or checks next is what storage holds now."""
     fs, path = url_to_fs(url)
+    if getattr(fs, "dircache", None):
+        fs.invalidate_cache(path)
     return fs, path
 
 

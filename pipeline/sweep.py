@@ -101,7 +101,8 @@ def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) 
     child = OmegaConf.merge(cfg, {
         "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
         "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
-        "data": {"shards_url": paths.shards_url(cfg)},
+        # data.shards_url stays the parent's: the same prep fingerprint names the same shard
+        # directory (pipeline.paths.shards_url), and the seeded prep manifest lists the shards.
         "tracking": {"tracking_uri": paths.tracking_uri(cfg),
                      "run_name": f"{cfg.tracking.run_name or cfg.preset}/sweep/ckpt-{index}"},
         "eval": {"probe_cache": shared.get("probe_cache", ""), "reference_stats": shared.get("reference_stats", ""),

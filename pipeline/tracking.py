@@ -58,6 +58,18 @@ def artifact_root(cfg: Any) -> str:
     return root if "://" in root else f"file://{root}"
 
 
+def uses_tracking_server(uri: str) -> bool:
+    """An MLflow tracking server (http(s)://, databricks): it owns the artifact store."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def experiment_artifact_location(cfg: Any) -> str | None:
+    """Where a new experiment keeps artifacts: the tracking server's default when a server is used
+    (`mlflow server --artifacts-destination ...`, or its proxied default), else beside the store
+    under the work dir. An experiment that exists keeps the location it was created with."""
+    return None if uses_tracking_server(tracking_uri(cfg)) else artifact_root(cfg)
+
+
 def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -118,7 +130,8 @@ def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags
     }
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id(client, cfg.tracking.experiment, artifact_root(cfg)), tags=tags)
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment, experiment_artifact_location(cfg)),
+                            tags=tags)
     run_id = run.info.run_id
     log_config(cfg, run_id)
     return run_id

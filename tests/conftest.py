@@ -32,3 +32,61 @@ def ray_local():
     yield
     close_pool()
     ray.shutdown()
+
+
+class S3RequestLog:
+    """WSGI middleware recording (method, path, Range header) of every request the S3 server
+    answers, from any process (driver, Ray tasks, Train workers, the MLflow server)."""
+
+    def __init__(self, app):
+        self.app, self.requests = app, []
+
+    def __call__(self, environ, start_response):
+        request = (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"))
+        self.requests.append(request)
+        return self.app(environ, start_response)
+
+    def gets(self, path_suffix: str) -> list:
+        """Range headers (None = whole object) of the GETs of objects whose path ends so."""
+        return [r for m, p, r in self.requests if m == "GET" and p.endswith(path_suffix)]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port with one bucket, configured the way a user points
+    any S3 client at an S3-compatible store: AWS_ENDPOINT_URL and credentials in the environment
+    (botocore/s3fs, pyarrow for Ray Train storage and the MLflow server all read them). Yields
+    {"url", "bucket", "log", "env"}; teardown fails if the bucket is not left empty."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    log = S3RequestLog(server._server.app)
+    server._server.app = log  # werkzeug's handler calls server.app per request
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "restok-test",
+           "AWS_SECRET_ACCESS_KEY": "restok-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep another endpoint
+    bucket = "restok-test"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield {"url": env["AWS_ENDPOINT_URL"], "bucket": bucket, "log": log, "env": env}
+        left = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert not left, f"objects left in s3://{bucket}: {left[:10]}"
+    finally:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+        client.delete_bucket(Bucket=bucket)
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

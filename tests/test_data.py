@@ -166,6 +166,23 @@ def test_tar_source_reads_same_samples_as_folder(tmp_path):
     assert [r[0] for r, _ in tars.read(refs)] == [r[0] for r in refs]
 
 
+def test_shard_plan_holds_contiguous_runs_of_few_classes():
+    """Issue 15: a class-sorted list (variable class sizes) cut into shards of 100: each shard holds
+    a contiguous run of each class it touches and at most 2 x CLASSES_PER_GROUP classes; every
+    sample appears once."""
+    rng = random.Random(0)
+    refs = [(f"{c}_{i}", c, (c, i)) for c in range(40) for i in range(rng.randrange(30, 70))]
+    plan = prepare.interleave_classes(refs)
+    assert sorted(plan) == sorted(refs)
+    for start in range(0, len(plan), 100):
+        shard = plan[start : start + 100]
+        by_class: dict[int, list[int]] = {}
+        for _, c, (_, i) in shard:
+            by_class.setdefault(c, []).append(i)
+        assert len(by_class) <= 2 * prepare.CLASSES_PER_GROUP
+        assert all(sorted(ix) == list(range(min(ix), max(ix) + 1)) for ix in by_class.values())
+
+
 # ---------------------------------------------------------------- prep + loaders, memory:// (threads)
 
 def test_synthetic_memory_roundtrip_and_loaders():
@@ -362,7 +379,8 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
 
     # What a kill leaves: no manifest, a missing shard (no done record), a half-written temporary;
     # plus a shard from an older config that the plan does not name.
-    shards = tmp_path / "shards"
+    shards = tmp_path / "shards" / f"prep-{manifest['fingerprint']}"  # one directory per data config
+    assert manifest["shards_url"] == f"file://{shards}"
     os.remove(tmp_path / "work" / "prep" / "manifest.json")
     os.remove(shards / "train-000002.tar")
     (shards / ".tmp-deadbeef-train-000002.tar").write_bytes(b"partial")
