@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from configs.loading import load_config
 from data_prep import synthetic
-from jobs.evaluate import EvalPool
-from jobs.sample import write_png_shard
+from infra.image_shards import write_png_shard
+from jobs.evaluation.pool import EvalPool
 
 
 def write_shards(folder: str, n: int, size: int, per_shard: int) -> list[str]:

@@ -8,16 +8,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from configs.schema import RestokConfig
+from models.generator.gpt import GPT
 from models.losses.diffaugment import RANGES as DIFFAUG_RANGES
 from models.losses.discriminator import INPUT_MODES as DISC_INPUT_MODES
 from models.losses.discriminator import LECAM_VARIANTS
 from models.tokenizer.config import INIT_SCHEMES
+from models.tokenizer.restok import ResTok
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -226,8 +234,6 @@ def check_models_build(cfg: Any) -> None:
     built fails here with one line, not inside Ray Train workers after the cluster started."""
     import torch
 
-    from models.generator.gpt import GPT
-    from models.tokenizer.restok import ResTok
 
     for section, build in (("tokenizer", ResTok), ("generator", GPT)):
         try:
@@ -270,3 +276,11 @@ def from_yaml_text(text: str) -> RestokConfig:
     """Re-create a config from a resolved YAML dump (e.g. a manifest's producing config)."""
     cfg = OmegaConf.merge(OmegaConf.structured(RestokConfig), OmegaConf.create(text))
     return cfg  # type: ignore[return-value]
+
+
+def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[PRESET] [key=value ...]`: the first item is a preset when it has no '='."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items

@@ -32,10 +32,11 @@ from data_prep.shard_writer import (
     write_shard,
 )
 from data_prep.sources import make_source
-from pipeline import manifest as manifest_lib
-from pipeline import paths, storage
-from pipeline.console import progress
-from pipeline.stages import stage_fingerprint
+from infra import manifest as manifest_lib
+from infra import paths, storage
+from infra.console import progress
+from infra.stages import stage_fingerprint
+from infra.tracking import log_metrics
 
 STAGE = "prep"
 # Train samples are shuffled once, with this fixed seed, before sharding: ImageNet listings are
@@ -220,7 +221,6 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
     fields["written_this_run"] = {"shards": len(todo), "images": written, "seconds": round(elapsed, 3),
                                   "images_per_s": round(written / elapsed, 1) if elapsed > 0 and written else 0.0}
     if run_id:
-        from pipeline.tracking import log_metrics
 
         metrics = {f"prep/{split}_images": s["total"] for split, s in fields["splits"].items()}
         metrics.update({f"prep/{split}_skipped": sum(s["skipped"].values()) for split, s in fields["splits"].items()})

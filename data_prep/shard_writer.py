@@ -4,7 +4,7 @@ Members per sample: `<key>.jpg` or `<key>.png` (image bytes), `<key>.cls` (class
 `<key>.json` (class index, wnid, name, original width/height, conversion if any). Tar headers
 carry fixed mtime/owner, so the same inputs give the same bytes and the same sha256 on a rerun.
 
-The shard is written under a temporary name and renamed (pipeline.storage.atomic_open); only
+The shard is written under a temporary name and renamed (infra.storage.atomic_open); only
 then is `_done/<shard>.json` written (count, sha256, skipped and converted keys, the plan's
 hash and the stage fingerprint). A shard counts as complete only with a matching done record,
 so a run killed anywhere leaves either a complete shard or one that the rerun rewrites.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from data_prep.image_bytes import SkipImage, check_image
-from pipeline import storage
+from infra import storage
 
 DONE_DIR = "_done"
 

@@ -27,7 +27,7 @@ import tarfile
 from typing import Any, Iterable, Iterator, Optional
 
 from data_prep import synthetic
-from pipeline import storage
+from infra import storage
 
 SampleRef = tuple  # (key: str, cls: int, locator: Any)
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
+from infra import storage
+from infra.manifest import require_complete
 
 
 def tar_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
@@ -82,8 +83,6 @@ def read_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def load_split(stage_dir: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """All codes [M, A, N] and classes [M] of a split, in manifest order; checks the counts."""
-    from pipeline.manifest import require_complete
-
     manifest = require_complete(stage_dir, "extract_codes")
     shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import storage
+from infra import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline import storage
+from infra import storage
 
 
 def work_url(cfg: Any) -> str:

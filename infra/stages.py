@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.manifest import config_subtree, fingerprint
+from infra.manifest import config_subtree, fingerprint
 
 STAGE_ORDER = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
 

@@ -11,7 +11,6 @@ training stage keeps one run per fingerprint across restarts: its id is recorded
 """
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
@@ -19,7 +18,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from configs.loading import to_flat_dict, to_yaml
-from pipeline.paths import tracking_uri
+from infra import storage
+from infra.console import progress
+from infra.paths import stage_dir, tracking_uri, work_url
+from infra.stages import CONFIG_KEYS, stage_fingerprint
+from infra.storage import join
 
 MLFLOW_PARAM_MAX = 6000  # MLflow 3 param value limit; longer values are truncated
 DRIVER_TAG = "restok.driver"
@@ -51,8 +54,6 @@ def _git_commit() -> str:
 def artifact_root(cfg: Any) -> str:
     """Artifacts beside the store under the work dir (MLflow would otherwise use ./mlruns of
     whatever directory the command runs in)."""
-    from pipeline.paths import work_url
-    from pipeline.storage import join
 
     root = join(work_url(cfg), "mlartifacts")
     return root if "://" in root else f"file://{root}"
@@ -159,8 +160,6 @@ def reap_dead_runs(cfg: Any) -> list[str]:
 
 
 def _record_url(cfg: Any, stage: str) -> str:
-    from pipeline.paths import stage_dir
-    from pipeline.storage import join
 
     return join(stage_dir(cfg, stage), RUN_RECORD)
 
@@ -173,7 +172,6 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline import storage
 
     client = client_for(tracking_uri(cfg))
     record = storage.read_json(_record_url(cfg, stage)) if stage in CONTINUED_STAGES else None
@@ -202,8 +200,6 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
 @contextmanager
 def stage_run(cfg: Any, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
-    from pipeline.stages import CONFIG_KEYS, stage_fingerprint
-
     if run_id:
         yield run_id
         return
@@ -250,21 +246,12 @@ def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
     client_for(uri).log_figure(run_id, figure, artifact_file)
 
 
-def png_bytes(image: Any) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @contextmanager
 def follow_run(uri: str, run_id: str, total_steps: int, desc: str, every_s: float = 2.0) -> Iterator[None]:
     """A terminal progress bar for a training stage, fed by the metrics its rank-0 worker logs to
     MLflow (`step`, `loss`, images/s or tokens/s): the driver cannot see the workers' own bars."""
     import threading
 
-    from pipeline.console import progress
 
     stop = threading.Event()
     bar = progress(total=total_steps, desc=desc, unit="step")

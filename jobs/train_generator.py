@@ -12,13 +12,25 @@ import torch
 import torch.nn.functional as F
 
 from configs.loading import to_yaml
-from pipeline import paths, tracking
-from pipeline.manifest import (
+from infra import code_shards, paths, tracking
+from infra.image_grid import image_grid
+from infra.manifest import (
     is_complete,
     read_manifest,
     require_complete,
 )
-from pipeline.stages import stage_fingerprint
+from infra.stages import stage_fingerprint
+from jobs.training import checkpoints, ray_training
+from jobs.training.checkpoints import generator_config, load_tokenizer
+from jobs.training.deepspeed_runtime import (
+    EMA,
+    build_engine,
+    prepare_deepspeed,
+    seed_everything,
+)
+from jobs.training.ray_training import LoopSpec, WorkerSession, run_loop
+from jobs.training.throughput import forward_flops
+from models.generator import GPT, sample
 
 STAGE = "train_generator"
 ENGINE = "generator"
@@ -48,28 +60,8 @@ def _zero3_gathered(engine: Any):
     return contextlib.nullcontext()
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8):
-    """uint8 HxWx3 grid of images in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=1)
-    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-
-
 def generator_loop(config: dict) -> None:
     """Ray Train worker: one DeepSpeed engine for the GPT."""
-    from jobs import code_shards
-    from jobs.checkpoints import generator_config, load_tokenizer
-    from jobs.deepspeed_runtime import (
-        EMA,
-        build_engine,
-        prepare_deepspeed,
-        seed_everything,
-    )
-    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
-    from jobs.throughput import forward_flops
-    from models.generator import GPT, sample
-
     session = WorkerSession.from_loop_config(config)
     cfg, train, device = session.cfg, session.train, session.device
     prepare_deepspeed(device.type == "cuda")
@@ -129,9 +121,6 @@ def generator_loop(config: dict) -> None:
 
 
 def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
-    from jobs import checkpoints, ray_training
-    from jobs.checkpoints import generator_config
-    from models.generator import GPT
 
     stage_dir = paths.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, STAGE)

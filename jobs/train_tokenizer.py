@@ -16,13 +16,28 @@ from typing import Any
 import torch
 
 from configs.loading import to_yaml
-from pipeline import paths, tracking
-from pipeline.manifest import (
+from data_prep.loaders import train_batches
+from infra import paths, tracking
+from infra.image_grid import image_grid
+from infra.manifest import (
     is_complete,
     read_manifest,
     require_complete,
 )
-from pipeline.stages import stage_fingerprint
+from infra.stages import stage_fingerprint
+from jobs.training import checkpoints, ray_training
+from jobs.training.checkpoints import tokenizer_config
+from jobs.training.deepspeed_runtime import (
+    EMA,
+    build_engine,
+    prepare_deepspeed,
+    seed_everything,
+)
+from jobs.training.ray_training import LoopSpec, WorkerSession, all_reduce_sum_, run_loop
+from jobs.training.throughput import forward_flops
+from models.losses.codebook_stats import CodebookStats
+from models.losses.tokenizer_loss import TokenizerLoss
+from models.tokenizer import ResTok
 
 STAGE = "train_tokenizer"
 ENGINE = "tokenizer"
@@ -37,7 +52,6 @@ def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_ba
     data_prep.loaders.train_batches is deterministic per (seed, rank, epoch), so the data position
     is the micro-batch index: its epoch is start // batches per epoch, and the batches before
     it in that epoch are skipped."""
-    from data_prep.loaders import train_batches
 
     def epoch_batches(epoch: int):
         return train_batches(prep_manifest, "train", rank, world, micro_batch, int(cfg.data.image_size),
@@ -58,27 +72,12 @@ def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_ba
 
 def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
     """Originals on the top row, reconstructions below (uint8 HxWx3)."""
-    from jobs.train_generator import image_grid
-
     n = min(GRID_IMAGES, images.shape[0])
     return image_grid(torch.cat([images[:n].float(), recon[:n].float()]), nrow=n)
 
 
 def tokenizer_loop(config: dict) -> None:
     """Ray Train worker: tokenizer engine (+ discriminator engine from the GAN start)."""
-    from jobs.checkpoints import tokenizer_config
-    from jobs.deepspeed_runtime import (
-        EMA,
-        build_engine,
-        prepare_deepspeed,
-        seed_everything,
-    )
-    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
-    from jobs.throughput import forward_flops
-    from models.losses.codebook_stats import CodebookStats
-    from models.losses.tokenizer_loss import TokenizerLoss
-    from models.tokenizer import ResTok
-
     session = WorkerSession.from_loop_config(config)
     cfg, train, device = session.cfg, session.train, session.device
     prepare_deepspeed(device.type == "cuda")
@@ -138,7 +137,7 @@ def tokenizer_loop(config: dict) -> None:
         return dict(sums)
 
     def interval_metrics() -> dict[str, float]:
-        stats.all_reduce()
+        all_reduce_sum_(stats.hist)
         out = {k: v for k, v in stats.summary().items() if k in ("codebook_usage", "codebook_entropy_bits")}
         stats.reset()
         return out
@@ -168,9 +167,6 @@ def tokenizer_loop(config: dict) -> None:
 
 
 def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
-    from jobs import checkpoints, ray_training
-    from jobs.checkpoints import tokenizer_config
-    from models.tokenizer import ResTok
 
     stage_dir = paths.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, STAGE)

@@ -10,6 +10,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from configs.loading import load_config
+from infra.paths import tracking_uri
+from infra.tracking import client_for
+
 
 class RunNotFound(LookupError):
     """A run id or name that is not in the store (one line)."""
@@ -42,8 +46,6 @@ def _fmt(v: Any) -> str:
 
 def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the comparison table."""
-    from pipeline.tracking import client_for
-
     client = client_for(uri)
     runs = [_resolve_run(client, r) for r in refs]
     header = ["", *[r.info.run_id[:8] for r in runs]]
@@ -71,8 +73,6 @@ def cli(args: Any) -> int:
     """args.runs (ids or names), args.tracking_uri (empty = the default preset's store)."""
     uri = getattr(args, "tracking_uri", "") or ""
     if not uri:
-        from configs.loading import load_config
-        from pipeline.paths import tracking_uri
 
         uri = tracking_uri(load_config())
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):

@@ -27,7 +27,13 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from configs.loading import absolute_path, path_keys
+from configs.loading import (
+    absolute_path,
+    load_config,
+    path_keys,
+    split_preset_and_overrides,
+)
+from infra.stages import STAGE_ORDER
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -113,7 +119,6 @@ def runtime_env(use_pip: bool, env_vars: dict[str, str] | None = None) -> dict[s
 
 
 def normalise_stage(stage: str) -> str:
-    from pipeline.stages import STAGE_ORDER
 
     name = stage.replace("-", "_")
     if name == "eval":
@@ -188,8 +193,6 @@ def relative_paths(cfg: Any) -> list[tuple[str, str]]:
 
 
 def submit(args: Any) -> int:
-    from configs.loading import load_config
-    from pipeline.cli import split_preset_and_overrides
 
     preset, overrides = split_preset_and_overrides(args.items)
     preset = preset or "default"

@@ -1,7 +1,7 @@
 """`restok sweep`: reconstruction vs generation over tokenizer checkpoints (paper Fig. 7, Sec. 5.4).
 
 The checkpoints: a train_tokenizer stage directory stands for the checkpoints Ray Train kept for it
-(all, or `--steps`), each exported first (jobs.checkpoints.export_checkpoint: any ZeRO stage, EMA
+(all, or `--steps`), each exported first (jobs.training.checkpoints.export_checkpoint: any ZeRO stage, EMA
 weights as the EMA, into <stage dir>/exports/step_<N>); a Ray Train checkpoint directory is
 exported alone; an export directory (or its `.safetensors` beside its config.yaml) is used as is.
 With no `--checkpoints`, the config's own train_tokenizer stage directory. For each, the sweep
@@ -28,9 +28,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import paths, storage, tracking
-from pipeline.manifest import fingerprint, read_manifest, write_manifest
-from pipeline.stages import stage_fingerprint
+from configs.loading import from_yaml_text, to_yaml
+from infra import paths, storage, tracking
+from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
+from infra.stages import stage_fingerprint
+from jobs import evaluate, extract_codes, train_generator
+from jobs.evaluation.features import distance_name, resolved_feature_spec
+from jobs.evaluation.pool import close_pool, shared_pool
+from jobs.evaluation.reference import reference_for_gen
+from jobs.training import checkpoints as ckpts
+from jobs.training.ray_training import ensure_ray
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
 AXIS_LABELS = {
@@ -55,10 +62,9 @@ def checkpoint_label(path: str, index: int) -> str:
 
 def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
     """The export directories to sweep. An entry is a train_tokenizer stage directory (its kept Ray
-    Train checkpoints, all or `steps`, each exported by jobs.checkpoints.export_checkpoint into
+    Train checkpoints, all or `steps`, each exported by jobs.training.checkpoints.export_checkpoint into
     <stage dir>/exports/), a Ray Train checkpoint directory (exported under the sweeps dir), or an
     export directory / weights file. No entry: this config's train_tokenizer stage directory."""
-    from jobs import checkpoints as ckpts
 
     out: list[str] = []
     for entry in [str(e).rstrip("/") for e in entries] or [paths.stage_dir(cfg, "train_tokenizer")]:
@@ -93,7 +99,6 @@ def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] =
 def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
     """The parent config with its own work dir, the parent's shards / tracking store / probe, and
     the checkpoint's tokenizer architecture."""
-    from configs.loading import from_yaml_text
 
     fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
     with fs.open(path, "r") as fh:
@@ -140,16 +145,12 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
 
 
 def default_stages() -> dict[str, Callable]:
-    from jobs import evaluate, extract_codes, train_generator
 
     return {"extract_codes": extract_codes.run, "train_generator": train_generator.run, "evaluate": evaluate.run}
 
 
 def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -> dict:
     """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
-    from configs.loading import from_yaml_text
-    from jobs.evaluate import close_pool
-
     child = from_yaml_text(child_yaml)
     stages = stages or default_stages()
     # The eval pool reserves CPUs; extraction and Ray Train need them (a 2-core local Ray deadlocks otherwise).
@@ -165,9 +166,6 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
           steps: Sequence[int] = ()) -> dict:
     """Run the sweep over `checkpoints` (see resolve_checkpoints); returns {rows, parent_run_id,
     sweep_dir, plot, csv, markdown}."""
-    from configs.loading import to_yaml
-    from jobs import evaluate
-    from pipeline.manifest import require_complete
 
     prep_dir = paths.stage_dir(cfg, "prep")
     require_complete(prep_dir, "prep")
@@ -176,13 +174,13 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
     sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
     kind = str(cfg.eval.feature_net)
     uri = paths.tracking_uri(cfg)
-    with tracking.stage_run(cfg, "sweep") as parent, evaluate.shared_pool():
+    with tracking.stage_run(cfg, "sweep") as parent, shared_pool():
         shared: dict = {"reference_stats": str(cfg.eval.reference_stats)}
         if kind == "probe":  # one probe and one probe reference for every checkpoint
-            spec, probe = evaluate.resolved_feature_spec(cfg)
+            spec, probe = resolved_feature_spec(cfg)
             shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
             if not shared["reference_stats"]:
-                shared["reference_stats"] = evaluate.reference_for_gen(cfg, spec, probe)[1]
+                shared["reference_stats"] = reference_for_gen(cfg, spec, probe)[1]
         children = []
         for i, ckpt in enumerate(checkpoints):
             child = child_config(cfg, ckpt, i, sweep_dir, shared)
@@ -191,8 +189,8 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
         outcomes = _run_chains(cfg, children, parent, stages)
         rows = []
         weights = str(cfg.eval.inception_weights)
-        recon_key, gen_key = (evaluate.distance_name(kind, "recon", weights),
-                              evaluate.distance_name(kind, "gen", weights))
+        recon_key, gen_key = (distance_name(kind, "recon", weights),
+                              distance_name(kind, "gen", weights))
         for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
             m = out["metrics"]
             rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),
@@ -230,8 +228,6 @@ def _run_chains(cfg: Any, children: list[str], parent: str, stages: dict | None)
         return [run_chain(child, parent, stages) for child in children]
     import ray
 
-    from jobs.evaluate import close_pool
-    from jobs.ray_training import ensure_ray
 
     ensure_ray(cfg)
     close_pool(force=True)  # the chains' tasks make their own pools: free the driver's CPUs

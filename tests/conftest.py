@@ -14,7 +14,7 @@ def ray_local():
     """A local Ray for one test module (and the evaluation actor pool it starts, closed after)."""
     import ray
 
-    from jobs.evaluate import close_pool
+    from jobs.evaluation.pool import close_pool
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield

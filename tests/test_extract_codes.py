@@ -7,10 +7,11 @@ import ray
 from PIL import Image
 
 from configs.loading import load_config
-from jobs import checkpoints, code_shards, extract_codes
-from pipeline import paths, storage, tracking
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stages import stage_fingerprint
+from infra import code_shards, paths, storage, tracking
+from infra.manifest import read_manifest, write_manifest
+from infra.stages import stage_fingerprint
+from jobs import extract_codes
+from jobs.training import checkpoints
 
 NANO = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
         "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",

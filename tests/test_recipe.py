@@ -27,7 +27,7 @@ from recipe_helpers import (
 )
 
 from configs.loading import list_presets, load_config
-from pipeline import paths, tracking
+from infra import paths, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,8 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     """The preset's models and objective, shrunk like the recipe, cast to bf16 as the DeepSpeed engines
     cast them: two tokenizer steps, one with the GAN on (discriminator step too), one generator step
     and its sampling setting."""
-    from jobs.checkpoints import generator_config, tokenizer_config
-    from jobs.deepspeed_runtime import make_optimizer
+    from jobs.training.checkpoints import generator_config, tokenizer_config
+    from jobs.training.deepspeed_runtime import make_optimizer
     from models.generator import GPT, sample
     from models.losses.tokenizer_loss import TokenizerLoss
     from models.tokenizer import ResTok

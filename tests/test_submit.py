@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.manifest import read_manifest
 from pipeline import submit
-from pipeline.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from configs.loading import load_config
-from jobs import checkpoints, code_shards, ray_training, train_generator
-from pipeline import paths, storage, tracking
-from pipeline.manifest import write_manifest
-from pipeline.stages import stage_fingerprint
+from infra import code_shards, paths, storage, tracking
+from infra.manifest import write_manifest
+from infra.stages import stage_fingerprint
+from jobs import train_generator
+from jobs.training import checkpoints, ray_training
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from configs.loading import load_config
-from jobs import checkpoints, train_tokenizer
-from pipeline import paths, tracking
+from infra import paths, tracking
+from jobs import train_tokenizer
+from jobs.training import checkpoints
 
 pytestmark = pytest.mark.slow
 

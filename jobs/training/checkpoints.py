@@ -13,7 +13,21 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from configs.loading import from_yaml_text, to_yaml
+from infra import storage
+from infra.manifest import read_manifest, write_manifest
+from infra.paths import ray_storage_path, tracking_uri
+from infra.stages import stage_fingerprint
+from infra.tracking import client_for
+from jobs.training.deepspeed_runtime import consolidate_shards
+from jobs.training.ray_training import (
+    COMPLETE_NAME,
+    STATE_TAG,
+    checkpoint_meta,
+    final_checkpoint,
+)
+from models.generator import GPT, GeneratorConfig
+from models.tokenizer import ResTok, TokenizerConfig
 
 CONFIG_NAME = "config.yaml"
 
@@ -36,7 +50,6 @@ def _read_fp32_state(engine_dir: str, zero_stage: int, tag: str) -> dict[str, to
 def _read_ema(checkpoint_dir: str, meta: dict) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from jobs.deepspeed_runtime import consolidate_shards
 
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")),
                    key=lambda p: int(os.path.basename(p)[len("ema_rank"):-len(".safetensors")]))
@@ -51,7 +64,6 @@ def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module
     """(raw, ema) full fp32 state dicts for `model` from a Ray Train checkpoint directory, checked
     by loading both into `model` strictly. EMA covers trainable parameters; buffers and frozen
     tensors come from the raw weights."""
-    from jobs.ray_training import STATE_TAG, checkpoint_meta
 
     meta = checkpoint_meta(checkpoint_dir)
     raw = _read_fp32_state(os.path.join(checkpoint_dir, engine_name), int(meta["zero_stage"]), STATE_TAG)
@@ -68,7 +80,6 @@ def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: Any) -> d
     file names (relative to the stage dir) and their sha256."""
     from safetensors.torch import save
 
-    from configs.loading import to_yaml
 
     out = {}
     for fname, state in ((f"{name}.safetensors", raw), (f"{name}_ema.safetensors", ema)):
@@ -103,7 +114,6 @@ def _load_weights(url: str) -> dict[str, torch.Tensor]:
 
 
 def _load_config(url: str) -> Any:
-    from configs.loading import from_yaml_text
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "r") as fh:
@@ -112,8 +122,6 @@ def _load_config(url: str) -> Any:
 
 def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
     """The trained ResTok in eval mode (EMA weights by default) from a train_tokenizer export."""
-    from models.tokenizer import ResTok
-
     weights, config = _resolve(stage_dir_or_file, "tokenizer", ema)
     cfg = _load_config(config)
     model = ResTok(tokenizer_config(cfg))
@@ -123,8 +131,6 @@ def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch
 
 def load_generator(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
     """The trained GPT in eval mode (EMA weights by default) from a train_generator export."""
-    from models.generator import GPT
-
     weights, config = _resolve(stage_dir_or_file, "generator", ema)
     cfg = _load_config(config)
     model = GPT(generator_config(cfg))
@@ -141,13 +147,11 @@ def _plain(cls: type, node: Any) -> Any:
 
 
 def generator_config(cfg: Any):
-    from models.generator import GeneratorConfig
 
     return _plain(GeneratorConfig, cfg.generator)
 
 
 def tokenizer_config(cfg: Any):
-    from models.tokenizer import TokenizerConfig
 
     return _plain(TokenizerConfig, cfg.tokenizer)
 
@@ -159,7 +163,6 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     version."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import client_for
 
     client = client_for(tracking_uri)
     for f in files:
@@ -186,9 +189,6 @@ def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id:
 
     import ray.train
 
-    from jobs.ray_training import final_checkpoint
-    from pipeline.manifest import write_manifest
-    from pipeline.paths import tracking_uri
 
     # The newest complete checkpoint on storage (our marker), not Ray's latest registered one.
     checkpoint_url, steps_done, reported = final_checkpoint(cfg, stage)
@@ -232,14 +232,13 @@ def _read_config_url(url: str) -> Any | None:
 
 
 def is_checkpoint_dir(url: str) -> bool:
-    """A Ray Train checkpoint directory of a training stage (jobs.ray_training layout)."""
+    """A Ray Train checkpoint directory of a training stage (jobs.training.ray_training layout)."""
     return storage.exists(storage.join(url, "meta.json"))
 
 
 def _checkpoint_complete(url: str, meta: dict) -> bool:
-    """Complete by the training loop's own marker (jobs.ray_training.COMPLETE_NAME, written last);
+    """Complete by the training loop's own marker (jobs.training.ray_training.COMPLETE_NAME, written last);
     a checkpoint from before the marker existed counts when every rank's state file is there."""
-    from jobs.ray_training import COMPLETE_NAME
 
     if storage.exists(storage.join(url, COMPLETE_NAME)):
         return True
@@ -257,13 +256,11 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
 def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
     """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
 
-    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.ray_training.experiment_name)
-    under cluster.storage_path (default <work_dir>/ray, pipeline.paths.ray_storage_path). The
+    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.training.ray_training.experiment_name)
+    under cluster.storage_path (default <work_dir>/ray, infra.paths.ray_storage_path). The
     fingerprint comes from the stage manifest (else from the stage's config), the storage path from
     the config that trained it (its config.yaml, else `cfg`), and the default beside the stage dir;
     the manifest's own checkpoint path names its directory first."""
-    from pipeline.paths import ray_storage_path
-    from pipeline.stages import stage_fingerprint
 
     stage_dir = stage_dir.rstrip("/")
     manifest = storage.read_json(storage.join(stage_dir, "manifest.json")) or {}
@@ -331,7 +328,6 @@ def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tu
 def checkpoint_config(ckpt: str, stage: str, source: str, cfg: Any | None = None) -> Any:
     """The config that trained a checkpoint: its own config.yaml, else the stage dir's or `cfg` when
     its fingerprint is the one in the experiment name."""
-    from pipeline.stages import stage_fingerprint
 
     own = _read_config_url(storage.join(ckpt, CONFIG_NAME))
     if own is not None:
@@ -363,8 +359,6 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     import shutil
     import tempfile
 
-    from pipeline.manifest import read_manifest, write_manifest
-    from pipeline.stages import stage_fingerprint
 
     stage, step, ckpt = find_checkpoint(source, step, cfg)
     out = (out or default_export_dir(source, step)).rstrip("/")
@@ -397,9 +391,7 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
 
 def _build_model(stage: str, cfg: Any) -> torch.nn.Module:
     if stage == "train_tokenizer":
-        from models.tokenizer import ResTok
 
         return ResTok(tokenizer_config(cfg))
-    from models.generator import GPT
 
     return GPT(generator_config(cfg))

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 
 from configs.loading import from_yaml_text, to_yaml
-from pipeline import paths, storage, tracking
-from pipeline.console import one_line, unwrap
-from pipeline.stages import stage_fingerprint
+from infra import paths, storage, tracking
+from infra.console import one_line, unwrap
+from infra.stages import stage_fingerprint
+from jobs.training.deepspeed_runtime import grad_accumulation, rng_state, set_rng_state
+from jobs.training.throughput import Throughput, measured_matmul_peak, peak_memory_bytes
 
 STATE_TAG = "state"
 META_NAME = "meta.json"
@@ -224,7 +226,6 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
 
 class StageFailure(RuntimeError):
     """A training stage failed for a reason a retry cannot fix; the message is one line."""
-
     one_line_message = True
 
 
@@ -262,7 +263,6 @@ def worker_error_line(exc: BaseException) -> str:
 @dataclass
 class WorkerSession:
     """What a train loop needs to know about itself; built from the loop config on each worker."""
-
     cfg: Any
     stage: str
     run_id: str
@@ -365,7 +365,7 @@ class WorkerSession:
                         "ema_shapes": ema.shapes if ema is not None else {}}
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
                     json.dump(meta, fh)
-                # The resolved config, so any kept checkpoint exports alone (jobs.checkpoints).
+                # The resolved config, so any kept checkpoint exports alone (jobs.training.checkpoints).
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                     fh.write(to_yaml(self.cfg))
             name = checkpoint_dir_name(step)
@@ -426,6 +426,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (e.g. a CodebookStats histogram); no-op outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar logs over ranks (for logging only)."""
     import torch.distributed as dist
@@ -443,7 +452,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 @dataclass
 class LoopSpec:
     """What differs between the tokenizer and generator stages; `run_loop` does the rest."""
-
     engines: dict[str, Any]  # every engine checkpointed; the first is the model being trained
     ema: Any
     micro_batches: Callable[[int], Any]  # start micro-batch index -> iterator (deterministic)
@@ -460,8 +468,6 @@ class LoopSpec:
 
 def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
     """(FLOP/s, source): cluster.peak_tflops_per_worker when set, else a measured matmul peak."""
-    from jobs.throughput import measured_matmul_peak
-
     configured = float(session.cfg.cluster.peak_tflops_per_worker)
     if configured > 0:
         return configured * 1e12, "configured"
@@ -472,8 +478,6 @@ def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
 def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     from tqdm import tqdm
 
-    from jobs.deepspeed_runtime import grad_accumulation, rng_state, set_rng_state
-    from jobs.throughput import Throughput, peak_memory_bytes
 
     train = session.train
     pace_s = float(os.environ.get(TEST_STEP_SLEEP_ENV, "0") or 0)
