@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +19,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from configs.schema import RestokConfig
+from configs.schema import RestokConfig, SamplerConfig
 from models.generator.gpt import GPT
 from models.losses.diffaugment import RANGES as DIFFAUG_RANGES
 from models.losses.discriminator import INPUT_MODES as DISC_INPUT_MODES
@@ -215,9 +215,6 @@ def validate(cfg: Any) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
-    unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
-    if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
     check_models_build(cfg)
     for name in ("tokenizer_train", "generator_train"):
         train = cfg[name]
@@ -248,9 +245,6 @@ def check_models_build(cfg: Any) -> None:
     if list(cfg.generator.levels) != list(cfg.tokenizer.levels):
         raise ConfigError(f"generator.levels={list(cfg.generator.levels)} must equal "
                           f"tokenizer.levels={list(cfg.tokenizer.levels)}")
-
-
-STAGE_NAMES = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -284,3 +278,9 @@ def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[s
     if items and "=" not in items[0]:
         return items[0], items[1:]
     return None, items
+
+
+def sampler_kwargs(sampling: Any) -> dict[str, Any]:
+    """configs.schema.SamplingConfig (a config node) -> models.generator.sample keyword arguments:
+    the fields of the model's SamplingConfig, which the schema's extends."""
+    return {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplerConfig)}

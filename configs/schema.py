@@ -8,13 +8,18 @@ the model library stays importable without this package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 # Field metadata: a local path (or fsspec URL) that configs.loading makes absolute against the
 # directory the command ran in, on the driver, before any Ray worker sees the config (issue 18).
 PATH = {"path": True}
 
+# The pipeline's stages in graph order: the one list (infra.stages adds their inputs and configs).
+StageName = Literal["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
+STAGE_NAMES: tuple[str, ...] = get_args(StageName)
+
 from models.generator.config import GeneratorConfig
+from models.generator.config import SamplingConfig as SamplerConfig
 from models.losses.tokenizer_loss import TokenizerLossConfig
 from models.tokenizer.config import TokenizerConfig
 
@@ -108,18 +113,10 @@ class ExtractConfig:
 
 
 @dataclass
-class SamplingConfig:
-    """SPEC "sampling": published setting s = 3.75 step schedule from 0.25, top-p 0.95."""
+class SamplingConfig(SamplerConfig):
+    """The sampler's settings (models.generator.config.SamplingConfig: SPEC "sampling", published
+    s = 3.75 step schedule from 0.25, top-p 0.95) plus how a sample set is drawn."""
 
-    cfg_scale: float = 3.75
-    cfg_schedule: str = "step"  # constant | step | linear
-    cfg_start_ratio: float = 0.25
-    min_cfg_scale: float = 1.0  # scale used before the start ratio (step schedule)
-    # NOTES.md quirk 19: the release's step schedule returns 1.0001 (not 1.0) below the window.
-    release_cfg_floor: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.95
     batch_size: int = 64
     seed: int = 0
 
@@ -184,9 +181,7 @@ class RestokConfig:
     preset: str = "default"  # set by the loader; tags every MLflow run
     work_dir: str = field(default="restok_work", metadata=PATH)
     seed: int = 0
-    stages: list[str] = field(
-        default_factory=lambda: ["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
-    )
+    stages: list[StageName] = field(default_factory=lambda: list(STAGE_NAMES))
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)

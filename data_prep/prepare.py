@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import OmegaConf
 
+from configs.schema import RestokConfig
 from data_prep.shard_writer import (
     DONE_DIR,
     ShardJob,
@@ -165,8 +166,9 @@ def summarise(cfg: Any, source: Any, shards_url: str, records: list[dict]) -> di
     }
 
 
-def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
-    """Write the shards of every split in data.splits; returns the prep manifest."""
+def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Write the shards of every split in data.splits; returns the prep manifest (infra.stages.StageRun:
+    prep logs its counts to `run_id` when given and opens no run of its own)."""
     stage_dir = paths.stage_dir(cfg, STAGE)
     fingerprint = stage_fingerprint(cfg, STAGE)
     if manifest_lib.is_complete(stage_dir, fingerprint):

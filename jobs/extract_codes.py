@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from configs.schema import RestokConfig
 from data_prep.loaders import IMAGE_KEYS, resolve_shards
 from data_prep.transforms import EvalTransform, decode, to_chw_uint8
 from infra import paths, storage, tracking
@@ -164,7 +165,7 @@ class CodeExtractor:
         return receipt
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     import ray
     from ray.util import ActorPool
 

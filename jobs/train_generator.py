@@ -11,16 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from configs.loading import to_yaml
-from infra import code_shards, paths, tracking
+from configs.loading import sampler_kwargs
+from configs.schema import RestokConfig
+from infra import code_shards, paths
 from infra.image_grid import image_grid
-from infra.manifest import (
-    is_complete,
-    read_manifest,
-    require_complete,
-)
-from infra.stages import stage_fingerprint
-from jobs.training import checkpoints, ray_training
 from jobs.training.checkpoints import generator_config, load_tokenizer
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -29,6 +23,7 @@ from jobs.training.deepspeed_runtime import (
     seed_everything,
 )
 from jobs.training.ray_training import LoopSpec, WorkerSession, run_loop
+from jobs.training.stage import TrainingStage, run_training_stage
 from jobs.training.throughput import forward_flops
 from models.generator import GPT, sample
 
@@ -105,11 +100,8 @@ def generator_loop(config: dict) -> None:
                 return
             labels = torch.arange(GRID_SAMPLES, device=device) % gen_cfg.num_classes
             gen = torch.Generator(device=device).manual_seed(0)
-            result = sample(engine.module, labels, cfg_scale=float(cfg.sampling.cfg_scale),
-                            cfg_schedule=str(cfg.sampling.cfg_schedule),
-                            start_ratio=float(cfg.sampling.cfg_start_ratio),
-                            temperature=float(cfg.sampling.temperature), top_k=int(cfg.sampling.top_k),
-                            top_p=float(cfg.sampling.top_p), generator=gen)
+            # The configured sampler, all of it (min_cfg_scale and release_cfg_floor included).
+            result = sample(engine.module, labels, generator=gen, **sampler_kwargs(cfg.sampling))
             with torch.no_grad():
                 images = tokenizer.decode_codes(result.codes.to(device))
             session.log_image(image_grid(images), f"samples/step_{step + 1:07d}.png")
@@ -120,19 +112,9 @@ def generator_loop(config: dict) -> None:
         log_images=log_images))
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+SPEC = TrainingStage(STAGE, upstream="extract_codes", loop=generator_loop, check_inputs=check_against_codes)
 
-    stage_dir = paths.stage_dir(cfg, STAGE)
-    fp = stage_fingerprint(cfg, STAGE)
-    if is_complete(stage_dir, fp):
-        return read_manifest(stage_dir)
-    codes_manifest = require_complete(paths.stage_dir(cfg, "extract_codes"), "extract_codes")
-    check_against_codes(cfg, codes_manifest)
-    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
-    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
-        result = ray_training.fit(cfg, STAGE, generator_loop, rid)
-        return checkpoints.finish_training_stage(
-            cfg, STAGE, stage_dir, fp, rid, result, lambda: GPT(generator_config(cfg)), ENGINE,
-            "generator", int(cfg.generator_train.steps),
-            lambda model: {"block_size": model.block_size,
-                           "vocab_size": int(cfg.generator.vocab_size)})
+
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The stage contract (infra.stages.StageRun): the GPT on extracted codes, exported when done."""
+    return run_training_stage(SPEC, cfg, run_id, parent_run_id)

@@ -15,17 +15,13 @@ from typing import Any
 
 import torch
 
-from configs.loading import to_yaml
+from configs.schema import RestokConfig
 from data_prep.loaders import train_batches
-from infra import paths, tracking
+from infra import paths
 from infra.image_grid import image_grid
 from infra.manifest import (
-    is_complete,
-    read_manifest,
     require_complete,
 )
-from infra.stages import stage_fingerprint
-from jobs.training import checkpoints, ray_training
 from jobs.training.checkpoints import tokenizer_config
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -33,7 +29,13 @@ from jobs.training.deepspeed_runtime import (
     prepare_deepspeed,
     seed_everything,
 )
-from jobs.training.ray_training import LoopSpec, WorkerSession, all_reduce_sum_, run_loop
+from jobs.training.ray_training import (
+    LoopSpec,
+    WorkerSession,
+    all_reduce_sum_,
+    run_loop,
+)
+from jobs.training.stage import TrainingStage, run_training_stage
 from jobs.training.throughput import forward_flops
 from models.losses.codebook_stats import CodebookStats
 from models.losses.tokenizer_loss import TokenizerLoss
@@ -166,18 +168,9 @@ def tokenizer_loop(config: dict) -> None:
         interval_metrics=interval_metrics))
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+SPEC = TrainingStage(STAGE, upstream="prep", loop=tokenizer_loop)
 
-    stage_dir = paths.stage_dir(cfg, STAGE)
-    fp = stage_fingerprint(cfg, STAGE)
-    if is_complete(stage_dir, fp):
-        return read_manifest(stage_dir)
-    require_complete(paths.stage_dir(cfg, "prep"), "prep")
-    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
-    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
-        result = ray_training.fit(cfg, STAGE, tokenizer_loop, rid)
-        return checkpoints.finish_training_stage(
-            cfg, STAGE, stage_dir, fp, rid, result, lambda: ResTok(tokenizer_config(cfg)), ENGINE,
-            "tokenizer", int(cfg.tokenizer_train.steps),
-            lambda model: {"num_tokens": int(model.num_tokens), "levels": list(model.levels),
-                           "codebook_size": int(model.codebook_size)})
+
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The stage contract (infra.stages.StageRun): ResTok on prep's shards, exported when done."""
+    return run_training_stage(SPEC, cfg, run_id, parent_run_id)

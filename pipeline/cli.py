@@ -24,10 +24,10 @@ from data_prep.sources import SourceError
 from infra import console
 from infra.manifest import ManifestError, require_complete
 from infra.paths import stage_dir
-from infra.stages import STAGE_MODULES as GRAPH_STAGE_MODULES
 from jobs.training.ray_training import StageFailure
 from pipeline.compare import RunNotFound
 from pipeline.convert import ConvertError
+from pipeline.graph import STAGE_MODULES as GRAPH_STAGE_MODULES
 from pipeline.graph import PipelineError, preflight, selected_stages
 from pipeline.submit import SubmitError
 

@@ -24,13 +24,17 @@ import torch
 from configs.loading import ConfigError, load_config, to_yaml
 from infra import storage
 from infra.manifest import write_manifest
-from models.generator import official_generator_config, sample
 from models.generator import official as generator_official
-from models.generator.official import infer_official_config, load_official_generator, unwrap_checkpoint
+from models.generator import official_generator_config, sample
+from models.generator.official import (
+    infer_official_config,
+    load_official_generator,
+    unwrap_checkpoint,
+)
 from models.registry import GPT_SIZES
 from models.tokenizer import ResTok, tokenizer_config_for
-from models.tokenizer.config import levels_for
 from models.tokenizer import official as tokenizer_official
+from models.tokenizer.config import levels_for
 from models.tokenizer.official import tokenizer_config_from_official
 from pipeline.convert_losses import FIXTURE as LOSS_FIXTURE
 from pipeline.convert_losses import verify_losses

@@ -14,16 +14,27 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from configs.loading import to_yaml
 from data_prep.sources import check_source
 from infra import console, paths, storage, tracking
 from infra import manifest as manifests
 from infra.console import say
-from infra.stages import STAGE_MODULES, STAGE_ORDER, UPSTREAM, stage_fingerprint
+from infra.stages import STAGE_ORDER, UPSTREAM, StageRun, stage_fingerprint
 
-StageFn = Callable[..., dict]
+StageFn = StageRun
+
+# Stage name -> the module whose `run` is the stage (infra.stages.StageRun). Imported when the
+# stage runs, so that `restok status` and the pre-flight checks do not load the training stack;
+# tests/test_layering.py reads these names as imports of this module.
+STAGE_MODULES = {
+    "prep": "data_prep.prepare",
+    "train_tokenizer": "jobs.train_tokenizer",
+    "extract_codes": "jobs.extract_codes",
+    "train_generator": "jobs.train_generator",
+    "evaluate": "jobs.evaluate",
+}
 
 # Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
 _BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at", "step", "lr"}

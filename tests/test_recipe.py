@@ -155,7 +155,7 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten()).backward()
     s = cfg.sampling
     result = sample(gpt, torch.tensor([0, 1]), cfg_scale=float(s.cfg_scale), cfg_schedule=str(s.cfg_schedule),
-                    start_ratio=float(s.cfg_start_ratio), top_p=float(s.top_p), top_k=int(s.top_k),
+                    start_ratio=float(s.start_ratio), top_p=float(s.top_p), top_k=int(s.top_k),
                     generator=torch.Generator().manual_seed(0))
     assert result.codes.shape == codes[:2].shape
 

@@ -22,7 +22,8 @@ def default_cfg(work_dir, extra=()):
 
 def draw(cfg, plan_per_actor, out_dir, labels, fp="test"):
     from infra import paths
-    from jobs.evaluation.sampling import sample_shards, sampler_kwargs
+    from configs.loading import sampler_kwargs
+    from jobs.evaluation.sampling import sample_shards
     from jobs.training.checkpoints import load_generator, load_tokenizer
 
     tok = load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"), device="cpu")

@@ -123,13 +123,13 @@ def cfg_search(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     from omegaconf import OmegaConf
 
     scales = list(cfg.eval.cfg_search_scales) or [float(cfg.sampling.cfg_scale)]
-    ratios = list(cfg.eval.cfg_search_start_ratios) or [float(cfg.sampling.cfg_start_ratio)]
+    ratios = list(cfg.eval.cfg_search_start_ratios) or [float(cfg.sampling.start_ratio)]
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
     name = distance_name(spec["kind"], "gen", spec.get("weights", ""))
     points = []
     for i, (scale, ratio) in enumerate((s, r) for s in scales for r in ratios):
-        sampling = OmegaConf.merge(cfg.sampling, {"cfg_scale": float(scale), "cfg_start_ratio": float(ratio)})
+        sampling = OmegaConf.merge(cfg.sampling, {"cfg_scale": float(scale), "start_ratio": float(ratio)})
         child = tracking.start_run(cfg, STAGE, parent_run_id=run_id, extra_tags={
             "restok.cfg_search": "point", "mlflow.runName": f"cfg s={scale} start={ratio}"}) if run_id else None
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from configs.loading import from_yaml_text
+from configs.loading import from_yaml_text, sampler_kwargs
 from infra import paths, storage
 from infra.manifest import fingerprint
 from infra.stages import stage_fingerprint
@@ -14,7 +14,6 @@ from jobs.evaluation.sampling import (
     SAMPLES_NPZ,
     SAMPLING_PROTOCOL,
     interleaved_labels,
-    sampler_kwargs,
     shard_plan,
     write_npz,
 )

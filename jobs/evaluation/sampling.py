@@ -57,14 +57,6 @@ def to_uint8_release(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float() * 255).clamp(0, 255).to(torch.uint8)
 
 
-def sampler_kwargs(sampling: Any) -> dict:
-    """configs.schema.SamplingConfig -> models.generator.sample keyword arguments."""
-    return {"cfg_scale": float(sampling.cfg_scale), "cfg_schedule": str(sampling.cfg_schedule),
-            "start_ratio": float(sampling.cfg_start_ratio), "temperature": float(sampling.temperature),
-            "top_k": int(sampling.top_k), "top_p": float(sampling.top_p),
-            "min_cfg_scale": float(sampling.min_cfg_scale), "release_cfg_floor": bool(sampling.release_cfg_floor)}
-
-
 def pick_device(use_gpu: bool) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 

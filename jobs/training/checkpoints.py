@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import storage
 from infra.manifest import read_manifest, write_manifest
-from infra.paths import ray_storage_path, tracking_uri
+from infra.paths import ray_storage_path
 from infra.stages import stage_fingerprint
 from infra.tracking import client_for
 from jobs.training.deepspeed_runtime import consolidate_shards
@@ -24,7 +26,6 @@ from jobs.training.ray_training import (
     COMPLETE_NAME,
     STATE_TAG,
     checkpoint_meta,
-    final_checkpoint,
 )
 from models.generator import GPT, GeneratorConfig
 from models.tokenizer import ResTok, TokenizerConfig
@@ -156,6 +157,29 @@ def tokenizer_config(cfg: Any):
     return _plain(TokenizerConfig, cfg.tokenizer)
 
 
+@dataclass(frozen=True)
+class ExportSpec:
+    """How a training stage's model is exported: the DeepSpeed engine directory in its checkpoints,
+    the export file name, the model to load the weights into, and the manifest fields it adds."""
+
+    engine: str
+    name: str
+    build_model: Callable[[Any], torch.nn.Module]
+    manifest_fields: Callable[[Any, Any], dict[str, Any]]  # (model, cfg) -> fields
+
+
+# Training stage -> its export (what finish_training_stage, `restok export` and sweeps write).
+EXPORTABLE: dict[str, ExportSpec] = {
+    "train_tokenizer": ExportSpec(
+        "tokenizer", "tokenizer", lambda cfg: ResTok(tokenizer_config(cfg)),
+        lambda model, cfg: {"num_tokens": int(model.num_tokens), "levels": list(model.levels),
+                            "codebook_size": int(model.codebook_size)}),
+    "train_generator": ExportSpec(
+        "generator", "generator", lambda cfg: GPT(generator_config(cfg)),
+        lambda model, cfg: {"block_size": model.block_size, "vocab_size": int(cfg.generator.vocab_size)}),
+}
+
+
 def register_model(tracking_uri: str, run_id: str, files: list[str], model_name: str,
                    aliases: list[str]) -> str:
     """Log `files` as run artifacts under checkpoints/ and register that artifact URI as a new
@@ -178,45 +202,7 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     return str(version)
 
 
-def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id: str, result: Any,
-                          build_model: Any, engine_name: str, export_name: str,
-                          total_steps: int, fields: Any) -> dict:
-    """Shared end of both training stages: an unfinished run (stop_after) gets an incomplete
-    manifest; a finished one is exported (raw + EMA safetensors, config), registered in MLflow
-    and recorded in a complete manifest with `fields(model)` added. `build_model()` is called
-    only when there is something to export."""
-    import os
-
-    import ray.train
-
-
-    # The newest complete checkpoint on storage (our marker), not Ray's latest registered one.
-    checkpoint_url, steps_done, reported = final_checkpoint(cfg, stage)
-    if steps_done < total_steps:
-        return write_manifest(stage_dir, stage, fp, complete=False, steps_done=steps_done,
-                              checkpoint=checkpoint_url)
-    model = build_model()
-    with ray.train.Checkpoint(checkpoint_url).as_directory() as directory:
-        raw, ema = export_weights(directory, engine_name, model)
-    hashes = write_export(stage_dir, export_name, raw, ema, cfg)
-    version = None
-    if cfg.tracking.register_models and "://" not in stage_dir:
-        files = [os.path.join(stage_dir, name) for name in [*hashes, CONFIG_NAME]]
-        version = register_model(tracking_uri(cfg), run_id, files, f"restok-{export_name}",
-                                 ["last-trained", str(cfg.preset)])
-    return write_manifest(
-        stage_dir, stage, fp, complete=True, steps_done=steps_done,
-        weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
-        config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
-        **fields(model),
-        final_metrics={k: float(v) for k, v in (result.metrics or reported).items()
-                       if isinstance(v, (int, float))},
-        ray_checkpoint=checkpoint_url, mlflow_run_id=run_id, registered_version=version)
-
-
 # ---- kept Ray Train checkpoints -> exports (`restok export`, `restok sweep`) -------------------------
-# Training stage -> (DeepSpeed engine directory in the checkpoint, export file name).
-EXPORTABLE = {"train_tokenizer": ("tokenizer", "tokenizer"), "train_generator": ("generator", "generator")}
 EXPORTS_DIR = "exports"
 
 
@@ -366,8 +352,9 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     if done.get("complete") and done.get("source_checkpoint") == ckpt and done.get("steps_done") == step:
         return out
     train_cfg = checkpoint_config(ckpt, stage, source, cfg)
-    engine_name, export_name = EXPORTABLE[stage]
-    model = _build_model(stage, train_cfg)
+    export = EXPORTABLE[stage]
+    engine_name, export_name = export.engine, export.name
+    model = export.build_model(train_cfg)
     fs, path = storage.filesystem(ckpt)
     tmp = None
     if "://" in ckpt and not ckpt.startswith("file://"):  # DeepSpeed's consolidation reads local files
@@ -380,18 +367,9 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     hashes = write_export(out, export_name, raw, ema, train_cfg)
-    fields = ({"num_tokens": int(model.num_tokens), "levels": list(model.levels),
-               "codebook_size": int(model.codebook_size)} if stage == "train_tokenizer" else {})
+    fields = export.manifest_fields(model, train_cfg)
     write_manifest(out, stage, stage_fingerprint(train_cfg, stage), complete=True, steps_done=step,
                    weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
                    config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
                    source_checkpoint=ckpt, **fields)
     return out
-
-
-def _build_model(stage: str, cfg: Any) -> torch.nn.Module:
-    if stage == "train_tokenizer":
-
-        return ResTok(tokenizer_config(cfg))
-
-    return GPT(generator_config(cfg))

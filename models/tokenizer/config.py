@@ -71,7 +71,6 @@ class TokenizerConfig:
     min_tokens: int = 4
     # VF alignment (SPEC "VF alignment"): projection heads only; the teacher is in models/losses.
     vf_align: str = "both"  # none | encoder | decoder | both
-    vf_margin: float = 0.25  # release m = 0.25 (cos target 0.75); paper margin 0.85
     vf_feature_dim: int = 1024
 
     @property
@@ -120,7 +119,7 @@ def official_tokenizer_config(size: str = "large", image_size: int = 256, num_to
         levels=levels_for(num_tokens),
         cnn_shortcut_on_branch=True, denormalize_output=False,
         merge_op="nearest", merge_layout="width", merge_factor=2, num_scales=4,
-        legacy_reshape=True, vf_align="both" if vf else "none", vf_margin=0.25,
+        legacy_reshape=True, vf_align="both" if vf else "none",
         init_scheme="release",
     )
 
