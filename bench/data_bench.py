@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     rows = []
     try:
         files_rate, nbytes = make_tree(tmp, args.images, args.width, args.height, args.classes)
-        print(f"# {args.images} JPEGs {args.width}x{args.height} ({nbytes / args.images / 1024:.1f} KiB each) in {tmp}")
+        print(f"# {args.images} JPEGs {args.width}x{args.height} "
+              f"({nbytes / args.images / 1024:.1f} KiB each) in {tmp}")
         cfg = load_config(None, [f"work_dir={tmp}/work", "data.source=imagenet_folder", f"data.root={tmp}",
                                  "data.splits=[train]", "data.samples_per_shard=250",
                                  f"data.prep_tasks={max(1, args.workers)}", "cluster.address=local"])

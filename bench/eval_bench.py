@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         rows = [(n, time_pool(cfg, n, shards, spec, args.image_size, args.batch_size, args.repeats)) for n in (1, 2)]
     ray.shutdown()
     base = rows[0][1]
-    print(f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, batch {args.batch_size}, "
+    print(f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, "
+          f"batch {args.batch_size}, "
           f"{torch.get_num_threads()} thread(s) per actor, median of {args.repeats})")
     print(f"{'actors':>6}  {'images/s':>10}  {'vs 1 actor':>10}")
     for n, rate in rows:

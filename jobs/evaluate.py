@@ -7,14 +7,14 @@ Fig. 5), clamps and rounds to uint8 (SPEC "rFID") and returns mergeable statisti
 originals and of each reconstruction, PSNR / SSIM / LPIPS sums, the code histogram (usage, entropy
 in bits, eps 1e-8) and a few images for the grid.
 
-Generation (`evaluate_gen`): jobs.evaluation.generation writes the class-interleaved sample set (PNG shards + ADM
-npz); feature actors turn its shards into activations (pool, spatial; kept in sample order) and
-jobs.metrics.adm computes ADM's gFID, sFID (state-dict Inception only), IS, precision and recall
-over all rows against the reference (`eval.reference_stats`: ADM's VIRTUAL_imagenet256_labeled.npz
-or `restok eval make-ref` output). The reference activations are computed once by the actor pool
-and cached (<evaluate dir>/reference-cache/<fingerprint of the file's sha256 and the feature
-config>.npz), so every later evaluation and CFG-search point reads them. rFID and gFID use
-different references and are not comparable (SPEC note).
+Generation (`evaluate_gen`): jobs.evaluation.generation writes the class-interleaved sample set (PNG
+shards + ADM npz); feature actors turn its shards into activations (pool, spatial; kept in sample
+order) and jobs.metrics.adm computes ADM's gFID, sFID (state-dict Inception only), IS, precision and
+recall over all rows against the reference (`eval.reference_stats`: ADM's
+VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref` output). The reference activations are
+computed once by the actor pool and cached (<evaluate dir>/reference-cache/<fingerprint of the
+file's sha256 and the feature config>.npz), so every later evaluation and CFG-search point reads
+them. rFID and gFID use different references and are not comparable (SPEC note).
 
 Feature networks (`eval.feature_net`): `inception` gives the real metrics (rfid, gfid, sfid,
 inception_score, precision, recall); `probe` is the built-in dataset's stand-in (jobs.metrics.probe)

@@ -64,8 +64,10 @@ def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[st
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-    fmt = lambda line: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                 for i, (c, w) in enumerate(zip(line, widths)))
+    def fmt(line):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths)))
+
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]])
 
 

@@ -345,7 +345,8 @@ def verify(fixture_dir: str) -> int:
     width = max(len(r[0]) for r in rows)
     print(f"{'tensor':<{width}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for name, diff, tol, ok, note in rows:
-        print(f"{name:<{width}}  {diff:>12.3e}  {tol:>9.0e}  {'yes' if ok else 'NO'}{'  ' + note if note else ''}")
+        print(f"{name:<{width}}  {diff:>12.3e}  {tol:>9.0e}  "
+              f"{'yes' if ok else 'NO'}{'  ' + note if note else ''}")
     failed = [r for r in rows if not r[3]]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
@@ -367,7 +368,8 @@ def cli(args: Any) -> int:
         else:
             levels = [int(x) for x in args.levels.split(",")] if getattr(args, "levels", None) else None
             manifest = convert_generator(src, dst, vanilla=args.vanilla, levels=levels)
-        print(f"converted {src} -> {dst} ({manifest['num_tensors']} tensors, {manifest['num_elements']:,} parameters)")
+        print(f"converted {src} -> {dst} ({manifest['num_tensors']} tensors, "
+          f"{manifest['num_elements']:,} parameters)")
         return 0
     except ConvertError as exc:
         print(f"restok convert: {exc}", file=sys.stderr)

@@ -10,9 +10,9 @@ MLflow store, seeds it with the checkpoint as its train_tokenizer stage, then ru
 extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
 on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small
-cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does not). The probe
-and its reference statistics are made once in the parent and shared, so FD-probe numbers of all
-checkpoints are in the same feature space.
+cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does
+not). The probe and its reference statistics are made once in the parent and shared, so FD-probe
+numbers of all checkpoints are in the same feature space.
 
 Outputs (artifacts of the parent run and files in the sweep dir): `recon_vs_gen.png` (one point per
 checkpoint: rFID vs gFID with Inception, FD-probe recon vs gen with the probe; never labelled FID
@@ -153,7 +153,7 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
     """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
     child = from_yaml_text(child_yaml)
     stages = stages or default_stages()
-    # The eval pool reserves CPUs; extraction and Ray Train need them (a 2-core local Ray deadlocks otherwise).
+    # The eval pool reserves CPUs; extraction and Ray Train need them (else a 2-core local Ray deadlocks).
     close_pool(force=True)
     for name in ("extract_codes", "train_generator"):
         stages[name](child, parent_run_id=parent_run_id)

@@ -55,7 +55,7 @@ def write_split(cfg, split, per_class, shard_size):
 
 
 def write_models(cfg, seed=0, tokenizer_dir=None):
-    """Exports in the train stages' format (jobs.training.checkpoints), random tiny weights, with manifests."""
+    """Exports in the train stages' format (jobs.training.checkpoints), random tiny weights, manifests."""
     from jobs.training.checkpoints import (
         generator_config,
         tokenizer_config,

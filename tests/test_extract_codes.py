@@ -80,7 +80,9 @@ def assert_same_codes(cfg, clean_cfg):
     got, want = all_codes(cfg), all_codes(clean_cfg)
     for split in want:
         assert np.array_equal(got[split][0], want[split][0]) and np.array_equal(got[split][1], want[split][1])
-    shas = lambda c: [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
+    def shas(c):
+        return [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
+
     assert shas(cfg) == shas(clean_cfg)
 
 

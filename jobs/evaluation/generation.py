@@ -65,7 +65,8 @@ def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: 
                 "seconds": round(seconds, 2), "images_per_second": sampled / max(seconds, 1e-9),
                 "forward_passes_per_batch": max(r["forward_passes_per_batch"] for r in results)}
     storage.write_json_atomic(storage.join(out_url, "manifest.json"), manifest)
-    print(f"[sample] {len(labels)} samples ({per_class}/class x {num_classes}, interleaved; {sampled} drawn now) "
+    print(f"[sample] {len(labels)} samples ({per_class}/class x {num_classes}, interleaved; "
+          f"{sampled} drawn now) "
           f"on {world} actors in {seconds:.1f}s ({manifest['images_per_second']:.1f} img/s) -> {out_url}", flush=True)
     return manifest
 

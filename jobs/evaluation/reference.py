@@ -78,7 +78,8 @@ def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
 
 
 def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
-    """`restok eval make-ref`: mu, sigma (+ spatial), all pool rows and the feature config of any image shards."""
+    """`restok eval make-ref`: mu, sigma (+ spatial), all pool rows and the feature config of any image
+    shards."""
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
     shards = (glob_shards(str(cfg.eval.reference_shards)) if cfg.eval.reference_shards

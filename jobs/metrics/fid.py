@@ -216,7 +216,9 @@ def load_reference_stats(url: str) -> ReferenceStats:
     with fs.open(path, "rb") as fh:
         data = np.load(fh, allow_pickle=False)  # lazy: members are read when accessed
         files = data.files
-        get = lambda k: data[k] if k in files else None
+        def get(k):
+            return data[k] if k in files else None
+
         images = npz_array_shape(url) if "arr_0" in files else None
         has_stats = "mu" in files and "sigma" in files
         if not has_stats and images is None:

@@ -145,7 +145,7 @@ def resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _torchscript_logits_weight(net: nn.Module) -> torch.Tensor:
     """The 2048 x 1008 output weight inside the TorchScript graph (found by shape)."""
-    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+    for _name, t in list(net.named_parameters()) + list(net.named_buffers()):
         if tuple(t.shape) == (NUM_LOGITS, POOL_DIM):
             return t.detach().T
         if tuple(t.shape) == (POOL_DIM, NUM_LOGITS):

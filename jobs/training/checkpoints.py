@@ -242,7 +242,8 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
 def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
     """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
 
-    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.training.ray_training.experiment_name)
+    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]`
+    (jobs.training.ray_training.experiment_name)
     under cluster.storage_path (default <work_dir>/ray, infra.paths.ray_storage_path). The
     fingerprint comes from the stage manifest (else from the stage's config), the storage path from
     the config that trained it (its config.yaml, else `cfg`), and the default beside the stage dir;
