@@ -17,10 +17,7 @@ from infra import code_shards, paths
 from infra.image_grid import image_grid
 from jobs.training.checkpoints import generator_config, load_tokenizer
 from jobs.training.deepspeed_runtime import (
-    EMA,
     build_engine,
-    prepare_deepspeed,
-    seed_everything,
 )
 from jobs.training.ray_training import LoopSpec, WorkerSession, run_loop
 from jobs.training.stage import TrainingStage, run_training_stage
@@ -57,18 +54,15 @@ def _zero3_gathered(engine: Any):
 
 def generator_loop(config: dict) -> None:
     """Ray Train worker: one DeepSpeed engine for the GPT."""
-    session = WorkerSession.from_loop_config(config)
+    session = WorkerSession.start(config)  # identical initial weights on every rank
     cfg, train, device = session.cfg, session.train, session.device
-    prepare_deepspeed(device.type == "cuda")
     gen_cfg = generator_config(cfg)
-    seed_everything(int(train.seed))  # identical initial weights on every rank
     model = GPT(gen_cfg)
     labels1 = torch.zeros(1, dtype=torch.long)
     flops = 3 * forward_flops(lambda: model(labels1, torch.zeros(1, gen_cfg.block_size, dtype=torch.long)))
     engine = build_engine(model.to(device), train, session.world, int(train.steps))
-    ema = EMA(engine.module, float(train.ema_decay), session.rank,
-              bool(train.ema_warmup))
-    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank dropout streams
+    ema = session.ema_of(engine)
+    session.seed_rank()  # per-rank dropout streams
 
     codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")
     loader = code_shards.CodeBatches(codes, classes, int(train.micro_batch_size), session.rank,

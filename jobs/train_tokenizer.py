@@ -24,10 +24,7 @@ from infra.manifest import (
 )
 from jobs.training.checkpoints import tokenizer_config
 from jobs.training.deepspeed_runtime import (
-    EMA,
     build_engine,
-    prepare_deepspeed,
-    seed_everything,
 )
 from jobs.training.ray_training import (
     LoopSpec,
@@ -80,11 +77,9 @@ def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
 
 def tokenizer_loop(config: dict) -> None:
     """Ray Train worker: tokenizer engine (+ discriminator engine from the GAN start)."""
-    session = WorkerSession.from_loop_config(config)
+    session = WorkerSession.start(config)  # identical initial weights on every rank
     cfg, train, device = session.cfg, session.train, session.device
-    prepare_deepspeed(device.type == "cuda")
     tok_cfg = tokenizer_config(cfg)
-    seed_everything(int(train.seed))  # identical initial weights on every rank
     model = ResTok(tok_cfg)
     loss_fn = TokenizerLoss(train.loss)
     size = int(tok_cfg.image_size)
@@ -99,9 +94,8 @@ def tokenizer_loop(config: dict) -> None:
                                    lr=float(train.disc_lr), zero_stage=min(int(train.zero_stage), 2))
         engines[DISC_ENGINE] = disc_engine
     loss_fn.to(device)
-    ema = EMA(engine.module, float(train.ema_decay), session.rank,
-              bool(train.ema_warmup))
-    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank nested-dropout streams
+    ema = session.ema_of(engine)
+    session.seed_rank()  # per-rank nested-dropout streams
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     stats = CodebookStats(tok_cfg.codebook_size, device=device)
 

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import NANO_TOKENIZER, write_tokenizer_export
 
 from configs.loading import load_config
 from infra import paths
@@ -14,11 +15,8 @@ from infra.stages import stage_fingerprint
 
 NUM_CLASSES = 4
 TINY_OVERRIDES = [
-    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}",
-    "tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-    "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,1,2]", "tokenizer.num_res_blocks=1",
-    "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-    "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none",
+    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}", *NANO_TOKENIZER,
+    "tokenizer.channel_mult=[1,1,2]",
     "generator.size=tiny", "generator.vocab_size=64", "generator.levels=[1,1,2,4,8]",
     f"generator.num_classes={NUM_CLASSES}", "generator.ar_tokens=4",
     "eval.num_actors=2", "eval.batch_size=16", "eval.feature_net=probe", "eval.probe_steps=40",
@@ -56,25 +54,14 @@ def write_split(cfg, split, per_class, shard_size):
 
 def write_models(cfg, seed=0, tokenizer_dir=None):
     """Exports in the train stages' format (jobs.training.checkpoints), random tiny weights, manifests."""
-    from jobs.training.checkpoints import (
-        generator_config,
-        tokenizer_config,
-        write_export,
-    )
+    from jobs.training.checkpoints import generator_config, write_export
     from models.generator import GPT
-    from models.tokenizer import ResTok
 
-    torch.manual_seed(seed)
-    tok = ResTok(tokenizer_config(cfg))
+    write_tokenizer_export(cfg, seed=seed, stage_dir=tokenizer_dir)
     gpt = GPT(generator_config(cfg)).state_dict()
-    for stage, name, state, extra in (
-            ("train_tokenizer", "tokenizer", tok.state_dict(),
-             {"levels": list(tok.levels), "codebook_size": tok.codebook_size, "num_tokens": tok.num_tokens}),
-            ("train_generator", "generator", gpt, {})):
-        sd = tokenizer_dir if (stage == "train_tokenizer" and tokenizer_dir) else paths.stage_dir(cfg, stage)
-        os.makedirs(sd, exist_ok=True)
-        write_export(sd, name, state, state, cfg)
-        write_manifest(sd, stage, stage_fingerprint(cfg, stage), complete=True, **extra)
+    stage_dir = paths.stage_dir(cfg, "train_generator")
+    write_export(stage_dir, "generator", gpt, gpt, cfg)
+    write_manifest(stage_dir, "train_generator", stage_fingerprint(cfg, "train_generator"), complete=True)
 
 
 def write_prep(cfg, val_per_class=6, val_shard=5, train_per_class=12, train_shard=16):

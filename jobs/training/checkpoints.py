@@ -121,22 +121,23 @@ def _load_config(url: str) -> Any:
         return from_yaml_text(fh.read())
 
 
-def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
-    """The trained ResTok in eval mode (EMA weights by default) from a train_tokenizer export."""
-    weights, config = _resolve(stage_dir_or_file, "tokenizer", ema)
-    cfg = _load_config(config)
-    model = ResTok(tokenizer_config(cfg))
+def load_export(stage: str, stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
+    """A training stage's exported model in eval mode (EMA weights by default)."""
+    export = EXPORTABLE[stage]
+    weights, config = _resolve(stage_dir_or_file, export.name, ema)
+    model = export.build_model(_load_config(config))
     model.load_state_dict(_load_weights(weights), strict=True)
     return model.to(device).eval()
 
 
-def load_generator(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
-    """The trained GPT in eval mode (EMA weights by default) from a train_generator export."""
-    weights, config = _resolve(stage_dir_or_file, "generator", ema)
-    cfg = _load_config(config)
-    model = GPT(generator_config(cfg))
-    model.load_state_dict(_load_weights(weights), strict=True)
-    return model.to(device).eval()
+def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu") -> ResTok:
+    """The trained ResTok from a train_tokenizer export (what extraction and evaluation load)."""
+    return load_export("train_tokenizer", stage_dir_or_file, ema, device)
+
+
+def load_generator(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu") -> GPT:
+    """The trained GPT from a train_generator export (what sampling loads)."""
+    return load_export("train_generator", stage_dir_or_file, ema, device)
 
 
 def _plain(cls: type, node: Any) -> Any:

@@ -33,7 +33,14 @@ from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
 from infra.stages import stage_fingerprint
-from jobs.training.deepspeed_runtime import grad_accumulation, rng_state, set_rng_state
+from jobs.training.deepspeed_runtime import (
+    EMA,
+    grad_accumulation,
+    prepare_deepspeed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from jobs.training.throughput import Throughput, measured_matmul_peak, peak_memory_bytes
 
 STATE_TAG = "state"
@@ -291,6 +298,22 @@ class WorkerSession:
                    ctx.get_world_rank(), ctx.get_world_size(), device, config.get("resume_from"),
                    config["crash_marker"], config["checkpoint_root"], int(config["keep_checkpoints"]),
                    config["fingerprint"])
+
+    @classmethod
+    def start(cls, config: dict) -> WorkerSession:
+        """The start of every train loop: the session, DeepSpeed prepared for its device, and the
+        initial-weights seed (identical on every rank; call `seed_rank` once the models are built)."""
+        session = cls.from_loop_config(config)
+        prepare_deepspeed(session.device.type == "cuda")
+        seed_everything(int(session.train.seed))
+        return session
+
+    def seed_rank(self) -> None:
+        """Per-rank random streams (dropout, nested dropout) from here on."""
+        seed_everything(int(self.train.seed) + 1 + self.rank)
+
+    def ema_of(self, engine: Any) -> EMA:
+        return EMA(engine.module, float(self.train.ema_decay), self.rank, bool(self.train.ema_warmup))
 
     @property
     def train(self) -> Any:
