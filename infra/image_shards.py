@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,33 +13,20 @@ import torch
 from PIL import Image
 
 from infra import storage
+from infra.shards import read_samples, tar_bytes
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 def read_image_shard(url: str) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, class) per sample of one WebDataset tar, in shard order. The key is
-    the member path up to the first dot of its basename (WebDataset's rule); class -1 if absent."""
-    fs, path = storage.filesystem(url)
-    key, image, label = None, None, -1
-    with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            stem, _, ext = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
-                if key is not None and image is not None:
-                    yield key, image, label
-                key, image, label = member_key, None, -1
-            data = tar.extractfile(member).read()
-            if ext.lower() in IMAGE_EXTS:
-                image = data
-            elif ext in ("cls", "label"):
-                label = int(data.decode().strip())
-        if key is not None and image is not None:
-            yield key, image, label
+    """(key, encoded image, class) per sample of one WebDataset tar, in shard order (infra.shards
+    key rules); class -1 if absent; samples without an image are passed over."""
+    for sample in read_samples(url):
+        image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+        if image is None:
+            continue
+        label = sample.get("cls", sample.get("label"))
+        yield sample["__key__"], image, int(label.decode().strip()) if label is not None else -1
 
 
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
@@ -129,14 +115,9 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 
 def write_png_shard(url: str, samples: list[tuple[str, np.ndarray, int]]) -> str:
     """Atomically write (key, uint8 HWC, class) samples as `<key>.png` + `<key>.cls`; returns sha256."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, image, label in samples:
-            for ext, data in (("png", png_bytes(image)), ("cls", str(int(label)).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes_atomic(url, buf.getvalue())
-    return storage.sha256_bytes(buf.getvalue())
+    data = tar_bytes({"__key__": key, "png": png_bytes(image), "cls": str(int(label)).encode()}
+                     for key, image, label in samples)
+    storage.write_bytes_atomic(url, data)
+    return storage.sha256_bytes(data)
 
 

@@ -25,7 +25,7 @@ from configs.schema import RestokConfig
 from data_prep.loaders import IMAGE_KEYS, resolve_shards
 from data_prep.transforms import EvalTransform, decode, to_chw_uint8
 from infra import paths, storage, tracking
-from infra.code_shards import encode_shard, group_samples
+from infra.code_shards import encode_shard
 from infra.console import progress
 from infra.manifest import (
     is_complete,
@@ -34,6 +34,7 @@ from infra.manifest import (
     require_complete,
     write_manifest,
 )
+from infra.shards import read_samples
 from infra.stages import stage_fingerprint
 from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
 from jobs.training.ray_training import ensure_ray
@@ -141,11 +142,9 @@ class CodeExtractor:
 
     def extract(self, in_url: str, out_url: str, identity: dict[str, str]) -> dict:
 
-        fs, path = storage.filesystem(in_url)
-        with fs.open(path, "rb") as fh:
-            samples = group_samples(fh.read())
         keys, labels, images = [], [], []
-        for key, parts in samples:
+        for parts in read_samples(in_url):
+            key = parts["__key__"]
             ext = next((e for e in IMAGE_KEYS if e in parts), None)
             if ext is None or "cls" not in parts:
                 raise ValueError(f"{in_url}: sample {key!r} lacks an image or cls (has {sorted(parts)})")
