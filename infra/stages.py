@@ -51,7 +51,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_fingerprint(cfg: Any, stage: str) -> str:
+def stage_fingerprint(cfg: RestokConfig, stage: str) -> str:
     if stage not in CONFIG_KEYS:
         raise KeyError(f"unknown stage {stage!r}; valid: {list(STAGE_ORDER)}")
     inputs = {up: stage_fingerprint(cfg, up) for up in UPSTREAM[stage]}

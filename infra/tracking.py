@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from configs.loading import to_flat_dict, to_yaml
+from configs.schema import RestokConfig
 from infra import storage
 from infra.console import progress
 from infra.paths import stage_dir, tracking_uri, work_url
@@ -51,7 +52,7 @@ def _git_commit() -> str:
         return ""
 
 
-def artifact_root(cfg: Any) -> str:
+def artifact_root(cfg: RestokConfig) -> str:
     """Artifacts beside the store under the work dir (MLflow would otherwise use ./mlruns of
     whatever directory the command runs in)."""
 
@@ -102,7 +103,7 @@ def driver_alive(tag: str) -> bool | None:
     return True
 
 
-def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
+def start_run(cfg: RestokConfig, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
               fingerprint: str | None = None) -> str:
     """Create a FINISHED-able run for `stage`, tagged with the preset; returns its id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -125,7 +126,7 @@ def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags
     return run_id
 
 
-def log_config(cfg: Any, run_id: str) -> None:
+def log_config(cfg: RestokConfig, run_id: str) -> None:
     """Resolved config as params (flattened) and as a YAML artifact."""
     from mlflow.entities import Param
 
@@ -136,11 +137,11 @@ def log_config(cfg: Any, run_id: str) -> None:
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
 
 
-def end_run(cfg: Any, run_id: str, status: str = "FINISHED") -> None:
+def end_run(cfg: RestokConfig, run_id: str, status: str = "FINISHED") -> None:
     client_for(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
 
-def reap_dead_runs(cfg: Any) -> list[str]:
+def reap_dead_runs(cfg: RestokConfig) -> list[str]:
     """Mark KILLED every RUNNING run of the experiment whose driver (on this host) is gone; returns
     their ids. Runs of drivers on other hosts are left alone (their liveness is unknown here)."""
     client = client_for(tracking_uri(cfg))
@@ -159,12 +160,12 @@ def reap_dead_runs(cfg: Any) -> list[str]:
     return reaped
 
 
-def _record_url(cfg: Any, stage: str) -> str:
+def _record_url(cfg: RestokConfig, stage: str) -> str:
 
     return join(stage_dir(cfg, stage), RUN_RECORD)
 
 
-def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
+def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
                           parent_run_id: str | None = None) -> tuple[str, bool]:
     """(run id, continued): for a training stage, the run recorded in its stage dir for the same
     fingerprint (set RUNNING again, moved under `parent_run_id`), unless its driver still runs;
@@ -198,7 +199,7 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
 
 
 @contextmanager
-def stage_run(cfg: Any, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+def stage_run(cfg: RestokConfig, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
     if run_id:
         yield run_id

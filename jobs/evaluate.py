@@ -67,7 +67,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
 
 
-def _run_evaluations(cfg: Any, run_id: str | None, parent_run_id: str | None, stage_dir: str) -> dict:
+def _run_evaluations(cfg: RestokConfig, run_id: str | None, parent_run_id: str | None, stage_dir: str) -> dict:
     fields: dict[str, Any] = {}
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         spec, probe = resolved_feature_spec(cfg)
@@ -84,7 +84,7 @@ def _run_evaluations(cfg: Any, run_id: str | None, parent_run_id: str | None, st
     return fields
 
 
-def score_files(cfg: Any, ref_url: str, samples_url: str) -> dict:
+def score_files(cfg: RestokConfig, ref_url: str, samples_url: str) -> dict:
     """`restok eval score REF.npz SAMPLES.npz`: ADM's evaluator (evaluations/evaluator.py) in our
     environment. Inputs in its format: arr_0 uint8 NHWC images; the reference's mu, sigma, mu_s,
     sigma_s are used when present. Always the Inception network (eval.inception_weights,
@@ -116,7 +116,7 @@ def score_files(cfg: Any, ref_url: str, samples_url: str) -> dict:
             "run_id": rid}
 
 
-def cli(action: str, cfg: Any, files: list[str] | None = None) -> int:
+def cli(action: str, cfg: RestokConfig, files: list[str] | None = None) -> int:
     """`restok eval recon|gen|all|make-ref|cfg-search`, `restok eval score REF.npz SAMPLES.npz`."""
     actions = ("recon", "gen", "all", "make-ref", "cfg-search", "score")
     if action not in actions:

@@ -29,7 +29,7 @@ ENGINE = "generator"
 GRID_SAMPLES = 16
 
 
-def check_against_codes(cfg: Any, codes_manifest: dict) -> None:
+def check_against_codes(cfg: RestokConfig, codes_manifest: dict) -> None:
     """The generator's vocabulary, levels and classes must match the extracted codes."""
     want = {"generator.vocab_size": codes_manifest["codebook_size"],
             "generator.levels": list(codes_manifest["levels"]),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -44,7 +43,7 @@ DISC_ENGINE = "discriminator"
 GRID_IMAGES = 8
 
 
-def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
+def image_batches(cfg: RestokConfig, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
                   start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """prep's training batches for `rank` from global micro-batch index `start` on, forever.
 

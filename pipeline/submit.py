@@ -33,6 +33,7 @@ from configs.loading import (
     path_keys,
     split_preset_and_overrides,
 )
+from configs.schema import RestokConfig
 from infra.stages import STAGE_ORDER
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +183,7 @@ def _follow(client: Any, job_id: str, poll_s: float = 2.0) -> str:
     return str(status)
 
 
-def relative_paths(cfg: Any) -> list[tuple[str, str]]:
+def relative_paths(cfg: RestokConfig) -> list[tuple[str, str]]:
     """(key, value) of every path field whose value is a relative local path."""
     out = []
     for key in path_keys():

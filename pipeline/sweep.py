@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from configs.loading import from_yaml_text, to_yaml
+from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
 from infra.stages import stage_fingerprint
@@ -60,7 +61,7 @@ def checkpoint_label(path: str, index: int) -> str:
     return f"{name}@{steps}" if steps is not None else name
 
 
-def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
+def resolve_checkpoints(cfg: RestokConfig, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
     """The export directories to sweep. An entry is a train_tokenizer stage directory (its kept Ray
     Train checkpoints, all or `steps`, each exported by jobs.training.checkpoints.export_checkpoint into
     <stage dir>/exports/), a Ray Train checkpoint directory (exported under the sweeps dir), or an
@@ -96,7 +97,7 @@ def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] =
     return list(dict.fromkeys(out))
 
 
-def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
+def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
     """The parent config with its own work dir, the parent's shards / tracking store / probe, and
     the checkpoint's tokenizer architecture."""
 
@@ -162,7 +163,7 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
             "work_dir": str(child.work_dir)}
 
 
-def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
+def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | None = None,
           steps: Sequence[int] = ()) -> dict:
     """Run the sweep over `checkpoints` (see resolve_checkpoints); returns {rows, parent_run_id,
     sweep_dir, plot, csv, markdown}."""
@@ -221,7 +222,7 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
             "markdown": storage.join(sweep_dir, "sweep.md")}
 
 
-def _run_chains(cfg: Any, children: list[str], parent: str, stages: dict | None) -> list[dict]:
+def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dict | None) -> list[dict]:
     parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
     if parallel <= 1:
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
@@ -290,7 +291,7 @@ def recon_vs_gen_figure(rows: list[dict], recon_key: str, gen_key: str, kind: st
     return fig
 
 
-def run_sweep(cfg: Any, checkpoints: Sequence[str] = (), steps: Sequence[int] = ()) -> int:
+def run_sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), steps: Sequence[int] = ()) -> int:
     """CLI entry (`restok sweep [PRESET] [k=v ...] [--checkpoints A B ...] [--steps N ...]`)."""
     result = sweep(cfg, checkpoints, steps=steps)
     print(f"sweep: plot {result['plot']}, table {result['csv']}, parent run {result['parent_run_id']}")

@@ -3,11 +3,10 @@ actors load, its fingerprint, and the names numbers are logged under (real Incep
 random-untrained Inception -> *_random_untrained; the probe stand-in -> fd_probe_*, never FID)."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from configs.schema import RestokConfig
 from infra import paths, storage
 from infra.image_shards import image_batches, split_shards
 from infra.manifest import fingerprint
@@ -50,7 +49,7 @@ class FeatureSet:
         return np.concatenate(self.labels) if self.labels else np.zeros((0,), np.int64)
 
 
-def feature_spec(cfg: Any, probe_path: str = "") -> dict:
+def feature_spec(cfg: RestokConfig, probe_path: str = "") -> dict:
     return {"kind": str(cfg.eval.feature_net), "weights": str(cfg.eval.inception_weights), "probe_path": probe_path,
             "resize": str(cfg.eval.inception_resize)}
 
@@ -105,7 +104,7 @@ def distance_name(kind: str, which: str, weights: str = "") -> str:
     return f"fd_probe_{which}"
 
 
-def load_split_arrays(cfg: Any, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def load_split_arrays(cfg: RestokConfig, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for _, x, y in image_batches(split_shards(paths.shards_url(cfg), split), int(cfg.data.image_size), 256):
         images.append(x.permute(0, 2, 3, 1).numpy())
@@ -115,7 +114,7 @@ def load_split_arrays(cfg: Any, split: str, limit: int) -> tuple[np.ndarray, np.
     return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
 
 
-def ensure_probe_for(cfg: Any) -> dict:
+def ensure_probe_for(cfg: RestokConfig) -> dict:
     """Train (or reuse) the probe on the prep train split; cached in <evaluate dir>/probe."""
     x, y = load_split_arrays(cfg, "train", int(cfg.eval.probe_max_train_images))
     xv, yv = load_split_arrays(cfg, "val", int(cfg.eval.probe_max_train_images))
@@ -129,7 +128,7 @@ def ensure_probe_for(cfg: Any) -> dict:
     return manifest
 
 
-def resolved_feature_spec(cfg: Any) -> tuple[dict, dict]:
+def resolved_feature_spec(cfg: RestokConfig) -> tuple[dict, dict]:
     """(feature spec for the actors, probe manifest or {})."""
     if str(cfg.eval.feature_net) == "probe":
         probe = ensure_probe_for(cfg)

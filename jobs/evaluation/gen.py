@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.image_grid import grid_rows
 from infra.image_shards import image_batches
@@ -24,7 +25,7 @@ from jobs.evaluation.sampling import SAMPLING_PROTOCOL, pick_device
 from jobs.metrics.adm import frechet_distance, inception_score, mean_cov, scores
 
 
-def gen_metrics(cfg: Any, spec: dict, ref: dict, acts: dict, probe: dict | None) -> tuple[dict, dict]:
+def gen_metrics(cfg: RestokConfig, spec: dict, ref: dict, acts: dict, probe: dict | None) -> tuple[dict, dict]:
     """(metrics, notes) from sample activations and the reference via jobs.metrics.adm."""
     kind, notes = spec["kind"], {}
     device = pick_device(bool(cfg.cluster.use_gpu))
@@ -57,7 +58,7 @@ def gen_metrics(cfg: Any, spec: dict, ref: dict, acts: dict, probe: dict | None)
     return metrics, notes
 
 
-def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+def evaluate_gen(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | None = None,
                  generator_url: str | None = None, sampling: Any | None = None, spec: dict | None = None,
                  probe: dict | None = None, step: int | None = None, log_prefix: str = "") -> dict:
     """Sample (jobs.sample), then generation metrics against the reference; logged to run_id."""
@@ -93,7 +94,7 @@ def evaluate_gen(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
     return report
 
 
-def _samples_url_for(cfg: Any, tokenizer_url: str, generator_url: str, sampling: Any) -> str:
+def _samples_url_for(cfg: RestokConfig, tokenizer_url: str, generator_url: str, sampling: Any) -> str:
     """Sample sets of explicitly named checkpoints live under a hash of what produced them."""
     from omegaconf import OmegaConf
 
@@ -106,7 +107,7 @@ def _samples_url_for(cfg: Any, tokenizer_url: str, generator_url: str, sampling:
     return storage.join(paths.stage_dir(cfg, STAGE), "samples", key)
 
 
-def _sample_grid(shards: list[str], cfg: Any) -> np.ndarray:
+def _sample_grid(shards: list[str], cfg: RestokConfig) -> np.ndarray:
     n = int(cfg.eval.grid_images)
     rows: list[list[np.ndarray]] = [[]]
     for _, images, _ in image_batches(shards[:1], int(cfg.data.image_size), n * n):
@@ -116,7 +117,7 @@ def _sample_grid(shards: list[str], cfg: Any) -> np.ndarray:
     return grid_rows(rows)
 
 
-def cfg_search(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+def cfg_search(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | None = None,
                generator_url: str | None = None, spec: dict | None = None, probe: dict | None = None) -> dict:
     """Sweep eval.cfg_search_scales x eval.cfg_search_start_ratios (paper App. A.3: the best CFG
     schedule per checkpoint); each point is a child run and a metric step of `run_id`; keeps the best."""

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from configs.loading import from_yaml_text, sampler_kwargs
+from configs.schema import RestokConfig
 from infra import paths, storage
 from infra.manifest import fingerprint
 from infra.stages import stage_fingerprint
@@ -19,7 +20,7 @@ from jobs.evaluation.sampling import (
 )
 
 
-def generate_samples(cfg: Any, out_url: str, tokenizer_url: str, generator_url: str,
+def generate_samples(cfg: RestokConfig, out_url: str, tokenizer_url: str, generator_url: str,
                      sampling: Any | None = None, pool: Any | None = None) -> dict:
     """Sample the class-interleaved set into `out_url` on a Ray actor pool; returns its manifest.
     Skips when `out_url` already holds a complete manifest for the same request; resumes from the
@@ -76,7 +77,7 @@ def _export_sha(url: str, name: str) -> str:
     return storage.sha256_url(path) if storage.exists(path) else ""
 
 
-def samples_url(cfg: Any, sampling: Any | None = None) -> str:
+def samples_url(cfg: RestokConfig, sampling: Any | None = None) -> str:
     """<evaluate dir>/samples/<hash of the sampling settings and count>."""
     from omegaconf import OmegaConf
 

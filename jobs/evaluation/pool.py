@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from configs.schema import RestokConfig
 from infra.image_shards import image_batches
 from jobs.evaluation.features import FeatureSet, load_features
 from jobs.evaluation.sampling import pick_device, sample_shards
@@ -155,7 +156,7 @@ class EvalWorker:
                              labels, seed, sampler, batch_size, out_url, fp)
 
 
-def actor_gpus(cfg: Any) -> float:
+def actor_gpus(cfg: RestokConfig) -> float:
     """GPUs each eval actor reserves: eval.gpus_per_actor (1) with cluster.use_gpu, else 0."""
     gpus = float(cfg.eval.gpus_per_actor) if bool(cfg.cluster.use_gpu) else 0.0
     if bool(cfg.cluster.use_gpu) and not 0 < gpus <= 1 and gpus != int(gpus):
@@ -169,7 +170,7 @@ class EvalPool:
     together in one placement group: all or nothing, so two pools (e.g. two sweep chains) never
     each hold half of a small cluster and wait on each other."""
 
-    def __init__(self, cfg: Any, num_actors: int):
+    def __init__(self, cfg: RestokConfig, num_actors: int):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -220,7 +221,7 @@ class EvalPool:
 _POOL: EvalPool | None = None
 
 
-def get_pool(cfg: Any) -> EvalPool:
+def get_pool(cfg: RestokConfig) -> EvalPool:
     """The driver's evaluation pool (created on first use, reused until close_pool)."""
     global _POOL
     n = max(1, int(cfg.eval.num_actors))

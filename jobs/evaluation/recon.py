@@ -5,10 +5,10 @@ curve of distance vs kept tokens)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
+from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.image_grid import grid_rows
 from infra.image_shards import split_shards
@@ -22,14 +22,14 @@ from jobs.metrics.inception_score import inception_score
 from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
 
 
-def split_count(cfg: Any, split: str) -> int | None:
+def split_count(cfg: RestokConfig, split: str) -> int | None:
     """Images of `split` according to the prep manifest (None when it does not say)."""
     manifest = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
     entries = manifest.get("splits", {}).get(split, {}).get("shards")
     return sum(int(e["count"]) for e in entries) if entries else None
 
 
-def evaluate_recon(cfg: Any, run_id: str | None, tokenizer_url: str | None = None,
+def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | None = None,
                    spec: dict | None = None, probe: dict | None = None) -> dict:
     """Reconstruction metrics of the val split; logs them (and a grid, and the Fig. 5 curve) to run_id."""
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")

@@ -2,10 +2,9 @@
 reference file computed once on the actor pool and cached by (file sha256, feature config)."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from configs.schema import RestokConfig
 from infra import paths, storage
 from infra.image_shards import glob_shards, split_shards
 from infra.manifest import fingerprint
@@ -34,12 +33,12 @@ def _count_reference_pass(what: str) -> None:
     print(f"[evaluate] reference features: computing {what} on the actor pool (pass {REFERENCE_PASSES})", flush=True)
 
 
-def feature_config(cfg: Any, spec: dict) -> str:
+def feature_config(cfg: RestokConfig, spec: dict) -> str:
     """Fingerprint of everything that shapes a reference's activations besides its images."""
     return fingerprint({"features": feature_fingerprint(spec), "image_size": int(cfg.data.image_size)})
 
 
-def shard_activations(cfg: Any, shards: list[str], spec: dict, what: str) -> dict:
+def shard_activations(cfg: RestokConfig, shards: list[str], spec: dict, what: str) -> dict:
     """Activations of image shards on the pool, concatenated in shard order (each image once)."""
     results = get_pool(cfg).map_shards("activations", shards, spec, int(cfg.data.image_size), int(cfg.eval.batch_size))
     by_url = {part["url"]: part for parts in results for part in parts}
@@ -50,7 +49,7 @@ def shard_activations(cfg: Any, shards: list[str], spec: dict, what: str) -> dic
     return out
 
 
-def array_activations(cfg: Any, npz_url: str, count: int, spec: dict) -> dict:
+def array_activations(cfg: RestokConfig, npz_url: str, count: int, spec: dict) -> dict:
     """Activations of an ADM batch's arr_0 rows, split into one contiguous range per actor."""
     pool = get_pool(cfg)
     bounds = np.linspace(0, count, pool.size + 1).round().astype(int)
@@ -60,7 +59,7 @@ def array_activations(cfg: Any, npz_url: str, count: int, spec: dict) -> dict:
     return {k: np.concatenate([r[k] for r in results]) for k in ("pool", "spatial") if k in results[0]}
 
 
-def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats:
+def compute_reference(cfg: RestokConfig, shards: list[str], spec: dict) -> ReferenceStats:
     """Reference statistics and all pool rows of image shards (ADM: precision/recall use every row)."""
     _count_reference_pass(f"{len(shards)} shards")
     acts = shard_activations(cfg, shards, spec, "reference statistics")
@@ -72,12 +71,12 @@ def compute_reference(cfg: Any, shards: list[str], spec: dict) -> ReferenceStats
     return ref
 
 
-def default_reference_url(cfg: Any, spec: dict, probe: dict) -> str:
+def default_reference_url(cfg: RestokConfig, spec: dict, probe: dict) -> str:
     tag = feature_net_tag(spec) if spec["kind"] == "inception" else f"probe-{probe.get('key', 'unknown')}"
     return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
 
 
-def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
+def make_reference(cfg: RestokConfig, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
     """`restok eval make-ref`: mu, sigma (+ spatial), all pool rows and the feature config of any image
     shards."""
     if spec is None:
@@ -91,7 +90,7 @@ def make_reference(cfg: Any, out_url: str = "", spec: dict | None = None, probe:
     return out_url
 
 
-def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[dict, str]:
+def reference_for_gen(cfg: RestokConfig, spec: dict, probe: dict) -> tuple[dict, str]:
     """The reference for generation metrics: ({pool, spatial, stats, num_images}, url).
 
     eval.reference_stats, or with the probe and none configured the prep split's (made once, remade
@@ -127,7 +126,7 @@ def reference_for_gen(cfg: Any, spec: dict, probe: dict) -> tuple[dict, str]:
     return out, url
 
 
-def _cached_array_activations(cfg: Any, url: str, count: int, spec: dict, want: str) -> dict:
+def _cached_array_activations(cfg: RestokConfig, url: str, count: int, spec: dict, want: str) -> dict:
     import io
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from configs.loading import from_yaml_text, to_yaml
+from configs.schema import RestokConfig
 from infra import storage
 from infra.manifest import read_manifest, write_manifest
 from infra.paths import ray_storage_path
@@ -76,7 +77,7 @@ def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module
     return raw, ema
 
 
-def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: Any) -> dict[str, str]:
+def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: RestokConfig) -> dict[str, str]:
     """Atomically write `<name>.safetensors`, `<name>_ema.safetensors`, `config.yaml`; returns the
     file names (relative to the stage dir) and their sha256."""
     from safetensors.torch import save
@@ -148,12 +149,12 @@ def _plain(cls: type, node: Any) -> Any:
     return cls(**values)
 
 
-def generator_config(cfg: Any):
+def generator_config(cfg: RestokConfig):
 
     return _plain(GeneratorConfig, cfg.generator)
 
 
-def tokenizer_config(cfg: Any):
+def tokenizer_config(cfg: RestokConfig):
 
     return _plain(TokenizerConfig, cfg.tokenizer)
 
@@ -240,7 +241,7 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
     return stage
 
 
-def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
+def experiment_dirs(stage_dir: str, cfg: RestokConfig | None = None) -> tuple[str, list[str], list[str]]:
     """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
 
     Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]`
@@ -279,7 +280,7 @@ def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[s
     return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs)), patterns
 
 
-def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int, str], list[str]]:
+def kept_checkpoints(source: str, cfg: RestokConfig | None = None) -> tuple[str, dict[int, str], list[str]]:
     """(stage, {step: checkpoint URL}, directories searched) of the complete checkpoints Ray Train
     kept for a training stage directory (or of one checkpoint directory given itself)."""
     source = source.rstrip("/")
@@ -300,7 +301,7 @@ def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int
     return stage, dict(sorted(found.items())), dirs or patterns
 
 
-def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tuple[str, int, str]:
+def find_checkpoint(source: str, step: int | None, cfg: RestokConfig | None = None) -> tuple[str, int, str]:
     """(stage, step, checkpoint URL) of a kept checkpoint, the newest when `step` is None; a
     one-line FileNotFoundError naming where it looked and the steps there otherwise."""
     stage, kept, searched = kept_checkpoints(source, cfg)
@@ -313,7 +314,7 @@ def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tu
     return stage, step, kept[step]
 
 
-def checkpoint_config(ckpt: str, stage: str, source: str, cfg: Any | None = None) -> Any:
+def checkpoint_config(ckpt: str, stage: str, source: str, cfg: RestokConfig | None = None) -> Any:
     """The config that trained a checkpoint: its own config.yaml, else the stage dir's or `cfg` when
     its fingerprint is the one in the experiment name."""
 
@@ -338,7 +339,7 @@ def default_export_dir(source: str, step: int) -> str:
 
 
 def export_checkpoint(source: str, step: int | None = None, out: str | None = None,
-                      cfg: Any | None = None) -> str:
+                      cfg: RestokConfig | None = None) -> str:
     """Export a kept Ray Train checkpoint of a training stage (any ZeRO stage; EMA weights as the
     EMA) to the export format (<name>.safetensors, <name>_ema.safetensors, config.yaml, manifest
     with the step) that load_tokenizer / load_generator and `restok sweep` read. `source` is a
