@@ -170,7 +170,7 @@ class ExportSpec:
     manifest_fields: Callable[[Any, Any], dict[str, Any]]  # (model, cfg) -> fields
 
 
-# Training stage -> its export (what finish_training_stage, `restok export` and sweeps write).
+# Training stage -> its export (what jobs.training.stage, `restok export` and sweeps write).
 EXPORTABLE: dict[str, ExportSpec] = {
     "train_tokenizer": ExportSpec(
         "tokenizer", "tokenizer", lambda cfg: ResTok(tokenizer_config(cfg)),
