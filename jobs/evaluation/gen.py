@@ -61,7 +61,8 @@ def gen_metrics(cfg: RestokConfig, spec: dict, ref: dict, acts: dict, probe: dic
 def evaluate_gen(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | None = None,
                  generator_url: str | None = None, sampling: Any | None = None, spec: dict | None = None,
                  probe: dict | None = None, step: int | None = None, log_prefix: str = "") -> dict:
-    """Sample (jobs.evaluation.generation), then generation metrics against the reference; logged to run_id."""
+    """Sample (jobs.evaluation.generation), then generation metrics against the reference; logged
+    to run_id."""
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
     generator_url = generator_url or paths.stage_dir(cfg, "train_generator")
     if spec is None:
