@@ -26,8 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.loading import load_config  # noqa: E402
 from data_prep import prepare, synthetic  # noqa: E402
-from data_prep.loaders import eval_batches, train_batches  # noqa: E402
+from data_prep.loaders import eval_batches, resolve_shards, train_batches  # noqa: E402
+from data_prep.tar_samples import tar_samples  # noqa: E402
 from data_prep.transforms import EvalTransform, TrainTransform, to_chw_uint8, to_unit_float  # noqa: E402
+from infra.shards import read_samples  # noqa: E402
 
 
 def make_tree(root: str, n: int, width: int, height: int, classes: int) -> tuple[float, int]:
@@ -57,6 +59,18 @@ class BaselineTransform:
         if self.rng is None:  # one RNG per DataLoader worker process
             self.rng = random.Random(os.getpid())
         return to_chw_uint8(self.transform(image, self.rng))
+
+
+def train_shard_urls(manifest: dict) -> list[str]:
+    return resolve_shards(manifest, "train")[0]
+
+
+def expand_rate(samples) -> float:
+    """Samples per second of expanding shards into samples (no decoding)."""
+    start, n = time.perf_counter(), 0
+    for _ in samples:
+        n += 1
+    return n / (time.perf_counter() - start)
 
 
 def time_batches(batches) -> tuple[float, int]:
@@ -95,13 +109,19 @@ def main(argv=None) -> None:
     rows = []
     try:
         files_rate, nbytes = make_tree(tmp, args.images, args.width, args.height, args.classes)
-        print(f"# {args.images} JPEGs {args.width}x{args.height} ({nbytes / args.images / 1024:.1f} KiB each) in {tmp}")
+        print(f"# {args.images} JPEGs {args.width}x{args.height} "
+              f"({nbytes / args.images / 1024:.1f} KiB each) in {tmp}")
         cfg = load_config(None, [f"work_dir={tmp}/work", "data.source=imagenet_folder", f"data.root={tmp}",
                                  "data.splits=[train]", "data.samples_per_shard=250",
                                  f"data.prep_tasks={max(1, args.workers)}", "cluster.address=local"])
         manifest = prepare.run(cfg)
         prep_rate = manifest["written_this_run"]["images_per_s"]
         rows.append(("write: prep shards (check + tar) vs plain file copy", prep_rate, files_rate))
+        # Why the training loader keeps its own tar parser (data_prep.tar_samples) over webdataset's.
+        urls = train_shard_urls(manifest)
+        ours = max(expand_rate(tar_samples({"url": u} for u in urls)) for _ in range(args.repeats))
+        base = max(expand_rate(s for u in urls for s in read_samples(u)) for _ in range(args.repeats))
+        rows.append(("expand shards: tar_samples vs webdataset (infra.shards)", ours, base))
 
         n = manifest["splits"]["train"]["total"]
         for size in [int(s) for s in args.image_sizes.split(",")]:

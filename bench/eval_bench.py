@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from configs.loading import load_config
 from data_prep import synthetic
-from jobs.evaluate import EvalPool
-from jobs.sample import write_png_shard
+from infra.image_shards import write_png_shard
+from jobs.evaluation.pool import EvalPool
 
 
 def write_shards(folder: str, n: int, size: int, per_shard: int) -> list[str]:
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         rows = [(n, time_pool(cfg, n, shards, spec, args.image_size, args.batch_size, args.repeats)) for n in (1, 2)]
     ray.shutdown()
     base = rows[0][1]
-    print(f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, batch {args.batch_size}, "
+    print(f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, "
+          f"batch {args.batch_size}, "
           f"{torch.get_num_threads()} thread(s) per actor, median of {args.repeats})")
     print(f"{'actors':>6}  {'images/s':>10}  {'vs 1 actor':>10}")
     for n, rate in rows:

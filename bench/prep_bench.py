@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.loading import load_config
 from data_prep import prepare, sources, synthetic
-from pipeline import storage
+from infra import storage
 
 
 def jpeg(index: int, size: tuple[int, int]) -> bytes:

@@ -81,7 +81,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     kw = asdict(official_sampling_config())
     l_batches = args.l_batches or ("1,64" if args.device.startswith("cuda") else "1,8")
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"dtype {args.dtype}, "
           f"compile {args.compile}; sampler {kw}")
     rows = []
     for preset in args.presets.split(","):
@@ -121,7 +122,8 @@ def main(argv=None):
           "| vanilla img/s | speed-up (wall) | speed-up (CPU time) | HAR last pass share |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for preset, batch, p_h, p_v, t_h, t_v, c_h, c_v, share in rows:
-        print(f"| {preset} | {batch} | {p_h} | {p_v} | {t_h / batch:.4f} | {t_v / batch:.4f} | {batch / t_h:.2f} "
+        print(f"| {preset} | {batch} | {p_h} | {p_v} | {t_h / batch:.4f} | {t_v / batch:.4f} "
+              f"| {batch / t_h:.2f} "
               f"| {batch / t_v:.2f} | {t_v / t_h:.2f}x | {c_v / c_h:.2f}x | {share:.0%} |")
     return rows
 

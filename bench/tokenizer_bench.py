@@ -124,7 +124,9 @@ def main(argv=None):
     batches = [int(b) for b in (args.batch or ("32,8" if cuda else "4,1")).split(",")]
     steps = [int(s) for s in (args.steps or ("10,5" if cuda else "3,1")).split(",")]
     warmups = [int(w) for w in (args.warmup or ("3,3" if cuda else "1,0")).split(",")]
-    pad = lambda xs: (xs + [xs[-1]] * len(presets))[: len(presets)]
+    def pad(xs):
+        return (xs + [xs[-1]] * len(presets))[: len(presets)]
+
     amp = torch.bfloat16 if cuda and not args.fp32 else None
     peak = measured_matmul_peak(device, amp or torch.float32)
     print(f"device {device}, threads {torch.get_num_threads()}, "

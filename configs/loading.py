@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
-from configs.schema import RestokConfig
-from models.losses.diffaugment import RANGES as DIFFAUG_RANGES
-from models.losses.discriminator import INPUT_MODES as DISC_INPUT_MODES
-from models.losses.discriminator import LECAM_VARIANTS
-from models.tokenizer.config import INIT_SCHEMES
+from configs.schema import RestokConfig, SamplerConfig
+from models.generator.gpt import GPT
+from models.tokenizer.restok import ResTok
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -68,6 +73,9 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
         )
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
+        choice = re.match(r"Invalid value (.+), expected one of (\[.*\])$", msg)
+        if choice:  # a Literal field: the choices are declared on it (configs.schema, models configs)
+            return ConfigError(f"{source}: {key}={choice.group(1)} is not valid; choose one of {choice.group(2)}")
         return ConfigError(f"{source}: invalid value for {key!r}: {msg}")
     return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
 
@@ -174,42 +182,10 @@ def resolve_paths(cfg: Any, base: str | None = None) -> None:
                 OmegaConf.update(cfg, key, resolved)
 
 
-_CHOICES = {
-    "data.source": ("synthetic", "imagenet_folder", "imagenet_tar"),
-    "tokenizer_train.precision": ("bf16", "fp32"),
-    "generator_train.precision": ("bf16", "fp32"),
-    "tokenizer_train.zero_stage": (0, 1, 2, 3),
-    "generator_train.zero_stage": (0, 1, 2, 3),
-    "extract.augment": ("none", "flip", "tencrop"),
-    "extract.code_dtype": ("int16", "int32"),
-    "sampling.cfg_schedule": ("constant", "step", "linear"),
-    "eval.feature_net": ("inception", "probe"),
-    "eval.inception_resize": ("tf1", "pytorch_fid"),
-    "tokenizer.merge_op": ("nearest", "avg"),
-    "tokenizer.vf_align": ("none", "encoder", "decoder", "both"),
-    "tokenizer.merge_layout": ("width", "alternate"),
-    "tokenizer.latent_init": ("pool", "learned"),
-    "tokenizer_train.loss.lpips_backbone": ("pretrained", "random-untrained"),
-    "tokenizer_train.loss.vf_teacher_backbone": ("pretrained", "random-untrained"),
-    "tokenizer_train.loss.disc_backbone": ("pretrained", "random-untrained"),
-    "tokenizer_train.loss.vf_margin_convention": ("release", "paper"),
-    # Issue 13 switches (choices defined beside their code).
-    "tokenizer.init_scheme": INIT_SCHEMES,
-    "tokenizer_train.loss.disc_input_mode": DISC_INPUT_MODES,
-    "tokenizer_train.loss.disc_diffaug_range": DIFFAUG_RANGES,
-    "tokenizer_train.loss.lecam_variant": LECAM_VARIANTS,
-}
 
 
 def validate(cfg: Any) -> None:
-    """Semantic checks beyond types: enumerated choices and batch arithmetic."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
-    unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
-    if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
+    """Checks beyond types (choices are Literal fields, checked on merge): models build, batch arithmetic."""
     check_models_build(cfg)
     for name in ("tokenizer_train", "generator_train"):
         train = cfg[name]
@@ -226,8 +202,6 @@ def check_models_build(cfg: Any) -> None:
     built fails here with one line, not inside Ray Train workers after the cluster started."""
     import torch
 
-    from models.generator.gpt import GPT
-    from models.tokenizer.restok import ResTok
 
     for section, build in (("tokenizer", ResTok), ("generator", GPT)):
         try:
@@ -242,9 +216,6 @@ def check_models_build(cfg: Any) -> None:
     if list(cfg.generator.levels) != list(cfg.tokenizer.levels):
         raise ConfigError(f"generator.levels={list(cfg.generator.levels)} must equal "
                           f"tokenizer.levels={list(cfg.tokenizer.levels)}")
-
-
-STAGE_NAMES = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -270,3 +241,17 @@ def from_yaml_text(text: str) -> RestokConfig:
     """Re-create a config from a resolved YAML dump (e.g. a manifest's producing config)."""
     cfg = OmegaConf.merge(OmegaConf.structured(RestokConfig), OmegaConf.create(text))
     return cfg  # type: ignore[return-value]
+
+
+def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[PRESET] [key=value ...]`: the first item is a preset when it has no '='."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def sampler_kwargs(sampling: Any) -> dict[str, Any]:
+    """configs.schema.SamplingConfig (a config node) -> models.generator.sample keyword arguments:
+    the fields of the model's SamplingConfig, which the schema's extends."""
+    return {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplerConfig)}

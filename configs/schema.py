@@ -8,15 +8,20 @@ the model library stays importable without this package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
+
+from models.generator.config import GeneratorConfig
+from models.generator.config import SamplingConfig as SamplerConfig
+from models.losses.tokenizer_loss import TokenizerLossConfig
+from models.tokenizer.config import TokenizerConfig
 
 # Field metadata: a local path (or fsspec URL) that configs.loading makes absolute against the
 # directory the command ran in, on the driver, before any Ray worker sees the config (issue 18).
 PATH = {"path": True}
 
-from models.generator.config import GeneratorConfig
-from models.losses.tokenizer_loss import TokenizerLossConfig
-from models.tokenizer.config import TokenizerConfig
+# The pipeline's stages in graph order: the one list (infra.stages adds their inputs and configs).
+StageName = Literal["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
+STAGE_NAMES: tuple[str, ...] = get_args(StageName)
 
 
 @dataclass
@@ -32,7 +37,7 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | imagenet_folder | imagenet_tar
+    source: Literal["synthetic", "imagenet_folder", "imagenet_tar"] = "synthetic"
     # Root of the ImageNet folder tree (train/<wnid>/*.JPEG, val/...) or directory holding
     # ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar.
     root: str = field(default="", metadata=PATH)
@@ -79,8 +84,8 @@ class TrainConfig:
     # Release (ema_model.py): decay min(ema_decay, (1 + t) / (10 + t)), a copy at step 0; false =
     # ema_decay from the first step.
     ema_warmup: bool = False
-    zero_stage: int = 1
-    precision: str = "bf16"  # bf16 | fp32 (fp16 is not supported on CPU)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["bf16", "fp32"] = "bf16"  # fp16 is not supported on CPU
     log_every: int = 10
     image_log_every: int = 500
     checkpoint_every: int = 500
@@ -103,27 +108,19 @@ class TokenizerTrainConfig(TrainConfig):
 class ExtractConfig:
     """Code extraction (SPEC "codes": LlamaGen-style augmentation)."""
 
-    augment: str = "flip"  # none | flip | tencrop (centre crop at 1.1x then 5 crops + flips)
+    augment: Literal["none", "flip", "tencrop"] = "flip"  # tencrop: centre crop at 1.1x, then 5 crops + flips
     batch_size: int = 64
     num_actors: int = 2
-    code_dtype: str = "int16"  # int16 holds codebooks up to 32768 entries
+    code_dtype: Literal["int16", "int32"] = "int16"  # int16 holds codebooks up to 32768 entries
     splits: list[str] = field(default_factory=lambda: ["train"])  # prep splits to tokenize
     use_ema: bool = True  # tokenize with the EMA weights (what evaluation uses)
 
 
 @dataclass
-class SamplingConfig:
-    """SPEC "sampling": published setting s = 3.75 step schedule from 0.25, top-p 0.95."""
+class SamplingConfig(SamplerConfig):
+    """The sampler's settings (models.generator.config.SamplingConfig: SPEC "sampling", published
+    s = 3.75 step schedule from 0.25, top-p 0.95) plus how a sample set is drawn."""
 
-    cfg_scale: float = 3.75
-    cfg_schedule: str = "step"  # constant | step | linear
-    cfg_start_ratio: float = 0.25
-    min_cfg_scale: float = 1.0  # scale used before the start ratio (step schedule)
-    # NOTES.md quirk 19: the release's step schedule returns 1.0001 (not 1.0) below the window.
-    release_cfg_floor: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.95
     batch_size: int = 64
     seed: int = 0
 
@@ -138,7 +135,7 @@ class EvalConfig:
     batch_size: int = 64
     # Feature network for FID/IS/precision/recall: inception (real metric) or probe (built-in
     # dataset stand-in, reported as FD-probe, never as FID).
-    feature_net: str = "inception"
+    feature_net: Literal["inception", "probe"] = "inception"
     inception_weights: str = field(default="", metadata=PATH)  # local path; empty = normal download when online
     reference_stats: str = field(default="", metadata=PATH)  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
     cfg_search_scales: list[float] = field(default_factory=list)
@@ -149,7 +146,7 @@ class EvalConfig:
     reference_out: str = field(default="", metadata=PATH)  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
     # Inception resize to 299 (jobs.metrics.inception): tf1 = the 2015 graph's TF1 bilinear and
     # (x-128)/128 (ADM evaluator, torch-fidelity as the release's rFID); pytorch_fid = torch bilinear.
-    inception_resize: str = "tf1"
+    inception_resize: Literal["tf1", "pytorch_fid"] = "tf1"
     # GPUs per eval actor with cluster.use_gpu: one each; a fraction only to share on purpose.
     gpus_per_actor: float = 1.0
     lpips_vgg_weights: str = field(default="", metadata=PATH)  # torchvision vgg16-397923af.pth; empty = hub cache / download
@@ -188,9 +185,7 @@ class RestokConfig:
     preset: str = "default"  # set by the loader; tags every MLflow run
     work_dir: str = field(default="restok_work", metadata=PATH)
     seed: int = 0
-    stages: list[str] = field(
-        default_factory=lambda: ["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
-    )
+    stages: list[StageName] = field(default_factory=lambda: list(STAGE_NAMES))
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)

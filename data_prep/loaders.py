@@ -29,9 +29,14 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from data_prep import fsspec_gopen  # noqa: F401  (registers fsspec URL schemes with webdataset)
 from data_prep.tar_samples import tar_samples
-from data_prep.transforms import EvalTransform, TrainTransform, to_chw_uint8, to_unit_float
-from pipeline import storage
-from pipeline.manifest import MANIFEST_NAME
+from data_prep.transforms import (
+    EvalTransform,
+    TrainTransform,
+    to_chw_uint8,
+    to_unit_float,
+)
+from infra import storage
+from infra.manifest import MANIFEST_NAME
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 

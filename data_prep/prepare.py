@@ -7,7 +7,7 @@ stage fingerprint and plan is skipped, so a rerun after a kill writes only what 
 shards of another config are deleted and redone, never reused (issue 19). Stale temporaries of killed
 writers and shards outside the plan (left by another config) are removed first, so the output
 ends as exactly the planned shard set. A shared `data.shards_url` holds one directory per
-prep fingerprint (`prep-<fingerprint>`, pipeline.paths.shards_url), so two data configs writing
+prep fingerprint (`prep-<fingerprint>`, infra.paths.shards_url), so two data configs writing
 to one URL never delete or overwrite each other's shards (issue 15).
 
 memory:// lives inside one process, so for memory:// URLs the shard writers run as threads of
@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import OmegaConf
 
+from configs.schema import RestokConfig
 from data_prep.shard_writer import (
     DONE_DIR,
     ShardJob,
@@ -39,10 +40,11 @@ from data_prep.shard_writer import (
     write_shard,
 )
 from data_prep.sources import make_source
-from pipeline import manifest as manifest_lib
-from pipeline import paths, storage
-from pipeline.console import progress
-from pipeline.stages import stage_fingerprint
+from infra import manifest as manifest_lib
+from infra import paths, storage
+from infra.console import progress
+from infra.stages import stage_fingerprint
+from infra.tracking import log_metrics
 
 STAGE = "prep"
 # Classes interleaved into each train shard of a file-backed source: class-sorted shards would
@@ -216,8 +218,9 @@ def summarise(cfg: Any, source: Any, shards_url: str, records: list[dict]) -> di
     }
 
 
-def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
-    """Write the shards of every split in data.splits; returns the prep manifest."""
+def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Write the shards of every split in data.splits; returns the prep manifest (infra.stages.StageRun:
+    prep logs its counts to `run_id` when given and opens no run of its own)."""
     stage_dir = paths.stage_dir(cfg, STAGE)
     fingerprint = stage_fingerprint(cfg, STAGE)
     if manifest_lib.is_complete(stage_dir, fingerprint):
@@ -283,7 +286,6 @@ def run(cfg: Any, run_id: Optional[str] = None) -> dict[str, Any]:
                                   "images_per_s": rate, "source_reads": read_stats(new_records, elapsed)}
     fields["listing"] = listing
     if run_id:
-        from pipeline.tracking import log_metrics
 
         metrics = {f"prep/{split}_images": s["total"] for split, s in fields["splits"].items()}
         metrics.update({f"prep/{split}_skipped": sum(s["skipped"].values()) for split, s in fields["splits"].items()})

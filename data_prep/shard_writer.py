@@ -1,10 +1,11 @@
 """Write one WebDataset shard from a run of sample refs, atomically, with a done record.
 
 Members per sample: `<key>.jpg` or `<key>.png` (image bytes), `<key>.cls` (class index, ASCII),
-`<key>.json` (class index, wnid, name, original width/height, conversion if any). Tar headers
-carry fixed mtime/owner, so the same inputs give the same bytes and the same sha256 on a rerun.
+`<key>.json` (class index, wnid, name, original width/height, conversion if any), written by
+infra.shards (webdataset's TarWriter; fixed mtime/owner, so the same inputs give the same bytes and
+the same sha256 on a rerun).
 
-The shard is written under a temporary name and renamed (pipeline.storage.atomic_open); only
+The shard is written under a temporary name and renamed (infra.storage.atomic_open); only
 then is `_done/<shard>.json` written (count, sha256, skipped and converted keys, the plan's
 hash and the stage fingerprint). A shard counts as complete only with a matching done record,
 so a run killed anywhere leaves either a complete shard or one that the rerun rewrites.
@@ -14,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from data_prep.image_bytes import SkipImage, check_image
-from pipeline import storage
+from infra import storage
+from infra.shards import write_samples
 
 DONE_DIR = "_done"
 
@@ -80,13 +81,6 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _read_in_plan_order(source: Any, refs: list, stats: dict) -> Any:
     """(ref, bytes) in plan order; file-backed sources are read in storage order first.
 
@@ -137,28 +131,28 @@ def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
     """Read, check and write the job's samples; returns (and stores) the shard's done record."""
     skipped: dict[str, list[str]] = {}
     converted: dict[str, list[str]] = {}
-    count = 0
     stats: dict = {}
+
+    def samples():
+        for (key, cls, _), data in _read_in_plan_order(source, job.refs, stats):
+            try:
+                image = check_image(data, source.native_ext, job.resize, job.jpeg_quality)
+            except SkipImage as skip:
+                skipped.setdefault(skip.reason, []).append(key)
+                continue
+            if image.converted:
+                converted.setdefault(image.converted, []).append(key)
+            meta = {
+                "key": key, "cls": int(cls), "wnid": job.class_names[cls],
+                "width": image.original_size[0], "height": image.original_size[1],
+                "converted": image.converted,
+            }
+            yield {"__key__": key, image.ext: image.data, "cls": str(int(cls)).encode(),
+                   "json": json.dumps(meta, sort_keys=True).encode()}
+
     with storage.atomic_open(job.url, "wb") as fh:
         writer = _HashingWriter(fh)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            for (key, cls, _), data in _read_in_plan_order(source, job.refs, stats):
-                try:
-                    image = check_image(data, source.native_ext, job.resize, job.jpeg_quality)
-                except SkipImage as skip:
-                    skipped.setdefault(skip.reason, []).append(key)
-                    continue
-                if image.converted:
-                    converted.setdefault(image.converted, []).append(key)
-                meta = {
-                    "key": key, "cls": int(cls), "wnid": job.class_names[cls],
-                    "width": image.original_size[0], "height": image.original_size[1],
-                    "converted": image.converted,
-                }
-                _add(tar, f"{key}.{image.ext}", image.data)
-                _add(tar, f"{key}.cls", str(int(cls)).encode())
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                count += 1
+        count = write_samples(writer, samples())
     record = {
         "shard": job.name, "split": job.split, "index": job.index, "count": count,
         "planned": len(job.refs), "sha256": writer.sha.hexdigest(), "bytes": writer.nbytes,

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from data_prep import synthetic
-from pipeline import storage
+from infra import storage
 
 SampleRef = tuple  # (key: str, cls: int, locator: Any)
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")

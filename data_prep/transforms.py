@@ -31,6 +31,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from infra.image_shards import resize_center_crop
+
 try:  # pinned torchvision 0.29 has it (deprecated in favour of torchcodec); PIL if a later one drops it
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover
@@ -110,13 +112,4 @@ class EvalTransform:
         return decode(data, self.size if self.draft else None)
 
     def __call__(self, image: Image.Image, rng: Optional[random.Random] = None) -> Image.Image:
-        s = self.size
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = s, int(s * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), BICUBIC)
-        left = int(round((new_w - s) / 2.0))
-        top = int(round((new_h - s) / 2.0))
-        return image.crop((left, top, left + s, top + s))
+        return resize_center_crop(image, self.size)

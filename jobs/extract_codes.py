@@ -21,16 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import paths, storage
-from pipeline.console import progress
-from pipeline.manifest import (
+from configs.schema import RestokConfig
+from data_prep.loaders import IMAGE_KEYS, resolve_shards
+from data_prep.transforms import EvalTransform, decode, to_chw_uint8
+from infra import node_loss, paths, storage, tracking
+from infra.code_shards import encode_shard
+from infra.console import progress
+from infra.manifest import (
     is_complete,
     read_manifest,
     remove_manifest,
     require_complete,
     write_manifest,
 )
-from pipeline.stages import stage_fingerprint
+from infra.shards import read_samples
+from infra.stages import stage_fingerprint
+from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
+from jobs.training.ray_training import ensure_ray
 
 STAGE = "extract_codes"
 NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
@@ -43,7 +50,6 @@ def views(image: Any, size: int, augment: str) -> list[Any]:
     """The augmented PIL views of one image, in a fixed order."""
     from PIL import Image
 
-    from data_prep.transforms import EvalTransform
 
     if augment not in NUM_VIEWS:
         raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
@@ -107,10 +113,8 @@ def discard_stale(stage_dir: str, jobs: list[tuple]) -> tuple[list[tuple], dict[
 
 class CodeExtractor:
     """Ray actor: holds one tokenizer; turns one image shard into one code shard per call."""
-
     def __init__(self, tokenizer_dir: str, use_ema: bool, image_size: int, augment: str,
                  code_dtype: str, batch_size: int, use_gpu: bool, exit_after: int = 0):
-        from jobs.checkpoints import load_tokenizer
 
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.model = load_tokenizer(tokenizer_dir, ema=use_ema, device=self.device)
@@ -125,7 +129,6 @@ class CodeExtractor:
     @torch.no_grad()
     def encode_views(self, images: list[Any]) -> np.ndarray:
         """PIL images -> codes [len(images), A, N] in the shard dtype."""
-        from data_prep.transforms import to_chw_uint8
 
         per = NUM_VIEWS[self.augment]
         stacked = torch.stack([to_chw_uint8(v) for im in images for v in views(im, self.image_size, self.augment)])
@@ -138,15 +141,10 @@ class CodeExtractor:
         return codes.reshape(len(images), per, -1)
 
     def extract(self, in_url: str, out_url: str, identity: dict[str, str]) -> dict:
-        from data_prep.loaders import IMAGE_KEYS
-        from data_prep.transforms import decode
-        from jobs.code_shards import encode_shard, group_samples
 
-        fs, path = storage.filesystem(in_url)
-        with fs.open(path, "rb") as fh:
-            samples = group_samples(fh.read())
         keys, labels, images = [], [], []
-        for key, parts in samples:
+        for parts in read_samples(in_url):
+            key = parts["__key__"]
             ext = next((e for e in IMAGE_KEYS if e in parts), None)
             if ext is None or "cls" not in parts:
                 raise ValueError(f"{in_url}: sample {key!r} lacks an image or cls (has {sorted(parts)})")
@@ -166,14 +164,8 @@ class CodeExtractor:
         return receipt
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     import ray
-
-    from data_prep.loaders import resolve_shards
-    from jobs import node_loss
-    from jobs.checkpoints import CONFIG_NAME
-    from jobs.ray_training import ensure_ray
-    from pipeline import tracking
 
     stage_dir = paths.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, STAGE)
@@ -221,7 +213,7 @@ def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -
                                         str(cfg.extract.augment), str(cfg.extract.code_dtype),
                                         int(cfg.extract.batch_size), use_gpu, exit_after)
 
-            # A shard whose actor is lost with its node is redone by a replacement (jobs.node_loss).
+            # A shard whose actor is lost with its node is redone by a replacement (infra.node_loss).
             results = node_loss.map_unordered(make_actor, int(cfg.extract.num_actors), todo,
                                               lambda a, job: a.extract.remote(job[2], job[3], job[4]), STAGE)
             for _ in progress(iterable=results, total=len(todo), desc=STAGE, unit="shard"):

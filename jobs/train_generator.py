@@ -11,21 +11,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from configs.loading import to_yaml
-from pipeline import paths, tracking
-from pipeline.manifest import (
-    is_complete,
-    read_manifest,
-    require_complete,
+from configs.loading import sampler_kwargs
+from configs.schema import RestokConfig
+from infra import code_shards, paths
+from infra.image_grid import image_grid
+from jobs.training.checkpoints import generator_config, load_tokenizer
+from jobs.training.deepspeed_runtime import (
+    build_engine,
 )
-from pipeline.stages import stage_fingerprint
+from jobs.training.ray_training import LoopSpec, WorkerSession, run_loop
+from jobs.training.stage import TrainingStage, run_training_stage
+from jobs.training.throughput import forward_flops
+from models.generator import GPT, sample
 
 STAGE = "train_generator"
 ENGINE = "generator"
 GRID_SAMPLES = 16
 
 
-def check_against_codes(cfg: Any, codes_manifest: dict) -> None:
+def check_against_codes(cfg: RestokConfig, codes_manifest: dict) -> None:
     """The generator's vocabulary, levels and classes must match the extracted codes."""
     want = {"generator.vocab_size": codes_manifest["codebook_size"],
             "generator.levels": list(codes_manifest["levels"]),
@@ -48,40 +52,17 @@ def _zero3_gathered(engine: Any):
     return contextlib.nullcontext()
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8):
-    """uint8 HxWx3 grid of images in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=1)
-    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-
-
 def generator_loop(config: dict) -> None:
     """Ray Train worker: one DeepSpeed engine for the GPT."""
-    from jobs import code_shards
-    from jobs.checkpoints import generator_config, load_tokenizer
-    from jobs.deepspeed_runtime import (
-        EMA,
-        build_engine,
-        prepare_deepspeed,
-        seed_everything,
-    )
-    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
-    from jobs.throughput import forward_flops
-    from models.generator import GPT, sample
-
-    session = WorkerSession.from_loop_config(config)
+    session = WorkerSession.start(config)  # identical initial weights on every rank
     cfg, train, device = session.cfg, session.train, session.device
-    prepare_deepspeed(device.type == "cuda")
     gen_cfg = generator_config(cfg)
-    seed_everything(int(train.seed))  # identical initial weights on every rank
     model = GPT(gen_cfg)
     labels1 = torch.zeros(1, dtype=torch.long)
     flops = 3 * forward_flops(lambda: model(labels1, torch.zeros(1, gen_cfg.block_size, dtype=torch.long)))
     engine = build_engine(model.to(device), train, session.world, int(train.steps))
-    ema = EMA(engine.module, float(train.ema_decay), session.rank,
-              bool(train.ema_warmup))
-    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank dropout streams
+    ema = session.ema_of(engine)
+    session.seed_rank()  # per-rank dropout streams
 
     codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")
     loader = code_shards.CodeBatches(codes, classes, int(train.micro_batch_size), session.rank,
@@ -113,11 +94,8 @@ def generator_loop(config: dict) -> None:
                 return
             labels = torch.arange(GRID_SAMPLES, device=device) % gen_cfg.num_classes
             gen = torch.Generator(device=device).manual_seed(0)
-            result = sample(engine.module, labels, cfg_scale=float(cfg.sampling.cfg_scale),
-                            cfg_schedule=str(cfg.sampling.cfg_schedule),
-                            start_ratio=float(cfg.sampling.cfg_start_ratio),
-                            temperature=float(cfg.sampling.temperature), top_k=int(cfg.sampling.top_k),
-                            top_p=float(cfg.sampling.top_p), generator=gen)
+            # The configured sampler, all of it (min_cfg_scale and release_cfg_floor included).
+            result = sample(engine.module, labels, generator=gen, **sampler_kwargs(cfg.sampling))
             with torch.no_grad():
                 images = tokenizer.decode_codes(result.codes.to(device))
             session.log_image(image_grid(images), f"samples/step_{step + 1:07d}.png")
@@ -128,22 +106,9 @@ def generator_loop(config: dict) -> None:
         log_images=log_images))
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
-    from jobs import checkpoints, ray_training
-    from jobs.checkpoints import generator_config
-    from models.generator import GPT
+SPEC = TrainingStage(STAGE, upstream="extract_codes", loop=generator_loop, check_inputs=check_against_codes)
 
-    stage_dir = paths.stage_dir(cfg, STAGE)
-    fp = stage_fingerprint(cfg, STAGE)
-    if is_complete(stage_dir, fp):
-        return read_manifest(stage_dir)
-    codes_manifest = require_complete(paths.stage_dir(cfg, "extract_codes"), "extract_codes")
-    check_against_codes(cfg, codes_manifest)
-    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
-    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
-        result = ray_training.fit(cfg, STAGE, generator_loop, rid)
-        return checkpoints.finish_training_stage(
-            cfg, STAGE, stage_dir, fp, rid, result, lambda: GPT(generator_config(cfg)), ENGINE,
-            "generator", int(cfg.generator_train.steps),
-            lambda model: {"block_size": model.block_size,
-                           "vocab_size": int(cfg.generator.vocab_size)})
+
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The stage contract (infra.stages.StageRun): the GPT on extracted codes, exported when done."""
+    return run_training_stage(SPEC, cfg, run_id, parent_run_id)

@@ -11,18 +11,31 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
-from configs.loading import to_yaml
-from pipeline import paths, tracking
-from pipeline.manifest import (
-    is_complete,
-    read_manifest,
+from configs.schema import RestokConfig
+from data_prep.loaders import train_batches
+from infra import paths
+from infra.image_grid import image_grid
+from infra.manifest import (
     require_complete,
 )
-from pipeline.stages import stage_fingerprint
+from jobs.training.checkpoints import tokenizer_config
+from jobs.training.deepspeed_runtime import (
+    build_engine,
+)
+from jobs.training.ray_training import (
+    LoopSpec,
+    WorkerSession,
+    all_reduce_sum_,
+    run_loop,
+)
+from jobs.training.stage import TrainingStage, run_training_stage
+from jobs.training.throughput import forward_flops
+from models.losses.codebook_stats import CodebookStats
+from models.losses.tokenizer_loss import TokenizerLoss
+from models.tokenizer import ResTok
 
 STAGE = "train_tokenizer"
 ENGINE = "tokenizer"
@@ -30,14 +43,13 @@ DISC_ENGINE = "discriminator"
 GRID_IMAGES = 8
 
 
-def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
+def image_batches(cfg: RestokConfig, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
                   start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """prep's training batches for `rank` from global micro-batch index `start` on, forever.
 
     data_prep.loaders.train_batches is deterministic per (seed, rank, epoch), so the data position
     is the micro-batch index: its epoch is start // batches per epoch, and the batches before
     it in that epoch are skipped."""
-    from data_prep.loaders import train_batches
 
     def epoch_batches(epoch: int):
         return train_batches(prep_manifest, "train", rank, world, micro_batch, int(cfg.data.image_size),
@@ -59,32 +71,15 @@ def image_batches(cfg: Any, prep_manifest: dict, rank: int, world: int, micro_ba
 
 def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor):
     """Originals on the top row, reconstructions below (uint8 HxWx3)."""
-    from jobs.train_generator import image_grid
-
     n = min(GRID_IMAGES, images.shape[0])
     return image_grid(torch.cat([images[:n].float(), recon[:n].float()]), nrow=n)
 
 
 def tokenizer_loop(config: dict) -> None:
     """Ray Train worker: tokenizer engine (+ discriminator engine from the GAN start)."""
-    from jobs.checkpoints import tokenizer_config
-    from jobs.deepspeed_runtime import (
-        EMA,
-        build_engine,
-        prepare_deepspeed,
-        seed_everything,
-    )
-    from jobs.ray_training import LoopSpec, WorkerSession, run_loop
-    from jobs.throughput import forward_flops
-    from models.losses.codebook_stats import CodebookStats
-    from models.losses.tokenizer_loss import TokenizerLoss
-    from models.tokenizer import ResTok
-
-    session = WorkerSession.from_loop_config(config)
+    session = WorkerSession.start(config)  # identical initial weights on every rank
     cfg, train, device = session.cfg, session.train, session.device
-    prepare_deepspeed(device.type == "cuda")
     tok_cfg = tokenizer_config(cfg)
-    seed_everything(int(train.seed))  # identical initial weights on every rank
     model = ResTok(tok_cfg)
     loss_fn = TokenizerLoss(train.loss)
     size = int(tok_cfg.image_size)
@@ -99,9 +94,8 @@ def tokenizer_loop(config: dict) -> None:
                                    lr=float(train.disc_lr), zero_stage=min(int(train.zero_stage), 2))
         engines[DISC_ENGINE] = disc_engine
     loss_fn.to(device)
-    ema = EMA(engine.module, float(train.ema_decay), session.rank,
-              bool(train.ema_warmup))
-    seed_everything(int(train.seed) + 1 + session.rank)  # per-rank nested-dropout streams
+    ema = session.ema_of(engine)
+    session.seed_rank()  # per-rank nested-dropout streams
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     stats = CodebookStats(tok_cfg.codebook_size, device=device)
 
@@ -139,7 +133,7 @@ def tokenizer_loop(config: dict) -> None:
         return dict(sums)
 
     def interval_metrics() -> dict[str, float]:
-        stats.all_reduce()
+        all_reduce_sum_(stats.hist)
         out = {k: v for k, v in stats.summary().items() if k in ("codebook_usage", "codebook_entropy_bits")}
         stats.reset()
         return out
@@ -168,21 +162,9 @@ def tokenizer_loop(config: dict) -> None:
         interval_metrics=interval_metrics))
 
 
-def run(cfg: Any, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
-    from jobs import checkpoints, ray_training
-    from jobs.checkpoints import tokenizer_config
-    from models.tokenizer import ResTok
+SPEC = TrainingStage(STAGE, upstream="prep", loop=tokenizer_loop)
 
-    stage_dir = paths.stage_dir(cfg, STAGE)
-    fp = stage_fingerprint(cfg, STAGE)
-    if is_complete(stage_dir, fp):
-        return read_manifest(stage_dir)
-    require_complete(paths.stage_dir(cfg, "prep"), "prep")
-    print(f"[{STAGE}] resolved config:\n{to_yaml(cfg)}", flush=True)
-    with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
-        result = ray_training.fit(cfg, STAGE, tokenizer_loop, rid)
-        return checkpoints.finish_training_stage(
-            cfg, STAGE, stage_dir, fp, rid, result, lambda: ResTok(tokenizer_config(cfg)), ENGINE,
-            "tokenizer", int(cfg.tokenizer_train.steps),
-            lambda model: {"num_tokens": int(model.num_tokens), "levels": list(model.levels),
-                           "codebook_size": int(model.codebook_size)})
+
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The stage contract (infra.stages.StageRun): ResTok on prep's shards, exported when done."""
+    return run_training_stage(SPEC, cfg, run_id, parent_run_id)

@@ -13,20 +13,28 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from configs.loading import ConfigError, list_presets, load_config, to_yaml
-from pipeline import console
-from pipeline.stages import STAGE_MODULES as GRAPH_STAGE_MODULES
+from configs.loading import (
+    ConfigError,
+    list_presets,
+    load_config,
+    split_preset_and_overrides,
+    to_yaml,
+)
+from data_prep.sources import SourceError
+from infra import console
+from infra.manifest import ManifestError, require_complete
+from infra.paths import stage_dir
+from jobs.training.ray_training import StageFailure
+from pipeline.compare import RunNotFound
+from pipeline.convert import ConvertError
+from pipeline.graph import STAGE_MODULES as GRAPH_STAGE_MODULES
+from pipeline.graph import PipelineError, preflight, selected_stages
+from pipeline import locks
+from pipeline.locks import LockHeld
+from pipeline.submit import SubmitError
 
 # The graph's stages plus `sample`, which `restok sample` runs alone.
 STAGE_MODULES = {**GRAPH_STAGE_MODULES, "sample": "jobs.sample"}
-
-
-def split_preset_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[PRESET] [key=value ...]`: the first item is a preset when it has no '='."""
-    items = list(items)
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def resolve(items: Sequence[str]) -> Any:
@@ -64,7 +72,6 @@ EVAL_INPUTS = {"recon": ["prep", "train_tokenizer"], "gen": ["train_tokenizer", 
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from pipeline.graph import preflight
 
         cfg = resolve(args.items)
         if stage in GRAPH_STAGE_MODULES:
@@ -72,10 +79,8 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
         with captured(args, cfg):
             console.say(f"restok {args.command}: preset {cfg.preset} | work dir {cfg.work_dir}")
             print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
-            from pipeline.locks import stage_lock
-
             # One driver per stage, as under `restok run` (pipeline.locks).
-            with stage_lock(cfg, stage) if stage in GRAPH_STAGE_MODULES else contextlib.nullcontext():
+            with locks.stage_lock(cfg, stage) if stage in GRAPH_STAGE_MODULES else contextlib.nullcontext():
                 _call(STAGE_MODULES[stage], "run", cfg)
             console.say(f"{stage}: done")
         return 0
@@ -87,7 +92,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve(args.items)
     if args.verbose:
         print(to_yaml(cfg), end="")
-    from pipeline.graph import preflight, selected_stages
 
     preflight(cfg, selected_stages(cfg))
     with captured(args, cfg):
@@ -95,8 +99,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.manifest import require_complete
-    from pipeline.paths import stage_dir
 
     if args.action == "score":  # restok eval score REF.npz SAMPLES.npz [preset] [key=value ...]
         import os
@@ -130,10 +132,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     # The config is needed only for a checkpoint without its own config.yaml (older runs).
     cfg = resolve(args.items) if args.items else None
     if args.list:
-        stage, kept, searched = _call("jobs.checkpoints", "kept_checkpoints", args.source, cfg)
+        stage, kept, searched = _call("jobs.training.checkpoints", "kept_checkpoints", args.source, cfg)
         print(f"{stage}: kept checkpoints at steps {sorted(kept)} (searched {searched})")
         return 0
-    out = _call("jobs.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg)
+    out = _call("jobs.training.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg)
     print(f"export: {out}")
     return 0
 
@@ -235,15 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: one line, no traceback."""
-    from data_prep.sources import SourceError
-    from jobs.ray_training import StageFailure
-    from pipeline.compare import RunNotFound
-    from pipeline.convert import ConvertError
-    from pipeline.graph import PipelineError
-    from pipeline.locks import LockHeld
-    from pipeline.manifest import ManifestError
-    from pipeline.submit import SubmitError
-
     return (ConfigError, SourceError, ManifestError, StageFailure, PipelineError, ConvertError,
             SubmitError, RunNotFound, LockHeld, FileNotFoundError, PermissionError)
 

@@ -10,6 +10,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from configs.loading import load_config
+from infra.paths import tracking_uri
+from infra.tracking import client_for
+
 
 class RunNotFound(LookupError):
     """A run id or name that is not in the store (one line)."""
@@ -42,8 +46,6 @@ def _fmt(v: Any) -> str:
 
 def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the comparison table."""
-    from pipeline.tracking import client_for
-
     client = client_for(uri)
     runs = [_resolve_run(client, r) for r in refs]
     header = ["", *[r.info.run_id[:8] for r in runs]]
@@ -62,8 +64,10 @@ def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[st
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-    fmt = lambda line: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                 for i, (c, w) in enumerate(zip(line, widths)))
+    def fmt(line):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths)))
+
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]])
 
 
@@ -71,8 +75,6 @@ def cli(args: Any) -> int:
     """args.runs (ids or names), args.tracking_uri (empty = the default preset's store)."""
     uri = getattr(args, "tracking_uri", "") or ""
     if not uri:
-        from configs.loading import load_config
-        from pipeline.paths import tracking_uri
 
         uri = tracking_uri(load_config())
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):

@@ -21,7 +21,23 @@ from typing import Any, Mapping
 
 import torch
 
-from pipeline import storage
+from configs.loading import ConfigError, load_config, to_yaml
+from infra import storage
+from infra.manifest import write_manifest
+from models.generator import official as generator_official
+from models.generator import official_generator_config, sample
+from models.generator.official import (
+    infer_official_config,
+    load_official_generator,
+    unwrap_checkpoint,
+)
+from models.registry import GPT_SIZES
+from models.tokenizer import ResTok, tokenizer_config_for
+from models.tokenizer import official as tokenizer_official
+from models.tokenizer.config import levels_for
+from models.tokenizer.official import tokenizer_config_from_official
+from pipeline.convert_losses import FIXTURE as LOSS_FIXTURE
+from pipeline.convert_losses import verify_losses
 
 TOKENIZER_PRESET = "official-restok-l"
 GENERATOR_PRESETS = {False: "official-har-l", True: "official-vanilla-l"}
@@ -77,7 +93,6 @@ def download_from_hub(repo_id: str, kind: str) -> str:
 
 
 def _release_tokenizer_config(path: str | None):
-    from models.tokenizer.official import tokenizer_config_from_official
 
     if not path:
         return None
@@ -98,7 +113,6 @@ def _release_tokenizer_config(path: str | None):
 def _base_config(preset: str, section: str, model_cfg: Any) -> Any:
     from omegaconf import OmegaConf
 
-    from configs.loading import ConfigError, load_config
 
     try:
         cfg = load_config(preset)
@@ -111,8 +125,6 @@ def _base_config(preset: str, section: str, model_cfg: Any) -> Any:
 def _write_export(dst: str, name: str, state: Mapping[str, torch.Tensor], cfg: Any, source: str) -> dict:
     from safetensors.torch import save
 
-    from configs.loading import to_yaml
-    from pipeline.manifest import write_manifest
 
     data = save({k: v.detach().float().contiguous() for k, v in state.items()}, metadata={"format": "pt"})
     digest = storage.sha256_bytes(data)
@@ -130,13 +142,11 @@ def _write_export(dst: str, name: str, state: Mapping[str, torch.Tensor], cfg: A
 
 
 def convert_tokenizer(src: str, dst: str, release_config: str | None = None) -> dict:
-    from models.tokenizer import tokenizer_config_for
-    from models.tokenizer.official import convert_official_state_dict
 
     sd = read_release_checkpoint(src)
     tok_cfg = _release_tokenizer_config(release_config) or tokenizer_config_for("official-l")
     try:
-        state = convert_official_state_dict(sd, tok_cfg)
+        state = tokenizer_official.convert_official_state_dict(sd, tok_cfg)
     except ValueError as exc:
         raise ConvertError(f"{src}: {exc}") from None
     cfg = _base_config(TOKENIZER_PRESET, "tokenizer", tok_cfg)
@@ -146,11 +156,9 @@ def convert_tokenizer(src: str, dst: str, release_config: str | None = None) -> 
 def _levels_from_release(sd: Mapping[str, Any], vanilla: bool, levels: list[int] | None) -> list[int] | None:
     """The level list: given, or (HAR) from the special table, which the release sizes
     block_size - 1 rows (NOTES.md quirk 16); None = ResTok-L's."""
-    from models.tokenizer.config import levels_for
 
     if levels or vanilla:
         return levels
-    from models.generator.official import unwrap_checkpoint
 
     table = unwrap_checkpoint(sd).get("spe_tok_embeddings.special_embeddings.weight")
     if table is None:
@@ -162,12 +170,11 @@ def _levels_from_release(sd: Mapping[str, Any], vanilla: bool, levels: list[int]
 
 
 def convert_generator(src: str, dst: str, vanilla: bool = False, levels: list[int] | None = None) -> dict:
-    from models.generator.official import convert_official_state_dict, infer_official_config
 
     sd = read_release_checkpoint(src)
     try:
         gen_cfg = infer_official_config(sd, vanilla=vanilla, levels=_levels_from_release(sd, vanilla, levels))
-        state = convert_official_state_dict(sd, gen_cfg)
+        state = generator_official.convert_official_state_dict(sd, gen_cfg)
     except ValueError as exc:
         raise ConvertError(f"{src}: {exc}") from None
     cfg = _base_config(GENERATOR_PRESETS[vanilla], "generator", gen_cfg)
@@ -197,13 +204,11 @@ def _row(rows: list, name: str, ours: torch.Tensor, ref: torch.Tensor, tol: floa
 def verify_tokenizer(fixture_dir: Path) -> list:
     from safetensors.torch import load_file
 
-    from models.tokenizer import ResTok
-    from models.tokenizer.official import convert_official_state_dict, tokenizer_config_from_official
 
     meta = json.loads((fixture_dir / "restok_tiny.json").read_text())
     cfg = tokenizer_config_from_official(meta["config"])
     model = ResTok(cfg).eval()
-    model.load_state_dict(convert_official_state_dict(read_release_checkpoint(str(fixture_dir / "restok_tiny.safetensors")), cfg), strict=True)
+    model.load_state_dict(tokenizer_official.convert_official_state_dict(read_release_checkpoint(str(fixture_dir / "restok_tiny.safetensors")), cfg), strict=True)
     io = load_file(str(fixture_dir / "restok_tiny_io.safetensors"))
 
     def tokens(t: torch.Tensor) -> torch.Tensor:  # release (B, D, 1, N) -> our (B, N, D)
@@ -254,8 +259,6 @@ def verify_tokenizer(fixture_dir: Path) -> list:
 
 
 def _generator_config(meta: dict, vanilla: bool):
-    from models.generator import official_generator_config
-    from models.registry import GPT_SIZES
 
     g = meta["generator_config_(model.generator)"]
     args = meta["har_ModelArgs"]
@@ -267,8 +270,6 @@ def _generator_config(meta: dict, vanilla: bool):
 def verify_generator(fixture_dir: Path) -> list:
     from safetensors.torch import load_file
 
-    from models.generator import sample
-    from models.generator.official import load_official_generator
 
     meta = json.loads((fixture_dir / "har_tiny.json").read_text())
     io = load_file(str(fixture_dir / "har_tiny_io.safetensors"))
@@ -333,8 +334,6 @@ def verify_generator(fixture_dir: Path) -> list:
 def verify(fixture_dir: str) -> int:
     root = Path(fixture_dir)
     rows: list = []
-    from pipeline.convert_losses import FIXTURE as LOSS_FIXTURE
-    from pipeline.convert_losses import verify_losses
 
     for fname, fn in (("restok_tiny.json", verify_tokenizer), ("har_tiny.json", verify_generator),
                       (LOSS_FIXTURE, verify_losses)):
@@ -346,7 +345,8 @@ def verify(fixture_dir: str) -> int:
     width = max(len(r[0]) for r in rows)
     print(f"{'tensor':<{width}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for name, diff, tol, ok, note in rows:
-        print(f"{name:<{width}}  {diff:>12.3e}  {tol:>9.0e}  {'yes' if ok else 'NO'}{'  ' + note if note else ''}")
+        print(f"{name:<{width}}  {diff:>12.3e}  {tol:>9.0e}  "
+              f"{'yes' if ok else 'NO'}{'  ' + note if note else ''}")
     failed = [r for r in rows if not r[3]]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
@@ -368,7 +368,8 @@ def cli(args: Any) -> int:
         else:
             levels = [int(x) for x in args.levels.split(",")] if getattr(args, "levels", None) else None
             manifest = convert_generator(src, dst, vanilla=args.vanilla, levels=levels)
-        print(f"converted {src} -> {dst} ({manifest['num_tensors']} tensors, {manifest['num_elements']:,} parameters)")
+        print(f"converted {src} -> {dst} ({manifest['num_tensors']} tensors, "
+          f"{manifest['num_elements']:,} parameters)")
         return 0
     except ConvertError as exc:
         print(f"restok convert: {exc}", file=sys.stderr)

@@ -18,6 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jobs.training.deepspeed_runtime import EMA
+from models.losses.diffaugment import augment_images
+from models.losses.discriminator import LeCamEMA, hinge_d_loss
+from models.losses.perceptual import pad_crop_resize
+from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
+
 LOSS_ATOL = 1e-5
 FIXTURE = "losses_tiny.json"
 
@@ -66,7 +72,6 @@ def build_loss(meta: dict, workdir: str):
     """A TokenizerLoss with the fixture's weights: release defaults, GAN from step 0, the tiny DINO
     backbone (width/heads from the fixture, tanh GELU as the release), LPIPS VGG and heads from the
     recipes (written to files in `workdir` and loaded through the normal path)."""
-    from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
     w, cfg_r = meta["weights"], meta["release_config"]["losses"]
     seeds = w["seeds"]
@@ -118,10 +123,6 @@ def _seed(seed: int) -> None:
 def verify_losses(fixture_dir: Path) -> list:
     from safetensors.torch import load_file
 
-    from jobs.deepspeed_runtime import EMA
-    from models.losses.diffaugment import augment_images
-    from models.losses.discriminator import LeCamEMA, hinge_d_loss
-    from models.losses.perceptual import pad_crop_resize
 
     fixture_dir = Path(fixture_dir)
     meta = json.loads((fixture_dir / FIXTURE).read_text())

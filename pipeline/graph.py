@@ -2,7 +2,7 @@
 
 One MLflow parent run per invocation and one child run per stage that runs (its id is handed to the
 stage's `run(cfg, run_id=...)`). A stage is skipped when its manifest is complete for the same
-fingerprint (pipeline.stages) and no input of it was rebuilt after it; otherwise it runs and
+fingerprint (infra.stages) and no input of it was rebuilt after it; otherwise it runs and
 resumes its own unfinished work. Ray starts (or is connected to) only when a stage has to run,
 so a fully finished pipeline re-checks in seconds.
 """
@@ -14,15 +14,28 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from configs.loading import to_yaml
-from pipeline import console, locks, paths, storage, tracking
-from pipeline import manifest as manifests
-from pipeline.console import say
-from pipeline.stages import STAGE_MODULES, STAGE_ORDER, UPSTREAM, stage_fingerprint
+from data_prep.sources import check_source
+from infra import console, paths, storage, tracking
+from infra import manifest as manifests
+from infra.console import say
+from infra.stages import STAGE_ORDER, UPSTREAM, StageRun, stage_fingerprint
+from pipeline import locks
 
-StageFn = Callable[..., dict]
+StageFn = StageRun
+
+# Stage name -> the module whose `run` is the stage (infra.stages.StageRun). Imported when the
+# stage runs, so that `restok status` and the pre-flight checks do not load the training stack;
+# tests/test_layering.py reads these names as imports of this module.
+STAGE_MODULES = {
+    "prep": "data_prep.prepare",
+    "train_tokenizer": "jobs.train_tokenizer",
+    "extract_codes": "jobs.extract_codes",
+    "train_generator": "jobs.train_generator",
+    "evaluate": "jobs.evaluate",
+}
 
 # Manifest fields that are bookkeeping, not results (left out of the summary's metrics column).
 _BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at", "step", "lr"}
@@ -122,7 +135,7 @@ def clear_stage_dir(cfg: Any, stage: str) -> None:
     """Remove a stage's outputs so it rebuilds from its (changed) inputs instead of resuming.
 
     Training stages also keep Ray Train checkpoints under cluster.storage_path, named by
-    jobs.ray_training.experiment_name; those go too, or the rebuild would resume the old run.
+    jobs.training.ray_training.experiment_name; those go too, or the rebuild would resume the old run.
     """
     targets = [paths.stage_dir(cfg, stage)]
     if stage in ("train_tokenizer", "train_generator"):
@@ -183,7 +196,6 @@ def _print_summary(cfg: Any, results: list[StageResult], parent_run_id: str, tot
 def preflight(cfg: Any, stages: list[str]) -> None:
     """Checks that fail in seconds with one line, before Ray, MLflow or any output directory exists:
     the data source's layout (when prep runs) and the manifests of inputs not run now."""
-    from data_prep.sources import check_source
 
     if "prep" in stages:
         check_source(cfg.data)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline import paths, storage, tracking
+from infra import paths, storage, tracking
 
 LOCKS_DIR = "locks"
 HEARTBEAT_S = 15.0

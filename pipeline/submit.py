@@ -27,7 +27,14 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from configs.loading import absolute_path, path_keys
+from configs.loading import (
+    absolute_path,
+    load_config,
+    path_keys,
+    split_preset_and_overrides,
+)
+from configs.schema import RestokConfig
+from infra.stages import STAGE_ORDER
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -113,7 +120,6 @@ def runtime_env(use_pip: bool, env_vars: dict[str, str] | None = None) -> dict[s
 
 
 def normalise_stage(stage: str) -> str:
-    from pipeline.stages import STAGE_ORDER
 
     name = stage.replace("-", "_")
     if name == "eval":
@@ -177,7 +183,7 @@ def _follow(client: Any, job_id: str, poll_s: float = 2.0) -> str:
     return str(status)
 
 
-def relative_paths(cfg: Any) -> list[tuple[str, str]]:
+def relative_paths(cfg: RestokConfig) -> list[tuple[str, str]]:
     """(key, value) of every path field whose value is a relative local path."""
     out = []
     for key in path_keys():
@@ -188,8 +194,6 @@ def relative_paths(cfg: Any) -> list[tuple[str, str]]:
 
 
 def submit(args: Any) -> int:
-    from configs.loading import load_config
-    from pipeline.cli import split_preset_and_overrides
 
     preset, overrides = split_preset_and_overrides(args.items)
     preset = preset or "default"

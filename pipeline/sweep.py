@@ -1,7 +1,7 @@
 """`restok sweep`: reconstruction vs generation over tokenizer checkpoints (paper Fig. 7, Sec. 5.4).
 
 The checkpoints: a train_tokenizer stage directory stands for the checkpoints Ray Train kept for it
-(all, or `--steps`), each exported first (jobs.checkpoints.export_checkpoint: any ZeRO stage, EMA
+(all, or `--steps`), each exported first (jobs.training.checkpoints.export_checkpoint: any ZeRO stage, EMA
 weights as the EMA, into <stage dir>/exports/step_<N>); a Ray Train checkpoint directory is
 exported alone; an export directory (or its `.safetensors` beside its config.yaml) is used as is.
 With no `--checkpoints`, the config's own train_tokenizer stage directory. For each, the sweep
@@ -10,9 +10,9 @@ MLflow store, seeds it with the checkpoint as its train_tokenizer stage, then ru
 extract_codes -> train_generator -> evaluate (recon + gen), every stage an
 MLflow child run under one sweep parent run. Chains run as Ray tasks (`eval.sweep_parallel` at once;
 on a local 2-core Ray one at a time, since each stage already fans out on Ray itself; on a small
-cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does not). The probe
-and its reference statistics are made once in the parent and shared, so FD-probe numbers of all
-checkpoints are in the same feature space.
+cluster keep it low: the eval pool reserves its actors atomically, extraction's actor pool does
+not). The probe and its reference statistics are made once in the parent and shared, so FD-probe
+numbers of all checkpoints are in the same feature space.
 
 Outputs (artifacts of the parent run and files in the sweep dir): `recon_vs_gen.png` (one point per
 checkpoint: rFID vs gFID with Inception, FD-probe recon vs gen with the probe; never labelled FID
@@ -28,9 +28,17 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import paths, storage, tracking
-from pipeline.manifest import fingerprint, read_manifest, write_manifest
-from pipeline.stages import stage_fingerprint
+from configs.loading import from_yaml_text, to_yaml
+from configs.schema import RestokConfig
+from infra import paths, storage, tracking
+from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
+from infra.stages import stage_fingerprint
+from jobs import evaluate, extract_codes, train_generator
+from jobs.evaluation.features import distance_name, resolved_feature_spec
+from jobs.evaluation.pool import close_pool, shared_pool
+from jobs.evaluation.reference import reference_for_gen
+from jobs.training import checkpoints as ckpts
+from jobs.training.ray_training import ensure_ray
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
 AXIS_LABELS = {
@@ -53,12 +61,11 @@ def checkpoint_label(path: str, index: int) -> str:
     return f"{name}@{steps}" if steps is not None else name
 
 
-def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
+def resolve_checkpoints(cfg: RestokConfig, entries: Sequence[str], steps: Sequence[int] = ()) -> list[str]:
     """The export directories to sweep. An entry is a train_tokenizer stage directory (its kept Ray
-    Train checkpoints, all or `steps`, each exported by jobs.checkpoints.export_checkpoint into
+    Train checkpoints, all or `steps`, each exported by jobs.training.checkpoints.export_checkpoint into
     <stage dir>/exports/), a Ray Train checkpoint directory (exported under the sweeps dir), or an
     export directory / weights file. No entry: this config's train_tokenizer stage directory."""
-    from jobs import checkpoints as ckpts
 
     out: list[str] = []
     for entry in [str(e).rstrip("/") for e in entries] or [paths.stage_dir(cfg, "train_tokenizer")]:
@@ -90,10 +97,9 @@ def resolve_checkpoints(cfg: Any, entries: Sequence[str], steps: Sequence[int] =
     return list(dict.fromkeys(out))
 
 
-def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
+def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, shared: dict) -> Any:
     """The parent config with its own work dir, the parent's shards / tracking store / probe, and
     the checkpoint's tokenizer architecture."""
-    from configs.loading import from_yaml_text
 
     fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
     with fs.open(path, "r") as fh:
@@ -102,7 +108,7 @@ def child_config(cfg: Any, ckpt: str, index: int, sweep_dir: str, shared: dict) 
         "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
         "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
         # data.shards_url stays the parent's: the same prep fingerprint names the same shard
-        # directory (pipeline.paths.shards_url), and the seeded prep manifest lists the shards.
+        # directory (infra.paths.shards_url), and the seeded prep manifest lists the shards.
         "tracking": {"tracking_uri": paths.tracking_uri(cfg),
                      "run_name": f"{cfg.tracking.run_name or cfg.preset}/sweep/ckpt-{index}"},
         "eval": {"probe_cache": shared.get("probe_cache", ""), "reference_stats": shared.get("reference_stats", ""),
@@ -141,19 +147,15 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
 
 
 def default_stages() -> dict[str, Callable]:
-    from jobs import evaluate, extract_codes, train_generator
 
     return {"extract_codes": extract_codes.run, "train_generator": train_generator.run, "evaluate": evaluate.run}
 
 
 def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -> dict:
     """extract_codes -> train_generator -> evaluate for one checkpoint (a Ray task, or in-process)."""
-    from configs.loading import from_yaml_text
-    from jobs.evaluate import close_pool
-
     child = from_yaml_text(child_yaml)
     stages = stages or default_stages()
-    # The eval pool reserves CPUs; extraction and Ray Train need them (a 2-core local Ray deadlocks otherwise).
+    # The eval pool reserves CPUs; extraction and Ray Train need them (else a 2-core local Ray deadlocks).
     close_pool(force=True)
     for name in ("extract_codes", "train_generator"):
         stages[name](child, parent_run_id=parent_run_id)
@@ -162,13 +164,10 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
             "work_dir": str(child.work_dir)}
 
 
-def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
+def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | None = None,
           steps: Sequence[int] = ()) -> dict:
     """Run the sweep over `checkpoints` (see resolve_checkpoints); returns {rows, parent_run_id,
     sweep_dir, plot, csv, markdown}."""
-    from configs.loading import to_yaml
-    from jobs import evaluate
-    from pipeline.manifest import require_complete
 
     prep_dir = paths.stage_dir(cfg, "prep")
     require_complete(prep_dir, "prep")
@@ -177,13 +176,13 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
     sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
     kind = str(cfg.eval.feature_net)
     uri = paths.tracking_uri(cfg)
-    with tracking.stage_run(cfg, "sweep") as parent, evaluate.shared_pool():
+    with tracking.stage_run(cfg, "sweep") as parent, shared_pool():
         shared: dict = {"reference_stats": str(cfg.eval.reference_stats)}
         if kind == "probe":  # one probe and one probe reference for every checkpoint
-            spec, probe = evaluate.resolved_feature_spec(cfg)
+            spec, probe = resolved_feature_spec(cfg)
             shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
             if not shared["reference_stats"]:
-                shared["reference_stats"] = evaluate.reference_for_gen(cfg, spec, probe)[1]
+                shared["reference_stats"] = reference_for_gen(cfg, spec, probe)[1]
         children = []
         for i, ckpt in enumerate(checkpoints):
             child = child_config(cfg, ckpt, i, sweep_dir, shared)
@@ -192,8 +191,8 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
         outcomes = _run_chains(cfg, children, parent, stages)
         rows = []
         weights = str(cfg.eval.inception_weights)
-        recon_key, gen_key = (evaluate.distance_name(kind, "recon", weights),
-                              evaluate.distance_name(kind, "gen", weights))
+        recon_key, gen_key = (distance_name(kind, "recon", weights),
+                              distance_name(kind, "gen", weights))
         for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
             m = out["metrics"]
             rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),
@@ -224,15 +223,13 @@ def sweep(cfg: Any, checkpoints: Sequence[str] = (), stages: dict | None = None,
             "markdown": storage.join(sweep_dir, "sweep.md")}
 
 
-def _run_chains(cfg: Any, children: list[str], parent: str, stages: dict | None) -> list[dict]:
+def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dict | None) -> list[dict]:
     parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
     if parallel <= 1:
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
         return [run_chain(child, parent, stages) for child in children]
     import ray
 
-    from jobs.evaluate import close_pool
-    from jobs.ray_training import ensure_ray
 
     ensure_ray(cfg)
     close_pool(force=True)  # the chains' tasks make their own pools: free the driver's CPUs
@@ -295,7 +292,7 @@ def recon_vs_gen_figure(rows: list[dict], recon_key: str, gen_key: str, kind: st
     return fig
 
 
-def run_sweep(cfg: Any, checkpoints: Sequence[str] = (), steps: Sequence[int] = ()) -> int:
+def run_sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), steps: Sequence[int] = ()) -> int:
     """CLI entry (`restok sweep [PRESET] [k=v ...] [--checkpoints A B ...] [--steps N ...]`)."""
     result = sweep(cfg, checkpoints, steps=steps)
     print(f"sweep: plot {result['plot']}, table {result['csv']}, parent run {result['parent_run_id']}")

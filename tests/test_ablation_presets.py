@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from configs.loading import PRESET_DIR, list_presets, load_config, to_flat_dict
-from jobs.deepspeed_runtime import cosine_lr
+from jobs.training.deepspeed_runtime import cosine_lr
 from models.generator.layout import layout_for
 from models.tokenizer.restok import ResTok
 

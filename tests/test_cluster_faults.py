@@ -25,8 +25,9 @@ from cluster_harness import (
 )
 
 from configs.loading import load_config
-from jobs.ray_training import TEST_STEP_SLEEP_ENV
-from pipeline import locks, paths, tracking
+from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
+from infra import paths, tracking
+from pipeline import locks
 
 STEPS, EVERY = 12, 4
 # 8 images a shard: 10 train shards + 2 val, so extraction and evaluation have work on each actor.

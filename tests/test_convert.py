@@ -36,7 +36,7 @@ def test_verify_fails_when_a_stored_tensor_is_off(tmp_path, capsys):
 
 
 def test_converted_tokenizer_loads_like_our_own_export(tmp_path):
-    from jobs.checkpoints import load_tokenizer
+    from jobs.training.checkpoints import load_tokenizer
 
     dst = tmp_path / "tok"
     assert main(["convert", "official-tokenizer", str(FIXTURES / "restok_tiny.safetensors"), str(dst),
@@ -52,7 +52,7 @@ def test_converted_tokenizer_loads_like_our_own_export(tmp_path):
 
 @pytest.mark.parametrize("vanilla", [False, True])
 def test_converted_generator_loads_like_our_own_export(tmp_path, vanilla):
-    from jobs.checkpoints import load_generator
+    from jobs.training.checkpoints import load_generator
 
     src = FIXTURES / "har_tiny.safetensors"
     if vanilla:

@@ -19,14 +19,14 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from recipe_helpers import write_imagenet_tars
 
 from configs.loading import load_config
 from data_prep import prepare, synthetic
 from data_prep.image_bytes import SkipImage, check_image
 from data_prep.loaders import eval_batches, train_batches
 from data_prep.sources import ImageNetFolderSource, ImageNetTarSource, iter_samples
-from pipeline import storage
-from recipe_helpers import write_imagenet_tars
+from infra import storage
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -340,8 +340,8 @@ def test_prep_under_another_config_does_not_reuse_shards(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
-    from pipeline.paths import tracking_uri
-    from pipeline.tracking import client_for, start_run
+    from infra.paths import tracking_uri
+    from infra.tracking import client_for, start_run
 
     for layout in ("folders", "flat"):
         root = tmp_path / layout

@@ -6,19 +6,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import NANO_TOKENIZER, write_tokenizer_export
 
 from configs.loading import load_config
-from pipeline import paths
-from pipeline.manifest import write_manifest
-from pipeline.stages import stage_fingerprint
+from infra import paths
+from infra.manifest import write_manifest
+from infra.stages import stage_fingerprint
 
 NUM_CLASSES = 4
 TINY_OVERRIDES = [
-    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}",
-    "tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-    "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,1,2]", "tokenizer.num_res_blocks=1",
-    "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-    "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none",
+    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}", *NANO_TOKENIZER,
+    "tokenizer.channel_mult=[1,1,2]",
     "generator.size=tiny", "generator.vocab_size=64", "generator.levels=[1,1,2,4,8]",
     f"generator.num_classes={NUM_CLASSES}", "generator.ar_tokens=4",
     "eval.num_actors=2", "eval.batch_size=16", "eval.feature_net=probe", "eval.probe_steps=40",
@@ -38,7 +36,7 @@ def write_split(cfg, split, per_class, shard_size):
     """Prep-format shards (`<split>-NNNNNN.tar`: <key>.png + <key>.cls) of the synthetic set;
     returns (keys, the manifest's split entry)."""
     from data_prep.synthetic import render, sample_class, sample_rng
-    from jobs.sample import write_png_shard
+    from infra.image_shards import write_png_shard
 
     n = per_class * NUM_CLASSES
     samples = []
@@ -55,22 +53,15 @@ def write_split(cfg, split, per_class, shard_size):
 
 
 def write_models(cfg, seed=0, tokenizer_dir=None):
-    """Exports in the train stages' format (jobs.checkpoints), random tiny weights, with manifests."""
-    from jobs.checkpoints import generator_config, tokenizer_config, write_export
+    """Exports in the train stages' format (jobs.training.checkpoints), random tiny weights, manifests."""
+    from jobs.training.checkpoints import generator_config, write_export
     from models.generator import GPT
-    from models.tokenizer import ResTok
 
-    torch.manual_seed(seed)
-    tok = ResTok(tokenizer_config(cfg))
+    write_tokenizer_export(cfg, seed=seed, stage_dir=tokenizer_dir)
     gpt = GPT(generator_config(cfg)).state_dict()
-    for stage, name, state, extra in (
-            ("train_tokenizer", "tokenizer", tok.state_dict(),
-             {"levels": list(tok.levels), "codebook_size": tok.codebook_size, "num_tokens": tok.num_tokens}),
-            ("train_generator", "generator", gpt, {})):
-        sd = tokenizer_dir if (stage == "train_tokenizer" and tokenizer_dir) else paths.stage_dir(cfg, stage)
-        os.makedirs(sd, exist_ok=True)
-        write_export(sd, name, state, state, cfg)
-        write_manifest(sd, stage, stage_fingerprint(cfg, stage), complete=True, **extra)
+    stage_dir = paths.stage_dir(cfg, "train_generator")
+    write_export(stage_dir, "generator", gpt, gpt, cfg)
+    write_manifest(stage_dir, "train_generator", stage_fingerprint(cfg, "train_generator"), complete=True)
 
 
 def write_prep(cfg, val_per_class=6, val_shard=5, train_per_class=12, train_shard=16):
@@ -90,8 +81,8 @@ def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
 
 @pytest.mark.slow
 def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
-    from jobs.evaluate import evaluate_recon
-    from pipeline import tracking
+    from infra import tracking
+    from jobs.evaluation.recon import evaluate_recon
 
     cfg, val_keys = make_workdir(tmp_path, extra=["eval.keep_lengths=[4,8]"])
     with tracking.stage_run(cfg, "evaluate") as run_id:
@@ -115,8 +106,8 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
+    from infra.image_shards import read_image_shard
     from jobs.evaluate import run
-    from jobs.sample import read_shard
 
     cfg, _ = make_workdir(tmp_path, extra=["eval.recon=false"])
     manifest = run(cfg)
@@ -133,7 +124,7 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
     # the release's order: labels interleaved, every block of NUM_CLASSES holds each class once
     assert (np.sort(npz["arr_1"].reshape(-1, NUM_CLASSES), 1) == np.arange(NUM_CLASSES)).all()
     keys = [k for f in sorted(os.listdir(sample_dir)) if f.endswith(".tar")
-            for k, _, _ in read_shard(os.path.join(sample_dir, f))]
+            for k, _, _ in read_image_shard(os.path.join(sample_dir, f))]
     assert len(keys) == len(set(keys)) == 24
     # a rerun with the same fingerprint is skipped
     assert run(cfg)["written_at"] == manifest["written_at"]
@@ -141,9 +132,10 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_make_ref_and_cfg_search(tmp_path, ray_local):
-    from jobs.evaluate import cfg_search, make_reference
+    from infra import tracking
+    from jobs.evaluation.gen import cfg_search
+    from jobs.evaluation.reference import make_reference
     from jobs.metrics.fid import load_reference_stats
-    from pipeline import tracking
 
     cfg, _ = make_workdir(tmp_path, extra=["eval.cfg_search_scales=[1.0,2.0]", "eval.cfg_search_start_ratios=[0.0]",
                                            "eval.num_samples_per_class=3"])
@@ -166,7 +158,8 @@ def test_make_ref_and_cfg_search(tmp_path, ray_local):
 def test_inception_features_worker_in_process(tmp_path):
     """EvalWorker.features with the Inception path (test-written random weights, real architecture):
     pool, probabilities and the sFID spatial features reach the FeatureSet; real metric names."""
-    from jobs.evaluate import EvalWorker, distance_name
+    from jobs.evaluation.features import distance_name
+    from jobs.evaluation.pool import EvalWorker
     from jobs.metrics.inception import STATE_DICT_FILE, build_fid_inception
 
     cfg = tiny_cfg(tmp_path / "work")

@@ -10,16 +10,16 @@ from test_eval import make_workdir  # shared tiny fixtures (ray_local: conftest)
 
 @pytest.mark.slow
 def test_default_gen_eval_with_cfg_search_computes_reference_once(tmp_path, ray_local):  # noqa: F811
-    from jobs import evaluate
+    from jobs.evaluation import gen, reference
 
     cfg, _ = make_workdir(tmp_path, extra=["eval.recon=false", "eval.cfg_search_scales=[1.0,2.0,3.0]",
                                            "eval.cfg_search_start_ratios=[0.0]", "eval.num_samples_per_class=3"])
     assert not cfg.eval.reference_stats and cfg.eval.feature_net == "probe"  # the default preset's setting
-    evaluate._REFERENCE_MEMO.clear()
-    before = evaluate.REFERENCE_PASSES
-    result = evaluate.cfg_search(cfg, None)  # 3 gen evaluations, as the evaluate stage runs them
+    reference._REFERENCE_MEMO.clear()
+    before = reference.REFERENCE_PASSES
+    result = gen.cfg_search(cfg, None)  # 3 gen evaluations, as the evaluate stage runs them
     assert len(result["points"]) == 3 and result["metric"] == "fd_probe_gen"
-    assert evaluate.REFERENCE_PASSES - before == 1
+    assert reference.REFERENCE_PASSES - before == 1
     for p in result["points"]:
         assert 0 <= p["probe_precision"] <= 1 and 0 <= p["probe_recall"] <= 1
 
@@ -34,38 +34,38 @@ def _random_probe(path, num_classes=4, seed=1):
 
 @pytest.mark.slow
 def test_adm_reference_batch_cached_by_hash_and_feature_config(tmp_path, ray_local):  # noqa: F811
-    from jobs import evaluate
+    from jobs.evaluation import features, gen, reference
 
     cfg, _ = make_workdir(tmp_path, extra=["eval.recon=false", "eval.num_samples_per_class=3"])
     images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     ref_url = str(tmp_path / "VIRTUAL_ref.npz")
     np.savez(ref_url, arr_0=images)  # ADM reference batch format: images, no statistics
     cfg.eval.reference_stats = ref_url
-    spec = {**evaluate.feature_spec(cfg, _random_probe(tmp_path / "probe_a.pt"))}
-    evaluate._REFERENCE_MEMO.clear()
-    before = evaluate.REFERENCE_PASSES
-    first, _ = evaluate.reference_for_gen(cfg, spec, {})
-    evaluate.reference_for_gen(cfg, spec, {})
-    assert evaluate.REFERENCE_PASSES - before == 1
+    spec = {**features.feature_spec(cfg, _random_probe(tmp_path / "probe_a.pt"))}
+    reference._REFERENCE_MEMO.clear()
+    before = reference.REFERENCE_PASSES
+    first, _ = reference.reference_for_gen(cfg, spec, {})
+    reference.reference_for_gen(cfg, spec, {})
+    assert reference.REFERENCE_PASSES - before == 1
     # the actors' activations, in arr_0's row order, equal one in-process pass
-    net = evaluate.load_features(spec, "cpu")
+    net = features.load_features(spec, "cpu")
     expected = net(torch.from_numpy(images).permute(0, 3, 1, 2))["pool"].numpy()
     np.testing.assert_allclose(first["pool"], expected, rtol=1e-5, atol=1e-6)
     # a new process (memo cleared) reads the disk cache, which records its fingerprint
-    evaluate._REFERENCE_MEMO.clear()
-    again, _ = evaluate.reference_for_gen(cfg, spec, {})
-    assert evaluate.REFERENCE_PASSES - before == 1 and np.array_equal(again["pool"], first["pool"])
+    reference._REFERENCE_MEMO.clear()
+    again, _ = reference.reference_for_gen(cfg, spec, {})
+    assert reference.REFERENCE_PASSES - before == 1 and np.array_equal(again["pool"], first["pool"])
     cached = list((tmp_path / "work").rglob("reference-cache/*.npz"))
     assert len(cached) == 1 and str(np.load(cached[0])["fingerprint"]) == cached[0].stem
     # another feature network (other weights) never reuses it
     other = {**spec, "probe_path": _random_probe(tmp_path / "probe_b.pt", seed=2)}
-    evaluate.reference_for_gen(cfg, other, {})
-    assert evaluate.REFERENCE_PASSES - before == 2
+    reference.reference_for_gen(cfg, other, {})
+    assert reference.REFERENCE_PASSES - before == 2
     assert len(list((tmp_path / "work").rglob("reference-cache/*.npz"))) == 2
     # generation metrics against it: precision/recall over all rows of both sets
-    report = evaluate.evaluate_gen(cfg, None, spec=spec, probe={})
+    report = gen.evaluate_gen(cfg, None, spec=spec, probe={})
     assert report["num_samples"] == 12 and {"fd_probe_gen", "probe_precision", "probe_recall"} <= set(report["metrics"])
-    assert evaluate.REFERENCE_PASSES - before == 2
+    assert reference.REFERENCE_PASSES - before == 2
 
 
 @pytest.mark.slow

@@ -4,48 +4,27 @@ import shutil
 import numpy as np
 import pytest
 import ray
+from conftest import nano_cfg, write_tokenizer_export
 from PIL import Image
 
-from configs.loading import load_config
-from jobs import checkpoints, code_shards, extract_codes
-from pipeline import paths, storage, tracking
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stages import stage_fingerprint
-
-NANO = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-        "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
-        "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-        "tokenizer.codebook_size=64", "tokenizer.num_scales=2", "tokenizer.vf_align=none"]
+from data_prep import prepare
+from infra import code_shards, paths, storage, tracking
+from infra.manifest import read_manifest
+from infra.stages import stage_fingerprint
+from jobs import extract_codes
 
 
 def make_cfg(work_dir, *extra):
-    return load_config(None, [
-        f"work_dir={work_dir}", "data.image_size=32", "data.synthetic.num_classes=4",
-        "data.synthetic.train_per_class=12", "data.synthetic.val_per_class=2", "data.samples_per_shard=16",
-        "data.prep_tasks=1", *NANO, "extract.augment=flip", "extract.batch_size=16",
-        "extract.num_actors=2", *extra])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    return nano_cfg(work_dir, "data.synthetic.train_per_class=12", "data.samples_per_shard=16",
+                    "extract.augment=flip", "extract.batch_size=16", "extract.num_actors=2", *extra)
 
 
 @pytest.fixture(scope="module")
 def upstream(ray_local, tmp_path_factory):
     """Real prep shards + a train_tokenizer export (random nano weights, the real export format)."""
-    from data_prep import prepare
-    from models.tokenizer import ResTok
-
     cfg = make_cfg(tmp_path_factory.mktemp("upstream"))
     prepare.run(cfg)
-    tok_dir = paths.stage_dir(cfg, "train_tokenizer")
-    state = ResTok(checkpoints.tokenizer_config(cfg)).state_dict()
-    checkpoints.write_export(tok_dir, "tokenizer", state, state, cfg)
-    write_manifest(tok_dir, "train_tokenizer", stage_fingerprint(cfg, "train_tokenizer"), complete=True,
-                   codebook_size=64, levels=[1, 1, 2, 4, 8])
+    write_tokenizer_export(cfg)
     return cfg
 
 
@@ -57,16 +36,7 @@ def copy_upstream(upstream, cfg):
 
 def retrain_tokenizer(cfg, seed):
     """Replace the export with other random weights under the same config (same fingerprint)."""
-    import torch
-
-    from models.tokenizer import ResTok
-
-    torch.manual_seed(seed)
-    tok_dir = paths.stage_dir(cfg, "train_tokenizer")
-    state = ResTok(checkpoints.tokenizer_config(cfg)).state_dict()
-    checkpoints.write_export(tok_dir, "tokenizer", state, state, cfg)
-    write_manifest(tok_dir, "train_tokenizer", stage_fingerprint(cfg, "train_tokenizer"), complete=True,
-                   codebook_size=64, levels=[1, 1, 2, 4, 8])
+    write_tokenizer_export(cfg, seed=seed)
 
 
 def all_codes(cfg):
@@ -79,7 +49,9 @@ def assert_same_codes(cfg, clean_cfg):
     got, want = all_codes(cfg), all_codes(clean_cfg)
     for split in want:
         assert np.array_equal(got[split][0], want[split][0]) and np.array_equal(got[split][1], want[split][1])
-    shas = lambda c: [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
+    def shas(c):
+        return [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
+
     assert shas(cfg) == shas(clean_cfg)
 
 

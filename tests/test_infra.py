@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import build_parser, split_preset_and_overrides
 from configs.loading import load_config
+from pipeline.cli import build_parser, split_preset_and_overrides
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 ROOT = INFRA.parent
@@ -97,5 +97,5 @@ def test_dockerfile_pins_equal_pyproject():
         version = next(d for d in deps if d.startswith(f"{dep}==")).split("==")[1]
         assert f"{dep}=={version}" in text
     assert "pip install --no-deps -e ." in text
-    for part in ("configs", "models", "data_prep", "jobs", "pipeline"):
+    for part in ("configs", "models", "infra", "data_prep", "jobs", "pipeline"):
         assert f"COPY {part} ./{part}" in text

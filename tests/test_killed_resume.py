@@ -16,8 +16,8 @@ import time
 import pytest
 
 from configs.loading import load_config
-from jobs.ray_training import TEST_STEP_SLEEP_ENV
-from pipeline import paths, tracking
+from infra import paths, tracking
+from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 
 STEPS, EVERY, KEEP = 24, 8, 2
 # The default preset with a tiny data set and schedule (issue 19: "a tiny default-like config").
@@ -178,7 +178,7 @@ def _checkpoint(root, step, marker=True):
 def test_prepare_resume_adopts_registered_drops_orphans_and_keeps_the_newest(tmp_path):
     """Storage decides, not Ray's snapshot: a checkpoint the snapshot registered but that lacks our
     marker (killed in between) is adopted; unregistered unmarked directories are orphans."""
-    from jobs import ray_training
+    from jobs.training import ray_training
 
     root = tmp_path / "train_tokenizer-fp"
     for step in (10, 20):

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from jobs.training.ray_training import all_reduce_sum_
 from models.losses.codebook_stats import CodebookStats, codebook_entropy_bits, codebook_usage
 
 
@@ -58,7 +59,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, result_file: str) -
     try:
         stats = CodebookStats(8)
         stats.update(torch.tensor([rank, rank, 7]))  # rank 0: {0, 0, 7}; rank 1: {1, 1, 7}
-        stats.all_reduce()
+        all_reduce_sum_(stats.hist)
         if rank == 0:
             torch.save(stats.hist, result_file)
     finally:

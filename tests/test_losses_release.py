@@ -139,7 +139,7 @@ def test_lpips_pad_crop_resize_in_training(monkeypatch):
 
 
 def test_ema_decay_warmup():
-    from jobs.deepspeed_runtime import EMA
+    from jobs.training.deepspeed_runtime import EMA
 
     model = torch.nn.Linear(2, 2)
     ema = EMA(model, 0.9999, rank=0, warmup=True)
@@ -156,7 +156,7 @@ def test_ema_decay_warmup():
 def test_gradient_clipping_tokenizer_and_discriminator():
     # The release clips both: utils/train_utils.py clips model.parameters() before the tokenizer
     # step and loss_module.parameters() (the discriminator heads) before the discriminator step.
-    from jobs.deepspeed_runtime import deepspeed_config
+    from jobs.training.deepspeed_runtime import deepspeed_config
 
     cfg = load_config("imagenet256-restok-l")
     train = cfg.tokenizer_train

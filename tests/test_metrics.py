@@ -224,7 +224,11 @@ def test_probe_trains_caches_and_scores(tmp_path):
 def test_random_untrained_inception_is_seeded_and_named_so():
     """eval.inception_weights=random-untrained: every actor builds the same network (seeded), nothing
     is downloaded, and its numbers never carry the real metric names."""
-    from jobs.evaluate import distance_name, feature_net_tag, inception_suffix
+    from jobs.evaluation.features import (
+        distance_name,
+        feature_net_tag,
+        inception_suffix,
+    )
     from jobs.metrics.inception import load_inception
 
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

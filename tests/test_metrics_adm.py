@@ -121,7 +121,7 @@ def test_reference_statistics_from_file_are_used(acts):
 
 def test_eval_actors_ask_for_one_gpu_each_unless_configured():
     from configs.loading import load_config
-    from jobs.evaluate import actor_gpus
+    from jobs.evaluation.pool import actor_gpus
 
     assert actor_gpus(load_config(None, ["eval.num_actors=16"])) == 0  # CPU run
     assert actor_gpus(load_config(None, ["cluster.use_gpu=true", "eval.num_actors=16"])) == 1.0

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from configs.loading import load_config
-from pipeline import paths, tracking
+from infra import paths, tracking
 
 pytestmark = [
     pytest.mark.slow,

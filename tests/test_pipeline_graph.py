@@ -10,10 +10,16 @@ import time
 import pytest
 
 from configs.loading import load_config
-from pipeline import manifest as manifests
-from pipeline import paths, tracking
-from pipeline.graph import clear_stage_dir, key_metrics, run_pipeline, summary_table, StageResult
-from pipeline.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+from infra import manifest as manifests
+from infra import paths, tracking
+from infra.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+from pipeline.graph import (
+    StageResult,
+    clear_stage_dir,
+    key_metrics,
+    run_pipeline,
+    summary_table,
+)
 
 
 class StandInStage:

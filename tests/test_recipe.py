@@ -27,7 +27,7 @@ from recipe_helpers import (
 )
 
 from configs.loading import list_presets, load_config
-from pipeline import paths, tracking
+from infra import paths, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,8 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     """The preset's models and objective, shrunk like the recipe, cast to bf16 as the DeepSpeed engines
     cast them: two tokenizer steps, one with the GAN on (discriminator step too), one generator step
     and its sampling setting."""
-    from jobs.checkpoints import generator_config, tokenizer_config
-    from jobs.deepspeed_runtime import make_optimizer
+    from jobs.training.checkpoints import generator_config, tokenizer_config
+    from jobs.training.deepspeed_runtime import make_optimizer
     from models.generator import GPT, sample
     from models.losses.tokenizer_loss import TokenizerLoss
     from models.tokenizer import ResTok
@@ -155,7 +155,7 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten()).backward()
     s = cfg.sampling
     result = sample(gpt, torch.tensor([0, 1]), cfg_scale=float(s.cfg_scale), cfg_schedule=str(s.cfg_schedule),
-                    start_ratio=float(s.cfg_start_ratio), top_p=float(s.top_p), top_k=int(s.top_k),
+                    start_ratio=float(s.start_ratio), top_p=float(s.top_p), top_k=int(s.top_k),
                     generator=torch.Generator().manual_seed(0))
     assert result.codes.shape == codes[:2].shape
 

@@ -28,7 +28,7 @@ from recipe_helpers import write_imagenet_folder, write_imagenet_tars
 from configs.loading import load_config
 from data_prep import fsspec_gopen, prepare, sources  # noqa: F401  (s3:// for webdataset)
 from data_prep.sources import ImageNetFolderSource
-from pipeline import storage
+from infra import storage
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,9 +334,9 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
 
 
 def test_s3_run_resumes_training_from_checkpoint_on_s3(s3_pipeline):
-    from jobs.ray_training import experiment_url, list_checkpoints
-    from pipeline.manifest import read_manifest
-    from pipeline.paths import stage_dir
+    from jobs.training.ray_training import experiment_url, list_checkpoints
+    from infra.manifest import read_manifest
+    from infra.paths import stage_dir
 
     cfg = s3_pipeline["cfg"]
     assert f"newest complete checkpoint: {s3_pipeline['base']}/ray/train_tokenizer-" in s3_pipeline["second"]
@@ -356,7 +356,7 @@ def test_s3_run_resumes_training_from_checkpoint_on_s3(s3_pipeline):
 
 
 def test_s3_run_mlflow_artifacts_land_in_the_servers_store(s3_pipeline):
-    from pipeline.tracking import client_for
+    from infra.tracking import client_for
 
     cfg, mlflow = s3_pipeline["cfg"], s3_pipeline["mlflow"]
     client = client_for(mlflow["uri"])

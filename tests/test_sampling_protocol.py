@@ -21,9 +21,10 @@ def default_cfg(work_dir, extra=()):
 
 
 def draw(cfg, plan_per_actor, out_dir, labels, fp="test"):
-    from jobs.checkpoints import load_generator, load_tokenizer
-    from jobs.sample import sample_shards, sampler_kwargs
-    from pipeline import paths
+    from infra import paths
+    from configs.loading import sampler_kwargs
+    from jobs.evaluation.sampling import sample_shards
+    from jobs.training.checkpoints import load_generator, load_tokenizer
 
     tok = load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"), device="cpu")
     gen = load_generator(paths.stage_dir(cfg, "train_generator"), device="cpu")
@@ -35,7 +36,7 @@ def draw(cfg, plan_per_actor, out_dir, labels, fp="test"):
 
 
 def test_default_run_labels_interleaved_and_independent_of_actors(tmp_path):
-    from jobs.sample import interleaved_labels, shard_plan, write_npz
+    from jobs.evaluation.sampling import interleaved_labels, shard_plan, write_npz
 
     # samples_per_shard 30 and batch 16 (neither divides the other nor the class count) stress the seeding
     cfg = default_cfg(tmp_path / "work", ["eval.samples_per_shard=30", "sampling.batch_size=16"])
@@ -69,7 +70,7 @@ def test_default_run_labels_interleaved_and_independent_of_actors(tmp_path):
 
 
 def test_shard_receipts_resume_and_reject_other_requests(tmp_path):
-    from jobs.sample import interleaved_labels
+    from jobs.evaluation.sampling import interleaved_labels
 
     cfg = default_cfg(tmp_path / "work", ["eval.num_samples_per_class=2", "sampling.batch_size=8"])
     write_models(cfg)
@@ -85,7 +86,7 @@ def test_shard_receipts_resume_and_reject_other_requests(tmp_path):
 
 
 def test_uint8_rounding_truncates_like_the_release():
-    from jobs.sample import to_uint8_release
+    from jobs.evaluation.sampling import to_uint8_release
 
     x = torch.tensor([-0.1, 0.0, 0.99 / 255, 1.5 / 255, 254.9 / 255, 1.0, 1.2])
     assert to_uint8_release(x).tolist() == [0, 0, 0, 1, 254, 255, 255]
@@ -93,7 +94,7 @@ def test_uint8_rounding_truncates_like_the_release():
 
 @pytest.mark.parametrize("classes,per_class", [(10, 20), (1000, 50)])
 def test_interleaved_labels_blocks(classes, per_class):
-    from jobs.sample import interleaved_labels
+    from jobs.evaluation.sampling import interleaved_labels
 
     y = interleaved_labels(classes, per_class)
     assert len(y) == classes * per_class and np.bincount(y).tolist() == [per_class] * classes

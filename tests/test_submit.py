@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.manifest import read_manifest
 from pipeline import submit
-from pipeline.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,8 @@ def test_submission_id_is_deterministic_and_names_the_preset():
 
 def test_entrypoint_runtime_env_and_addresses():
     ep = submit.entrypoint("python", "default", ["work_dir=/x y"], "train_tokenizer")
-    assert ep == "python -m pipeline.cli run default 'work_dir=/x y' cluster.address=auto 'stages=[train_tokenizer]'"
+    assert ep == ("python -m pipeline.cli run default 'work_dir=/x y' cluster.address=auto "
+                  "'stages=[train_tokenizer]'")
     env = submit.runtime_env(use_pip=True)
     assert env["working_dir"] == str(ROOT) and ".git" in env["excludes"] and "restok_work" in env["excludes"]
     assert "torch==2.14.1" in env["pip"] and "ray[default,train]==2.60.0" in env["pip"]

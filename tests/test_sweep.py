@@ -11,9 +11,9 @@ import os
 import pytest
 from test_eval import make_workdir, tiny_cfg, write_models  # noqa: F401  (shared tiny fixtures)
 
-from pipeline import paths, tracking
-from pipeline.manifest import write_manifest
-from pipeline.stages import stage_fingerprint
+from infra import paths, tracking
+from infra.manifest import write_manifest
+from infra.stages import stage_fingerprint
 
 SWEEP_OVERRIDES = [
     "eval.num_samples_per_class=3", "eval.probe_steps=30", "extract.augment=none", "extract.num_actors=2",
@@ -33,7 +33,7 @@ def standin_extract_codes(cfg, run_id=None, parent_run_id=None):
 
 def standin_train_generator(cfg, run_id=None, parent_run_id=None):
     """Stand-in for jobs.train_generator.run: a random (untrained) generator export + manifest."""
-    from jobs.checkpoints import generator_config, write_export
+    from jobs.training.checkpoints import generator_config, write_export
     from models.generator import GPT
 
     with tracking.stage_run(cfg, "train_generator", run_id, parent_run_id) as rid:

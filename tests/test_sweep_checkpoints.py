@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 from test_eval import tiny_cfg, write_prep
 
-from jobs import checkpoints, train_tokenizer
-from pipeline import paths, tracking
-from pipeline.manifest import read_manifest
+from infra import paths, tracking
+from infra.manifest import read_manifest
+from jobs import train_tokenizer
+from jobs.training import checkpoints
 
 TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=4",
          "tokenizer_train.checkpoint_every=2", "tokenizer_train.keep_checkpoints=3",
@@ -119,8 +120,8 @@ def test_kept_checkpoints_found_from_stage_dir_manifest_or_config(tmp_path):
     import json
 
     from configs.loading import to_yaml
-    from pipeline.manifest import write_manifest
-    from pipeline.stages import stage_fingerprint
+    from infra.manifest import write_manifest
+    from infra.stages import stage_fingerprint
 
     storage_root = tmp_path / "elsewhere"
     cfg = tiny_cfg(tmp_path / "work", [f"cluster.storage_path={storage_root}"])

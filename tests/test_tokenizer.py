@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from models.tokenizer import ResTok, TokenizerConfig, tokenizer_config_for
 from models.tokenizer.config import official_tokenizer_config
@@ -313,11 +314,10 @@ def test_config_errors_and_omegaconf():
         ResTok(small_cfg()).decode(torch.zeros(1, 16, 8), keep=0)
     with pytest.raises(KeyError, match="valid"):
         tokenizer_config_for("nope")
-    omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.structured(small_cfg())
+    cfg = OmegaConf.structured(small_cfg())
     assert ResTok(cfg).num_tokens == 16
     for name in ("official-l", "tiny-fixture", "cpu-nano", "restok-s", "restok-b", "restok-l"):
-        omegaconf.OmegaConf.structured(tokenizer_config_for(name)).levels  # noqa: B018
+        OmegaConf.structured(tokenizer_config_for(name)).levels  # noqa: B018
         with torch.device("meta"):  # every preset builds (merging blocks fit the depth, ...)
             ResTok(tokenizer_config_for(name))
 

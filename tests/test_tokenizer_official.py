@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models.tokenizer import ResTok, tokenizer_config_for
 from models.tokenizer.official import (
     convert_official_state_dict,
     tokenizer_config_from_official,
 )
-
-safetensors = pytest.importorskip("safetensors.torch")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 LATENT_ATOL = 1e-5  # NOTES.md "Suggested limits": latents and intermediates
@@ -32,9 +31,9 @@ def fixture():
     meta = json.loads((FIXTURES / "restok_tiny.json").read_text())
     cfg = tokenizer_config_from_official(meta["config"])
     model = ResTok(cfg).eval()
-    sd = safetensors.load_file(str(FIXTURES / "restok_tiny.safetensors"))
+    sd = load_file(str(FIXTURES / "restok_tiny.safetensors"))
     model.load_state_dict(convert_official_state_dict(sd, cfg), strict=True)
-    io = safetensors.load_file(str(FIXTURES / "restok_tiny_io.safetensors"))
+    io = load_file(str(FIXTURES / "restok_tiny_io.safetensors"))
     with torch.no_grad():
         zq, info = model.encode(io["images"])
         fmap, _ = model.decoder(zq, None)
@@ -154,7 +153,7 @@ def test_l_numbers_from_spec():
 
 
 def _tiny_sd():
-    return safetensors.load_file(str(FIXTURES / "restok_tiny.safetensors"))
+    return load_file(str(FIXTURES / "restok_tiny.safetensors"))
 
 
 def _tiny_cfg():

@@ -8,21 +8,19 @@ grids are decoded and logged as they would be in a pipeline run.
 import numpy as np
 import pytest
 import torch
+from conftest import NANO_LEVELS, NANO_TOKENIZER, NANO_VOCAB, write_tokenizer_export
 from safetensors.torch import load_file
 
 from configs.loading import load_config
-from jobs import checkpoints, code_shards, ray_training, train_generator
-from pipeline import paths, storage, tracking
-from pipeline.manifest import write_manifest
-from pipeline.stages import stage_fingerprint
+from infra import code_shards, paths, storage, tracking
+from infra.manifest import write_manifest
+from infra.stages import stage_fingerprint
+from jobs import train_generator
+from jobs.training import checkpoints, ray_training
 
 pytestmark = pytest.mark.slow
 
-STEPS, CKPT, VOCAB, LEVELS, CLASSES = 24, 8, 64, [1, 1, 2, 4, 8], 4
-NANO_TOKENIZER = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-                  "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
-                  "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-                  f"tokenizer.codebook_size={VOCAB}", "tokenizer.num_scales=2", "tokenizer.vf_align=none"]
+STEPS, CKPT, VOCAB, LEVELS, CLASSES = 24, 8, NANO_VOCAB, NANO_LEVELS, 4
 
 
 def make_cfg(work_dir, *extra):
@@ -51,10 +49,7 @@ def write_codes_stage(cfg):
                    counts={"train": 48}, code_shape=[2, 16], dtype="int16", codebook_size=VOCAB,
                    levels=LEVELS, num_classes=CLASSES, tokenizer_sha256="0" * 64)
     # A random tiny tokenizer export, so sample grids are decoded (as in a pipeline run).
-    from models.tokenizer import ResTok
-
-    tok = ResTok(checkpoints.tokenizer_config(cfg)).state_dict()
-    checkpoints.write_export(paths.stage_dir(cfg, "train_tokenizer"), "tokenizer", tok, tok, cfg)
+    write_tokenizer_export(cfg)
 
 
 def losses(cfg, run_id):
@@ -68,15 +63,6 @@ def train(cfg, run_id=None):
     run_id = run_id or tracking.start_run(cfg, "train_generator")
     manifest = train_generator.run(cfg, run_id=run_id)
     return manifest, run_id
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

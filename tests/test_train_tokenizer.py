@@ -5,19 +5,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import nano_cfg
 
-from configs.loading import load_config
-from jobs import checkpoints, train_tokenizer
-from pipeline import paths, tracking
+from data_prep import prepare
+from infra import paths, tracking
+from jobs import train_tokenizer
+from jobs.training import checkpoints
 
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-NANO = ["tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-        "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
-        "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", "tokenizer.levels=[1,1,2,4,8]",
-        "tokenizer.codebook_size=64", "generator.vocab_size=64", "tokenizer.num_scales=2",
-        "tokenizer.vf_align=none"]
 MSE_VQ_ONLY = ["tokenizer_train.loss.lpips_weight=0", "tokenizer_train.loss.vf_weight=0",
                "tokenizer_train.loss.gan_weight=0"]
 # Test-only tiny random frozen networks for LPIPS, the VF teacher and the discriminator backbone.
@@ -37,29 +34,16 @@ FULL_OBJECTIVE_TINY = [
 
 
 def make_cfg(work_dir, *extra):
-    return load_config(None, [
-        f"work_dir={work_dir}", "data.image_size=32", "data.synthetic.num_classes=4",
-        "data.synthetic.train_per_class=16", "data.synthetic.val_per_class=2", "data.samples_per_shard=32",
-        "data.loader_workers=0", "data.prep_tasks=1", *NANO,
+    return nano_cfg(
+        work_dir, "data.synthetic.train_per_class=16", "data.samples_per_shard=32", "data.loader_workers=0",
         f"tokenizer_train.steps={STEPS}", "tokenizer_train.global_batch_size=8",
         "tokenizer_train.micro_batch_size=4", "tokenizer_train.log_every=1",
         "tokenizer_train.checkpoint_every=8", f"tokenizer_train.image_log_every={STEPS}",
-        "tokenizer_train.optim.lr=3e-3", "tokenizer_train.optim.warmup_steps=2", *extra])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+        "tokenizer_train.optim.lr=3e-3", "tokenizer_train.optim.warmup_steps=2", *extra)
 
 
 @pytest.fixture(scope="module")
 def prep_dir(ray_local, tmp_path_factory):
-    from data_prep import prepare
-
     cfg = make_cfg(tmp_path_factory.mktemp("prep"))
     prepare.run(cfg)
     return paths.stage_dir(cfg, "prep")

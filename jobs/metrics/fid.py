@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from infra import storage
+
 
 def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues -> 0)."""
@@ -151,7 +153,6 @@ class ReferenceStats:
 def save_reference_stats(url: str, ref: ReferenceStats) -> None:
     import io
 
-    from pipeline import storage
 
     arrays = {"mu": ref.mu, "sigma": ref.sigma, "feature_net": np.array(ref.feature_net),
               "num_images": np.array(ref.num_images), "feature_config": np.array(ref.feature_config)}
@@ -178,7 +179,6 @@ def npz_array_shape(url: str, key: str = "arr_0") -> tuple[int, ...] | None:
     """Shape of one array of an npz from its header only (None when absent)."""
     import zipfile
 
-    from pipeline import storage
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
@@ -193,7 +193,6 @@ def read_npz_rows(url: str, start: int, end: int, key: str = "arr_0") -> np.ndar
     """Rows [start, end) of one array of an (uncompressed) npz, reading only those bytes."""
     import zipfile
 
-    from pipeline import storage
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
@@ -208,8 +207,6 @@ def read_npz_rows(url: str, start: int, end: int, key: str = "arr_0") -> np.ndar
 
 def load_reference_stats(url: str) -> ReferenceStats:
     """Our make-ref files or ADM reference batches; a one-line error naming the file otherwise."""
-    from pipeline import storage
-
     if not url:
         raise FileNotFoundError("no reference statistics configured: set eval.reference_stats to an .npz "
                                 "(ADM VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref` output)")
@@ -219,7 +216,9 @@ def load_reference_stats(url: str) -> ReferenceStats:
     with fs.open(path, "rb") as fh:
         data = np.load(fh, allow_pickle=False)  # lazy: members are read when accessed
         files = data.files
-        get = lambda k: data[k] if k in files else None
+        def get(k):
+            return data[k] if k in files else None
+
         images = npz_array_shape(url) if "arr_0" in files else None
         has_stats = "mu" in files and "sigma" in files
         if not has_stats and images is None:

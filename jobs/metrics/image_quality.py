@@ -30,7 +30,9 @@ def ssim(images: torch.Tensor, recon: torch.Tensor, data_range: float = 1.0, win
     channels = x.shape[1]
     window = min(window, x.shape[-1], x.shape[-2])
     w = _gaussian_window(window, sigma, channels, x.dtype, x.device)
-    blur = lambda t: F.conv2d(t, w, groups=channels)
+    def blur(t):
+        return F.conv2d(t, w, groups=channels)
+
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x ** 2
     var_y = blur(y * y) - mu_y ** 2

@@ -8,7 +8,7 @@ Two files of the same TensorFlow 2015-12-05 Inception are accepted, chosen by su
 `eval.inception_weights` names a local file; empty means the torch hub cache, downloaded on a
 connected machine. A missing file with no network is a one-line MissingWeightsError naming the path.
 `random-untrained` builds the same network with seeded random weights (tests and smoke runs only):
-its numbers are logged with a `_random_untrained` suffix, never as FID/IS (jobs.evaluate).
+its numbers are logged with a `_random_untrained` suffix, never as FID/IS (jobs.evaluation.features).
 
 Input: uint8 images [B, 3, H, W] (SPEC: reconstructions/samples are rounded to uint8 first).
 The state-dict path's resize to 299 is selectable (`eval.inception_resize`):
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.metrics.probe import load_probe
 from models.losses.pretrained_weights import (
     RANDOM_UNTRAINED,
     MissingWeightsError,
@@ -144,7 +145,7 @@ def resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _torchscript_logits_weight(net: nn.Module) -> torch.Tensor:
     """The 2048 x 1008 output weight inside the TorchScript graph (found by shape)."""
-    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+    for _name, t in list(net.named_parameters()) + list(net.named_buffers()):
         if tuple(t.shape) == (NUM_LOGITS, POOL_DIM):
             return t.detach().T
         if tuple(t.shape) == (POOL_DIM, NUM_LOGITS):
@@ -154,7 +155,6 @@ def _torchscript_logits_weight(net: nn.Module) -> torch.Tensor:
 
 class InceptionFeatures(nn.Module):
     """uint8 images -> {"pool": [B, 2048], "probs": [B, 1008], "spatial": [B, 2023] (state dict only)}."""
-
     name = "inception"
 
     def __init__(self, net: nn.Module, torchscript: bool = False, resize: str = "tf1"):
@@ -242,7 +242,6 @@ def load_feature_net(kind: str, weights_path: str = "", device: str | torch.devi
     if kind == "inception":
         return load_inception(weights_path, device, resize=resize)
     if kind == "probe":
-        from jobs.metrics.probe import load_probe
 
         if not probe_path:
             raise ValueError("feature_net=probe needs the trained probe file (jobs.metrics.probe.ensure_probe)")

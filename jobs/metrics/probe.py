@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infra import storage
+
 PROBE_VERSION = 1  # bump when the architecture or training recipe changes (invalidates caches)
 FEATURE_DIM = 128
 
 
 class ProbeNet(nn.Module):
     """3 stride-2 conv stages + global pooling -> 128-d features -> class logits."""
-
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
         layers, c_in = [], 3
@@ -57,7 +58,6 @@ def _prepare(images: torch.Tensor, size: int) -> torch.Tensor:
 
 class ProbeFeatures(nn.Module):
     """Same interface as jobs.metrics.inception.InceptionFeatures: uint8 images -> {pool, probs}."""
-
     name = "probe"
     has_spatial = False
 
@@ -128,7 +128,6 @@ def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndar
     """Train (or reuse) the probe; returns its manifest: {path, key, val_accuracy, ...}.
 
     Files: <cache_url>/probe-<key>/probe.pt and manifest.json (written last, atomically)."""
-    from pipeline import storage
 
     settings = {"num_classes": num_classes, "image_size": image_size, "steps": steps, "seed": seed}
     key = probe_key(train_images, train_labels, settings)
@@ -152,7 +151,6 @@ def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndar
 
 
 def load_probe(path: str, device: str | torch.device = "cpu") -> ProbeFeatures:
-    from pipeline import storage
 
     fs, p = storage.filesystem(path)
     if not fs.exists(p):

@@ -5,12 +5,16 @@ set by `official_generator_config` / `official_sampling_config`. Width/depth/hea
 models.registry.GPT_SIZES via `size`.
 """
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 # SPEC "HAR generator": ResTok-L emits 128 tokens in levels [1,1,2,4,8,16,32,64]; 4 next-token steps.
 RESTOK_L_LEVELS = [1, 1, 2, 4, 8, 16, 32, 64]
 
-GROUP_ORDERS = ("real_first", "interleaved")
-CFG_SCHEDULES = ("constant", "step", "linear")
+# Choices are declared once, as the fields' types (the config loader validates them).
+GroupOrder = Literal["real_first", "interleaved"]
+CfgSchedule = Literal["constant", "step", "linear"]
+GROUP_ORDERS = get_args(GroupOrder)
+CFG_SCHEDULES = get_args(CfgSchedule)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class GeneratorConfig:
     ffn_multiple_of: int = 256  # SwiGLU hidden = int(8*dim/3) rounded up to this multiple
     # HAR group input order (quirk 15): "real_first" = previous level's real tokens, then mask
     # tokens (the release); "interleaved" = real and mask tokens alternate.
-    har_group_order: str = "real_first"
+    har_group_order: GroupOrder = "real_first"
     # Rows of the mask-token table. None = exactly the rows the layout reads (63 for 128 tokens);
     # the release allocates block_size - 1 rows (127) of which only 63 are ever read (quirk 16).
     special_rows: int | None = None
@@ -49,7 +53,7 @@ class SamplingConfig:
     """Sampler arguments (SPEC "sampling"); `sample(gpt, labels, **asdict(cfg))` accepts these."""
 
     cfg_scale: float = 3.75
-    cfg_schedule: str = "step"  # constant | step | linear
+    cfg_schedule: CfgSchedule = "step"
     start_ratio: float = 0.25  # step schedule: full scale from this fraction of the passes on
     min_cfg_scale: float = 1.0
     temperature: float = 1.0

@@ -72,7 +72,8 @@ def expected_shapes(cfg: GeneratorConfig) -> dict[str, tuple]:
 
 
 def describe(cfg: GeneratorConfig) -> str:
-    return f"GPT-{cfg.size} ({'HAR' if cfg.har else 'vanilla AR'}, vocab {cfg.vocab_size}, levels {list(cfg.levels)})"
+    kind = "HAR" if cfg.har else "vanilla AR"
+    return f"GPT-{cfg.size} ({kind}, vocab {cfg.vocab_size}, levels {list(cfg.levels)})"
 
 
 def unwrap_checkpoint(obj: Mapping) -> dict:

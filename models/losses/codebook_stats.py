@@ -1,12 +1,13 @@
 """Codebook usage and entropy (SPEC "Evaluation protocol / rFID": usage and entropy in bits, eps 1e-8).
 
 Paper App. A.3, Eq. 5-6: p_i = c_i / sum_j c_j and H = -sum_i p_i log2(p_i + eps), eps = 1e-8 (as TiTok).
-The histogram is the only state, so per-rank accumulators merge by adding their histograms.
+The histogram is the only state, so per-rank accumulators merge by adding their histograms (`merge`;
+across training ranks jobs.training.ray_training.all_reduce_sum_ sums `hist`: models/ stays free of
+torch.distributed).
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 ENTROPY_EPS = 1e-8  # paper App. A.3
 
@@ -50,11 +51,6 @@ class CodebookStats:
             raise ValueError(f"cannot merge codebook sizes {self.codebook_size} and {other.codebook_size}")
         self.hist += other.hist.to(self.hist.device)
         return self
-
-    def all_reduce(self) -> None:
-        """Sum the histograms of all ranks in place (no-op outside torch.distributed)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.hist, op=dist.ReduceOp.SUM)
 
     def reset(self) -> None:
         self.hist.zero_()

@@ -10,13 +10,16 @@ run reproduces its augmentation exactly (tests/fixtures/official, losses_tiny).
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 RELEASE_POLICY = "color,translation,cutout_0.2"
 DEFAULT_POLICY = RELEASE_POLICY
 TRANSLATION_RATIO = 0.125  # shift up to 1/8 of the side, as DiffAugment's default
 CUTOUT_RATIO = 0.5  # plain `cutout`: erase a square of half the side (DiffAugment's default)
-RANGES = ("unit", "signed")  # ops applied to [0, 1] images (release) | to [-1, 1] (DiffAugment paper)
+ValueRange = Literal["unit", "signed"]  # ops applied to [0, 1] images (release) | to [-1, 1] (DiffAugment paper)
+RANGES = get_args(ValueRange)
 
 
 def _rand(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -5,11 +5,14 @@ A frozen DINO ViT-S/16 (timm `vit_small_patch16_224.dino`) sees the (DiffAugment
 larger, else an area resize; bicubic when smaller); token features are taken after the patch
 embedding (with positions) and after blocks 2, 5, 8 and 11. Readout (release): the CLS token is
 added to every patch token, then the prefix tokens are dropped. One small trainable head per feature
-map treats the patch tokens as a 1-d sequence: a 1x1 block, then a residual block with a kernel-9 conv (each block:
-spectral-norm conv, local batch norm, LeakyReLU 0.2), then a 1x1 conv to one logit per token. For
-ViT-S (384 channels) that is 1,477,249 parameters per head, 7,386,245 for the five (SPEC: about 7.4M).
+map treats the patch tokens as a 1-d sequence: a 1x1 block, then a residual block with a kernel-9
+conv (each block: spectral-norm conv, local batch norm, LeakyReLU 0.2), then a 1x1 conv to one logit
+per token. For ViT-S (384 channels) that is 1,477,249 parameters per head, 7,386,245 for the five
+(SPEC: about 7.4M).
 """
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import math
 import random
@@ -27,8 +30,10 @@ DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
 DEFAULT_FEATURE_BLOCKS = (2, 5, 8, 11)
 LEAKY_SLOPE = 0.2
 BN_EPS = 1e-6  # release DinoDisc norm_eps
-INPUT_MODES = ("release", "bilinear")  # random-crop-or-area (release) | antialiased bilinear resize
-LECAM_VARIANTS = ("release", "per_logit")
+InputMode = Literal["release", "bilinear"]  # random-crop-or-area (release) | antialiased bilinear resize
+LecamVariant = Literal["release", "per_logit"]
+INPUT_MODES = get_args(InputMode)
+LECAM_VARIANTS = get_args(LecamVariant)
 
 
 class BatchNormLocal(nn.Module):

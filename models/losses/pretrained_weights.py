@@ -8,14 +8,15 @@ Every frozen network (LPIPS VGG, VF teacher, discriminator backbone) has one of 
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import os
 
 import torch
 from torch import nn
 
-PRETRAINED = "pretrained"
-RANDOM_UNTRAINED = "random-untrained"
-BACKBONE_MODES = (PRETRAINED, RANDOM_UNTRAINED)
+BackboneMode = Literal["pretrained", "random-untrained"]
+PRETRAINED, RANDOM_UNTRAINED = BACKBONE_MODES = get_args(BackboneMode)
 
 
 class MissingWeightsError(FileNotFoundError):

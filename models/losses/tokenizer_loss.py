@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses.discriminator import (
-    DEFAULT_BACKBONE, DinoDiscriminator, LeCamEMA, generator_adv_loss, hinge_d_loss)
-from models.losses.diffaugment import DEFAULT_POLICY
+    DEFAULT_BACKBONE, DinoDiscriminator, InputMode, LeCamEMA, LecamVariant, generator_adv_loss, hinge_d_loss)
+from models.losses.diffaugment import DEFAULT_POLICY, ValueRange
 from models.losses.perceptual import LPIPS, pad_crop_resize
-from models.losses.pretrained_weights import PRETRAINED, RANDOM_UNTRAINED, metric_suffix
-from models.losses.vf_align import DEFAULT_TEACHER, VFAlignLoss, VFTeacher
+from models.losses.pretrained_weights import PRETRAINED, RANDOM_UNTRAINED, BackboneMode, metric_suffix
+from models.losses.vf_align import DEFAULT_TEACHER, MarginConvention, VFAlignLoss, VFTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class TokenizerLossConfig:
     gan_weight: float = 0.5
     gan_start_step: int = 20000  # generator adversarial term and discriminator training start here
     # LPIPS-VGG (backbone: pretrained | random-untrained; empty path = normal download).
-    lpips_backbone: str = PRETRAINED
+    lpips_backbone: BackboneMode = PRETRAINED
     lpips_vgg_weights: str = field(default="", metadata={"path": True})  # torchvision vgg16-397923af.pth
     lpips_linear_weights: str = field(default="", metadata={"path": True})  # empty = v0.1 heads bundled with the lpips package
     # Release: in training both images are padded 15 px (replicate), randomly cropped and bicubic-
@@ -48,30 +48,30 @@ class TokenizerLossConfig:
     lpips_augment: bool = True
     # VF alignment (SPEC "VF alignment").
     vf_margin: float = 0.25  # release: m = 0.25 in relu(1 - m - cos)
-    vf_margin_convention: str = "release"  # release: relu(1 - m - cos) | paper: relu(m - cos), m = 0.85
+    vf_margin_convention: MarginConvention = "release"  # release: relu(1 - m - cos) | paper: relu(m - cos), m = 0.85
     vf_teacher: str = DEFAULT_TEACHER  # any timm model name with a CLS token
-    vf_teacher_backbone: str = PRETRAINED
+    vf_teacher_backbone: BackboneMode = PRETRAINED
     vf_teacher_weights: str = field(default="", metadata={"path": True})  # local .safetensors / .pth in timm format; empty = HF hub
     vf_teacher_resolution: int = 256
     vf_teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     # Discriminator (SPEC "discriminator").
     disc_backbone_name: str = DEFAULT_BACKBONE
-    disc_backbone: str = PRETRAINED
+    disc_backbone: BackboneMode = PRETRAINED
     disc_backbone_weights: str = field(default="", metadata={"path": True})
     disc_resolution: int = 224
     disc_feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
     disc_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     disc_diffaug: str = DEFAULT_POLICY  # release "color,translation,cutout_0.2"; empty = none
     disc_diffaug_prob: float = 0.5  # release: each op group applied with probability 0.5 (1 = always)
-    disc_diffaug_range: str = "unit"  # unit: ops on [0, 1] images (release) | signed: on [-1, 1]
+    disc_diffaug_range: ValueRange = "unit"  # unit: ops on [0, 1] images (release) | signed: on [-1, 1]
     disc_cls_readout: bool = True  # release: CLS token added to every patch token before the heads
-    disc_input_mode: str = "release"  # release: random 224 crop (p 0.5) or area resize | bilinear
+    disc_input_mode: InputMode = "release"  # release: random 224 crop (p 0.5) or area resize | bilinear
     disc_virtual_batch: int = 8  # local batch-norm group size
     lecam_weight: float = 0.001
     lecam_ema_decay: float = 0.999  # release 0.999 (LeCam reference code: 0.99)
     # release: relu^2 of batch-mean logits vs EMAs from 0, previous EMA used | per_logit: reference
     # LeCam code (every logit, EMA updated first, started from the first batch)
-    lecam_variant: str = "release"
+    lecam_variant: LecamVariant = "release"
 
 
 def _warn_if_random(what: str, mode: str, log_name: str) -> None:

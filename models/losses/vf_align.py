@@ -12,6 +12,8 @@ Each term is a hinge on the cosine similarity. Two margin conventions (SPEC row 
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import math
 
 import torch
@@ -21,7 +23,8 @@ from models.losses.pretrained_weights import (
     PRETRAINED, FrozenNetwork, create_timm_backbone, metric_suffix)
 
 DEFAULT_TEACHER = "vit_large_patch16_dinov3.lvd1689m"
-MARGIN_CONVENTIONS = ("release", "paper")
+MarginConvention = Literal["release", "paper"]
+MARGIN_CONVENTIONS = get_args(MarginConvention)
 
 
 def cosine_target(margin: float, convention: str = "release") -> float:

@@ -4,17 +4,24 @@ Defaults are our clean training variant of ResTok-L. `official_tokenizer_config(
 release's behaviour (SPEC.md; fixtures/official/NOTES.md quirks #1-#12), needed to load its weights.
 """
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from models.registry import vit_size
 
-VF_CHOICES = ("none", "encoder", "decoder", "both")
-MERGE_OPS = ("nearest", "avg")
-MERGE_LAYOUTS = ("width", "alternate")
-LATENT_INITS = ("pool", "learned")
+# Choices are declared once, as the fields' types (the config loader validates them).
+VfAlign = Literal["none", "encoder", "decoder", "both"]
+MergeOp = Literal["nearest", "avg"]
+MergeLayout = Literal["width", "alternate"]
+LatentInit = Literal["pool", "learned"]
 # Which modules get the trunc-normal(init_std) init: "release" (restok.py `self.apply` before the
 # VF heads exist): encoder, decoder and the pixel CNN, VF heads at PyTorch's default; "vit":
 # encoder, decoder and VF heads, pixel CNN at PyTorch's default.
-INIT_SCHEMES = ("release", "vit")
+InitScheme = Literal["release", "vit"]
+VF_CHOICES = get_args(VfAlign)
+MERGE_OPS = get_args(MergeOp)
+MERGE_LAYOUTS = get_args(MergeLayout)
+LATENT_INITS = get_args(LatentInit)
+INIT_SCHEMES = get_args(InitScheme)
 
 
 @dataclass
@@ -41,7 +48,7 @@ class TokenizerConfig:
     # SPEC "encoder mask": True = the level mask (the release always builds it, also at S = 1);
     # False = full bidirectional encoder attention, as TiTok (ablation-titok-full-attention).
     encoder_mask: bool = True
-    latent_init: str = "pool"  # pool (Alg. 1, release) | learned (TiTok-style queries)
+    latent_init: LatentInit = "pool"  # pool (Alg. 1, release) | learned (TiTok-style queries)
     residual_latent: bool = True  # Alg. 1 subtracts each level before pooling the next
     codebook_size: int = 8192
     code_dim: int = 8
@@ -53,9 +60,9 @@ class TokenizerConfig:
     entropy_temperature: float = 0.05
     # Image scales S (SPEC "scales"); 1 = TiTok-style baseline, no merging.
     num_scales: int = 4
-    merge_op: str = "avg"  # nearest (release, NOTES #7) | avg (paper Fig. 2c)
+    merge_op: MergeOp = "avg"  # nearest (release, NOTES #7) | avg (paper Fig. 2c)
     merge_factor: int = 2  # tokens per merged token at each merge (paper Tab. 3 pooling factor)
-    merge_layout: str = "alternate"  # width (release: 16x16->16x8->16x4) | alternate (halve longer side)
+    merge_layout: MergeLayout = "alternate"  # width (release: 16x16->16x8->16x4) | alternate (halve longer side)
     residual_image: bool = True
     # NOTES #10: release reshapes (B,N,W)->(B,W,N,1) without permute before conv_out.
     legacy_reshape: bool = False
@@ -63,15 +70,14 @@ class TokenizerConfig:
     # Trunc-normal std of the ViT-side linear/conv weights (release 0.02, tuned for width ~1024).
     # At width 32 it shrinks every layer's output ~10x, so CPU presets use ~width^-0.5.
     init_std: float = 0.02
-    init_scheme: str = "vit"  # INIT_SCHEMES; the release (and imagenet256-restok-l) uses "release"
+    init_scheme: InitScheme = "vit"  # INIT_SCHEMES; the release (and imagenet256-restok-l) uses "release"
     # Nested token dropout (SPEC "nested dropout"): keep all with prob 1 - p, else a level
     # boundary >= min_tokens with weights doubling towards longer lengths (1,2,4,8,16 for 128).
     nested_dropout: bool = True
     nested_dropout_prob: float = 0.2
     min_tokens: int = 4
     # VF alignment (SPEC "VF alignment"): projection heads only; the teacher is in models/losses.
-    vf_align: str = "both"  # none | encoder | decoder | both
-    vf_margin: float = 0.25  # release m = 0.25 (cos target 0.75); paper margin 0.85
+    vf_align: VfAlign = "both"
     vf_feature_dim: int = 1024
 
     @property
@@ -120,7 +126,7 @@ def official_tokenizer_config(size: str = "large", image_size: int = 256, num_to
         levels=levels_for(num_tokens),
         cnn_shortcut_on_branch=True, denormalize_output=False,
         merge_op="nearest", merge_layout="width", merge_factor=2, num_scales=4,
-        legacy_reshape=True, vf_align="both" if vf else "none", vf_margin=0.25,
+        legacy_reshape=True, vf_align="both" if vf else "none",
         init_scheme="release",
     )
 

@@ -13,6 +13,7 @@ from models.tokenizer.config import (
     levels_for,
     official_tokenizer_config,
 )
+from models.tokenizer.restok import ResTok
 
 # Wrappers a training checkpoint may nest the weights under, tried in this order.
 _WRAPPERS = ("state_dict", "model", "module")
@@ -70,8 +71,6 @@ def _unwrap(sd: Mapping) -> Mapping:
 
 def expected_shapes(cfg: TokenizerConfig) -> dict[str, tuple[int, ...]]:
     """Our state dict's key -> shape, built on the meta device (no memory)."""
-    from models.tokenizer.restok import ResTok
-
     with torch.device("meta"):
         model = ResTok(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -2,32 +2,31 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from pipeline import storage
+from configs.schema import RestokConfig
+from infra import storage
+from infra.stages import stage_fingerprint
 
 
-def work_url(cfg: Any) -> str:
+def work_url(cfg: RestokConfig) -> str:
     """The work directory as a URL or absolute local path."""
     wd = str(cfg.work_dir)
     return wd if "://" in wd else os.path.abspath(wd)
 
 
-def stage_dir(cfg: Any, stage: str) -> str:
+def stage_dir(cfg: RestokConfig, stage: str) -> str:
     return storage.join(work_url(cfg), stage)
 
 
-def shards_url(cfg: Any) -> str:
+def shards_url(cfg: RestokConfig) -> str:
     """Image shards: <data.shards_url>/prep-<prep fingerprint>, or <work_dir>/prep. A shared
     shards URL holds one directory per data config, so no prep deletes another's shards."""
     if not str(cfg.data.shards_url):
         return stage_dir(cfg, "prep")
-    from pipeline.stages import stage_fingerprint
-
     return storage.join(str(cfg.data.shards_url), f"prep-{stage_fingerprint(cfg, 'prep')}")
 
 
-def tracking_uri(cfg: Any) -> str:
+def tracking_uri(cfg: RestokConfig) -> str:
     """MLflow store: tracking.tracking_uri, or a sqlite file under a local work dir."""
     if cfg.tracking.tracking_uri:
         return str(cfg.tracking.tracking_uri)
@@ -37,6 +36,6 @@ def tracking_uri(cfg: Any) -> str:
     return f"sqlite:///{os.path.join(wd, 'mlflow.db')}"
 
 
-def ray_storage_path(cfg: Any) -> str:
+def ray_storage_path(cfg: RestokConfig) -> str:
     """Ray Train checkpoints: cluster.storage_path, or <work_dir>/ray."""
     return str(cfg.cluster.storage_path) or storage.join(work_url(cfg), "ray")

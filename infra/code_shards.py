@@ -11,65 +11,34 @@ micro-batch index) and resuming at any step is exact and O(1).
 from __future__ import annotations
 
 import io
-import tarfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import storage
+from infra import storage
+from infra.manifest import require_complete
+from infra.shards import read_samples, tar_bytes
 
 
-def tar_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of each file of a WebDataset tar, in order (ext after the first dot
-    of the base name, as WebDataset splits)."""
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            head, _, ext = base.partition(".")
-            prefix = member.name[: len(member.name) - len(base)]
-            yield prefix + head, ext, tar.extractfile(member).read()
-
-
-def group_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar as (key, {ext: bytes}), in order."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    for key, ext, payload in tar_members(data):
-        if not samples or samples[-1][0] != key:
-            samples.append((key, {}))
-        samples[-1][1][ext] = payload
-    return samples
-
-
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # byte-identical shards for identical codes
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def encode_shard(samples: list[tuple[str, np.ndarray, int]]) -> bytes:
-    """A code-shard tar from (key, codes [A, N], class) triples."""
+def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, codes, cls in samples:
-            npy = io.BytesIO()
-            np.save(npy, codes, allow_pickle=False)
-            _add(tar, f"{key}.codes.npy", npy.getvalue())
-            _add(tar, f"{key}.cls", str(int(cls)).encode())
+    np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def read_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def encode_shard(samples: list[tuple[str, np.ndarray, int]]) -> bytes:
+    """A code-shard tar from (key, codes [A, N], class) triples (byte-identical for identical codes)."""
+    return tar_bytes({"__key__": key, "codes.npy": _npy(codes), "cls": str(int(cls)).encode()}
+                     for key, codes, cls in samples)
+
+
+def read_code_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(keys, codes [M, A, N], classes [M]) of one code shard."""
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as fh:
-        data = fh.read()
     keys, codes, classes = [], [], []
-    for key, parts in group_samples(data):
+    for parts in read_samples(url):
+        key = parts["__key__"]
         if "codes.npy" not in parts or "cls" not in parts:
             raise ValueError(f"{url}: sample {key!r} lacks codes.npy or cls (has {sorted(parts)})")
         keys.append(key)
@@ -82,15 +51,13 @@ def read_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def load_split(stage_dir: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """All codes [M, A, N] and classes [M] of a split, in manifest order; checks the counts."""
-    from pipeline.manifest import require_complete
-
     manifest = require_complete(stage_dir, "extract_codes")
     shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise ValueError(f"{stage_dir}: no code shards for split {split!r}")
     codes, classes = [], []
     for shard in shards:
-        _, c, y = read_shard(storage.join(stage_dir, shard["name"]))
+        _, c, y = read_code_shard(storage.join(stage_dir, shard["name"]))
         if len(y) != shard["count"]:
             raise ValueError(f"{shard['name']}: {len(y)} samples, manifest says {shard['count']}")
         codes.append(c)

@@ -6,20 +6,24 @@ fingerprint, and a change upstream (say the tokenizer's config) invalidates ever
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from pipeline.manifest import config_subtree, fingerprint
+from configs.schema import STAGE_NAMES, RestokConfig
+from infra.manifest import config_subtree, fingerprint
 
-STAGE_ORDER = ("prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate")
+STAGE_ORDER = STAGE_NAMES  # graph order (configs.schema.StageName)
 
-# Stage name -> module exposing run(cfg, run_id=None) -> manifest (the stage contract).
-STAGE_MODULES = {
-    "prep": "data_prep.prepare",
-    "train_tokenizer": "jobs.train_tokenizer",
-    "extract_codes": "jobs.extract_codes",
-    "train_generator": "jobs.train_generator",
-    "evaluate": "jobs.evaluate",
-}
+
+class StageRun(Protocol):
+    """The stage contract: every stage module (data_prep.prepare, jobs.<stage>) exposes `run` so.
+
+    `run_id`: log into this MLflow run (the graph's child run); else the stage opens its own run,
+    nested under `parent_run_id` when given (a sweep chain). Returns the stage's manifest, written
+    last; a complete manifest with the same fingerprint makes the call a no-op that returns it."""
+
+    def __call__(self, cfg: RestokConfig, run_id: str | None = None,
+                 parent_run_id: str | None = None) -> dict[str, Any]: ...
+
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "prep": (),
@@ -47,7 +51,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_fingerprint(cfg: Any, stage: str) -> str:
+def stage_fingerprint(cfg: RestokConfig, stage: str) -> str:
     if stage not in CONFIG_KEYS:
         raise KeyError(f"unknown stage {stage!r}; valid: {list(STAGE_ORDER)}")
     inputs = {up: stage_fingerprint(cfg, up) for up in UPSTREAM[stage]}

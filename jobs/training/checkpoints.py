@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline import storage
+from configs.loading import from_yaml_text, to_yaml
+from configs.schema import RestokConfig
+from infra import storage
+from infra.manifest import read_manifest, write_manifest
+from infra.paths import ray_storage_path
+from infra.stages import stage_fingerprint
+from infra.tracking import client_for
+from jobs.training.deepspeed_runtime import consolidate_shards
+from jobs.training.ray_training import (
+    COMPLETE_NAME,
+    STATE_TAG,
+    checkpoint_meta,
+)
+from models.generator import GPT, GeneratorConfig
+from models.tokenizer import ResTok, TokenizerConfig
 
 CONFIG_NAME = "config.yaml"
 
@@ -36,7 +52,6 @@ def _read_fp32_state(engine_dir: str, zero_stage: int, tag: str) -> dict[str, to
 def _read_ema(checkpoint_dir: str, meta: dict) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from jobs.deepspeed_runtime import consolidate_shards
 
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")),
                    key=lambda p: int(os.path.basename(p)[len("ema_rank"):-len(".safetensors")]))
@@ -51,7 +66,6 @@ def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module
     """(raw, ema) full fp32 state dicts for `model` from a Ray Train checkpoint directory, checked
     by loading both into `model` strictly. EMA covers trainable parameters; buffers and frozen
     tensors come from the raw weights."""
-    from jobs.ray_training import STATE_TAG, checkpoint_meta
 
     meta = checkpoint_meta(checkpoint_dir)
     raw = _read_fp32_state(os.path.join(checkpoint_dir, engine_name), int(meta["zero_stage"]), STATE_TAG)
@@ -63,12 +77,11 @@ def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module
     return raw, ema
 
 
-def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: Any) -> dict[str, str]:
+def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: RestokConfig) -> dict[str, str]:
     """Atomically write `<name>.safetensors`, `<name>_ema.safetensors`, `config.yaml`; returns the
     file names (relative to the stage dir) and their sha256."""
     from safetensors.torch import save
 
-    from configs.loading import to_yaml
 
     out = {}
     for fname, state in ((f"{name}.safetensors", raw), (f"{name}_ema.safetensors", ema)):
@@ -103,33 +116,29 @@ def _load_weights(url: str) -> dict[str, torch.Tensor]:
 
 
 def _load_config(url: str) -> Any:
-    from configs.loading import from_yaml_text
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "r") as fh:
         return from_yaml_text(fh.read())
 
 
-def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
-    """The trained ResTok in eval mode (EMA weights by default) from a train_tokenizer export."""
-    from models.tokenizer import ResTok
-
-    weights, config = _resolve(stage_dir_or_file, "tokenizer", ema)
-    cfg = _load_config(config)
-    model = ResTok(tokenizer_config(cfg))
+def load_export(stage: str, stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
+    """A training stage's exported model in eval mode (EMA weights by default)."""
+    export = EXPORTABLE[stage]
+    weights, config = _resolve(stage_dir_or_file, export.name, ema)
+    model = export.build_model(_load_config(config))
     model.load_state_dict(_load_weights(weights), strict=True)
     return model.to(device).eval()
 
 
-def load_generator(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu"):
-    """The trained GPT in eval mode (EMA weights by default) from a train_generator export."""
-    from models.generator import GPT
+def load_tokenizer(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu") -> ResTok:
+    """The trained ResTok from a train_tokenizer export (what extraction and evaluation load)."""
+    return load_export("train_tokenizer", stage_dir_or_file, ema, device)
 
-    weights, config = _resolve(stage_dir_or_file, "generator", ema)
-    cfg = _load_config(config)
-    model = GPT(generator_config(cfg))
-    model.load_state_dict(_load_weights(weights), strict=True)
-    return model.to(device).eval()
+
+def load_generator(stage_dir_or_file: str, ema: bool = True, device: str | torch.device = "cpu") -> GPT:
+    """The trained GPT from a train_generator export (what sampling loads)."""
+    return load_export("train_generator", stage_dir_or_file, ema, device)
 
 
 def _plain(cls: type, node: Any) -> Any:
@@ -140,16 +149,37 @@ def _plain(cls: type, node: Any) -> Any:
     return cls(**values)
 
 
-def generator_config(cfg: Any):
-    from models.generator import GeneratorConfig
+def generator_config(cfg: RestokConfig):
 
     return _plain(GeneratorConfig, cfg.generator)
 
 
-def tokenizer_config(cfg: Any):
-    from models.tokenizer import TokenizerConfig
+def tokenizer_config(cfg: RestokConfig):
 
     return _plain(TokenizerConfig, cfg.tokenizer)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How a training stage's model is exported: the DeepSpeed engine directory in its checkpoints,
+    the export file name, the model to load the weights into, and the manifest fields it adds."""
+
+    engine: str
+    name: str
+    build_model: Callable[[Any], torch.nn.Module]
+    manifest_fields: Callable[[Any, Any], dict[str, Any]]  # (model, cfg) -> fields
+
+
+# Training stage -> its export (what jobs.training.stage, `restok export` and sweeps write).
+EXPORTABLE: dict[str, ExportSpec] = {
+    "train_tokenizer": ExportSpec(
+        "tokenizer", "tokenizer", lambda cfg: ResTok(tokenizer_config(cfg)),
+        lambda model, cfg: {"num_tokens": int(model.num_tokens), "levels": list(model.levels),
+                            "codebook_size": int(model.codebook_size)}),
+    "train_generator": ExportSpec(
+        "generator", "generator", lambda cfg: GPT(generator_config(cfg)),
+        lambda model, cfg: {"block_size": model.block_size, "vocab_size": int(cfg.generator.vocab_size)}),
+}
 
 
 def register_model(tracking_uri: str, run_id: str, files: list[str], model_name: str,
@@ -159,7 +189,6 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     version."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import client_for
 
     client = client_for(tracking_uri)
     for f in files:
@@ -197,45 +226,7 @@ def register_stage_files(uri: str, run_id: str, stage_dir: str, names: list[str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def finish_training_stage(cfg: Any, stage: str, stage_dir: str, fp: str, run_id: str, result: Any,
-                          build_model: Any, engine_name: str, export_name: str,
-                          total_steps: int, fields: Any) -> dict:
-    """Shared end of both training stages: an unfinished run (stop_after) gets an incomplete
-    manifest; a finished one is exported (raw + EMA safetensors, config), registered in MLflow
-    and recorded in a complete manifest with `fields(model)` added. `build_model()` is called
-    only when there is something to export."""
-    import ray.train
-
-    from jobs.ray_training import final_checkpoint
-    from pipeline.manifest import write_manifest
-    from pipeline.paths import tracking_uri
-
-    # The newest complete checkpoint on storage (our marker), not Ray's latest registered one.
-    checkpoint_url, steps_done, reported = final_checkpoint(cfg, stage)
-    if steps_done < total_steps:
-        return write_manifest(stage_dir, stage, fp, complete=False, steps_done=steps_done,
-                              checkpoint=checkpoint_url)
-    model = build_model()
-    with ray.train.Checkpoint(checkpoint_url).as_directory() as directory:
-        raw, ema = export_weights(directory, engine_name, model)
-    hashes = write_export(stage_dir, export_name, raw, ema, cfg)
-    version = None
-    if cfg.tracking.register_models:
-        version = register_stage_files(tracking_uri(cfg), run_id, stage_dir, [*hashes, CONFIG_NAME],
-                                       f"restok-{export_name}", ["last-trained", str(cfg.preset)])
-    return write_manifest(
-        stage_dir, stage, fp, complete=True, steps_done=steps_done,
-        weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
-        config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
-        **fields(model),
-        final_metrics={k: float(v) for k, v in (result.metrics or reported).items()
-                       if isinstance(v, (int, float))},
-        ray_checkpoint=checkpoint_url, mlflow_run_id=run_id, registered_version=version)
-
-
 # ---- kept Ray Train checkpoints -> exports (`restok export`, `restok sweep`) -------------------------
-# Training stage -> (DeepSpeed engine directory in the checkpoint, export file name).
-EXPORTABLE = {"train_tokenizer": ("tokenizer", "tokenizer"), "train_generator": ("generator", "generator")}
 EXPORTS_DIR = "exports"
 
 
@@ -251,14 +242,13 @@ def _read_config_url(url: str) -> Any | None:
 
 
 def is_checkpoint_dir(url: str) -> bool:
-    """A Ray Train checkpoint directory of a training stage (jobs.ray_training layout)."""
+    """A Ray Train checkpoint directory of a training stage (jobs.training.ray_training layout)."""
     return storage.exists(storage.join(url, "meta.json"))
 
 
 def _checkpoint_complete(url: str, meta: dict) -> bool:
-    """Complete by the training loop's own marker (jobs.ray_training.COMPLETE_NAME, written last);
+    """Complete by the training loop's own marker (jobs.training.ray_training.COMPLETE_NAME, written last);
     a checkpoint from before the marker existed counts when every rank's state file is there."""
-    from jobs.ray_training import COMPLETE_NAME
 
     if storage.exists(storage.join(url, COMPLETE_NAME)):
         return True
@@ -273,16 +263,15 @@ def _stage_of(stage_dir: str, manifest: dict) -> str:
     return stage
 
 
-def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[str], list[str]]:
+def experiment_dirs(stage_dir: str, cfg: RestokConfig | None = None) -> tuple[str, list[str], list[str]]:
     """(stage, Ray Train experiment directories found, patterns looked for) of a training stage dir.
 
-    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]` (jobs.ray_training.experiment_name)
-    under cluster.storage_path (default <work_dir>/ray, pipeline.paths.ray_storage_path). The
+    Ray Train names a stage's run `<stage>-<fingerprint>[-<time>]`
+    (jobs.training.ray_training.experiment_name)
+    under cluster.storage_path (default <work_dir>/ray, infra.paths.ray_storage_path). The
     fingerprint comes from the stage manifest (else from the stage's config), the storage path from
     the config that trained it (its config.yaml, else `cfg`), and the default beside the stage dir;
     the manifest's own checkpoint path names its directory first."""
-    from pipeline.paths import ray_storage_path
-    from pipeline.stages import stage_fingerprint
 
     stage_dir = stage_dir.rstrip("/")
     manifest = storage.read_json(storage.join(stage_dir, "manifest.json")) or {}
@@ -313,7 +302,7 @@ def experiment_dirs(stage_dir: str, cfg: Any | None = None) -> tuple[str, list[s
     return stage, list(dict.fromkeys(d.rstrip("/") for d in dirs)), patterns
 
 
-def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int, str], list[str]]:
+def kept_checkpoints(source: str, cfg: RestokConfig | None = None) -> tuple[str, dict[int, str], list[str]]:
     """(stage, {step: checkpoint URL}, directories searched) of the complete checkpoints Ray Train
     kept for a training stage directory (or of one checkpoint directory given itself)."""
     source = source.rstrip("/")
@@ -334,7 +323,7 @@ def kept_checkpoints(source: str, cfg: Any | None = None) -> tuple[str, dict[int
     return stage, dict(sorted(found.items())), dirs or patterns
 
 
-def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tuple[str, int, str]:
+def find_checkpoint(source: str, step: int | None, cfg: RestokConfig | None = None) -> tuple[str, int, str]:
     """(stage, step, checkpoint URL) of a kept checkpoint, the newest when `step` is None; a
     one-line FileNotFoundError naming where it looked and the steps there otherwise."""
     stage, kept, searched = kept_checkpoints(source, cfg)
@@ -347,10 +336,9 @@ def find_checkpoint(source: str, step: int | None, cfg: Any | None = None) -> tu
     return stage, step, kept[step]
 
 
-def checkpoint_config(ckpt: str, stage: str, source: str, cfg: Any | None = None) -> Any:
+def checkpoint_config(ckpt: str, stage: str, source: str, cfg: RestokConfig | None = None) -> Any:
     """The config that trained a checkpoint: its own config.yaml, else the stage dir's or `cfg` when
     its fingerprint is the one in the experiment name."""
-    from pipeline.stages import stage_fingerprint
 
     own = _read_config_url(storage.join(ckpt, CONFIG_NAME))
     if own is not None:
@@ -373,7 +361,7 @@ def default_export_dir(source: str, step: int) -> str:
 
 
 def export_checkpoint(source: str, step: int | None = None, out: str | None = None,
-                      cfg: Any | None = None) -> str:
+                      cfg: RestokConfig | None = None) -> str:
     """Export a kept Ray Train checkpoint of a training stage (any ZeRO stage; EMA weights as the
     EMA) to the export format (<name>.safetensors, <name>_ema.safetensors, config.yaml, manifest
     with the step) that load_tokenizer / load_generator and `restok sweep` read. `source` is a
@@ -382,8 +370,6 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     import shutil
     import tempfile
 
-    from pipeline.manifest import read_manifest, write_manifest
-    from pipeline.stages import stage_fingerprint
 
     stage, step, ckpt = find_checkpoint(source, step, cfg)
     out = (out or default_export_dir(source, step)).rstrip("/")
@@ -391,8 +377,9 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     if done.get("complete") and done.get("source_checkpoint") == ckpt and done.get("steps_done") == step:
         return out
     train_cfg = checkpoint_config(ckpt, stage, source, cfg)
-    engine_name, export_name = EXPORTABLE[stage]
-    model = _build_model(stage, train_cfg)
+    export = EXPORTABLE[stage]
+    engine_name, export_name = export.engine, export.name
+    model = export.build_model(train_cfg)
     fs, path = storage.filesystem(ckpt)
     tmp = None
     if "://" in ckpt and not ckpt.startswith("file://"):  # DeepSpeed's consolidation reads local files
@@ -405,20 +392,9 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     hashes = write_export(out, export_name, raw, ema, train_cfg)
-    fields = ({"num_tokens": int(model.num_tokens), "levels": list(model.levels),
-               "codebook_size": int(model.codebook_size)} if stage == "train_tokenizer" else {})
+    fields = export.manifest_fields(model, train_cfg)
     write_manifest(out, stage, stage_fingerprint(train_cfg, stage), complete=True, steps_done=step,
                    weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
                    config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
                    source_checkpoint=ckpt, **fields)
     return out
-
-
-def _build_model(stage: str, cfg: Any) -> torch.nn.Module:
-    if stage == "train_tokenizer":
-        from models.tokenizer import ResTok
-
-        return ResTok(tokenizer_config(cfg))
-    from models.generator import GPT
-
-    return GPT(generator_config(cfg))

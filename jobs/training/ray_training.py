@@ -32,9 +32,19 @@ from typing import Any
 import torch
 
 from configs.loading import from_yaml_text, to_yaml
-from pipeline import paths, storage, tracking
-from pipeline.console import one_line, unwrap
-from pipeline.stages import stage_fingerprint
+from infra import paths, storage, tracking
+from infra.console import one_line, unwrap
+from infra.stages import stage_fingerprint
+from jobs.training.deepspeed_runtime import (
+    EMA,
+    consolidate_shards,
+    grad_accumulation,
+    prepare_deepspeed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from jobs.training.throughput import Throughput, measured_matmul_peak, peak_memory_bytes
 
 STATE_TAG = "state"
 META_NAME = "meta.json"
@@ -269,7 +279,6 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
 
 class StageFailure(RuntimeError):
     """A training stage failed for a reason a retry cannot fix; the message is one line."""
-
     one_line_message = True
 
 
@@ -307,7 +316,6 @@ def worker_error_line(exc: BaseException) -> str:
 @dataclass
 class WorkerSession:
     """What a train loop needs to know about itself; built from the loop config on each worker."""
-
     cfg: Any
     stage: str
     run_id: str
@@ -336,6 +344,22 @@ class WorkerSession:
                    ctx.get_world_rank(), ctx.get_world_size(), device, config.get("resume_from"),
                    config["crash_marker"], config["checkpoint_root"], int(config["keep_checkpoints"]),
                    config["fingerprint"])
+
+    @classmethod
+    def start(cls, config: dict) -> WorkerSession:
+        """The start of every train loop: the session, DeepSpeed prepared for its device, and the
+        initial-weights seed (identical on every rank; call `seed_rank` once the models are built)."""
+        session = cls.from_loop_config(config)
+        prepare_deepspeed(session.device.type == "cuda")
+        seed_everything(int(session.train.seed))
+        return session
+
+    def seed_rank(self) -> None:
+        """Per-rank random streams (dropout, nested dropout) from here on."""
+        seed_everything(int(self.train.seed) + 1 + self.rank)
+
+    def ema_of(self, engine: Any) -> EMA:
+        return EMA(engine.module, float(self.train.ema_decay), self.rank, bool(self.train.ema_warmup))
 
     @property
     def train(self) -> Any:
@@ -410,7 +434,7 @@ class WorkerSession:
                         "ema_shapes": ema.shapes if ema is not None else {}}
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
                     json.dump(meta, fh)
-                # The resolved config, so any kept checkpoint exports alone (jobs.checkpoints).
+                # The resolved config, so any kept checkpoint exports alone (jobs.training.checkpoints).
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                     fh.write(to_yaml(self.cfg))
             name = checkpoint_dir_name(step)
@@ -449,8 +473,6 @@ class WorkerSession:
         re-split, this rank's state from old rank (rank mod old world). The data position is the
         step: the loader re-splits the same global batches over the new ranks."""
         from safetensors.torch import load_file
-
-        from jobs.deepspeed_runtime import consolidate_shards
 
         old = int(meta["world"])
         if self.is_logger:
@@ -540,6 +562,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (e.g. a CodebookStats histogram); no-op outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar logs over ranks (for logging only)."""
     import torch.distributed as dist
@@ -557,7 +588,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 @dataclass
 class LoopSpec:
     """What differs between the tokenizer and generator stages; `run_loop` does the rest."""
-
     engines: dict[str, Any]  # every engine checkpointed; the first is the model being trained
     ema: Any
     micro_batches: Callable[[int], Any]  # start micro-batch index -> iterator (deterministic)
@@ -574,8 +604,6 @@ class LoopSpec:
 
 def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
     """(FLOP/s, source): cluster.peak_tflops_per_worker when set, else a measured matmul peak."""
-    from jobs.throughput import measured_matmul_peak
-
     configured = float(session.cfg.cluster.peak_tflops_per_worker)
     if configured > 0:
         return configured * 1e12, "configured"
@@ -586,8 +614,6 @@ def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
 def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     from tqdm import tqdm
 
-    from jobs.deepspeed_runtime import grad_accumulation, rng_state, set_rng_state
-    from jobs.throughput import Throughput, peak_memory_bytes
 
     train = session.train
     pace_s = float(os.environ.get(TEST_STEP_SLEEP_ENV, "0") or 0)

@@ -11,7 +11,6 @@ training stage keeps one run per fingerprint across restarts: its id is recorded
 """
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
@@ -19,7 +18,12 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from configs.loading import to_flat_dict, to_yaml
-from pipeline.paths import tracking_uri
+from configs.schema import RestokConfig
+from infra import storage
+from infra.console import progress
+from infra.paths import stage_dir, tracking_uri, work_url
+from infra.stages import CONFIG_KEYS, stage_fingerprint
+from infra.storage import join
 
 MLFLOW_PARAM_MAX = 6000  # MLflow 3 param value limit; longer values are truncated
 DRIVER_TAG = "restok.driver"
@@ -48,11 +52,9 @@ def _git_commit() -> str:
         return ""
 
 
-def artifact_root(cfg: Any) -> str:
+def artifact_root(cfg: RestokConfig) -> str:
     """Artifacts beside the store under the work dir (MLflow would otherwise use ./mlruns of
     whatever directory the command runs in)."""
-    from pipeline.paths import work_url
-    from pipeline.storage import join
 
     root = join(work_url(cfg), "mlartifacts")
     return root if "://" in root else f"file://{root}"
@@ -113,7 +115,7 @@ def driver_alive(tag: str) -> bool | None:
     return True
 
 
-def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
+def start_run(cfg: RestokConfig, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
               fingerprint: str | None = None) -> str:
     """Create a FINISHED-able run for `stage`, tagged with the preset; returns its id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -137,7 +139,7 @@ def start_run(cfg: Any, stage: str, parent_run_id: str | None = None, extra_tags
     return run_id
 
 
-def log_config(cfg: Any, run_id: str) -> None:
+def log_config(cfg: RestokConfig, run_id: str) -> None:
     """Resolved config as params (flattened) and as a YAML artifact."""
     from mlflow.entities import Param
 
@@ -148,11 +150,11 @@ def log_config(cfg: Any, run_id: str) -> None:
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
 
 
-def end_run(cfg: Any, run_id: str, status: str = "FINISHED") -> None:
+def end_run(cfg: RestokConfig, run_id: str, status: str = "FINISHED") -> None:
     client_for(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
 
-def reap_dead_runs(cfg: Any) -> list[str]:
+def reap_dead_runs(cfg: RestokConfig) -> list[str]:
     """Mark KILLED every RUNNING run of the experiment whose driver (on this host) is gone; returns
     their ids. Runs of drivers on other hosts are left alone (their liveness is unknown here)."""
     client = client_for(tracking_uri(cfg))
@@ -171,14 +173,12 @@ def reap_dead_runs(cfg: Any) -> list[str]:
     return reaped
 
 
-def _record_url(cfg: Any, stage: str) -> str:
-    from pipeline.paths import stage_dir
-    from pipeline.storage import join
+def _record_url(cfg: RestokConfig, stage: str) -> str:
 
     return join(stage_dir(cfg, stage), RUN_RECORD)
 
 
-def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
+def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
                           parent_run_id: str | None = None) -> tuple[str, bool]:
     """(run id, continued): for a training stage, the run recorded in its stage dir for the same
     fingerprint (set RUNNING again, moved under `parent_run_id`), unless its driver still runs;
@@ -186,7 +186,6 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline import storage
 
     client = client_for(tracking_uri(cfg))
     record = storage.read_json(_record_url(cfg, stage)) if stage in CONTINUED_STAGES else None
@@ -213,10 +212,8 @@ def continue_or_start_run(cfg: Any, stage: str, fingerprint: str,
 
 
 @contextmanager
-def stage_run(cfg: Any, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+def stage_run(cfg: RestokConfig, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
-    from pipeline.stages import CONFIG_KEYS, stage_fingerprint
-
     if run_id:
         yield run_id
         return
@@ -263,21 +260,12 @@ def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
     client_for(uri).log_figure(run_id, figure, artifact_file)
 
 
-def png_bytes(image: Any) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @contextmanager
 def follow_run(uri: str, run_id: str, total_steps: int, desc: str, every_s: float = 2.0) -> Iterator[None]:
     """A terminal progress bar for a training stage, fed by the metrics its rank-0 worker logs to
     MLflow (`step`, `loss`, images/s or tokens/s): the driver cannot see the workers' own bars."""
     import threading
 
-    from pipeline.console import progress
 
     stop = threading.Event()
     bar = progress(total=total_steps, desc=desc, unit="step")

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import storage
+from infra import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -77,5 +77,6 @@ def require_complete(stage_dir: str, stage: str) -> dict[str, Any]:
     """The upstream manifest, or a one-line error saying which stage to run first."""
     manifest = read_manifest(stage_dir)
     if not manifest or not manifest.get("complete"):
-        raise ManifestError(f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; run `restok {stage.replace('_', '-')}` first")
+        raise ManifestError(f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; "
+                            f"run `restok {stage.replace('_', '-')}` first")
     return manifest
