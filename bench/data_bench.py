@@ -9,6 +9,7 @@ The write row compares prep (decode check + tar, Ray tasks) with plainly writing
 
     python bench/data_bench.py --images 1000 --image-sizes 128,256 --workers 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,14 @@ def baseline_batches(root: str, transform, batch_size: int, workers: int, shuffl
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(os.path.join(root, "train"), transform=BaselineTransform(transform))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                         drop_last=shuffle, prefetch_factor=4 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        drop_last=shuffle,
+        prefetch_factor=4 if workers else None,
+    )
     for images, labels in loader:
         yield to_unit_float(images), labels
 
@@ -100,7 +107,9 @@ def main(argv=None) -> None:
     p.add_argument("--image-sizes", default="128,256")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="best of N passes (first pass warms the page cache)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="best of N passes (first pass warms the page cache)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -109,11 +118,22 @@ def main(argv=None) -> None:
     rows = []
     try:
         files_rate, nbytes = make_tree(tmp, args.images, args.width, args.height, args.classes)
-        print(f"# {args.images} JPEGs {args.width}x{args.height} "
-              f"({nbytes / args.images / 1024:.1f} KiB each) in {tmp}")
-        cfg = load_config(None, [f"work_dir={tmp}/work", "data.source=imagenet_folder", f"data.root={tmp}",
-                                 "data.splits=[train]", "data.samples_per_shard=250",
-                                 f"data.prep_tasks={max(1, args.workers)}", "cluster.address=local"])
+        print(
+            f"# {args.images} JPEGs {args.width}x{args.height} "
+            f"({nbytes / args.images / 1024:.1f} KiB each) in {tmp}"
+        )
+        cfg = load_config(
+            None,
+            [
+                f"work_dir={tmp}/work",
+                "data.source=imagenet_folder",
+                f"data.root={tmp}",
+                "data.splits=[train]",
+                "data.samples_per_shard=250",
+                f"data.prep_tasks={max(1, args.workers)}",
+                "cluster.address=local",
+            ],
+        )
         manifest = prepare.run(cfg)
         prep_rate = manifest["written_this_run"]["images_per_s"]
         rows.append(("write: prep shards (check + tar) vs plain file copy", prep_rate, files_rate))
@@ -128,15 +148,40 @@ def main(argv=None) -> None:
             train_tf, eval_tf = TrainTransform(size), EvalTransform(size)
             best = {k: 0.0 for k in ("ours_train", "base_train", "ours_eval", "base_eval")}
             for _ in range(args.repeats):
-                best["ours_train"] = max(best["ours_train"], time_batches(train_batches(
-                    manifest, "train", 0, 1, args.batch_size, size, seed=0, samples_per_epoch=n,
-                    num_workers=args.workers))[0])
-                best["base_train"] = max(best["base_train"], time_batches(baseline_batches(
-                    tmp, train_tf, args.batch_size, args.workers, shuffle=True))[0])
-                best["ours_eval"] = max(best["ours_eval"], time_batches(eval_batches(
-                    manifest, "train", 0, 1, args.batch_size, size, num_workers=args.workers))[0])
-                best["base_eval"] = max(best["base_eval"], time_batches(baseline_batches(
-                    tmp, eval_tf, args.batch_size, args.workers, shuffle=False))[0])
+                best["ours_train"] = max(
+                    best["ours_train"],
+                    time_batches(
+                        train_batches(
+                            manifest,
+                            "train",
+                            0,
+                            1,
+                            args.batch_size,
+                            size,
+                            seed=0,
+                            samples_per_epoch=n,
+                            num_workers=args.workers,
+                        )
+                    )[0],
+                )
+                best["base_train"] = max(
+                    best["base_train"],
+                    time_batches(
+                        baseline_batches(tmp, train_tf, args.batch_size, args.workers, shuffle=True)
+                    )[0],
+                )
+                best["ours_eval"] = max(
+                    best["ours_eval"],
+                    time_batches(
+                        eval_batches(manifest, "train", 0, 1, args.batch_size, size, num_workers=args.workers)
+                    )[0],
+                )
+                best["base_eval"] = max(
+                    best["base_eval"],
+                    time_batches(
+                        baseline_batches(tmp, eval_tf, args.batch_size, args.workers, shuffle=False)
+                    )[0],
+                )
             rows.append((f"load train {size}px (crop 0.8-1 + flip)", best["ours_train"], best["base_train"]))
             rows.append((f"load eval {size}px (resize + centre crop)", best["ours_eval"], best["base_eval"]))
     finally:
@@ -146,8 +191,10 @@ def main(argv=None) -> None:
     print(f"\n{'what':<52} {'ours img/s':>11} {'baseline img/s':>15} {'ratio':>7}")
     for what, ours, base in rows:
         print(f"{what:<52} {ours:>11.1f} {base:>15.1f} {ours / base if base else float('nan'):>7.2f}")
-    print(f"(workers={args.workers}, batch={args.batch_size}; baseline = torchvision ImageFolder + DataLoader, "
-          f"same transform; write baseline = writing the same JPEG files)")
+    print(
+        f"(workers={args.workers}, batch={args.batch_size}; baseline = torchvision ImageFolder + DataLoader, "
+        f"same transform; write baseline = writing the same JPEG files)"
+    )
 
 
 if __name__ == "__main__":

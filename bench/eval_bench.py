@@ -9,6 +9,7 @@ Random weights only change the numbers, never the speed; nothing here is a metri
     python bench/eval_bench.py --images 64 --net inception
     python bench/eval_bench.py --images 2000 --net probe --image-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,14 @@ from jobs.evaluation.pool import EvalPool
 
 
 def write_shards(folder: str, n: int, size: int, per_shard: int) -> list[str]:
-    samples = [(f"img_{i:06d}", synthetic.render(i % 10, synthetic.sample_rng(0, "bench", i), size), i % 10)
-               for i in range(n)]
+    samples = [
+        (f"img_{i:06d}", synthetic.render(i % 10, synthetic.sample_rng(0, "bench", i), size), i % 10)
+        for i in range(n)
+    ]
     urls = []
     for j in range(0, n, per_shard):
         url = os.path.join(folder, f"bench-{j // per_shard:06d}.tar")
-        write_png_shard(url, samples[j:j + per_shard])
+        write_png_shard(url, samples[j : j + per_shard])
         urls.append(url)
     return urls
 
@@ -87,12 +90,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         shards = write_shards(folder, args.images, args.image_size, args.per_shard)
         spec = feature_spec(args.net, folder)
-        rows = [(n, time_pool(cfg, n, shards, spec, args.image_size, args.batch_size, args.repeats)) for n in (1, 2)]
+        rows = [
+            (n, time_pool(cfg, n, shards, spec, args.image_size, args.batch_size, args.repeats))
+            for n in (1, 2)
+        ]
     ray.shutdown()
     base = rows[0][1]
-    print(f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, "
-          f"batch {args.batch_size}, "
-          f"{torch.get_num_threads()} thread(s) per actor, median of {args.repeats})")
+    print(
+        f"\nfeature extraction ({args.net}, {args.images} images at {args.image_size} px, "
+        f"batch {args.batch_size}, "
+        f"{torch.get_num_threads()} thread(s) per actor, median of {args.repeats})"
+    )
     print(f"{'actors':>6}  {'images/s':>10}  {'vs 1 actor':>10}")
     for n, rate in rows:
         print(f"{n:>6}  {rate:>10.2f}  {rate / base:>9.2f}x")

@@ -16,6 +16,7 @@ shard plan (1,000 classes x 1,281 images, 1,000 per shard; 16 ranks x micro-batc
 micro-batch from one loader worker's stream) with the loader's own ResampledShardSource and
 Shuffle, and prints the distinct classes per batch of 256 for several shuffle buffers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,12 @@ def start_moto() -> tuple[object, RequestLog]:
     host, port = server.get_host_and_port()
     log = RequestLog(server._server.app)
     server._server.app = log
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="restok-bench")
@@ -121,8 +126,9 @@ def header_seek_listing(url: str) -> tuple[int, float]:
     stats: dict = {"requests": 0, "bytes": 0}
     t0 = time.perf_counter()
     for outer in source._class_tars(fs, path, url, stats):
-        _, task = sources.list_tar_members(url, outer.offset_data, outer.size,
-                                           block=sources.HEADER_SCAN_BLOCK)
+        _, task = sources.list_tar_members(
+            url, outer.offset_data, outer.size, block=sources.HEADER_SCAN_BLOCK
+        )
         stats["requests"] += task["requests"]
     return stats["requests"], time.perf_counter() - t0
 
@@ -135,8 +141,16 @@ def _class_stream(shards: list[list[int]], rank: int):
         yield from ({"cls": c} for c in shards[item["url"]])
 
 
-def shuffle_quality(buffers: list[int], classes: int = 1000, per_class: int = 1281, shard: int = 1000,
-                    ranks: int = 16, micro: int = 16, batches: int = 400, warmup: int = 300) -> None:
+def shuffle_quality(
+    buffers: list[int],
+    classes: int = 1000,
+    per_class: int = 1281,
+    shard: int = 1000,
+    ranks: int = 16,
+    micro: int = 16,
+    batches: int = 400,
+    warmup: int = 300,
+) -> None:
     import random
 
     from data_prep.loaders import Shuffle
@@ -146,20 +160,27 @@ def shuffle_quality(buffers: list[int], classes: int = 1000, per_class: int = 12
     shuffled = list(refs)
     random.Random(0).shuffle(shuffled)
     plans["shuffled plan (before issue 15)"] = shuffled
-    print(f"distinct classes per batch of {ranks * micro} ({ranks} ranks x {micro}); "
-          f"iid draws: {classes * (1 - (1 - 1 / classes) ** (ranks * micro)):.0f}")
-    print("| plan | shuffle buffer | first batch of an epoch | mean of first 20 | steady state mean "
-          "| steady min |")
+    print(
+        f"distinct classes per batch of {ranks * micro} ({ranks} ranks x {micro}); "
+        f"iid draws: {classes * (1 - (1 - 1 / classes) ** (ranks * micro)):.0f}"
+    )
+    print(
+        "| plan | shuffle buffer | first batch of an epoch | mean of first 20 | steady state mean "
+        "| steady min |"
+    )
     print("|---|---|---|---|---|---|")
     for name, plan in plans.items():
         shards = [[r[1] for r in plan[i : i + shard]] for i in range(0, len(plan), shard)]
         for buffer in buffers if "prep" in name else buffers[:1]:
-            streams = [iter(Shuffle(buffer, 0, rank, 0)(_class_stream(shards, rank)))
-                       for rank in range(ranks)]
+            streams = [
+                iter(Shuffle(buffer, 0, rank, 0)(_class_stream(shards, rank))) for rank in range(ranks)
+            ]
             counts = [len({next(s)["cls"] for s in streams for _ in range(micro)}) for _ in range(batches)]
             steady = counts[warmup:]
-            print(f"| {name} | {buffer} | {counts[0]} | {sum(counts[:20]) / 20:.0f} | "
-                  f"{sum(steady) / len(steady):.0f} | {min(steady)} |")
+            print(
+                f"| {name} | {buffer} | {counts[0]} | {sum(counts[:20]) / 20:.0f} | "
+                f"{sum(steady) / len(steady):.0f} | {min(steady)} |"
+            )
 
 
 def main() -> None:
@@ -188,30 +209,50 @@ def main() -> None:
         for layout in ("folder", "tars"):
             fs.put(os.path.join(tmp, layout) + "/", f"restok-bench/{layout}/", recursive=True)
         images = args.classes * args.per_class + args.val
-        print(f"{images} images ({args.classes} classes x {args.per_class} train + {args.val} val), "
-              f"mean JPEG {mean / 1024:.1f} KiB, {args.samples_per_shard} per shard, 2 CPUs")
+        print(
+            f"{images} images ({args.classes} classes x {args.per_class} train + {args.val} val), "
+            f"mean JPEG {mean / 1024:.1f} KiB, {args.samples_per_shard} per shard, 2 CPUs"
+        )
         rows = []
         for storage_name, base in (("local", tmp), ("moto S3", "s3://restok-bench")):
             for source, layout in (("imagenet_folder", "folder"), ("imagenet_tar", "tars")):
                 for tasks in (1, 2):
-                    work = (f"{tmp}/work-{uuid.uuid4().hex[:6]}" if storage_name == "local"
-                            else f"s3://restok-bench/work-{uuid.uuid4().hex[:6]}")
-                    cfg = load_config(None, [f"work_dir={work}", f"data.source={source}",
-                                             f"data.root={base}/{layout}", f"data.prep_tasks={tasks}",
-                                             f"data.samples_per_shard={args.samples_per_shard}"])
+                    work = (
+                        f"{tmp}/work-{uuid.uuid4().hex[:6]}"
+                        if storage_name == "local"
+                        else f"s3://restok-bench/work-{uuid.uuid4().hex[:6]}"
+                    )
+                    cfg = load_config(
+                        None,
+                        [
+                            f"work_dir={work}",
+                            f"data.source={source}",
+                            f"data.root={base}/{layout}",
+                            f"data.prep_tasks={tasks}",
+                            f"data.samples_per_shard={args.samples_per_shard}",
+                        ],
+                    )
                     gets = log.gets
                     manifest = prepare.run(cfg)
                     written = manifest["written_this_run"]
                     listing = manifest["listing"].get("train")
-                    rows.append({
-                        "source": source, "storage": storage_name, "tasks": tasks,
-                        "images_per_s": written["images_per_s"],
-                        "gets_per_image": written["source_reads"]["gets_per_image"],
-                        "mb_per_s": written["source_reads"]["mb_per_s"],
-                        "server_gets": log.gets - gets if storage_name != "local" else None,
-                        "listing": (listing["requests"] * 1000 / listing["images"],
-                                    listing["seconds"] * 1000 / listing["images"]) if listing else None,
-                    })
+                    rows.append(
+                        {
+                            "source": source,
+                            "storage": storage_name,
+                            "tasks": tasks,
+                            "images_per_s": written["images_per_s"],
+                            "gets_per_image": written["source_reads"]["gets_per_image"],
+                            "mb_per_s": written["source_reads"]["mb_per_s"],
+                            "server_gets": log.gets - gets if storage_name != "local" else None,
+                            "listing": (
+                                listing["requests"] * 1000 / listing["images"],
+                                listing["seconds"] * 1000 / listing["images"],
+                            )
+                            if listing
+                            else None,
+                        }
+                    )
         old_local = header_seek_listing(os.path.join(tmp, "tars", sources.TRAIN_TAR))
         old_s3 = header_seek_listing(f"s3://restok-bench/tars/{sources.TRAIN_TAR}")
     finally:
@@ -220,18 +261,24 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     base = rows[0]["images_per_s"]
-    print("\n| source | storage | prep tasks | images/s | ratio | GETs/image | source MB/s | server GETs "
-          "| listing GETs / 1k img | listing s / 1k img |")
+    print(
+        "\n| source | storage | prep tasks | images/s | ratio | GETs/image | source MB/s | server GETs "
+        "| listing GETs / 1k img | listing s / 1k img |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lst = f"{r['listing'][0]:.1f} | {r['listing'][1]:.3f}" if r["listing"] else "- | -"
-        print(f"| {r['source']} | {r['storage']} | {r['tasks']} | {r['images_per_s']:.0f} | "
-              f"{r['images_per_s'] / base:.2f} | {r['gets_per_image']:.3f} | {r['mb_per_s']:.1f} | "
-              f"{r['server_gets'] if r['server_gets'] is not None else '-'} | {lst} |")
+        print(
+            f"| {r['source']} | {r['storage']} | {r['tasks']} | {r['images_per_s']:.0f} | "
+            f"{r['images_per_s'] / base:.2f} | {r['gets_per_image']:.3f} | {r['mb_per_s']:.1f} | "
+            f"{r['server_gets'] if r['server_gets'] is not None else '-'} | {lst} |"
+        )
     train = args.classes * args.per_class
     for name, (gets, secs) in (("local", old_local), ("moto S3", old_s3)):
-        print(f"header-by-header listing (64 KiB ranges, serial), {name}: {gets * 1000 / train:.1f} GETs "
-              f"and {secs * 1000 / train:.3f} s per 1k images")
+        print(
+            f"header-by-header listing (64 KiB ranges, serial), {name}: {gets * 1000 / train:.1f} GETs "
+            f"and {secs * 1000 / train:.3f} s per 1k images"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ published recipe (CFG 3.75 step schedule from 0.25, top-p 0.95), so every pass r
 batch. Times are medians over --repeats runs after a warm-up run per (preset, batch) (both models
 when compiling or on CUDA).
 """
+
 import argparse
 import statistics
 import sys
@@ -28,8 +29,10 @@ from models.generator import (
 )
 from models.generator.gpt import rope_table
 
-PRESETS = {"tiny": {"size": "tiny", "vocab_size": 64, "levels": [1, 1, 2, 4, 8, 16]},
-           "L": {"size": "L", "vocab_size": 8192, "levels": [1, 1, 2, 4, 8, 16, 32, 64]}}
+PRESETS = {
+    "tiny": {"size": "tiny", "vocab_size": 64, "levels": [1, 1, 2, 4, 8, 16]},
+    "L": {"size": "L", "vocab_size": 8192, "levels": [1, 1, 2, 4, 8, 16, 32, 64]},
+}
 
 
 def build_pair(preset: str, device: str, dtype: torch.dtype):
@@ -39,7 +42,9 @@ def build_pair(preset: str, device: str, dtype: torch.dtype):
     torch.nn.init.normal_(har.head.weight, std=0.02)
     har = har.to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
-        vanilla = GPT(official_generator_config(True, p["size"], vocab_size=p["vocab_size"], levels=p["levels"]))
+        vanilla = GPT(
+            official_generator_config(True, p["size"], vocab_size=p["vocab_size"], levels=p["levels"])
+        )
     shared = {k: v for k, v in har.state_dict().items() if not k.startswith("mask_token_embed")}
     vanilla.load_state_dict(shared, strict=True, assign=True)  # same tensors, no copy
     # The non-persistent RoPE buffer was built on meta: rebuild it for real (vanilla length N + 1).
@@ -81,9 +86,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     kw = asdict(official_sampling_config())
     l_batches = args.l_batches or ("1,64" if args.device.startswith("cuda") else "1,8")
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"dtype {args.dtype}, "
-          f"compile {args.compile}; sampler {kw}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"dtype {args.dtype}, "
+        f"compile {args.compile}; sampler {kw}"
+    )
     rows = []
     for preset in args.presets.split(","):
         t0 = time.perf_counter()
@@ -94,8 +101,11 @@ def main(argv=None):
             for m in (har, vanilla):
                 m._trunk = torch.compile(m._trunk, dynamic=True)
         n_params = sum(p.numel() for p in har.parameters())
-        print(f"[{preset}] built in {time.perf_counter() - t0:.1f}s, {n_params:,} parameters, "
-              f"{har.block_size} tokens, levels {list(har.cfg.levels)}", flush=True)
+        print(
+            f"[{preset}] built in {time.perf_counter() - t0:.1f}s, {n_params:,} parameters, "
+            f"{har.block_size} tokens, levels {list(har.cfg.levels)}",
+            flush=True,
+        )
         batches = [int(b) for b in (l_batches if preset == "L" else args.batches).split(",")]
         repeats = args.l_repeats if preset == "L" else args.repeats
         for batch in batches:
@@ -106,25 +116,43 @@ def main(argv=None):
             for mode, model in (("HAR", har), ("vanilla", vanilla)):
                 wall, cpu, res = time_sampling(model, batch, repeats, args.device, kw)
                 result[mode] = (wall, cpu, res)
-                print(f"  {preset} batch {batch} {mode}: wall {wall:.3f}s, process CPU {cpu:.3f}s, "
-                      f"per pass {[round(t, 3) for t in res.step_times][:12]}", flush=True)
+                print(
+                    f"  {preset} batch {batch} {mode}: wall {wall:.3f}s, process CPU {cpu:.3f}s, "
+                    f"per pass {[round(t, 3) for t in res.step_times][:12]}",
+                    flush=True,
+                )
             t_har, c_har, r_har = result["HAR"]
             t_van, c_van, r_van = result["vanilla"]
             last_share = r_har.step_times[-1] / sum(r_har.step_times)
-            rows.append((preset, batch, r_har.num_forward_passes, r_van.num_forward_passes, t_har, t_van,
-                         c_har, c_van, last_share))
+            rows.append(
+                (
+                    preset,
+                    batch,
+                    r_har.num_forward_passes,
+                    r_van.num_forward_passes,
+                    t_har,
+                    t_van,
+                    c_har,
+                    c_van,
+                    last_share,
+                )
+            )
         del har, vanilla
 
     print()
     # Process CPU time is shown beside wall time: on a shared machine the wall clock also counts
     # time spent waiting for a core, the CPU time does not (it sums over threads).
-    print("| preset | batch | HAR passes | vanilla passes | HAR s/image | vanilla s/image | HAR img/s "
-          "| vanilla img/s | speed-up (wall) | speed-up (CPU time) | HAR last pass share |")
+    print(
+        "| preset | batch | HAR passes | vanilla passes | HAR s/image | vanilla s/image | HAR img/s "
+        "| vanilla img/s | speed-up (wall) | speed-up (CPU time) | HAR last pass share |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for preset, batch, p_h, p_v, t_h, t_v, c_h, c_v, share in rows:
-        print(f"| {preset} | {batch} | {p_h} | {p_v} | {t_h / batch:.4f} | {t_v / batch:.4f} "
-              f"| {batch / t_h:.2f} "
-              f"| {batch / t_v:.2f} | {t_v / t_h:.2f}x | {c_v / c_h:.2f}x | {share:.0%} |")
+        print(
+            f"| {preset} | {batch} | {p_h} | {p_v} | {t_h / batch:.4f} | {t_v / batch:.4f} "
+            f"| {batch / t_h:.2f} "
+            f"| {batch / t_v:.2f} | {t_v / t_h:.2f}x | {c_v / c_h:.2f}x | {share:.0%} |"
+        )
     return rows
 
 

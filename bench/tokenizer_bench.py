@@ -9,6 +9,7 @@ descheduled threads (here 2 threads under load: 9.4 s vs 0.11 s per cpu-nano ste
 SPEC "Speed: what to beat" (authors' code, 2-core CPU, fp32): ResTok-L training step at batch 1
 17.8 s and 8.5 GiB peak; encode 2.55 s, decode 2.27 s. Compare numbers only within one run.
 """
+
 import argparse
 import resource
 import sys
@@ -38,7 +39,7 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(reps):
         a @ b
     _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def _sync(device):
@@ -48,8 +49,8 @@ def _sync(device):
 
 def _peak_gib(device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
@@ -99,9 +100,17 @@ def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
         _sync(device)
         dec_s = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
-    return {"preset": name, "batch": batch, "params_m": params / 1e6, "step_s": step_s,
-            "img_s": batch / step_s, "gflop": flops.get_total_flops() / 1e9,
-            "peak_gib": peak, "encode_s": enc_s, "decode_s": dec_s}
+    return {
+        "preset": name,
+        "batch": batch,
+        "params_m": params / 1e6,
+        "step_s": step_s,
+        "img_s": batch / step_s,
+        "gflop": flops.get_total_flops() / 1e9,
+        "peak_gib": peak,
+        "encode_s": enc_s,
+        "decode_s": dec_s,
+    }
 
 
 def main(argv=None):
@@ -110,9 +119,11 @@ def main(argv=None):
     ap.add_argument("--presets", default="tiny-fixture,official-l")
     ap.add_argument("--batch", default=None, help="comma list per preset (default cpu 4,1; cuda 32,8)")
     ap.add_argument("--steps", default=None, help="timed steps per preset (default cpu 3,1; cuda 10,5)")
-    ap.add_argument("--warmup", default=None,
-                    help="warm-up steps per preset (default cpu 1,0: L is timed on its first step; "
-                         "cuda 3,3)")
+    ap.add_argument(
+        "--warmup",
+        default=None,
+        help="warm-up steps per preset (default cpu 1,0: L is timed on its first step; cuda 3,3)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fp32", action="store_true", help="on cuda: no bf16 autocast")
     args = ap.parse_args(argv)
@@ -124,30 +135,45 @@ def main(argv=None):
     batches = [int(b) for b in (args.batch or ("32,8" if cuda else "4,1")).split(",")]
     steps = [int(s) for s in (args.steps or ("10,5" if cuda else "3,1")).split(",")]
     warmups = [int(w) for w in (args.warmup or ("3,3" if cuda else "1,0")).split(",")]
+
     def pad(xs):
         return (xs + [xs[-1]] * len(presets))[: len(presets)]
 
     amp = torch.bfloat16 if cuda and not args.fp32 else None
     peak = measured_matmul_peak(device, amp or torch.float32)
-    print(f"device {device}, threads {torch.get_num_threads()}, "
-          f"{'bf16 autocast' if amp else 'fp32'}, measured matmul peak {peak / 1e12:.2f} TFLOP/s")
-    rows = [bench(p, b, s, w, device, amp)
-            for p, b, s, w in zip(presets, pad(batches), pad(steps), pad(warmups))]
-    head = (f"{'preset':14s} {'B':>3s} {'params M':>9s} {'step s':>8s} {'img/s':>8s} "
-            f"{'GFLOP':>9s} {'MFU %':>6s} {'peak GiB':>8s} {'enc s':>7s} {'dec s':>7s}  vs authors")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, "
+        f"{'bf16 autocast' if amp else 'fp32'}, measured matmul peak {peak / 1e12:.2f} TFLOP/s"
+    )
+    rows = [
+        bench(p, b, s, w, device, amp)
+        for p, b, s, w in zip(presets, pad(batches), pad(steps), pad(warmups), strict=False)
+    ]
+    head = (
+        f"{'preset':14s} {'B':>3s} {'params M':>9s} {'step s':>8s} {'img/s':>8s} "
+        f"{'GFLOP':>9s} {'MFU %':>6s} {'peak GiB':>8s} {'enc s':>7s} {'dec s':>7s}  vs authors"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         mfu = 100 * r["gflop"] * 1e9 / r["step_s"] / peak
         ref = AUTHORS_CPU.get(r["preset"]) if not cuda and r["batch"] == 1 else None
-        vs = (f"step {ref['step_s'] / r['step_s']:.2f}x faster, enc {ref['encode_s'] / r['encode_s']:.2f}x, "
-              f"dec {ref['decode_s'] / r['decode_s']:.2f}x" if ref else "")
-        print(f"{r['preset']:14s} {r['batch']:3d} {r['params_m']:9.1f} {r['step_s']:8.3f} "
-              f"{r['img_s']:8.2f} {r['gflop']:9.1f} {mfu:6.1f} {r['peak_gib']:8.2f} "
-              f"{r['encode_s']:7.3f} {r['decode_s']:7.3f}  {vs}")
+        vs = (
+            f"step {ref['step_s'] / r['step_s']:.2f}x faster, enc {ref['encode_s'] / r['encode_s']:.2f}x, "
+            f"dec {ref['decode_s'] / r['decode_s']:.2f}x"
+            if ref
+            else ""
+        )
+        print(
+            f"{r['preset']:14s} {r['batch']:3d} {r['params_m']:9.1f} {r['step_s']:8.3f} "
+            f"{r['img_s']:8.2f} {r['gflop']:9.1f} {mfu:6.1f} {r['peak_gib']:8.2f} "
+            f"{r['encode_s']:7.3f} {r['decode_s']:7.3f}  {vs}"
+        )
     if not cuda:
-        print("CPU peak is the process peak RSS (monotone over the run). The authors' numbers are "
-              "from another 2-core machine: ratios are indicative only.")
+        print(
+            "CPU peak is the process peak RSS (monotone over the run). The authors' numbers are "
+            "from another 2-core machine: ratios are indicative only."
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A preset is `configs/presets/<name>.yaml` (or a path to any YAML file). A preset may name a
 `base:` preset that it extends. Overrides are OmegaConf dotlist `key=value` strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,14 +69,14 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
         parent = _schema_node_at(key) if key else None
         valid = _valid_keys(parent)
         where = key.rsplit(".", 1)[0] if "." in key else "top level"
-        return ConfigError(
-            f"{source}: unknown config key {key!r}; valid keys at {where}: {', '.join(valid)}"
-        )
+        return ConfigError(f"{source}: unknown config key {key!r}; valid keys at {where}: {', '.join(valid)}")
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         choice = re.match(r"Invalid value (.+), expected one of (\[.*\])$", msg)
         if choice:  # a Literal field: the choices are declared on it (configs.schema, models configs)
-            return ConfigError(f"{source}: {key}={choice.group(1)} is not valid; choose one of {choice.group(2)}")
+            return ConfigError(
+                f"{source}: {key}={choice.group(1)} is not valid; choose one of {choice.group(2)}"
+            )
         return ConfigError(f"{source}: invalid value for {key!r}: {msg}")
     return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
 
@@ -104,8 +105,9 @@ def _empty_string(item: str) -> str:
     return item
 
 
-def load_config(preset: str | None = None, overrides: Iterable[str] = (),
-                resolve_relative_paths: bool = True) -> RestokConfig:
+def load_config(
+    preset: str | None = None, overrides: Iterable[str] = (), resolve_relative_paths: bool = True
+) -> RestokConfig:
     """Resolve preset + overrides into a validated RestokConfig (as an OmegaConf-typed object).
 
     Path fields are made absolute against the current directory unless `resolve_relative_paths`
@@ -164,7 +166,7 @@ def absolute_path(value: str, base: str) -> str:
     if "," in value:
         return ",".join(absolute_path(v.strip(), base) for v in value.split(","))
     if value.startswith("sqlite:///"):
-        return "sqlite:///" + absolute_path(value[len("sqlite:///"):], base)
+        return "sqlite:///" + absolute_path(value[len("sqlite:///") :], base)
     if "://" in value or value.startswith("file:"):
         return value
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
@@ -180,8 +182,6 @@ def resolve_paths(cfg: Any, base: str | None = None) -> None:
             resolved = absolute_path(value, base)
             if resolved != value:
                 OmegaConf.update(cfg, key, resolved)
-
-
 
 
 def validate(cfg: Any) -> None:
@@ -202,20 +202,25 @@ def check_models_build(cfg: Any) -> None:
     built fails here with one line, not inside Ray Train workers after the cluster started."""
     import torch
 
-
     for section, build in (("tokenizer", ResTok), ("generator", GPT)):
         try:
             with torch.device("meta"):
                 build(OmegaConf.to_object(cfg[section]))
         except Exception as exc:  # any constructor error is a config error here
-            raise ConfigError(f"{section}.*: the model cannot be built from this config: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise ConfigError(
+                f"{section}.*: the model cannot be built from this config: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
     if int(cfg.generator.vocab_size) != int(cfg.tokenizer.codebook_size):
-        raise ConfigError(f"generator.vocab_size={cfg.generator.vocab_size} must equal "
-                          f"tokenizer.codebook_size={cfg.tokenizer.codebook_size}")
+        raise ConfigError(
+            f"generator.vocab_size={cfg.generator.vocab_size} must equal "
+            f"tokenizer.codebook_size={cfg.tokenizer.codebook_size}"
+        )
     if list(cfg.generator.levels) != list(cfg.tokenizer.levels):
-        raise ConfigError(f"generator.levels={list(cfg.generator.levels)} must equal "
-                          f"tokenizer.levels={list(cfg.tokenizer.levels)}")
+        raise ConfigError(
+            f"generator.levels={list(cfg.generator.levels)} must equal "
+            f"tokenizer.levels={list(cfg.tokenizer.levels)}"
+        )
 
 
 def to_yaml(cfg: Any) -> str:

@@ -5,10 +5,11 @@ Every command loads `RestokConfig` from a YAML preset plus `key=value` overrides
 Model configs live beside their models (models.tokenizer.config, models.generator.config) so
 the model library stays importable without this package.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Literal, get_args
 
 from models.generator.config import GeneratorConfig
 from models.generator.config import SamplingConfig as SamplerConfig
@@ -41,17 +42,19 @@ class DataConfig:
     # Root of the ImageNet folder tree (train/<wnid>/*.JPEG, val/...) or directory holding
     # ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar.
     root: str = field(default="", metadata=PATH)
-    val_labels_csv: str = field(default="", metadata=PATH)  # LOC_val_solution.csv for a flat val folder / the val tar
+    val_labels_csv: str = field(
+        default="", metadata=PATH
+    )  # LOC_val_solution.csv for a flat val folder / the val tar
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     # Where shards go: any fsspec URL (shared between runs: each data config writes its own
     # <shards_url>/prep-<fingerprint>/); empty = <work_dir>/prep.
     shards_url: str = field(default="", metadata=PATH)
     samples_per_shard: int = 1000
     # None keeps the original JPEG bytes; an int re-encodes with the shorter side resized.
-    resize: Optional[int] = None
+    resize: int | None = None
     jpeg_quality: int = 95
     prep_tasks: int = 2  # Ray tasks writing shards in parallel
-    max_images_per_split: Optional[int] = None  # cap for smoke runs
+    max_images_per_split: int | None = None  # cap for smoke runs
     image_size: int = 256  # training / evaluation resolution
     crop_scale_min: float = 0.8  # paper: random resized crop 0.8-1.0 + flip
     hflip: bool = True
@@ -136,25 +139,35 @@ class EvalConfig:
     # Feature network for FID/IS/precision/recall: inception (real metric) or probe (built-in
     # dataset stand-in, reported as FD-probe, never as FID).
     feature_net: Literal["inception", "probe"] = "inception"
-    inception_weights: str = field(default="", metadata=PATH)  # local path; empty = normal download when online
-    reference_stats: str = field(default="", metadata=PATH)  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
+    inception_weights: str = field(
+        default="", metadata=PATH
+    )  # local path; empty = normal download when online
+    reference_stats: str = field(
+        default="", metadata=PATH
+    )  # .npz reference statistics for gFID (ADM VIRTUAL_imagenet256_labeled.npz)
     cfg_search_scales: list[float] = field(default_factory=list)
     cfg_search_start_ratios: list[float] = field(default_factory=list)
     # make-ref input: any shard dir / glob / comma list; empty = the prep split below.
     reference_shards: str = field(default="", metadata=PATH)
     reference_split: str = "train"  # ADM's reference batch is drawn from train
-    reference_out: str = field(default="", metadata=PATH)  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
+    reference_out: str = field(
+        default="", metadata=PATH
+    )  # make-ref output; empty = <evaluate dir>/reference-<net>-<split>.npz
     # Inception resize to 299 (jobs.metrics.inception): tf1 = the 2015 graph's TF1 bilinear and
     # (x-128)/128 (ADM evaluator, torch-fidelity as the release's rFID); pytorch_fid = torch bilinear.
     inception_resize: Literal["tf1", "pytorch_fid"] = "tf1"
     # GPUs per eval actor with cluster.use_gpu: one each; a fraction only to share on purpose.
     gpus_per_actor: float = 1.0
-    lpips_vgg_weights: str = field(default="", metadata=PATH)  # torchvision vgg16-397923af.pth; empty = hub cache / download
+    lpips_vgg_weights: str = field(
+        default="", metadata=PATH
+    )  # torchvision vgg16-397923af.pth; empty = hub cache / download
     probe_steps: int = 300  # probe stand-in training steps (CPU: seconds at 32 px)
     probe_max_train_images: int = 20000
     grid_images: int = 8  # reconstruction / sample grid width
     samples_per_shard: int = 1000
-    probe_cache: str = field(default="", metadata=PATH)  # where trained probes are kept; empty = <evaluate dir>/probe
+    probe_cache: str = field(
+        default="", metadata=PATH
+    )  # where trained probes are kept; empty = <evaluate dir>/probe
     # `restok sweep`: checkpoint chains run at once (Ray tasks); 0 = 1 on a local Ray, all on a cluster.
     sweep_parallel: int = 0
 

@@ -5,6 +5,7 @@ pipes and curl-style URLs only (DEVELOPERS.md "Known traps"). Registering is don
 this module (the loaders import it), so DataLoader workers and Ray workers that unpickle a
 loader pipeline get the handlers too. Registration only adds entries; it changes nothing else.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,7 +17,21 @@ import fsspec
 wds_gopen = importlib.import_module("webdataset.gopen")
 
 # gs is listed: webdataset's own gs handler shells out to gsutil, which clusters often lack.
-FSSPEC_SCHEMES = ("memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs", "oci", "r2")
+FSSPEC_SCHEMES = (
+    "memory",
+    "s3",
+    "s3a",
+    "gs",
+    "gcs",
+    "az",
+    "abfs",
+    "abfss",
+    "adl",
+    "hdfs",
+    "webhdfs",
+    "oci",
+    "r2",
+)
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:

@@ -6,12 +6,12 @@ format (JPEG at `jpeg_quality`, PNG for the synthetic set); the rest raise SkipI
 reason that prep counts in its manifest. Valid RGB images in the native format keep their
 original bytes (no re-encoding loss) unless a resize is asked for.
 """
+
 from __future__ import annotations
 
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from PIL import Image
 
@@ -34,10 +34,10 @@ class CheckedImage:
     data: bytes
     ext: str  # "jpg" | "png"
     original_size: tuple[int, int]  # (width, height) of the input
-    converted: Optional[str]  # None, or why it was re-encoded: cmyk, grayscale, png_in_jpeg, ...
+    converted: str | None  # None, or why it was re-encoded: cmyk, grayscale, png_in_jpeg, ...
 
 
-def _conversion_reason(fmt: str, mode: str, native_ext: str) -> Optional[str]:
+def _conversion_reason(fmt: str, mode: str, native_ext: str) -> str | None:
     if mode == "CMYK":
         return "cmyk"
     if mode in GRAY_MODES:
@@ -65,7 +65,9 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new, Image.Resampling.BICUBIC)
 
 
-def check_image(data: bytes, native_ext: str = "jpg", resize: Optional[int] = None, jpeg_quality: int = 95) -> CheckedImage:
+def check_image(
+    data: bytes, native_ext: str = "jpg", resize: int | None = None, jpeg_quality: int = 95
+) -> CheckedImage:
     """Validate and (if needed) convert one image; raises SkipImage when it cannot be used.
 
     `resize` shrinks the shorter side to `resize` (bicubic) when it is larger; smaller images

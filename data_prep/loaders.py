@@ -17,11 +17,13 @@ eval_batches: each sample exactly once across ranks, in a deterministic order. S
 `shards` may be a prep manifest (dict), the URL of a prep stage directory or of its
 manifest.json, a list of shard URLs, or a brace pattern such as ".../train-{000000..000009}.tar".
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from itertools import islice
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -41,7 +43,7 @@ from infra.manifest import MANIFEST_NAME
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-def resolve_shards(shards: Any, split: str) -> tuple[list[str], Optional[list[int]]]:
+def resolve_shards(shards: Any, split: str) -> tuple[list[str], list[int] | None]:
     """(shard URLs in order, per-shard sample counts or None when only URLs were given)."""
     if isinstance(shards, (list, tuple)):
         return [str(u) for u in shards], None
@@ -57,7 +59,9 @@ def resolve_shards(shards: Any, split: str) -> tuple[list[str], Optional[list[in
     if split not in splits:
         raise KeyError(f"prep manifest has no split {split!r}; valid: {sorted(splits)}")
     entries = splits[split]["shards"]
-    return [storage.join(manifest["shards_url"], e["shard"]) for e in entries], [int(e["count"]) for e in entries]
+    return [storage.join(manifest["shards_url"], e["shard"]) for e in entries], [
+        int(e["count"]) for e in entries
+    ]
 
 
 def _worker() -> tuple[int, int]:
@@ -73,7 +77,9 @@ def _image_bytes(sample: dict) -> bytes:
     for k in IMAGE_KEYS:
         if k in sample:
             return sample[k]
-    raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)})")
+    raise KeyError(
+        f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)})"
+    )
 
 
 class ResampledShardSource:
@@ -146,12 +152,19 @@ class DecodeBatch:
     `batches_per_worker`: (rank's batch count, drop short batches) for training; None = all
     samples with a short last batch (evaluation)."""
 
-    def __init__(self, transform: Any, batch_size: int, seed: int, rank: int, epoch: int,
-                 rank_batches: Optional[int] = None):
+    def __init__(
+        self,
+        transform: Any,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        epoch: int,
+        rank_batches: int | None = None,
+    ):
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.rank, self.epoch, self.rank_batches = seed, rank, epoch, rank_batches
 
-    def _limit(self) -> Optional[int]:
+    def _limit(self) -> int | None:
         if self.rank_batches is None:
             return None
         worker, num_workers = _worker()
@@ -183,8 +196,20 @@ class DecodeBatch:
 class Batches:
     """An epoch of batches through a DataLoader; `len()` is the batch count when known."""
 
-    def __init__(self, pipeline: wds.DataPipeline, num_workers: int, num_batches: Optional[int], with_keys: bool, urls: list[str]):
-        self.pipeline, self.num_workers, self.num_batches, self.with_keys = pipeline, num_workers, num_batches, with_keys
+    def __init__(
+        self,
+        pipeline: wds.DataPipeline,
+        num_workers: int,
+        num_batches: int | None,
+        with_keys: bool,
+        urls: list[str],
+    ):
+        self.pipeline, self.num_workers, self.num_batches, self.with_keys = (
+            pipeline,
+            num_workers,
+            num_batches,
+            with_keys,
+        )
         self.urls = urls
 
     def __len__(self) -> int:
@@ -204,9 +229,22 @@ class Batches:
             yield (to_unit_float(images), labels, keys) if self.with_keys else (to_unit_float(images), labels)
 
 
-def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_size: int, image_size: int, seed: int,
-                  *, samples_per_epoch: Optional[int] = None, epoch: int = 0, num_workers: int = 2,
-                  crop_scale_min: float = 0.8, hflip: bool = True, shuffle_buffer: int = 1000) -> Batches:
+def train_batches(
+    shards: Any,
+    split: str,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    *,
+    samples_per_epoch: int | None = None,
+    epoch: int = 0,
+    num_workers: int = 2,
+    crop_scale_min: float = 0.8,
+    hflip: bool = True,
+    shuffle_buffer: int = 1000,
+) -> Batches:
     """One epoch of training batches for `rank`: (images float [B,3,S,S] in [0,1], labels int64 [B]).
 
     `samples_per_epoch` (all ranks together) defaults to the split's sample count in the manifest.
@@ -215,7 +253,9 @@ def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_siz
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     urls, counts = resolve_shards(shards, split)
     if not urls:
-        raise ValueError(f"no {split} shards in {shards if isinstance(shards, str) else 'the given manifest'}")
+        raise ValueError(
+            f"no {split} shards in {shards if isinstance(shards, str) else 'the given manifest'}"
+        )
     if samples_per_epoch is None:
         if counts is None:
             raise ValueError("samples_per_epoch is required when shards are given as URLs")
@@ -225,13 +265,24 @@ def train_batches(shards: Any, split: str, rank: int, world_size: int, batch_siz
         ResampledShardSource(urls, seed, rank, epoch),
         tar_samples,
         Shuffle(shuffle_buffer, seed, rank, epoch),
-        DecodeBatch(TrainTransform(image_size, crop_scale_min, hflip), batch_size, seed, rank, epoch, rank_batches),
+        DecodeBatch(
+            TrainTransform(image_size, crop_scale_min, hflip), batch_size, seed, rank, epoch, rank_batches
+        ),
     )
     return Batches(pipeline, num_workers, rank_batches, with_keys=False, urls=urls)
 
 
-def eval_batches(shards: Any, split: str, rank: int, world_size: int, batch_size: int, image_size: int,
-                 *, num_workers: int = 2, draft: bool = False) -> Batches:
+def eval_batches(
+    shards: Any,
+    split: str,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    image_size: int,
+    *,
+    num_workers: int = 2,
+    draft: bool = False,
+) -> Batches:
     """Every sample of `split` exactly once across ranks: (images float [B,3,S,S], labels, keys)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -248,10 +299,12 @@ def eval_batches(shards: Any, split: str, rank: int, world_size: int, batch_size
     return Batches(wds.DataPipeline(*stages), num_workers, num_batches, with_keys=True, urls=urls)
 
 
-def _eval_batch_count(counts: Sequence[int], rank: int, world: int, workers: int, batch: int, by_shard: bool) -> int:
+def _eval_batch_count(
+    counts: Sequence[int], rank: int, world: int, workers: int, batch: int, by_shard: bool
+) -> int:
     if by_shard:
         mine = list(counts[rank::world])
     else:
         mine = [len(range(rank, c, world)) for c in counts]
-    per_worker = [sum(mine[w::max(workers, 1)]) for w in range(max(workers, 1))]
+    per_worker = [sum(mine[w :: max(workers, 1)]) for w in range(max(workers, 1))]
     return sum(-(-n // batch) for n in per_worker)

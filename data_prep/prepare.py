@@ -20,14 +20,16 @@ trainer's: resampled shards plus a sample shuffle buffer of `data.shuffle_buffer
 (data_prep.loaders). Val keeps the source order. The tar source's listing is built by Ray tasks
 and kept beside the manifest (data_prep.sources); the manifest reports GETs per image and MB/s.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -54,11 +56,14 @@ STAGE = "prep"
 # 5000; iid draws 226: README "Data at cluster scale", bench/prep_bench.py --shuffle-quality).
 # Fixed (not a config value) so the plan, and the prep fingerprint, do not depend on it.
 CLASSES_PER_GROUP = 16
-STALE_REASONS = {"fingerprint": "made under another config", "plan": "made from another sample list",
-                 "shard": "shard missing or truncated"}
+STALE_REASONS = {
+    "fingerprint": "made under another config",
+    "plan": "made from another sample list",
+    "shard": "shard missing or truncated",
+}
 
 
-def evenly_spaced(refs: list, cap: Optional[int]) -> list:
+def evenly_spaced(refs: list, cap: int | None) -> list:
     """`cap` samples spread over the whole list (every class of a class-sorted list appears)."""
     if cap is None or cap >= len(refs):
         return refs
@@ -92,8 +97,18 @@ def plan_jobs(source: Any, cfg: Any, shards_url: str, fingerprint: str) -> list[
         if split == "train" and hasattr(source, "locality_key"):
             refs = interleave_classes(refs)
         for i in range(0, len(refs), n):
-            jobs.append(ShardJob(split, i // n, refs[i : i + n], shards_url, fingerprint, names,
-                                 data.resize, int(data.jpeg_quality)))
+            jobs.append(
+                ShardJob(
+                    split,
+                    i // n,
+                    refs[i : i + n],
+                    shards_url,
+                    fingerprint,
+                    names,
+                    data.resize,
+                    int(data.jpeg_quality),
+                )
+            )
     return jobs
 
 
@@ -145,6 +160,7 @@ def _ray_executor(cfg: Any) -> Callable:
 
 def _ray_map(cfg: Any) -> Callable:
     """mapper(fn, calls) -> results in order, one Ray task per call (the tar listing)."""
+
     def mapper(fn: Callable, calls: list[tuple]) -> list:
         import ray
 
@@ -166,9 +182,12 @@ def read_stats(records: list[dict], seconds: float) -> dict[str, Any]:
     requests = sum(int(r.get("source_requests", 0)) for r in records)
     nbytes = sum(int(r.get("source_bytes", 0)) for r in records)
     images = sum(int(r["planned"]) for r in records)
-    return {"requests": requests, "bytes": nbytes,
-            "gets_per_image": round(requests / images, 4) if images else 0.0,
-            "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 and nbytes else 0.0}
+    return {
+        "requests": requests,
+        "bytes": nbytes,
+        "gets_per_image": round(requests / images, 4) if images else 0.0,
+        "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 and nbytes else 0.0,
+    }
 
 
 def _thread_executor(source: Any, jobs: list[ShardJob], limit: int, on_done: Callable[[dict], None]) -> None:
@@ -181,7 +200,9 @@ def _thread_executor(source: Any, jobs: list[ShardJob], limit: int, on_done: Cal
                 if fut.exception() is not None:
                     for other in pending:
                         other.cancel()
-                    raise RuntimeError(f"prep: shard {futures[fut].url} failed: {fut.exception()}") from fut.exception()
+                    raise RuntimeError(
+                        f"prep: shard {futures[fut].url} failed: {fut.exception()}"
+                    ) from fut.exception()
                 on_done(fut.result())
 
 
@@ -218,7 +239,7 @@ def summarise(cfg: Any, source: Any, shards_url: str, records: list[dict]) -> di
     }
 
 
-def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Write the shards of every split in data.splits; returns the prep manifest (infra.stages.StageRun:
     prep logs its counts to `run_id` when given and opens no run of its own)."""
     stage_dir = paths.stage_dir(cfg, STAGE)
@@ -230,16 +251,22 @@ def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional
     storage.makedirs(shards_url)
     # An old manifest must not outlive the shards it lists while they are redone.
     manifest_lib.remove_manifest(stage_dir)
-    stale = storage.remove_stale_temporaries(shards_url) + storage.remove_stale_temporaries(storage.join(shards_url, DONE_DIR))
+    stale = storage.remove_stale_temporaries(shards_url) + storage.remove_stale_temporaries(
+        storage.join(shards_url, DONE_DIR)
+    )
     source = make_source(cfg.data)
     listing = {}
     if hasattr(source, "attach_listing"):  # listed once by Ray tasks, kept beside the manifest
         mapper = _thread_map if shards_url.startswith("memory://") else _ray_map(cfg)
         for split in cfg.data.splits:
-            listing[split] = source.attach_listing(split, storage.join(stage_dir, f"listing-{split}.json.gz"),
-                                                   mapper)
-            print(f"prep: {split} listing {'reused' if listing[split]['reused'] else 'built'}: "
-                  f"{listing[split]['images']} images, {listing[split]['requests']} reads", flush=True)
+            listing[split] = source.attach_listing(
+                split, storage.join(stage_dir, f"listing-{split}.json.gz"), mapper
+            )
+            print(
+                f"prep: {split} listing {'reused' if listing[split]['reused'] else 'built'}: "
+                f"{listing[split]['images']} images, {listing[split]['requests']} reads",
+                flush=True,
+            )
     jobs = plan_jobs(source, cfg, shards_url, fingerprint)
     outside = remove_outside_plan(shards_url, cfg.data.splits, {j.name for j in jobs})
 
@@ -256,11 +283,17 @@ def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional
             storage.remove(job.done_url)
             storage.remove(job.url)
     if discarded:
-        print(f"prep: discarded {sum(discarded.values())} of {len(jobs)} shards: "
-              + ", ".join(f"{n} {STALE_REASONS[r]}" for r, n in discarded.items())
-              + f" (now fingerprint {fingerprint})", flush=True)
-    print(f"prep: {source.name} -> {shards_url}: {len(jobs)} shards planned, {len(records)} already complete, "
-          f"{len(todo)} to write; removed {stale} temporaries and {len(outside)} files outside the plan", flush=True)
+        print(
+            f"prep: discarded {sum(discarded.values())} of {len(jobs)} shards: "
+            + ", ".join(f"{n} {STALE_REASONS[r]}" for r, n in discarded.items())
+            + f" (now fingerprint {fingerprint})",
+            flush=True,
+        )
+    print(
+        f"prep: {source.name} -> {shards_url}: {len(jobs)} shards planned, {len(records)} already complete, "
+        f"{len(todo)} to write; removed {stale} temporaries and {len(outside)} files outside the plan",
+        flush=True,
+    )
 
     limit = max(1, int(cfg.data.prep_tasks))
     executor = None
@@ -268,6 +301,7 @@ def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional
         executor = _thread_executor if shards_url.startswith("memory://") else _ray_executor(cfg)
     start = time.perf_counter()
     with progress(total=sum(len(j.refs) for j in todo), unit="img", desc="prep", smoothing=0.1) as bar:
+
         def on_done(record: dict) -> None:
             records.append(record)
             bar.update(record["planned"])
@@ -277,19 +311,27 @@ def run(cfg: RestokConfig, run_id: Optional[str] = None, parent_run_id: Optional
     elapsed = time.perf_counter() - start
     # Temporaries of task attempts that Ray retried after a worker died mid-write.
     storage.remove_stale_temporaries(shards_url)
-    new_records = records[len(jobs) - len(todo):] if todo else []
+    new_records = records[len(jobs) - len(todo) :] if todo else []
     written = sum(r["planned"] for r in new_records)
 
     fields = summarise(cfg, source, shards_url, records)
     rate = round(written / elapsed, 1) if elapsed > 0 and written else 0.0
-    fields["written_this_run"] = {"shards": len(todo), "images": written, "seconds": round(elapsed, 3),
-                                  "images_per_s": rate, "source_reads": read_stats(new_records, elapsed)}
+    fields["written_this_run"] = {
+        "shards": len(todo),
+        "images": written,
+        "seconds": round(elapsed, 3),
+        "images_per_s": rate,
+        "source_reads": read_stats(new_records, elapsed),
+    }
     fields["listing"] = listing
     if run_id:
-
         metrics = {f"prep/{split}_images": s["total"] for split, s in fields["splits"].items()}
-        metrics.update({f"prep/{split}_skipped": sum(s["skipped"].values()) for split, s in fields["splits"].items()})
-        metrics.update({f"prep/{split}_converted": sum(s["converted"].values()) for split, s in fields["splits"].items()})
+        metrics.update(
+            {f"prep/{split}_skipped": sum(s["skipped"].values()) for split, s in fields["splits"].items()}
+        )
+        metrics.update(
+            {f"prep/{split}_converted": sum(s["converted"].values()) for split, s in fields["splits"].items()}
+        )
         metrics["prep/images_per_s"] = fields["written_this_run"]["images_per_s"]
         metrics["prep/gets_per_image"] = fields["written_this_run"]["source_reads"]["gets_per_image"]
         metrics["prep/source_mb_per_s"] = fields["written_this_run"]["source_reads"]["mb_per_s"]

@@ -10,13 +10,14 @@ then is `_done/<shard>.json` written (count, sha256, skipped and converted keys,
 hash and the stage fingerprint). A shard counts as complete only with a matching done record,
 so a run killed anywhere leaves either a complete shard or one that the rerun rewrites.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from data_prep.image_bytes import SkipImage, check_image
 from infra import storage
@@ -46,7 +47,7 @@ class ShardJob:
     shards_url: str
     fingerprint: str
     class_names: list[str]  # index -> wnid (or synthetic name)
-    resize: Optional[int] = None
+    resize: int | None = None
     jpeg_quality: int = 95
     plan: str = field(default="")
 
@@ -94,9 +95,9 @@ def _read_in_plan_order(source: Any, refs: list, stats: dict) -> Any:
         return
     order = sorted(range(len(refs)), key=lambda i: locality(refs[i]))
     data = [b""] * len(refs)
-    for i, (_, blob) in zip(order, read([refs[i] for i in order])):
+    for i, (_, blob) in zip(order, read([refs[i] for i in order]), strict=False):
         data[i] = blob
-    yield from zip(refs, data)
+    yield from zip(refs, data, strict=False)
 
 
 def _check(job: ShardJob) -> tuple[dict[str, Any] | None, str | None]:
@@ -115,7 +116,7 @@ def _check(job: ShardJob) -> tuple[dict[str, Any] | None, str | None]:
     return record, None
 
 
-def existing_record(job: ShardJob) -> Optional[dict[str, Any]]:
+def existing_record(job: ShardJob) -> dict[str, Any] | None:
     """The done record when the shard is complete for this plan and fingerprint, else None."""
     return _check(job)[0]
 
@@ -143,23 +144,38 @@ def write_shard(source: Any, job: ShardJob) -> dict[str, Any]:
             if image.converted:
                 converted.setdefault(image.converted, []).append(key)
             meta = {
-                "key": key, "cls": int(cls), "wnid": job.class_names[cls],
-                "width": image.original_size[0], "height": image.original_size[1],
+                "key": key,
+                "cls": int(cls),
+                "wnid": job.class_names[cls],
+                "width": image.original_size[0],
+                "height": image.original_size[1],
                 "converted": image.converted,
             }
-            yield {"__key__": key, image.ext: image.data, "cls": str(int(cls)).encode(),
-                   "json": json.dumps(meta, sort_keys=True).encode()}
+            yield {
+                "__key__": key,
+                image.ext: image.data,
+                "cls": str(int(cls)).encode(),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
 
     with storage.atomic_open(job.url, "wb") as fh:
         writer = _HashingWriter(fh)
         count = write_samples(writer, samples())
     record = {
-        "shard": job.name, "split": job.split, "index": job.index, "count": count,
-        "planned": len(job.refs), "sha256": writer.sha.hexdigest(), "bytes": writer.nbytes,
-        "plan_sha256": job.plan, "fingerprint": job.fingerprint,
-        "skipped": skipped, "converted": converted,
+        "shard": job.name,
+        "split": job.split,
+        "index": job.index,
+        "count": count,
+        "planned": len(job.refs),
+        "sha256": writer.sha.hexdigest(),
+        "bytes": writer.nbytes,
+        "plan_sha256": job.plan,
+        "fingerprint": job.fingerprint,
+        "skipped": skipped,
+        "converted": converted,
         # Reads of the source for this shard (GETs on an object store), for the prep summary.
-        "source_requests": stats.get("requests", 0), "source_bytes": stats.get("bytes", 0),
+        "source_requests": stats.get("requests", 0),
+        "source_bytes": stats.get("bytes", 0),
     }
     storage.write_json_atomic(job.done_url, record)
     return record

@@ -4,8 +4,9 @@ A source is a small picklable object (root URLs and settings only; Ray tasks rec
 `sample_refs(split)` returns the split's deterministic sample list of refs `(key, class index,
 locator)`; `read(refs)` yields `(ref, image bytes)` in the same order, reading a contiguous run
 efficiently. Sources backed by files define `locality_key(ref)`: the shard writer reads a
-shard's refs in that order (forward through each tar) and writes them in plan order. Prep cuts the list into shards before anything is written, so a rerun or a single
-task can regenerate any shard alone.
+shard's refs in that order (forward through each tar) and writes them in plan order. Prep cuts
+the list into shards before anything is written, so a rerun or a single task can regenerate any
+shard alone.
 
 Sources:
   synthetic        data_prep.synthetic, PNG bytes, regenerated from (seed, split, index).
@@ -22,6 +23,7 @@ Sources:
                    READ_BLOCK bytes and slices members out at their listed offsets.
 Class index = position of the wnid in the sorted train class list (ImageNet convention).
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +33,8 @@ import json
 import os
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from data_prep import synthetic
 from infra import storage
@@ -73,7 +76,9 @@ def read_val_labels(csv_url: str) -> dict[str, str]:
     with fs.open(path, "rt") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise SourceError(f"{csv_url}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
+            raise SourceError(
+                f"{csv_url}: expected columns ImageId,PredictionString, got {reader.fieldnames}"
+            )
         return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
 
 
@@ -83,16 +88,26 @@ class SyntheticSource:
 
     def __init__(self, num_classes: int, per_class: dict[str, int], resolution: int, seed: int):
         synthetic.class_names(num_classes)  # validates the class count
-        self.num_classes, self.per_class, self.resolution, self.seed = num_classes, per_class, resolution, seed
+        self.num_classes, self.per_class, self.resolution, self.seed = (
+            num_classes,
+            per_class,
+            resolution,
+            seed,
+        )
 
     def classes(self) -> list[dict[str, Any]]:
-        return [{"index": i, "wnid": name, "name": name} for i, name in enumerate(synthetic.class_names(self.num_classes))]
+        return [
+            {"index": i, "wnid": name, "name": name}
+            for i, name in enumerate(synthetic.class_names(self.num_classes))
+        ]
 
     def sample_refs(self, split: str) -> list[SampleRef]:
         if split not in self.per_class:
             raise SourceError(f"synthetic source has no split {split!r}; valid: {sorted(self.per_class)}")
         n = self.per_class[split] * self.num_classes
-        return [(f"{split}_{i:08d}", synthetic.sample_class(i, self.num_classes), (split, i)) for i in range(n)]
+        return [
+            (f"{split}_{i:08d}", synthetic.sample_class(i, self.num_classes), (split, i)) for i in range(n)
+        ]
 
     def read(self, refs: Iterable[SampleRef]) -> Iterator[tuple[SampleRef, bytes]]:
         for ref in refs:
@@ -107,8 +122,8 @@ class _ImageNetBase:
     def __init__(self, root: str, val_labels_csv: str = ""):
         self.root = root.rstrip("/")
         self.val_labels_csv = val_labels_csv or storage.join(self.root, VAL_CSV)
-        self._classes: Optional[list[str]] = None
-        self._index: Optional[dict[str, int]] = None
+        self._classes: list[str] | None = None
+        self._index: dict[str, int] | None = None
 
     def _train_wnids(self) -> list[str]:
         raise NotImplementedError
@@ -254,9 +269,11 @@ def list_tar_members(url: str, start: int, length: int, block: int = LISTING_BLO
     fs, path = storage.filesystem(url)
     stats: dict = {"requests": 0, "bytes": 0}
     t0 = time.perf_counter()
-    rows = [[m.name, start + m.offset, start + m.offset_data, m.size]
-            for m in _members(_RangeReader(fs, path, start, length, block, stats), url)
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+    rows = [
+        [m.name, start + m.offset, start + m.offset_data, m.size]
+        for m in _members(_RangeReader(fs, path, start, length, block, stats), url)
+        if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)
+    ]
     stats["seconds"] = time.perf_counter() - t0
     return rows, stats
 
@@ -286,7 +303,9 @@ class ImageNetTarSource(_ImageNetBase):
         return ref[2][0], ref[2][1]
 
     def _tar_url(self, split: str) -> str:
-        return storage.join(self.root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar"))
+        return storage.join(
+            self.root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar")
+        )
 
     def _class_tars(self, fs: Any, path: str, url: str, stats: dict) -> list[tarfile.TarInfo]:
         reader = _RangeReader(fs, path, 0, fs.size(path), HEADER_SCAN_BLOCK, stats)
@@ -319,14 +338,19 @@ class ImageNetTarSource(_ImageNetBase):
             raise SourceError(f"{url}: tar not found")
         t0 = time.perf_counter()
         stats = {"requests": 0, "bytes": 0}
-        listing: dict[str, Any] = {"version": LISTING_VERSION, "split": split, "url": url,
-                                   **self._identity(fs, path)}
+        listing: dict[str, Any] = {
+            "version": LISTING_VERSION,
+            "split": split,
+            "url": url,
+            **self._identity(fs, path),
+        }
         if split == "train":
             outers = self._class_tars(fs, path, url, stats)
             results = mapper(list_tar_members, [(url, m.offset_data, m.size) for m in outers])
             listing["class_tars"] = [
                 {"name": m.name, "offset": m.offset_data, "size": m.size, "members": rows}
-                for m, (rows, _) in zip(outers, results)]
+                for m, (rows, _) in zip(outers, results, strict=False)
+            ]
         else:
             results = mapper(list_tar_members, [(url, 0, listing["size"])])
             listing["members"] = results[0][0]
@@ -345,8 +369,11 @@ class ImageNetTarSource(_ImageNetBase):
         if storage.exists(listing_url):
             lfs, lpath = storage.filesystem(listing_url)
             kept = json.loads(gzip.decompress(lfs.cat_file(lpath)))
-            if (kept.get("version"), kept.get("url")) != (LISTING_VERSION, url) or not fs.exists(path) or \
-                    {k: kept.get(k) for k in ("size", "tag")} != self._identity(fs, path):
+            if (
+                (kept.get("version"), kept.get("url")) != (LISTING_VERSION, url)
+                or not fs.exists(path)
+                or {k: kept.get(k) for k in ("size", "tag")} != self._identity(fs, path)
+            ):
                 kept = None
         listing = kept or self.build_listing(split, mapper)
         if kept is None:
@@ -354,8 +381,11 @@ class ImageNetTarSource(_ImageNetBase):
         self._listings[split] = listing
         if split == "train":
             self._classes = None  # from the listing now
-        images = (sum(len(c["members"]) for c in listing["class_tars"]) if split == "train"
-                  else len(listing["members"]))
+        images = (
+            sum(len(c["members"]) for c in listing["class_tars"])
+            if split == "train"
+            else len(listing["members"])
+        )
         return {"reused": kept is not None, "images": images, **listing["stats"]}
 
     def sample_refs(self, split: str) -> list[SampleRef]:
@@ -365,8 +395,10 @@ class ImageNetTarSource(_ImageNetBase):
         if split == "train":
             for outer in listing["class_tars"]:
                 cls = self.class_index(sample_key(outer["name"]), f"{url}:{outer['name']}")
-                refs += [(sample_key(name), cls, (url, hdr, data, size, name))
-                         for name, hdr, data, size in outer["members"]]
+                refs += [
+                    (sample_key(name), cls, (url, hdr, data, size, name))
+                    for name, hdr, data, size in outer["members"]
+                ]
         else:
             labels = read_val_labels(self.val_labels_csv)
             for name, hdr, data, size in listing["members"]:
@@ -386,8 +418,11 @@ class ImageNetTarSource(_ImageNetBase):
         while i < len(refs):
             url = refs[i][2][0]
             j = i + 1
-            while (j < len(refs) and refs[j][2][0] == url
-                   and 0 <= refs[j][2][1] - (refs[j - 1][2][2] + refs[j - 1][2][3]) <= MAX_STREAM_GAP):
+            while (
+                j < len(refs)
+                and refs[j][2][0] == url
+                and 0 <= refs[j][2][1] - (refs[j - 1][2][2] + refs[j - 1][2][3]) <= MAX_STREAM_GAP
+            ):
                 j += 1
             yield from self._read_run(refs[i:j], stats)
             i = j
@@ -401,11 +436,13 @@ class ImageNetTarSource(_ImageNetBase):
         for ref in run:
             _, hdr, data, size, name = ref[2]
             reader.seek(hdr - start)
-            header = reader.read(data - hdr)[-tarfile.BLOCKSIZE:]
+            header = reader.read(data - hdr)[-tarfile.BLOCKSIZE :]
             listed = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if len(name.encode()) < 100 and listed != name:  # long names: header is a GNU/pax record
-                raise SourceError(f"{url}: member {name!r} not found where the listing put it "
-                                  f"(header names {listed!r}); delete the kept listing to rebuild it")
+                raise SourceError(
+                    f"{url}: member {name!r} not found where the listing put it "
+                    f"(header names {listed!r}); delete the kept listing to rebuild it"
+                )
             yield ref, reader.read(size)
 
 
@@ -423,8 +460,9 @@ def check_source(data_cfg: Any) -> None:
         raise SourceError(f"data.source={data_cfg.source!r}; valid: synthetic, {', '.join(_LAYOUTS)}")
     root = str(data_cfg.root)
     if not root:
-        raise SourceError(f"data.source={data_cfg.source} needs data.root (a directory holding "
-                          f"{_LAYOUTS[data_cfg.source]})")
+        raise SourceError(
+            f"data.source={data_cfg.source} needs data.root (a directory holding {_LAYOUTS[data_cfg.source]})"
+        )
     fs, path = storage.filesystem(root)
     if not fs.exists(path):
         raise SourceError(f"data.root={root} does not exist (expected {_LAYOUTS[data_cfg.source]})")
@@ -432,10 +470,14 @@ def check_source(data_cfg: Any) -> None:
         if data_cfg.source == "imagenet_folder":
             want = storage.join(root, split)
         else:
-            want = storage.join(root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar"))
+            want = storage.join(
+                root, {"train": TRAIN_TAR, "val": VAL_TAR}.get(split, f"ILSVRC2012_img_{split}.tar")
+            )
         if not fs.exists(storage.filesystem(want)[1]):
-            raise SourceError(f"data.root={root}: {want} not found (data.source={data_cfg.source} expects "
-                              f"{_LAYOUTS[data_cfg.source]}; data.splits={list(data_cfg.splits)})")
+            raise SourceError(
+                f"data.root={root}: {want} not found (data.source={data_cfg.source} expects "
+                f"{_LAYOUTS[data_cfg.source]}; data.splits={list(data_cfg.splits)})"
+            )
 
 
 def make_source(data_cfg: Any):

@@ -8,6 +8,7 @@ random two-colour gradient with pixel noise. Every sample is drawn from its own 
 
 Small enough to learn in minutes at 32 px (tiny tokenizer + generator) and easy for a small CNN.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,7 +66,9 @@ def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]])
 
 
-def _polygon(draw: ImageDraw.ImageDraw, centre: np.ndarray, points: np.ndarray, angle: float, fill: int) -> None:
+def _polygon(
+    draw: ImageDraw.ImageDraw, centre: np.ndarray, points: np.ndarray, angle: float, fill: int
+) -> None:
     pts = _rotate(points, angle) + centre
     draw.polygon([tuple(p) for p in pts], fill=fill)
 
@@ -102,8 +105,10 @@ def _draw_mask(shape: str, size: int, centre: np.ndarray, radius: float, angle: 
         rect(r * 0.3, r)
     elif shape == "star":
         pts = [
-            [(r if k % 2 == 0 else r * 0.42) * math.cos(math.radians(-90 + 36 * k)),
-             (r if k % 2 == 0 else r * 0.42) * math.sin(math.radians(-90 + 36 * k))]
+            [
+                (r if k % 2 == 0 else r * 0.42) * math.cos(math.radians(-90 + 36 * k)),
+                (r if k % 2 == 0 else r * 0.42) * math.sin(math.radians(-90 + 36 * k)),
+            ]
             for k in range(10)
         ]
         _polygon(d, centre, np.array(pts), angle, 255)
@@ -134,7 +139,7 @@ def render(cls: int, rng: np.random.Generator, resolution: int) -> np.ndarray:
     c1 = rng.uniform(30, 130, size=3)
     theta = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:resolution, 0:resolution] / max(resolution - 1, 1)
-    t = (xs * math.cos(theta) + ys * math.sin(theta))
+    t = xs * math.cos(theta) + ys * math.sin(theta)
     t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
     background = c0 + (c1 - c0) * t[..., None]
     background = background + rng.normal(0, 6, size=background.shape)

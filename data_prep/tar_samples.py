@@ -8,10 +8,12 @@ json) that was the loader's largest overhead after decoding (bench/data_bench.py
 checksum is verified, as tarfile does. Handles ustar prefixes, GNU long names and pax path records;
 anything else (directories, links) is skipped. Everything else reads shards with infra.shards.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
@@ -55,7 +57,7 @@ def _read_exact(stream: Any, n: int, url: str) -> bytes:
 
 def iter_tar_files(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes) of every regular file, in archive order."""
-    long_name: Optional[str] = None
+    long_name: str | None = None
     while True:
         header = stream.read(BLOCK)
         if len(header) < BLOCK or header.count(0) == BLOCK:
@@ -89,7 +91,7 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
         url = item["url"]
         stream = wds_gopen.gopen(url, "rb")
         try:
-            sample: Optional[dict] = None
+            sample: dict | None = None
             for name, data in iter_tar_files(stream, url):
                 key, ext = base_plus_ext(name)
                 if key is None or key.startswith("__"):

@@ -18,13 +18,13 @@ reference rFID pipelines). `decode(..., min_shorter_side)` offers PIL JPEG draft
 scaling by 1/2..1/8, never below the given side) for callers that want it.
 Images stay uint8 until the batch is on the consumer side ([0, 1] float there).
 """
+
 from __future__ import annotations
 
 import io
 import math
 import random
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
 BICUBIC = Image.Resampling.BICUBIC
 
 
-def decode(data: bytes, min_shorter_side: Optional[int] = None) -> Image.Image:
+def decode(data: bytes, min_shorter_side: int | None = None) -> Image.Image:
     """RGB PIL image; with `min_shorter_side`, JPEGs decode reduced but not below that side."""
     image = Image.open(io.BytesIO(data))
     if min_shorter_side and image.format == "JPEG":
@@ -61,7 +61,7 @@ def decode_tensor(data: bytes) -> torch.Tensor:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def to_chw_uint8(image: "Image.Image | torch.Tensor") -> torch.Tensor:
+def to_chw_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -91,11 +91,13 @@ class TrainTransform:
         x, y = rng.randint(0, width - side), rng.randint(0, height - side)
         return x, y, side, self.hflip and rng.random() < 0.5
 
-    def __call__(self, image: "Image.Image | torch.Tensor", rng: random.Random) -> "Image.Image | torch.Tensor":
+    def __call__(self, image: Image.Image | torch.Tensor, rng: random.Random) -> Image.Image | torch.Tensor:
         s = self.size
         if isinstance(image, torch.Tensor):
             x, y, side, flip = self.params(image.shape[-1], image.shape[-2], rng)
-            out = TF.resized_crop(image, y, x, side, side, [s, s], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            out = TF.resized_crop(
+                image, y, x, side, side, [s, s], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
+            )
             return out.flip(-1) if flip else out
         x, y, side, flip = self.params(*image.size, rng)
         out = image.resize((s, s), BICUBIC, box=(x, y, x + side, y + side))
@@ -111,5 +113,5 @@ class EvalTransform:
     def decode(self, data: bytes) -> Image.Image:
         return decode(data, self.size if self.draft else None)
 
-    def __call__(self, image: Image.Image, rng: Optional[random.Random] = None) -> Image.Image:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         return resize_center_crop(image, self.size)

@@ -8,6 +8,7 @@ The loader holds all codes of a split in memory (ImageNet, 128 tokens, int16: 0.
 and walks a per-epoch permutation keyed on (seed, epoch), so its position is one integer (the
 micro-batch index) and resuming at any step is exact and O(1).
 """
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,10 @@ def _npy(array: np.ndarray) -> bytes:
 
 def encode_shard(samples: list[tuple[str, np.ndarray, int]]) -> bytes:
     """A code-shard tar from (key, codes [A, N], class) triples (byte-identical for identical codes)."""
-    return tar_bytes({"__key__": key, "codes.npy": _npy(codes), "cls": str(int(cls)).encode()}
-                     for key, codes, cls in samples)
+    return tar_bytes(
+        {"__key__": key, "codes.npy": _npy(codes), "cls": str(int(cls)).encode()}
+        for key, codes, cls in samples
+    )
 
 
 def read_code_shard(url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -73,15 +76,18 @@ class CodeBatches:
     steps); each sample's augmented view is drawn from the same key.
     """
 
-    def __init__(self, codes: np.ndarray, classes: np.ndarray, micro_batch: int, rank: int,
-                 world: int, seed: int):
+    def __init__(
+        self, codes: np.ndarray, classes: np.ndarray, micro_batch: int, rank: int, world: int, seed: int
+    ):
         self.codes, self.classes = codes, classes
         self.micro_batch, self.rank, self.world, self.seed = micro_batch, rank, world, seed
         self.per_rank = len(classes) // world
         self.batches_per_epoch = self.per_rank // micro_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(classes)} code samples are fewer than micro_batch_size x workers "
-                             f"= {micro_batch * world}")
+            raise ValueError(
+                f"{len(classes)} code samples are fewer than micro_batch_size x workers "
+                f"= {micro_batch * world}"
+            )
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -98,11 +104,15 @@ class CodeBatches:
             for b in range(offset, self.batches_per_epoch):
                 sl = slice(b * self.micro_batch, (b + 1) * self.micro_batch)
                 i, v = idx[sl], views[sl]
-                yield (torch.from_numpy(self.codes[i, v].astype(np.int64)),
-                       torch.from_numpy(self.classes[i].copy()))
+                yield (
+                    torch.from_numpy(self.codes[i, v].astype(np.int64)),
+                    torch.from_numpy(self.classes[i].copy()),
+                )
             epoch, offset = epoch + 1, 0
 
 
 def manifest_summary(manifest: dict[str, Any]) -> str:
-    return (f"{sum(manifest['counts'].values())} samples, code shape {manifest['code_shape']} "
-            f"{manifest['dtype']}, tokenizer sha256 {manifest['tokenizer_sha256'][:12]}")
+    return (
+        f"{sum(manifest['counts'].values())} samples, code shape {manifest['code_shape']} "
+        f"{manifest['dtype']}, tokenizer sha256 {manifest['tokenizer_sha256'][:12]}"
+    )

@@ -6,6 +6,7 @@ Ray forwards to the driver, tracebacks) lands there in full. The terminal gets o
 through `say` and `progress`: a line per event, a bar per running stage, the summary.
 Outside `log_to_file` (tests, `--verbose`) both go to the ordinary streams.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,11 @@ def unwrap(error: BaseException) -> BaseException:
     """The original exception inside Ray's wrappers (a task's `cause`, a Train worker's
     `_base_exc`, a failed health check's `health_check_failure`)."""
     for _ in range(8):
-        inner = (getattr(error, "_base_exc", None) or getattr(error, "health_check_failure", None)
-                 or getattr(error, "cause", None))
+        inner = (
+            getattr(error, "_base_exc", None)
+            or getattr(error, "health_check_failure", None)
+            or getattr(error, "cause", None)
+        )
         if not isinstance(inner, BaseException) or inner is error:
             return error
         error = inner

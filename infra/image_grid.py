@@ -1,4 +1,5 @@
 """Image grids for MLflow artifacts: training-time sample / reconstruction grids and evaluation grids."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,5 +21,5 @@ def grid_rows(rows: list[list[np.ndarray]]) -> np.ndarray:
     out = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            out[i * (h + 2): i * (h + 2) + h, j * (w + 2): j * (w + 2) + w] = np.transpose(img, (1, 2, 0))
+            out[i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = np.transpose(img, (1, 2, 0))
     return out

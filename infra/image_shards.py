@@ -2,6 +2,7 @@
 (prep's `<split>-NNNNNN.tar`, sample sets), decode with the one evaluation transform (shorter side
 bicubic to S, centre crop: SPEC "rFID"), and write PNG shards atomically.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,9 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def image_batches(shard_urls: list[str], size: int, batch_size: int
-                  ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+def image_batches(
+    shard_urls: list[str], size: int, batch_size: int
+) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """(keys, uint8 images [B, 3, size, size], labels [B]) over the shards in order; every sample
     once. Corrupt images are skipped and counted by the caller through the key list."""
     keys, images, labels = [], [], []
@@ -84,7 +86,9 @@ def split_shards(shards_url: str, split: str) -> list[str]:
     found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/{split}-*.tar") if not storage.is_temporary(p))
     protocol = shards_url.split("://", 1)[0] + "://" if "://" in shards_url else ""
     if not found:
-        raise FileNotFoundError(f"no '{split}' shards ({split}-*.tar) under {shards_url}; run `restok prep` first")
+        raise FileNotFoundError(
+            f"no '{split}' shards ({split}-*.tar) under {shards_url}; run `restok prep` first"
+        )
     return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
 
 
@@ -102,8 +106,11 @@ def glob_shards(spec: str) -> list[str]:
             matches = [path] if fs.exists(path) else []
         if not matches:
             raise FileNotFoundError(f"no image shards at {part}")
-        out += [protocol + m if protocol and not m.startswith(protocol) else m
-                for m in sorted(matches) if not storage.is_temporary(m)]
+        out += [
+            protocol + m if protocol and not m.startswith(protocol) else m
+            for m in sorted(matches)
+            if not storage.is_temporary(m)
+        ]
     return out
 
 
@@ -115,9 +122,9 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 
 def write_png_shard(url: str, samples: list[tuple[str, np.ndarray, int]]) -> str:
     """Atomically write (key, uint8 HWC, class) samples as `<key>.png` + `<key>.cls`; returns sha256."""
-    data = tar_bytes({"__key__": key, "png": png_bytes(image), "cls": str(int(label)).encode()}
-                     for key, image, label in samples)
+    data = tar_bytes(
+        {"__key__": key, "png": png_bytes(image), "cls": str(int(label)).encode()}
+        for key, image, label in samples
+    )
     storage.write_bytes_atomic(url, data)
     return storage.sha256_bytes(data)
-
-

@@ -5,6 +5,7 @@ graph skips a stage whose manifest is complete and whose fingerprint (the stage'
 subtree + the fingerprints of its inputs) matches. Manifests carry counts, shapes and hashes,
 never facts encoded in path strings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,6 +78,8 @@ def require_complete(stage_dir: str, stage: str) -> dict[str, Any]:
     """The upstream manifest, or a one-line error saying which stage to run first."""
     manifest = read_manifest(stage_dir)
     if not manifest or not manifest.get("complete"):
-        raise ManifestError(f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; "
-                            f"run `restok {stage.replace('_', '-')}` first")
+        raise ManifestError(
+            f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; "
+            f"run `restok {stage.replace('_', '-')}` first"
+        )
     return manifest

@@ -7,6 +7,7 @@ that dies on a live node (its own crash, OOM) stays a failure of the stage, as b
 a fault a retry is known to cure. Outputs are written atomically and keyed by input, so a call
 redone after a loss writes each output once (never twice, never partial).
 """
+
 from __future__ import annotations
 
 import time
@@ -69,8 +70,9 @@ def lost_with_its_node(error: BaseException, node_id: str) -> bool:
     return node_dead(node_id, UNAVAILABLE_GRACE_S if unavailable else NODE_DEATH_GRACE_S)
 
 
-def map_unordered(make_actor: Callable[[], Any], num_actors: int, jobs: list,
-                  call: Callable[[Any, Any], Any], what: str) -> Iterator[tuple[Any, Any]]:
+def map_unordered(
+    make_actor: Callable[[], Any], num_actors: int, jobs: list, call: Callable[[Any, Any], Any], what: str
+) -> Iterator[tuple[Any, Any]]:
     """Yield (job, result) for every job, each job on one of `num_actors` actors, in completion
     order. A job whose actor was lost with its node is redone by a replacement actor (Ray places
     it wherever resources are); any other error is raised. Actors are killed at the end."""
@@ -98,8 +100,11 @@ def map_unordered(make_actor: Callable[[], Any], num_actors: int, jobs: list,
             except Exception as error:
                 if not lost_with_its_node(error, actors[actor]):
                     raise
-                print(f"[restok] {what}: an actor was lost with node {actors.pop(actor)[:12]}; "
-                      "its work is redone by a replacement", flush=True)
+                print(
+                    f"[restok] {what}: an actor was lost with node {actors.pop(actor)[:12]}; "
+                    "its work is redone by a replacement",
+                    flush=True,
+                )
                 pending.insert(0, job)
                 idle.append(start())
                 continue

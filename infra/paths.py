@@ -1,4 +1,5 @@
 """Where each stage puts its outputs under the work directory (one place, so no stage guesses)."""
+
 from __future__ import annotations
 
 import os

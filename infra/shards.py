@@ -7,6 +7,7 @@ group_by_keys: the key is the member path up to the first dot of its base name, 
 lower-cased, and consecutive members with one key form a sample. Only the training loader keeps a
 lean header parser of its own (data_prep/tar_samples.py, measured in bench/data_bench.py).
 """
+
 from __future__ import annotations
 
 import io

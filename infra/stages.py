@@ -4,6 +4,7 @@ A stage's fingerprint hashes its own config sections and its upstream fingerprin
 computed before anything runs: the graph skips a stage whose manifest is complete with the same
 fingerprint, and a change upstream (say the tokenizer's config) invalidates everything after it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -21,8 +22,9 @@ class StageRun(Protocol):
     nested under `parent_run_id` when given (a sweep chain). Returns the stage's manifest, written
     last; a complete manifest with the same fingerprint makes the call a no-op that returns it."""
 
-    def __call__(self, cfg: RestokConfig, run_id: str | None = None,
-                 parent_run_id: str | None = None) -> dict[str, Any]: ...
+    def __call__(
+        self, cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None
+    ) -> dict[str, Any]: ...
 
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -36,17 +38,49 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
 # Config sections that change a stage's output. Loader worker counts, logging cadence and the
 # cluster address do not; they are left out so that moving a run to a cluster does not redo it.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "prep": ("data.source", "data.root", "data.val_labels_csv", "data.splits", "data.samples_per_shard",
-             "data.resize", "data.jpeg_quality", "data.max_images_per_split", "data.synthetic"),
-    "train_tokenizer": ("seed", "tokenizer", "tokenizer_train.steps", "tokenizer_train.global_batch_size",
-                        "tokenizer_train.optim", "tokenizer_train.loss", "tokenizer_train.ema_decay",
-                        "tokenizer_train.precision", "tokenizer_train.seed", "tokenizer_train.disc_lr",
-                        "data.image_size", "data.crop_scale_min", "data.hflip"),
-    "extract_codes": ("extract.augment", "extract.code_dtype", "extract.splits", "extract.use_ema",
-                      "data.image_size"),
-    "train_generator": ("seed", "generator", "generator_train.steps", "generator_train.global_batch_size",
-                        "generator_train.optim", "generator_train.ema_decay", "generator_train.precision",
-                        "generator_train.seed"),
+    "prep": (
+        "data.source",
+        "data.root",
+        "data.val_labels_csv",
+        "data.splits",
+        "data.samples_per_shard",
+        "data.resize",
+        "data.jpeg_quality",
+        "data.max_images_per_split",
+        "data.synthetic",
+    ),
+    "train_tokenizer": (
+        "seed",
+        "tokenizer",
+        "tokenizer_train.steps",
+        "tokenizer_train.global_batch_size",
+        "tokenizer_train.optim",
+        "tokenizer_train.loss",
+        "tokenizer_train.ema_decay",
+        "tokenizer_train.precision",
+        "tokenizer_train.seed",
+        "tokenizer_train.disc_lr",
+        "data.image_size",
+        "data.crop_scale_min",
+        "data.hflip",
+    ),
+    "extract_codes": (
+        "extract.augment",
+        "extract.code_dtype",
+        "extract.splits",
+        "extract.use_ema",
+        "data.image_size",
+    ),
+    "train_generator": (
+        "seed",
+        "generator",
+        "generator_train.steps",
+        "generator_train.global_batch_size",
+        "generator_train.optim",
+        "generator_train.ema_decay",
+        "generator_train.precision",
+        "generator_train.seed",
+    ),
     "evaluate": ("eval", "sampling"),
 }
 

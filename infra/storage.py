@@ -4,14 +4,16 @@ memory:// (tests) and s3:// / gs:// (clusters) behave the same.
 Atomicity: a file is written under a temporary name in the same directory and renamed into
 place, so a half-written shard, checkpoint or manifest is never visible under its final name.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs

@@ -9,13 +9,15 @@ training stage keeps one run per fingerprint across restarts: its id is recorded
 (`mlflow_run.json`), and the rerun that resumes the checkpoints continues that run
 (`continue_or_start_run`); the workers skip steps the run already has.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from configs.loading import to_flat_dict, to_yaml
 from configs.schema import RestokConfig
@@ -37,7 +39,7 @@ def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):  # the store's folder is made when a store is first used
-        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -45,7 +47,9 @@ def _git_commit() -> str:
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
     except Exception:
@@ -115,8 +119,13 @@ def driver_alive(tag: str) -> bool | None:
     return True
 
 
-def start_run(cfg: RestokConfig, stage: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
-              fingerprint: str | None = None) -> str:
+def start_run(
+    cfg: RestokConfig,
+    stage: str,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    fingerprint: str | None = None,
+) -> str:
     """Create a FINISHED-able run for `stage`, tagged with the preset; returns its id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -132,8 +141,9 @@ def start_run(cfg: RestokConfig, stage: str, parent_run_id: str | None = None, e
     }
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id(client, cfg.tracking.experiment, experiment_artifact_location(cfg)),
-                            tags=tags)
+    run = client.create_run(
+        experiment_id(client, cfg.tracking.experiment, experiment_artifact_location(cfg)), tags=tags
+    )
     run_id = run.info.run_id
     log_config(cfg, run_id)
     return run_id
@@ -167,8 +177,11 @@ def reap_dead_runs(cfg: RestokConfig) -> list[str]:
         if driver and driver_alive(driver) is False:
             client.set_terminated(run.info.run_id, status="KILLED")
             client.set_tag(run.info.run_id, "restok.end_reason", f"driver {driver} died")
-            print(f"[restok] MLflow run {run.info.run_id} ({run.data.tags.get('restok.stage', '?')}) "
-                  f"of dead driver {driver}: marked KILLED", flush=True)
+            print(
+                f"[restok] MLflow run {run.info.run_id} ({run.data.tags.get('restok.stage', '?')}) "
+                f"of dead driver {driver}: marked KILLED",
+                flush=True,
+            )
             reaped.append(run.info.run_id)
     return reaped
 
@@ -178,14 +191,14 @@ def _record_url(cfg: RestokConfig, stage: str) -> str:
     return join(stage_dir(cfg, stage), RUN_RECORD)
 
 
-def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
-                          parent_run_id: str | None = None) -> tuple[str, bool]:
+def continue_or_start_run(
+    cfg: RestokConfig, stage: str, fingerprint: str, parent_run_id: str | None = None
+) -> tuple[str, bool]:
     """(run id, continued): for a training stage, the run recorded in its stage dir for the same
     fingerprint (set RUNNING again, moved under `parent_run_id`), unless its driver still runs;
     otherwise a new run (recorded for training stages)."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
 
     client = client_for(tracking_uri(cfg))
     record = storage.read_json(_record_url(cfg, stage)) if stage in CONTINUED_STAGES else None
@@ -194,8 +207,11 @@ def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
             run = client.get_run(record["run_id"])
         except MlflowException:
             run = None
-        if (run is not None and run.info.lifecycle_stage == "active"
-                and not (run.info.status == "RUNNING" and driver_alive(run.data.tags.get(DRIVER_TAG, "")))):
+        if (
+            run is not None
+            and run.info.lifecycle_stage == "active"
+            and not (run.info.status == "RUNNING" and driver_alive(run.data.tags.get(DRIVER_TAG, "")))
+        ):
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, DRIVER_TAG, driver_id())
@@ -203,7 +219,9 @@ def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
             if parent_run_id and old_parent != parent_run_id:
                 client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
                 before = run.data.tags.get("restok.previous_parent_runs", "")
-                client.set_tag(run_id, "restok.previous_parent_runs", ",".join(filter(None, [before, old_parent])))
+                client.set_tag(
+                    run_id, "restok.previous_parent_runs", ",".join(filter(None, [before, old_parent]))
+                )
             return run_id, True
     run_id = start_run(cfg, stage, parent_run_id, fingerprint=fingerprint)
     if stage in CONTINUED_STAGES:
@@ -212,7 +230,9 @@ def continue_or_start_run(cfg: RestokConfig, stage: str, fingerprint: str,
 
 
 @contextmanager
-def stage_run(cfg: RestokConfig, stage: str, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+def stage_run(
+    cfg: RestokConfig, stage: str, run_id: str | None = None, parent_run_id: str | None = None
+) -> Iterator[str]:
     """Yield a run id for `stage`; a run created (or continued) here is ended here (FAILED on error)."""
     if run_id:
         yield run_id
@@ -266,7 +286,6 @@ def follow_run(uri: str, run_id: str, total_steps: int, desc: str, every_s: floa
     MLflow (`step`, `loss`, images/s or tokens/s): the driver cannot see the workers' own bars."""
     import threading
 
-
     stop = threading.Event()
     bar = progress(total=total_steps, desc=desc, unit="step")
 
@@ -279,7 +298,9 @@ def follow_run(uri: str, run_id: str, total_steps: int, desc: str, every_s: floa
                 continue
             step = int(metrics.get("step", 0))
             if step > bar.n:
-                shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "images_per_s", "tokens_per_s") if k in metrics}
+                shown = {
+                    k: f"{metrics[k]:.4g}" for k in ("loss", "images_per_s", "tokens_per_s") if k in metrics
+                }
                 bar.set_postfix(shown, refresh=False)
                 bar.update(step - bar.n)
 

@@ -20,6 +20,7 @@ Feature networks (`eval.feature_net`): `inception` gives the real metrics (rfid,
 inception_score, precision, recall); `probe` is the built-in dataset's stand-in (jobs.metrics.probe)
 and its numbers are named fd_probe_*, probe_* only, never FID / IS.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,13 +68,17 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     return write_manifest(stage_dir, STAGE, fp, complete=True, metrics=metrics, **fields)
 
 
-def _run_evaluations(cfg: RestokConfig, run_id: str | None, parent_run_id: str | None, stage_dir: str) -> dict:
+def _run_evaluations(
+    cfg: RestokConfig, run_id: str | None, parent_run_id: str | None, stage_dir: str
+) -> dict:
     fields: dict[str, Any] = {}
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         spec, probe = resolved_feature_spec(cfg)
         if probe:
             fields["probe"] = {k: probe[k] for k in ("key", "val_accuracy", "num_train_images") if k in probe}
-            fields["probe"]["path"] = os.path.relpath(probe["path"], stage_dir) if "://" not in probe["path"] else probe["path"]
+            fields["probe"]["path"] = (
+                os.path.relpath(probe["path"], stage_dir) if "://" not in probe["path"] else probe["path"]
+            )
         if cfg.eval.recon:
             fields["recon"] = evaluate_recon(cfg, rid, spec=spec, probe=probe)
         if cfg.eval.gen:
@@ -95,16 +100,27 @@ def score_files(cfg: RestokConfig, ref_url: str, samples_url: str) -> dict:
             raise FileNotFoundError(f"restok eval score: no such file {url}")
     shape = npz_array_shape(samples_url)
     if shape is None or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{samples_url}: needs arr_0 uint8 images [N, H, W, 3] (ADM's sample batch format), got {shape}")
-    spec = {**feature_spec(cfg), "kind": "inception", "weights": resolve_weights(str(cfg.eval.inception_weights))}
+        raise ValueError(
+            f"{samples_url}: needs arr_0 uint8 images [N, H, W, 3] (ADM's sample batch format), got {shape}"
+        )
+    spec = {
+        **feature_spec(cfg),
+        "kind": "inception",
+        "weights": resolve_weights(str(cfg.eval.inception_weights)),
+    }
     cfg.eval.reference_stats = ref_url
     t0 = time.time()
     ref, _ = reference_for_gen(cfg, spec, {})
     acts = array_activations(cfg, samples_url, shape[0], spec)
     metrics, notes = gen_metrics(cfg, spec, ref, acts, None)
 
-    for label, key in (("Inception Score", "inception_score"), ("FID", "gfid"), ("sFID", "sfid"),
-                       ("Precision", "precision"), ("Recall", "recall")):  # ADM's lines, on the terminal
+    for label, key in (
+        ("Inception Score", "inception_score"),
+        ("FID", "gfid"),
+        ("sFID", "sfid"),
+        ("Precision", "precision"),
+        ("Recall", "recall"),
+    ):  # ADM's lines, on the terminal
         say(f"{label}: {metrics[key]}" if key in metrics else f"{label}: {notes.get(key, 'not computed')}")
     with tracking.stage_run(cfg, STAGE) as rid:
         uri = paths.tracking_uri(cfg)
@@ -112,8 +128,13 @@ def score_files(cfg: RestokConfig, ref_url: str, samples_url: str) -> dict:
         client = tracking.client_for(uri)
         client.set_tag(rid, "restok.eval_score.reference", ref_url)
         client.set_tag(rid, "restok.eval_score.samples", samples_url)
-    return {"metrics": metrics, "notes": notes, "num_samples": shape[0], "seconds": round(time.time() - t0, 2),
-            "run_id": rid}
+    return {
+        "metrics": metrics,
+        "notes": notes,
+        "num_samples": shape[0],
+        "seconds": round(time.time() - t0, 2),
+        "run_id": rid,
+    }
 
 
 def cli(action: str, cfg: RestokConfig, files: list[str] | None = None) -> int:

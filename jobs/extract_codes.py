@@ -11,6 +11,7 @@ shard's sha256. A rerun keeps only shards whose receipt names the current produc
 extraction resumes where it stopped and a changed one never reuses stale codes (issue 19). The
 codes are deterministic (eval mode, fixed batches per shard).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,14 +51,18 @@ def views(image: Any, size: int, augment: str) -> list[Any]:
     """The augmented PIL views of one image, in a fixed order."""
     from PIL import Image
 
-
     if augment not in NUM_VIEWS:
         raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
     if augment == "tencrop":
         big = EvalTransform(round(size * TENCROP_SCALE))(image)
         w, h = big.size
-        boxes = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size),
-                 ((w - size) // 2, (h - size) // 2)]
+        boxes = [
+            (0, 0),
+            (w - size, 0),
+            (0, h - size),
+            (w - size, h - size),
+            ((w - size) // 2, (h - size) // 2),
+        ]
         crops = [big.crop((x, y, x + size, y + size)) for x, y in boxes]
         return crops + [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
     crop = EvalTransform(size)(image)
@@ -69,8 +74,12 @@ def receipt_url(out_url: str) -> str:
 
 
 # Why a receipt is not reused, by the first identity field that differs (logged as counts).
-STALE_REASONS = {"fingerprint": "made under another config", "tokenizer_sha256": "made by other tokenizer weights",
-                 "input_sha256": "made from another image shard", "shard": "code shard missing or truncated"}
+STALE_REASONS = {
+    "fingerprint": "made under another config",
+    "tokenizer_sha256": "made by other tokenizer weights",
+    "input_sha256": "made from another image shard",
+    "shard": "code shard missing or truncated",
+}
 SHARD_FILE = re.compile(r"^.+-\d{6}\.(tar|json)$")  # prep's `{split}-NNNNNN.tar` names and receipts
 
 
@@ -113,16 +122,28 @@ def discard_stale(stage_dir: str, jobs: list[tuple]) -> tuple[list[tuple], dict[
 
 class CodeExtractor:
     """Ray actor: holds one tokenizer; turns one image shard into one code shard per call."""
-    def __init__(self, tokenizer_dir: str, use_ema: bool, image_size: int, augment: str,
-                 code_dtype: str, batch_size: int, use_gpu: bool, exit_after: int = 0):
+
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        use_ema: bool,
+        image_size: int,
+        augment: str,
+        code_dtype: str,
+        batch_size: int,
+        use_gpu: bool,
+        exit_after: int = 0,
+    ):
 
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.model = load_tokenizer(tokenizer_dir, ema=use_ema, device=self.device)
         self.image_size, self.augment = image_size, augment
         self.dtype = np.dtype(code_dtype)
         if self.model.codebook_size > np.iinfo(self.dtype).max + 1:
-            raise ValueError(f"extract.code_dtype={code_dtype} cannot hold codebook size "
-                             f"{self.model.codebook_size}; use int32")
+            raise ValueError(
+                f"extract.code_dtype={code_dtype} cannot hold codebook size "
+                f"{self.model.codebook_size}; use int32"
+            )
         self.batch_size = batch_size
         self.exit_after, self.written = exit_after, 0
 
@@ -131,7 +152,9 @@ class CodeExtractor:
         """PIL images -> codes [len(images), A, N] in the shard dtype."""
 
         per = NUM_VIEWS[self.augment]
-        stacked = torch.stack([to_chw_uint8(v) for im in images for v in views(im, self.image_size, self.augment)])
+        stacked = torch.stack(
+            [to_chw_uint8(v) for im in images for v in views(im, self.image_size, self.augment)]
+        )
         out = []
         for i in range(0, stacked.shape[0], self.batch_size):
             batch = stacked[i : i + self.batch_size].to(self.device).float() / 255.0
@@ -151,12 +174,21 @@ class CodeExtractor:
             keys.append(key)
             labels.append(int(parts["cls"]))
             images.append(decode(parts[ext]))
-        codes = (self.encode_views(images) if images
-                 else np.zeros((0, NUM_VIEWS[self.augment], self.model.num_tokens), self.dtype))
-        data = encode_shard(list(zip(keys, codes, labels)))
+        codes = (
+            self.encode_views(images)
+            if images
+            else np.zeros((0, NUM_VIEWS[self.augment], self.model.num_tokens), self.dtype)
+        )
+        data = encode_shard(list(zip(keys, codes, labels, strict=False)))
         storage.write_bytes_atomic(out_url, data)
-        receipt = {**identity, "count": len(keys), "sha256": storage.sha256_bytes(data), "bytes": len(data),
-                   "code_shape": list(codes.shape[1:]), "classes": sorted(set(labels))}
+        receipt = {
+            **identity,
+            "count": len(keys),
+            "sha256": storage.sha256_bytes(data),
+            "bytes": len(data),
+            "code_shape": list(codes.shape[1:]),
+            "classes": sorted(set(labels)),
+        }
         storage.write_json_atomic(receipt_url(out_url), receipt)
         self.written += 1
         if self.exit_after and self.written >= self.exit_after:
@@ -196,11 +228,17 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             jobs.append((split, name, url, storage.join(stage_dir, name), identity))
     todo, discarded = discard_stale(stage_dir, jobs)
     if discarded:
-        print(f"[{STAGE}] discarded {sum(discarded.values())} of {len(jobs)} code shards: "
-              + ", ".join(f"{n} {STALE_REASONS.get(r, r)}" for r, n in discarded.items())
-              + f" (now fingerprint {fp}, tokenizer sha256 {tokenizer_sha[:12]})", flush=True)
-    print(f"[{STAGE}] {len(jobs)} shards, {len(jobs) - len(todo)} already done; tokenizer "
-          f"{weights} sha256 {tokenizer_sha[:12]}", flush=True)
+        print(
+            f"[{STAGE}] discarded {sum(discarded.values())} of {len(jobs)} code shards: "
+            + ", ".join(f"{n} {STALE_REASONS.get(r, r)}" for r, n in discarded.items())
+            + f" (now fingerprint {fp}, tokenizer sha256 {tokenizer_sha[:12]})",
+            flush=True,
+        )
+    print(
+        f"[{STAGE}] {len(jobs)} shards, {len(jobs) - len(todo)} already done; tokenizer "
+        f"{weights} sha256 {tokenizer_sha[:12]}",
+        flush=True,
+    )
 
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         if todo:
@@ -208,14 +246,27 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             use_gpu = bool(cfg.cluster.use_gpu)
             actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(CodeExtractor)
             exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)
+
             def make_actor():
-                return actor_cls.remote(tok_dir, bool(cfg.extract.use_ema), int(cfg.data.image_size),
-                                        str(cfg.extract.augment), str(cfg.extract.code_dtype),
-                                        int(cfg.extract.batch_size), use_gpu, exit_after)
+                return actor_cls.remote(
+                    tok_dir,
+                    bool(cfg.extract.use_ema),
+                    int(cfg.data.image_size),
+                    str(cfg.extract.augment),
+                    str(cfg.extract.code_dtype),
+                    int(cfg.extract.batch_size),
+                    use_gpu,
+                    exit_after,
+                )
 
             # A shard whose actor is lost with its node is redone by a replacement (infra.node_loss).
-            results = node_loss.map_unordered(make_actor, int(cfg.extract.num_actors), todo,
-                                              lambda a, job: a.extract.remote(job[2], job[3], job[4]), STAGE)
+            results = node_loss.map_unordered(
+                make_actor,
+                int(cfg.extract.num_actors),
+                todo,
+                lambda a, job: a.extract.remote(job[2], job[3], job[4]),
+                STAGE,
+            )
             for _ in progress(iterable=results, total=len(todo), desc=STAGE, unit="shard"):
                 pass
             storage.remove_stale_temporaries(stage_dir)  # writes cut short by a lost node
@@ -226,18 +277,32 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             reason = stale_reason(receipt, out_url, identity)
             if reason is not None:  # another writer in the same directory
                 raise RuntimeError(f"{receipt_url(out_url)}: not made by this extraction ({reason})")
-            shards.append({"name": name, "split": split, "count": receipt["count"], "sha256": receipt["sha256"]})
+            shards.append(
+                {"name": name, "split": split, "count": receipt["count"], "sha256": receipt["sha256"]}
+            )
             counts[split] += receipt["count"]
             shape = shape or (receipt["code_shape"] if receipt["count"] else None)
         if counts != expected:
             raise RuntimeError(f"{stage_dir}: code counts {counts} differ from the image manifest {expected}")
-        tracking.log_metrics(paths.tracking_uri(cfg), rid,
-                             {f"codes_{s}": float(n) for s, n in counts.items()}, 0)
+        tracking.log_metrics(
+            paths.tracking_uri(cfg), rid, {f"codes_{s}": float(n) for s, n in counts.items()}, 0
+        )
         return write_manifest(
-            stage_dir, STAGE, fp, complete=True, shards=shards, counts=counts, code_shape=shape,
-            dtype=str(cfg.extract.code_dtype), augment=str(cfg.extract.augment),
-            num_views=NUM_VIEWS[str(cfg.extract.augment)], tokenizer_weights=weights,
-            tokenizer_sha256=tokenizer_sha, tokenizer_config=storage.join(tok_dir, CONFIG_NAME),
-            codebook_size=int(tok_manifest["codebook_size"]), levels=list(tok_manifest["levels"]),
+            stage_dir,
+            STAGE,
+            fp,
+            complete=True,
+            shards=shards,
+            counts=counts,
+            code_shape=shape,
+            dtype=str(cfg.extract.code_dtype),
+            augment=str(cfg.extract.augment),
+            num_views=NUM_VIEWS[str(cfg.extract.augment)],
+            tokenizer_weights=weights,
+            tokenizer_sha256=tokenizer_sha,
+            tokenizer_config=storage.join(tok_dir, CONFIG_NAME),
+            codebook_size=int(tok_manifest["codebook_size"]),
+            levels=list(tok_manifest["levels"]),
             num_classes=int(prep["num_classes"]),
-            mlflow_run_id=rid)
+            mlflow_run_id=rid,
+        )

@@ -1,5 +1,6 @@
 """Stage `sample` (`restok sample`): the class-balanced sample set of the trained generator, no
 metrics (SPEC "gFID"; protocol in jobs.evaluation.sampling, drawn on the evaluation actor pool)."""
+
 from __future__ import annotations
 
 from configs.schema import RestokConfig
@@ -17,9 +18,15 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     require_complete(paths.stage_dir(cfg, "train_generator"), "train_generator")
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         try:
-            manifest = generate_samples(cfg, samples_url(cfg), paths.stage_dir(cfg, "train_tokenizer"),
-                                        paths.stage_dir(cfg, "train_generator"))
+            manifest = generate_samples(
+                cfg,
+                samples_url(cfg),
+                paths.stage_dir(cfg, "train_tokenizer"),
+                paths.stage_dir(cfg, "train_generator"),
+            )
         finally:
             close_pool()
-        tracking.log_metrics(paths.tracking_uri(cfg), rid, {"sample_images_per_second": manifest["images_per_second"]})
+        tracking.log_metrics(
+            paths.tracking_uri(cfg), rid, {"sample_images_per_second": manifest["images_per_second"]}
+        )
     return manifest

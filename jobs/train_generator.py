@@ -4,6 +4,7 @@ SPEC "HAR generator / recipe": AdamW lr 1e-4 betas (0.9, 0.95) wd 0.05, cosine w
 floor, clip 1.0, bf16, class dropout (in the model, GeneratorConfig.class_dropout), EMA.
 One augmented view of each sample's codes is drawn per visit (SPEC "codes").
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,12 +32,16 @@ GRID_SAMPLES = 16
 
 def check_against_codes(cfg: RestokConfig, codes_manifest: dict) -> None:
     """The generator's vocabulary, levels and classes must match the extracted codes."""
-    want = {"generator.vocab_size": codes_manifest["codebook_size"],
-            "generator.levels": list(codes_manifest["levels"]),
-            "generator.num_classes": codes_manifest["num_classes"]}
-    have = {"generator.vocab_size": int(cfg.generator.vocab_size),
-            "generator.levels": list(cfg.generator.levels),
-            "generator.num_classes": int(cfg.generator.num_classes)}
+    want = {
+        "generator.vocab_size": codes_manifest["codebook_size"],
+        "generator.levels": list(codes_manifest["levels"]),
+        "generator.num_classes": codes_manifest["num_classes"],
+    }
+    have = {
+        "generator.vocab_size": int(cfg.generator.vocab_size),
+        "generator.levels": list(cfg.generator.levels),
+        "generator.num_classes": int(cfg.generator.num_classes),
+    }
     wrong = [f"{k}={want[k]}" for k in want if want[k] != have[k]]
     if wrong:
         raise ValueError(f"generator config does not match the extracted codes; set {' '.join(wrong)}")
@@ -65,8 +70,9 @@ def generator_loop(config: dict) -> None:
     session.seed_rank()  # per-rank dropout streams
 
     codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")
-    loader = code_shards.CodeBatches(codes, classes, int(train.micro_batch_size), session.rank,
-                                     session.world, int(train.seed))
+    loader = code_shards.CodeBatches(
+        codes, classes, int(train.micro_batch_size), session.rank, session.world, int(train.seed)
+    )
 
     def train_step(step: int, micro: list) -> dict[str, float]:
         engine.train()
@@ -100,10 +106,19 @@ def generator_loop(config: dict) -> None:
                 images = tokenizer.decode_codes(result.codes.to(device))
             session.log_image(image_grid(images), f"samples/step_{step + 1:07d}.png")
 
-    run_loop(session, LoopSpec(
-        engines={ENGINE: engine}, ema=ema, micro_batches=loader.iterate, train_step=train_step,
-        sample_unit="sequences", tokens_per_sample=gen_cfg.block_size, flops_per_sample=flops,
-        log_images=log_images))
+    run_loop(
+        session,
+        LoopSpec(
+            engines={ENGINE: engine},
+            ema=ema,
+            micro_batches=loader.iterate,
+            train_step=train_step,
+            sample_unit="sequences",
+            tokens_per_sample=gen_cfg.block_size,
+            flops_per_sample=flops,
+            log_images=log_images,
+        ),
+    )
 
 
 SPEC = TrainingStage(STAGE, upstream="extract_codes", loop=generator_loop, check_inputs=check_against_codes)

@@ -7,6 +7,7 @@ clip 10, EMA. Two engines: the tokenizer and, once the GAN starts, the discrimin
 parameters gain nothing from ZeRO-3 partitioning, and the generator step backpropagates through
 it (with its heads frozen), which ZeRO-3's gather hooks would turn into extra collectives.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -43,8 +44,9 @@ DISC_ENGINE = "discriminator"
 GRID_IMAGES = 8
 
 
-def image_batches(cfg: RestokConfig, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int,
-                  start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(
+    cfg: RestokConfig, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int, start: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """prep's training batches for `rank` from global micro-batch index `start` on, forever.
 
     data_prep.loaders.train_batches is deterministic per (seed, rank, epoch), so the data position
@@ -52,15 +54,26 @@ def image_batches(cfg: RestokConfig, prep_manifest: dict, rank: int, world: int,
     it in that epoch are skipped."""
 
     def epoch_batches(epoch: int):
-        return train_batches(prep_manifest, "train", rank, world, micro_batch, int(cfg.data.image_size),
-                             seed, epoch=epoch, num_workers=int(cfg.data.loader_workers),
-                             crop_scale_min=float(cfg.data.crop_scale_min), hflip=bool(cfg.data.hflip),
-                             shuffle_buffer=int(cfg.data.shuffle_buffer))
+        return train_batches(
+            prep_manifest,
+            "train",
+            rank,
+            world,
+            micro_batch,
+            int(cfg.data.image_size),
+            seed,
+            epoch=epoch,
+            num_workers=int(cfg.data.loader_workers),
+            crop_scale_min=float(cfg.data.crop_scale_min),
+            hflip=bool(cfg.data.hflip),
+            shuffle_buffer=int(cfg.data.shuffle_buffer),
+        )
 
     per_epoch = len(epoch_batches(0))
     if per_epoch == 0:
-        raise ValueError(f"prep split 'train' has fewer samples than micro_batch_size x workers "
-                         f"= {micro_batch * world}")
+        raise ValueError(
+            f"prep split 'train' has fewer samples than micro_batch_size x workers = {micro_batch * world}"
+        )
     epoch, offset = divmod(start, per_epoch)
     while True:
         for i, (images, labels) in enumerate(epoch_batches(epoch)):
@@ -90,8 +103,14 @@ def tokenizer_loop(config: dict) -> None:
     disc_engine = None
     if loss_fn.discriminator is not None:
         # Built up front (it is checkpointed from the start); stepped only once the GAN is on.
-        disc_engine = build_engine(loss_fn.discriminator, train, session.world, total_steps,
-                                   lr=float(train.disc_lr), zero_stage=min(int(train.zero_stage), 2))
+        disc_engine = build_engine(
+            loss_fn.discriminator,
+            train,
+            session.world,
+            total_steps,
+            lr=float(train.disc_lr),
+            zero_stage=min(int(train.zero_stage), 2),
+        )
         engines[DISC_ENGINE] = disc_engine
     loss_fn.to(device)
     ema = session.ema_of(engine)
@@ -103,8 +122,15 @@ def tokenizer_loop(config: dict) -> None:
     fixed: dict[str, torch.Tensor] = {}
 
     def micro_batches(start: int):
-        return image_batches(cfg, prep_manifest, session.rank, session.world, int(train.micro_batch_size),
-                             int(train.seed), start)
+        return image_batches(
+            cfg,
+            prep_manifest,
+            session.rank,
+            session.world,
+            int(train.micro_batch_size),
+            int(train.seed),
+            start,
+        )
 
     def train_step(step: int, micro: list) -> dict[str, float]:
         engine.train()
@@ -145,8 +171,10 @@ def tokenizer_loop(config: dict) -> None:
         with torch.no_grad():
             recon, _ = engine(fixed["images"].to(dtype))  # collective under ZeRO-3: every rank runs it
         engine.train()
-        session.log_image(reconstruction_grid(fixed["images"], recon.clamp(0, 1)),
-                          f"reconstructions/step_{step + 1:07d}.png")
+        session.log_image(
+            reconstruction_grid(fixed["images"], recon.clamp(0, 1)),
+            f"reconstructions/step_{step + 1:07d}.png",
+        )
 
     def extra_state() -> dict:
         return {"lecam": dict(loss_fn.lecam.state_dict())} if loss_fn.lecam is not None else {}
@@ -155,11 +183,22 @@ def tokenizer_loop(config: dict) -> None:
         if loss_fn.lecam is not None and "lecam" in state:
             loss_fn.lecam.load_state_dict(state["lecam"])
 
-    run_loop(session, LoopSpec(
-        engines=engines, ema=ema, micro_batches=micro_batches, train_step=train_step,
-        sample_unit="images", tokens_per_sample=tok_cfg.num_tokens, flops_per_sample=flops,
-        log_images=log_images, get_extra_state=extra_state, set_extra_state=set_extra_state,
-        interval_metrics=interval_metrics))
+    run_loop(
+        session,
+        LoopSpec(
+            engines=engines,
+            ema=ema,
+            micro_batches=micro_batches,
+            train_step=train_step,
+            sample_unit="images",
+            tokens_per_sample=tok_cfg.num_tokens,
+            flops_per_sample=flops,
+            log_images=log_images,
+            get_extra_state=extra_state,
+            set_extra_state=set_extra_state,
+            interval_metrics=interval_metrics,
+        ),
+    )
 
 
 SPEC = TrainingStage(STAGE, upstream="prep", loop=tokenizer_loop)

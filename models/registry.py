@@ -4,6 +4,7 @@ Tokenizer ViT sizes follow SPEC.md "ViT blocks / sizes"; generator sizes follow 
 Presets refer to these names; explicit width/depth/heads in a config override nothing silently:
 the registry is the only source of the numbers.
 """
+
 from dataclasses import dataclass
 
 

@@ -4,6 +4,7 @@ Every command takes an optional preset name (configs/presets/*.yaml or a YAML pa
 `key=value` overrides, e.g. `restok run imagenet256-restok-l cluster.address=auto`.
 Subcommands are thin: they resolve the config and call into pipeline/ jobs/ data_prep/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,11 @@ from infra import console
 from infra.manifest import ManifestError, require_complete
 from infra.paths import stage_dir
 from jobs.training.ray_training import StageFailure
+from pipeline import locks
 from pipeline.compare import RunNotFound
 from pipeline.convert import ConvertError
 from pipeline.graph import STAGE_MODULES as GRAPH_STAGE_MODULES
 from pipeline.graph import PipelineError, preflight, selected_stages
-from pipeline import locks
 from pipeline.locks import LockHeld
 from pipeline.submit import SubmitError
 
@@ -65,9 +66,14 @@ def captured(args: argparse.Namespace, cfg: Any) -> contextlib.AbstractContextMa
 
 
 # `restok eval ACTION` reads these stages' outputs (checked before anything starts).
-EVAL_INPUTS = {"recon": ["prep", "train_tokenizer"], "gen": ["train_tokenizer", "train_generator"],
-               "cfg-search": ["train_tokenizer", "train_generator"], "make-ref": [], "score": [],
-               "all": ["prep", "train_tokenizer", "train_generator"]}
+EVAL_INPUTS = {
+    "recon": ["prep", "train_tokenizer"],
+    "gen": ["train_tokenizer", "train_generator"],
+    "cfg-search": ["train_tokenizer", "train_generator"],
+    "make-ref": [],
+    "score": [],
+    "all": ["prep", "train_tokenizer", "train_generator"],
+}
 
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -127,7 +133,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _call("pipeline.sweep", "run_sweep", cfg, args.checkpoints, args.steps) or 0
 
 
-
 def cmd_export(args: argparse.Namespace) -> int:
     # The config is needed only for a checkpoint without its own config.yaml (older runs).
     cfg = resolve(args.items) if args.items else None
@@ -135,7 +140,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         stage, kept, searched = _call("jobs.training.checkpoints", "kept_checkpoints", args.source, cfg)
         print(f"{stage}: kept checkpoints at steps {sorted(kept)} (searched {searched})")
         return 0
-    out = _call("jobs.training.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg)
+    out = _call(
+        "jobs.training.checkpoints", "export_checkpoint", args.source, args.checkpoint, args.out or None, cfg
+    )
     print(f"export: {out}")
     return 0
 
@@ -171,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
         s.set_defaults(func=_stage_command(stage))
 
-    s = sub.add_parser("eval", help="evaluation: recon | gen | all | make-ref | cfg-search | "
-                                    "score REF.npz SAMPLES.npz (ADM's evaluator)")
+    s = sub.add_parser(
+        "eval",
+        help="evaluation: recon | gen | all | make-ref | cfg-search | "
+        "score REF.npz SAMPLES.npz (ADM's evaluator)",
+    )
     s.add_argument("action", choices=["recon", "gen", "all", "make-ref", "cfg-search", "score"])
     s.add_argument("items", nargs="*", help=items_help)
     s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
@@ -185,28 +195,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vanilla", action="store_true", help="vanilla AR generator instead of HAR")
     s.add_argument("--from-hub", metavar="REPO_ID", help="download the release files first")
     s.add_argument("--config", help="release tokenizer config (YAML or JSON) when not ResTok-L")
-    s.add_argument("--levels", help="generator level list, e.g. 1,1,2,4,8,16 (default: from the "
-                   "checkpoint's special table, else ResTok-L's)")
+    s.add_argument(
+        "--levels",
+        help="generator level list, e.g. 1,1,2,4,8,16 (default: from the "
+        "checkpoint's special table, else ResTok-L's)",
+    )
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("sweep", help="recon-vs-gen sweep over tokenizer checkpoints")
     s.add_argument("items", nargs="*", help=items_help)
-    s.add_argument("--checkpoints", nargs="+", default=[],
-                   help="train_tokenizer stage dirs (their kept Ray Train checkpoints), checkpoint "
-                        "dirs or export dirs (default: this config's train_tokenizer stage dir)")
-    s.add_argument("--steps", nargs="+", type=int, default=[],
-                   help="only these steps of a stage dir's kept checkpoints (default: all kept)")
+    s.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=[],
+        help="train_tokenizer stage dirs (their kept Ray Train checkpoints), checkpoint "
+        "dirs or export dirs (default: this config's train_tokenizer stage dir)",
+    )
+    s.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=[],
+        help="only these steps of a stage dir's kept checkpoints (default: all kept)",
+    )
     s.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("export", help="export a kept training checkpoint (any ZeRO stage, EMA "
-                                      "as the EMA) to the format later stages and sweeps load")
-    s.add_argument("source", help="training stage dir (e.g. WORK/train_tokenizer) or a Ray Train "
-                                  "checkpoint dir")
-    s.add_argument("items", nargs="*", help="[PRESET] [key=value ...] that trained it (only for "
-                                            "checkpoints without their own config.yaml)")
-    s.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
-                   help="the step to export (default: the newest kept)")
+    s = sub.add_parser(
+        "export",
+        help="export a kept training checkpoint (any ZeRO stage, EMA "
+        "as the EMA) to the format later stages and sweeps load",
+    )
+    s.add_argument(
+        "source", help="training stage dir (e.g. WORK/train_tokenizer) or a Ray Train checkpoint dir"
+    )
+    s.add_argument(
+        "items",
+        nargs="*",
+        help="[PRESET] [key=value ...] that trained it (only for checkpoints without their own config.yaml)",
+    )
+    s.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the step to export (default: the newest kept)",
+    )
     s.add_argument("--out", default="", help="output dir (default: SOURCE/exports/step_<STEP>)")
     s.add_argument("--list", action="store_true", help="list the kept checkpoints' steps")
     s.set_defaults(func=cmd_export)
@@ -222,12 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("items", nargs="*", help=items_help)
             s.add_argument("--stage", default="", help="submit one stage alone")
             s.add_argument("--no-wait", action="store_true")
-            s.add_argument("--runtime-pip", action=argparse.BooleanOptionalAction, default=None,
-                           help="install pyproject's pinned requirements in the job's runtime env "
-                                "(default: on, off for a loopback cluster that already has them)")
-            s.add_argument("--python", default="",
-                           help="python on the cluster for the job's driver (default: python; "
-                                "this interpreter for a loopback cluster)")
+            s.add_argument(
+                "--runtime-pip",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="install pyproject's pinned requirements in the job's runtime env "
+                "(default: on, off for a loopback cluster that already has them)",
+            )
+            s.add_argument(
+                "--python",
+                default="",
+                help="python on the cluster for the job's driver (default: python; "
+                "this interpreter for a loopback cluster)",
+            )
         else:
             s.add_argument("job_id")
         s.add_argument("--address", default="", help="Ray dashboard, e.g. http://HEAD:8265")
@@ -237,8 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: one line, no traceback."""
-    return (ConfigError, SourceError, ManifestError, StageFailure, PipelineError, ConvertError,
-            SubmitError, RunNotFound, LockHeld, FileNotFoundError, PermissionError)
+    return (
+        ConfigError,
+        SourceError,
+        ManifestError,
+        StageFailure,
+        PipelineError,
+        ConvertError,
+        SubmitError,
+        RunNotFound,
+        LockHeld,
+        FileNotFoundError,
+        PermissionError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ Rows: the run name and stage, every param whose value differs between the runs (
 everywhere = not shown; a param missing from a run shows "-"), then every metric of any run (its
 latest value). RUN is a run id, or a run name (the newest run of that name).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,16 @@ def _resolve_run(client: Any, ref: str):
         pass
     experiments = [e.experiment_id for e in client.search_experiments()]
     name = ref.replace("'", "\\'")
-    runs = client.search_runs(experiments, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"],
-                              max_results=1) if experiments else []
+    runs = (
+        client.search_runs(
+            experiments,
+            f"tags.`mlflow.runName` = '{name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiments
+        else []
+    )
     if not runs:
         raise RunNotFound(f"no MLflow run with id or name {ref!r} in {client.tracking_uri}")
     return runs[0]
@@ -49,9 +58,11 @@ def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[st
     client = client_for(uri)
     runs = [_resolve_run(client, r) for r in refs]
     header = ["", *[r.info.run_id[:8] for r in runs]]
-    rows = [["run_name", *[_fmt(r.data.tags.get("mlflow.runName")) for r in runs]],
-            ["stage", *[_fmt(r.data.tags.get("restok.stage")) for r in runs]],
-            ["status", *[r.info.status for r in runs]]]
+    rows = [
+        ["run_name", *[_fmt(r.data.tags.get("mlflow.runName")) for r in runs]],
+        ["stage", *[_fmt(r.data.tags.get("restok.stage")) for r in runs]],
+        ["status", *[r.info.status for r in runs]],
+    ]
     param_keys = sorted({k for r in runs for k in r.data.params})
     for key in param_keys:
         values = [r.data.params.get(key) for r in runs]
@@ -64,9 +75,12 @@ def compare_runs(uri: str, refs: Sequence[str]) -> tuple[list[str], list[list[st
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+
     def fmt(line):
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(line, widths)))
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=False))
+        )
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]])
 
@@ -75,9 +89,8 @@ def cli(args: Any) -> int:
     """args.runs (ids or names), args.tracking_uri (empty = the default preset's store)."""
     uri = getattr(args, "tracking_uri", "") or ""
     if not uri:
-
         uri = tracking_uri(load_config())
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):
         raise RunNotFound(f"no MLflow store at {uri} (pass --tracking-uri)")
     header, rows = compare_runs(uri, list(args.runs))
     print(format_table(header, rows))

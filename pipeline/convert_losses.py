@@ -6,6 +6,7 @@ inputs and weights from the fixture alone, runs restok's losses under the same R
 rows (name, max abs diff, tolerance, ok, note) for `restok convert verify`. Weights come from the
 JSON's recipes (seeded randn/rand per listed tensor), so no network file is stored or downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,18 @@ def recipe_tensors(entries: list, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-_HEAD_PARTS = {"0.0": "pointwise.0", "0.1": "pointwise.1", "1.fn.0": "residual.0",
-               "1.fn.1": "residual.1", "2": "to_logit"}
-_SPECTRAL = {"weight_orig": "parametrizations.weight.original",
-             "weight_u": "parametrizations.weight.0._u", "weight_v": "parametrizations.weight.0._v"}
+_HEAD_PARTS = {
+    "0.0": "pointwise.0",
+    "0.1": "pointwise.1",
+    "1.fn.0": "residual.0",
+    "1.fn.1": "residual.1",
+    "2": "to_logit",
+}
+_SPECTRAL = {
+    "weight_orig": "parametrizations.weight.original",
+    "weight_u": "parametrizations.weight.0._u",
+    "weight_v": "parametrizations.weight.0._v",
+}
 
 
 def release_head_key(key: str) -> str:
@@ -80,18 +89,32 @@ def build_loss(meta: dict, workdir: str):
     torch.save(recipe_tensors(w["lpips_lin"], seeds["lpips_lin"]), lin_path)
     disc = meta["disc"]
     cfg = TokenizerLossConfig(
-        mse_weight=cfg_r["reconstruction_weight"], lpips_weight=cfg_r["perceptual_weight"],
-        vq_weight=cfg_r["quantizer_weight"], vf_weight=cfg_r["vf_weight"],
-        vf_margin=cfg_r["cos_margin"], vf_margin_convention="release",
+        mse_weight=cfg_r["reconstruction_weight"],
+        lpips_weight=cfg_r["perceptual_weight"],
+        vq_weight=cfg_r["quantizer_weight"],
+        vf_weight=cfg_r["vf_weight"],
+        vf_margin=cfg_r["cos_margin"],
+        vf_margin_convention="release",
         gan_weight=cfg_r["discriminator_weight"] * cfg_r["discriminator_factor"],
-        gan_start_step=cfg_r["discriminator_start"], lecam_weight=cfg_r["lecam_regularization_weight"],
-        lpips_vgg_weights=vgg_path, lpips_linear_weights=lin_path,
-        vf_teacher="vit_tiny_patch16_224", vf_teacher_backbone="random-untrained",
-        vf_teacher_resolution=32, vf_teacher_kwargs={"depth": 1},
-        disc_backbone="random-untrained", disc_resolution=disc["image_size"],
-        disc_feature_blocks=list(disc["key_depths"]), disc_virtual_batch=disc["virtual_bs"],
-        disc_backbone_kwargs={"embed_dim": disc["width"], "num_heads": disc["heads"],
-                              "depth": disc["depth"], "act_layer": disc["act"]})
+        gan_start_step=cfg_r["discriminator_start"],
+        lecam_weight=cfg_r["lecam_regularization_weight"],
+        lpips_vgg_weights=vgg_path,
+        lpips_linear_weights=lin_path,
+        vf_teacher="vit_tiny_patch16_224",
+        vf_teacher_backbone="random-untrained",
+        vf_teacher_resolution=32,
+        vf_teacher_kwargs={"depth": 1},
+        disc_backbone="random-untrained",
+        disc_resolution=disc["image_size"],
+        disc_feature_blocks=list(disc["key_depths"]),
+        disc_virtual_batch=disc["virtual_bs"],
+        disc_backbone_kwargs={
+            "embed_dim": disc["width"],
+            "num_heads": disc["heads"],
+            "depth": disc["depth"],
+            "act_layer": disc["act"],
+        },
+    )
     loss = TokenizerLoss(cfg)
     loss.discriminator.features.net.load_state_dict(recipe_tensors(w["dino"], seeds["dino"]))
     heads = {release_head_key(k): v for k, v in recipe_tensors(w["heads"], seeds["heads"]).items()}
@@ -105,11 +128,11 @@ def _value_row(rows: list, name: str, ours: float, ref: float, tol: float = LOSS
     rows.append((f"losses/{name}", diff, tol, diff <= tol, ""))
 
 
-def _tensor_row(rows: list, name: str, ours: torch.Tensor, ref: torch.Tensor,
-                tol: float = LOSS_ATOL) -> None:
+def _tensor_row(rows: list, name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = LOSS_ATOL) -> None:
     if tuple(ours.shape) != tuple(ref.shape):
-        rows.append((f"losses/{name}", float("inf"), tol, False,
-                     f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"))
+        rows.append(
+            (f"losses/{name}", float("inf"), tol, False, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}")
+        )
         return
     diff = float((ours.detach().double() - ref.double()).abs().max()) if ours.numel() else 0.0
     rows.append((f"losses/{name}", diff, tol, diff <= tol, ""))
@@ -123,7 +146,6 @@ def _seed(seed: int) -> None:
 def verify_losses(fixture_dir: Path) -> list:
     from safetensors.torch import load_file
 
-
     fixture_dir = Path(fixture_dir)
     meta = json.loads((fixture_dir / FIXTURE).read_text())
     t = load_file(str(fixture_dir / "losses_tiny.safetensors"))
@@ -131,8 +153,7 @@ def verify_losses(fixture_dir: Path) -> list:
     rows: list = []
     rng_state, py_state = torch.get_rng_state(), random.getstate()
     try:
-        _value_row(rows, "hinge", hinge_d_loss(t["hinge/logits_real"], t["hinge/logits_fake"]),
-                   v["hinge"])
+        _value_row(rows, "hinge", hinge_d_loss(t["hinge/logits_real"], t["hinge/logits_fake"]), v["hinge"])
         # LeCam over several steps: batch means against the previous EMAs, EMAs from 0.
         lecam_weight = meta["release_config"]["losses"]["lecam_regularization_weight"]
         lecam = LeCamEMA(v["lecam_ema_decay"], "release")
@@ -140,8 +161,12 @@ def verify_losses(fixture_dir: Path) -> list:
             real, fake = t[f"lecam/step{i}/logits_real"], t[f"lecam/step{i}/logits_fake"]
             reg = lecam.loss(real, fake)
             _value_row(rows, f"lecam/step{i}/lecam", reg, ref["lecam_loss_weighted"] / lecam_weight)
-            _value_row(rows, f"lecam/step{i}/d_loss", hinge_d_loss(real, fake) + lecam_weight * reg,
-                       ref["discriminator_loss"])
+            _value_row(
+                rows,
+                f"lecam/step{i}/d_loss",
+                hinge_d_loss(real, fake) + lecam_weight * reg,
+                ref["discriminator_loss"],
+            )
             _value_row(rows, f"lecam/step{i}/ema_real", lecam.ema_real, ref["ema_real_after"])
             _value_row(rows, f"lecam/step{i}/ema_fake", lecam.ema_fake, ref["ema_fake_after"])
         # DiffAugment under the same global torch RNG state: equal draws, equal images.
@@ -161,8 +186,9 @@ def verify_losses(fixture_dir: Path) -> list:
                 ema = EMA(model, e["decay"], rank=0, warmup=True)
             _value_row(rows, f"ema/decay_step{step}", ema.decay_at(step), ref_decay, 1e-12)
             ema.update(step)
-            _tensor_row(rows, f"ema/shadow_step{step}", ema.shadow["weight"].view(6),
-                        t[f"ema/shadow_step{step}"])
+            _tensor_row(
+                rows, f"ema/shadow_step{step}", ema.shadow["weight"].view(6), t[f"ema/shadow_step{step}"]
+            )
         for k, ref_decay in e["get_decay"].items():
             _value_row(rows, f"ema/decay_at_{k}", ema.decay_at(int(k) - 1), ref_decay, 1e-12)
 
@@ -174,8 +200,9 @@ def verify_losses(fixture_dir: Path) -> list:
             _value_row(rows, "lpips/plain", loss.lpips(a, b).mean(), v["lpips_plain"])
             for seed, ref in v["lpips_augmented"].items():
                 random.seed(int(seed))
-                _value_row(rows, f"lpips/augmented_seed{seed}", loss.lpips(*pad_crop_resize(a, b)).mean(),
-                           ref)
+                _value_row(
+                    rows, f"lpips/augmented_seed{seed}", loss.lpips(*pad_crop_resize(a, b)).mean(), ref
+                )
         # The discriminator alone (readout, 224 crop or area resize, heads), same RNG states.
         images = t["full/images_u8"].float() / 255
         recon = 0.8 * images + 0.2 * t["full/recon_u8"].float() / 255
@@ -183,16 +210,23 @@ def verify_losses(fixture_dir: Path) -> list:
         for seed in range(3):
             _seed(seed)
             with torch.no_grad():
-                _tensor_row(rows, f"disc/logits_seed{seed}", loss.discriminator(images, augment=False),
-                            t[f"disc/logits_seed{seed}"])
+                _tensor_row(
+                    rows,
+                    f"disc/logits_seed{seed}",
+                    loss.discriminator(images, augment=False),
+                    t[f"disc/logits_seed{seed}"],
+                )
         loss.discriminator.heads.load_state_dict(start)  # power-iteration vectors as stored
         # One full forward: generator step (with d total / d recon), then discriminator step.
         grid = tuple(t["full/aux_feature"].shape[-2:])
-        loss.vf.net = StoredTeacherOutputs(t["full/aux_cls"].mean(dim=(2, 3)),
-                                           t["full/aux_feature"].flatten(2).transpose(1, 2), grid)
-        aux = {"vq_loss": t["full/quantizer_loss"],
-               "vf_enc_feat": t["full/last_image_tokens_proj"].mean(dim=(2, 3)),
-               "vf_dec_feat": t["full/dec_vf_feat_proj"].flatten(2).transpose(1, 2)}
+        loss.vf.net = StoredTeacherOutputs(
+            t["full/aux_cls"].mean(dim=(2, 3)), t["full/aux_feature"].flatten(2).transpose(1, 2), grid
+        )
+        aux = {
+            "vq_loss": t["full/quantizer_loss"],
+            "vf_enc_feat": t["full/last_image_tokens_proj"].mean(dim=(2, 3)),
+            "vf_dec_feat": t["full/dec_vf_feat_proj"].flatten(2).transpose(1, 2),
+        }
         full, g_ref = meta["full"], v["full_generator"]
         recon_g = recon.clone().requires_grad_(True)
         _seed(full["generator_seed"])
@@ -204,16 +238,21 @@ def verify_losses(fixture_dir: Path) -> list:
         _value_row(rows, "full/lpips", logs[loss.lpips.name], g_ref["perceptual_loss"])
         _value_row(rows, "full/vf", logs[loss.vf.name], g_ref["vf_loss"])
         _value_row(rows, "full/generator_adversarial", logs["gen_adv" + s], g_ref["gan_loss"])
-        _tensor_row(rows, "full/generator_grad_recon_every8", recon_g.grad[:, :, ::8, ::8],
-                    t["full/generator_grad_recon_every8"])
+        _tensor_row(
+            rows,
+            "full/generator_grad_recon_every8",
+            recon_g.grad[:, :, ::8, ::8],
+            t["full/generator_grad_recon_every8"],
+        )
         d_ref = v["full_discriminator"]
         _seed(full["discriminator_seed"])
         d_total, d_logs = loss.discriminator_loss(images, recon, full["global_step"])
         _value_row(rows, "full/discriminator_total", d_total, d_ref["total"])
         _value_row(rows, "full/logits_real_mean", d_logs["logits_real" + s], d_ref["logits_real"])
         _value_row(rows, "full/logits_fake_mean", d_logs["logits_fake" + s], d_ref["logits_fake"])
-        _value_row(rows, "full/lecam", d_logs["disc_lecam" + s] * loss.config.lecam_weight,
-                   d_ref["lecam_loss"])
+        _value_row(
+            rows, "full/lecam", d_logs["disc_lecam" + s] * loss.config.lecam_weight, d_ref["lecam_loss"]
+        )
         _value_row(rows, "full/lecam_ema_real", loss.lecam.ema_real, d_ref["ema_real_after"])
         _value_row(rows, "full/lecam_ema_fake", loss.lecam.ema_fake, d_ref["ema_fake_after"])
     finally:

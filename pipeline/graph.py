@@ -6,6 +6,7 @@ fingerprint (infra.stages) and no input of it was rebuilt after it; otherwise it
 resumes its own unfinished work. Ray starts (or is connected to) only when a stage has to run,
 so a fully finished pipeline re-checks in seconds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import importlib
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from configs.loading import to_yaml
 from data_prep.sources import check_source
@@ -41,9 +43,24 @@ STAGE_MODULES = {
 _BOOKKEEPING = {"version", "stage", "fingerprint", "complete", "written_at", "step", "lr"}
 _SUMMARY_METRICS = 5
 # Shown first in the summary when a manifest has them (the protocol's headline numbers).
-_HEADLINE = ("rfid", "gfid", "fd_probe_recon", "fd_probe_gen", "probe_class_consistency",
-             "probe_recon_class_consistency", "inception_score", "psnr", "loss", "mse",
-             "codebook_usage", "train_images", "val_images", "train_count", "num_images", "num_codes")
+_HEADLINE = (
+    "rfid",
+    "gfid",
+    "fd_probe_recon",
+    "fd_probe_gen",
+    "probe_class_consistency",
+    "probe_recon_class_consistency",
+    "inception_score",
+    "psnr",
+    "loss",
+    "mse",
+    "codebook_usage",
+    "train_images",
+    "val_images",
+    "train_count",
+    "num_images",
+    "num_codes",
+)
 
 
 @dataclass
@@ -77,8 +94,13 @@ def connect_ray(cfg: Any) -> bool:
     if address == "local":
         # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
         needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                 include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="WARNING",
+        )
     else:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     return True
@@ -107,7 +129,9 @@ def key_metrics(manifest: Mapping[str, Any] | None) -> dict[str, float]:
     # Per-split sizes: prep's splits.<split>.total, extract_codes' counts.<split>.
     splits = manifest.get("splits")
     if isinstance(splits, Mapping):
-        sources.insert(0, {f"{k}_images": v.get("total") for k, v in splits.items() if isinstance(v, Mapping)})
+        sources.insert(
+            0, {f"{k}_images": v.get("total") for k, v in splits.items() if isinstance(v, Mapping)}
+        )
     counts = manifest.get("counts")
     if isinstance(counts, Mapping):
         sources.insert(0, {f"{k}_count": v for k, v in counts.items()})
@@ -166,12 +190,20 @@ def summary_table(results: list[StageResult]) -> str:
         # Why a complete stage was rebuilt is logged when it happens; the table only flags it.
         flag = {"forced": " (forced)"}.get(r.reason, " (stale)") if r.reason and r.status != "skipped" else ""
         status = r.status + flag
-        rows.append((r.stage, status, _fmt_time(r.wall_s) if r.status != "not run" else "-",
-                     _fmt_metrics(r.metrics) or "-"))
+        rows.append(
+            (
+                r.stage,
+                status,
+                _fmt_time(r.wall_s) if r.status != "not run" else "-",
+                _fmt_metrics(r.metrics) or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []
     for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        lines.append(
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=False)) + "  " + row[3]
+        )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
     return "\n".join(lines)
@@ -218,8 +250,7 @@ def write_resolved_config(cfg: Any) -> None:
     storage.write_bytes_atomic(storage.join(paths.work_url(cfg), "config.yaml"), to_yaml(cfg).encode())
 
 
-def run_pipeline(cfg: Any, force: bool = False,
-                 stage_impls: Mapping[str, StageFn] | None = None) -> int:
+def run_pipeline(cfg: Any, force: bool = False, stage_impls: Mapping[str, StageFn] | None = None) -> int:
     """Run the selected stages in order; returns a process exit code (0 ok, 1 a stage failed).
 
     `force` clears and rebuilds every selected stage. `stage_impls` maps stage names to callables
@@ -282,8 +313,10 @@ def run_pipeline(cfg: Any, force: bool = False,
             # A training stage resuming its checkpoints continues its previous run (one curve).
             child, continued = tracking.continue_or_start_run(cfg, stage, fp, parent_run_id=parent)
             result.run_id = child
-            print(f"[restok] {stage}: running (MLflow run {child}{', continued' if continued else ''})",
-                  flush=True)
+            print(
+                f"[restok] {stage}: running (MLflow run {child}{', continued' if continued else ''})",
+                flush=True,
+            )
             t0 = time.perf_counter()
             try:
                 with _follow(cfg, stage, child):
@@ -298,8 +331,10 @@ def run_pipeline(cfg: Any, force: bool = False,
             if written.get("fingerprint") != fp:
                 tracking.end_run(cfg, child, "FAILED")
                 result.status = "failed"
-                raise PipelineError(f"stage returned without a manifest for fingerprint {fp} "
-                                    f"at {manifests.manifest_url(stage_dir)}")
+                raise PipelineError(
+                    f"stage returned without a manifest for fingerprint {fp} "
+                    f"at {manifests.manifest_url(stage_dir)}"
+                )
             if not written.get("complete"):
                 # A deliberate partial run (e.g. tokenizer_train.stop_after): later stages wait.
                 result.status = "incomplete"

@@ -9,6 +9,7 @@ is older than STALE_AFTER_S. A killed driver therefore never blocks the rerun th
 Creation is exclusive on a local or shared POSIX file system (O_EXCL); on object stores, which
 have no exclusive create, the file is written and read back (last writer wins, the loser stops).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,15 @@ def lock_url(cfg: Any, stage: str) -> str:
 
 
 def _record(stage: str, token: str, since: float) -> dict:
-    return {"stage": stage, "driver": tracking.driver_id(), "host": socket.gethostname(),
-            "pid": os.getpid(), "since": since, "heartbeat": time.time(), "token": token}
+    return {
+        "stage": stage,
+        "driver": tracking.driver_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": since,
+        "heartbeat": time.time(),
+        "token": token,
+    }
 
 
 def _read(url: str) -> dict | None:
@@ -68,8 +76,10 @@ def stale(record: dict, now: float | None = None, stale_after_s: float = STALE_A
 
 def describe(record: dict, url: str) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record.get("since", 0))))
-    return (f"stage '{record.get('stage')}' is being run by another driver: host {record.get('host')} "
-            f"pid {record.get('pid')} since {since} (lock {url}); wait for it or stop it")
+    return (
+        f"stage '{record.get('stage')}' is being run by another driver: host {record.get('host')} "
+        f"pid {record.get('pid')} since {since} (lock {url}); wait for it or stop it"
+    )
 
 
 def holder(cfg: Any, stage: str) -> dict | None:

@@ -10,6 +10,7 @@ stage and the code (git commit plus any uncommitted changes). Submitting the sam
 reports the existing job while it is pending, running or succeeded; after a failure or a stop the
 new attempt gets a `-rN` suffix, since Ray never reuses a submission id.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
@@ -42,14 +44,32 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working_dir (gitignore syntax, relative to the project root): work
 # directories, environments, VCS data, build leftovers. Ray caps a working_dir upload at ~500 MiB.
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", "restok_work", "work", "mlruns", "build", ".whl", ".gl",
-    "**/__pycache__", "*.egg-info", ".pytest_cache", "*.pt", "*.ckpt",
+    ".git",
+    ".venv",
+    "venv",
+    "restok_work",
+    "work",
+    "mlruns",
+    "build",
+    ".whl",
+    ".gl",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    "*.pt",
+    "*.ckpt",
 ]
 
 # Environment variables forwarded to the job when set here (the presets may read them through
 # `${oc.env:...}`, see configs/presets/imagenet256-restok-l.yaml and infra/RUNBOOK.md).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH",
-                 "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "RESTOK_WORK_DIR",
+    "RESTOK_DATA_ROOT",
+    "RESTOK_STORAGE_PATH",
+    "AWS_DEFAULT_REGION",
+    "HF_HUB_OFFLINE",
+)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 REUSABLE = {"PENDING", "RUNNING", "SUCCEEDED"}
@@ -75,9 +95,9 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
     """
     if os.environ.get("RESTOK_CODE_VERSION"):
         return os.environ["RESTOK_CODE_VERSION"]
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              timeout=30).stdout
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
 
     try:
         commit = git("rev-parse", "HEAD").strip()
@@ -170,6 +190,7 @@ def _free_id(client: Any, base: str) -> tuple[str, str | None]:
 
 def _follow(client: Any, job_id: str, poll_s: float = 2.0) -> str:
     """Stream the job's logs until it ends; returns the final status."""
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             print(chunk, end="", flush=True)
@@ -213,9 +234,11 @@ def submit(args: Any) -> int:
             # The job runs inside an unpacked copy of working_dir; keep paths where `restok run` would.
             job_overrides.append(f"{key}={absolute_path(value, os.getcwd())}")
         else:
-            print(f"[restok] warning: {key}={value!r} is relative: on the cluster it lands inside the "
-                  "job's temporary working_dir; use a shared path or an s3:// URL (infra/RUNBOOK.md)",
-                  file=sys.stderr)
+            print(
+                f"[restok] warning: {key}={value!r} is relative: on the cluster it lands inside the "
+                "job's temporary working_dir; use a shared path or an s3:// URL (infra/RUNBOOK.md)",
+                file=sys.stderr,
+            )
 
     client = _client(address)
     job_id, existing = _free_id(client, base_id)
@@ -227,22 +250,33 @@ def submit(args: Any) -> int:
             entrypoint=entrypoint(python, preset, job_overrides, stage),
             submission_id=job_id,
             runtime_env=runtime_env(use_pip, env_vars),
-            metadata={"restok.preset": preset, "restok.stage": stage or "all",
-                      "restok.code": code_version()[:40]},
+            metadata={
+                "restok.preset": preset,
+                "restok.stage": stage or "all",
+                "restok.code": code_version()[:40],
+            },
         )
-        print(f"[restok] submitted {job_id} to {address}"
-              f" (runtime pip: {'pinned requirements' if use_pip else 'off, cluster image has the stack'})")
+        print(
+            f"[restok] submitted {job_id} to {address}"
+            f" (runtime pip: {'pinned requirements' if use_pip else 'off, cluster image has the stack'})"
+        )
     flag = f" --address {address}"
-    print(f"[restok] follow with: restok status {job_id}{flag} | restok logs {job_id}{flag} | "
-          f"restok stop {job_id}{flag}", flush=True)
+    print(
+        f"[restok] follow with: restok status {job_id}{flag} | restok logs {job_id}{flag} | "
+        f"restok stop {job_id}{flag}",
+        flush=True,
+    )
     if args.no_wait or existing == "SUCCEEDED":
         return 0
     status = _follow(client, job_id)
     print(f"[restok] job {job_id}: {status}", flush=True)
     if status != "SUCCEEDED":
         message = (client.get_job_info(job_id).message or "").strip()
-        print(f"restok submit: job {job_id} {status}: {message.splitlines()[-1] if message else ''}",
-              file=sys.stderr, flush=True)
+        print(
+            f"restok submit: job {job_id} {status}: {message.splitlines()[-1] if message else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -261,8 +295,10 @@ def cli(args: Any) -> int:
             for name in ("start_time", "end_time"):
                 ms = getattr(info, name)
                 if ms:
-                    print(f"  {name[:-5]}:{' ' * (7 - len(name[:-5]))}"
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ms / 1000))}")
+                    print(
+                        f"  {name[:-5]}:{' ' * (7 - len(name[:-5]))}"
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ms / 1000))}"
+                    )
             return 0
         if args.action == "logs":
             print(client.get_job_logs(args.job_id), end="")

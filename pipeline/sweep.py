@@ -18,6 +18,7 @@ Outputs (artifacts of the parent run and files in the sweep dir): `recon_vs_gen.
 checkpoint: rFID vs gFID with Inception, FD-probe recon vs gen with the probe; never labelled FID
 then), `sweep.csv`, `sweep.md`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,7 +74,9 @@ def resolve_checkpoints(cfg: RestokConfig, entries: Sequence[str], steps: Sequen
             out.append(entry)  # already an export
             continue
         if ckpts.is_checkpoint_dir(entry):
-            dst = storage.join(paths.work_url(cfg), "sweeps", ckpts.EXPORTS_DIR, fingerprint({"checkpoint": entry}))
+            dst = storage.join(
+                paths.work_url(cfg), "sweeps", ckpts.EXPORTS_DIR, fingerprint({"checkpoint": entry})
+            )
             out.append(ckpts.export_checkpoint(entry, None, dst, cfg))
             continue
         try:
@@ -86,13 +89,17 @@ def resolve_checkpoints(cfg: RestokConfig, entries: Sequence[str], steps: Sequen
             raise FileNotFoundError(f"{entry}: a {stage} directory; the sweep takes tokenizer checkpoints")
         if not kept:
             if steps or not storage.exists(storage.join(entry, "tokenizer_ema.safetensors")):
-                raise FileNotFoundError(f"{entry}: no kept train_tokenizer checkpoints (searched {searched}) "
-                                        "and no tokenizer export")
+                raise FileNotFoundError(
+                    f"{entry}: no kept train_tokenizer checkpoints (searched {searched}) "
+                    "and no tokenizer export"
+                )
             out.append(entry)  # an export directory made elsewhere
             continue
         for step in steps or sorted(kept):
             if step not in kept:
-                raise FileNotFoundError(f"{entry}: no kept checkpoint for step {step}; available steps: {sorted(kept)}")
+                raise FileNotFoundError(
+                    f"{entry}: no kept checkpoint for step {step}; available steps: {sorted(kept)}"
+                )
             out.append(ckpts.export_checkpoint(entry, step, None, cfg))
     return list(dict.fromkeys(out))
 
@@ -104,16 +111,25 @@ def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, share
     fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
     with fs.open(path, "r") as fh:
         ckpt_cfg = from_yaml_text(fh.read())
-    child = OmegaConf.merge(cfg, {
-        "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
-        "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
-        # data.shards_url stays the parent's: the same prep fingerprint names the same shard
-        # directory (infra.paths.shards_url), and the seeded prep manifest lists the shards.
-        "tracking": {"tracking_uri": paths.tracking_uri(cfg),
-                     "run_name": f"{cfg.tracking.run_name or cfg.preset}/sweep/ckpt-{index}"},
-        "eval": {"probe_cache": shared.get("probe_cache", ""), "reference_stats": shared.get("reference_stats", ""),
-                 "cfg_search_scales": [], "cfg_search_start_ratios": []},
-    })
+    child = OmegaConf.merge(
+        cfg,
+        {
+            "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
+            "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
+            # data.shards_url stays the parent's: the same prep fingerprint names the same shard
+            # directory (infra.paths.shards_url), and the seeded prep manifest lists the shards.
+            "tracking": {
+                "tracking_uri": paths.tracking_uri(cfg),
+                "run_name": f"{cfg.tracking.run_name or cfg.preset}/sweep/ckpt-{index}",
+            },
+            "eval": {
+                "probe_cache": shared.get("probe_cache", ""),
+                "reference_stats": shared.get("reference_stats", ""),
+                "cfg_search_scales": [],
+                "cfg_search_start_ratios": [],
+            },
+        },
+    )
     # The generator must match the checkpoint's codes (train_generator.check_against_codes).
     child.generator.vocab_size = int(ckpt_cfg.tokenizer.codebook_size)
     child.generator.levels = list(ckpt_cfg.tokenizer.levels)
@@ -126,8 +142,9 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
     child_prep = paths.stage_dir(child, "prep")
     storage.makedirs(child_prep)
     prep = read_manifest(prep_dir)
-    storage.write_json_atomic(storage.join(child_prep, "manifest.json"),
-                              {**prep, "fingerprint": stage_fingerprint(child, "prep")})
+    storage.write_json_atomic(
+        storage.join(child_prep, "manifest.json"), {**prep, "fingerprint": stage_fingerprint(child, "prep")}
+    )
     src, dst = checkpoint_dir(ckpt), paths.stage_dir(child, "train_tokenizer")
     storage.makedirs(dst)
     fs_src, _ = storage.filesystem(src)
@@ -140,15 +157,32 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
         raise FileNotFoundError(f"{src}: no tokenizer_ema.safetensors (a train_tokenizer export directory?)")
     upstream = read_manifest(src) or {}
     tok = child.tokenizer
-    write_manifest(dst, "train_tokenizer", stage_fingerprint(child, "train_tokenizer"), complete=True,
-                   **{**{k: v for k, v in upstream.items() if k not in ("fingerprint", "complete", "stage", "version", "written_at")},
-                      "levels": list(tok.levels), "codebook_size": int(tok.codebook_size),
-                      "num_tokens": int(sum(tok.levels)), "source_checkpoint": ckpt})
+    write_manifest(
+        dst,
+        "train_tokenizer",
+        stage_fingerprint(child, "train_tokenizer"),
+        complete=True,
+        **{
+            **{
+                k: v
+                for k, v in upstream.items()
+                if k not in ("fingerprint", "complete", "stage", "version", "written_at")
+            },
+            "levels": list(tok.levels),
+            "codebook_size": int(tok.codebook_size),
+            "num_tokens": int(sum(tok.levels)),
+            "source_checkpoint": ckpt,
+        },
+    )
 
 
 def default_stages() -> dict[str, Callable]:
 
-    return {"extract_codes": extract_codes.run, "train_generator": train_generator.run, "evaluate": evaluate.run}
+    return {
+        "extract_codes": extract_codes.run,
+        "train_generator": train_generator.run,
+        "evaluate": evaluate.run,
+    }
 
 
 def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -> dict:
@@ -160,19 +194,25 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
     for name in ("extract_codes", "train_generator"):
         stages[name](child, parent_run_id=parent_run_id)
     manifest = stages["evaluate"](child, parent_run_id=parent_run_id)
-    return {"metrics": manifest.get("metrics", {}), "run_id": manifest.get("run_id"),
-            "work_dir": str(child.work_dir)}
+    return {
+        "metrics": manifest.get("metrics", {}),
+        "run_id": manifest.get("run_id"),
+        "work_dir": str(child.work_dir),
+    }
 
 
-def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | None = None,
-          steps: Sequence[int] = ()) -> dict:
+def sweep(
+    cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | None = None, steps: Sequence[int] = ()
+) -> dict:
     """Run the sweep over `checkpoints` (see resolve_checkpoints); returns {rows, parent_run_id,
     sweep_dir, plot, csv, markdown}."""
 
     prep_dir = paths.stage_dir(cfg, "prep")
     require_complete(prep_dir, "prep")
     checkpoints = resolve_checkpoints(cfg, checkpoints, steps)
-    sweep_id = fingerprint({"checkpoints": list(checkpoints), "config": OmegaConf.to_container(cfg, resolve=True)})
+    sweep_id = fingerprint(
+        {"checkpoints": list(checkpoints), "config": OmegaConf.to_container(cfg, resolve=True)}
+    )
     sweep_dir = storage.join(paths.work_url(cfg), "sweeps", sweep_id)
     kind = str(cfg.eval.feature_net)
     uri = paths.tracking_uri(cfg)
@@ -180,7 +220,9 @@ def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | Non
         shared: dict = {"reference_stats": str(cfg.eval.reference_stats)}
         if kind == "probe":  # one probe and one probe reference for every checkpoint
             spec, probe = resolved_feature_spec(cfg)
-            shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, "evaluate"), "probe")
+            shared["probe_cache"] = str(cfg.eval.probe_cache) or storage.join(
+                paths.stage_dir(cfg, "evaluate"), "probe"
+            )
             if not shared["reference_stats"]:
                 shared["reference_stats"] = reference_for_gen(cfg, spec, probe)[1]
         children = []
@@ -191,14 +233,20 @@ def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | Non
         outcomes = _run_chains(cfg, children, parent, stages)
         rows = []
         weights = str(cfg.eval.inception_weights)
-        recon_key, gen_key = (distance_name(kind, "recon", weights),
-                              distance_name(kind, "gen", weights))
-        for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes)):
+        recon_key, gen_key = (distance_name(kind, "recon", weights), distance_name(kind, "gen", weights))
+        for i, (ckpt, out) in enumerate(zip(checkpoints, outcomes, strict=False)):
             m = out["metrics"]
-            rows.append({"checkpoint": checkpoint_label(ckpt, i), "path": ckpt, recon_key: m.get(recon_key),
-                         gen_key: m.get(gen_key), "step": (read_manifest(checkpoint_dir(ckpt)) or {}).get("steps_done"),
-                         **{k: v for k, v in sorted(m.items()) if k not in (recon_key, gen_key)},
-                         "evaluate_run_id": out.get("run_id")})
+            rows.append(
+                {
+                    "checkpoint": checkpoint_label(ckpt, i),
+                    "path": ckpt,
+                    recon_key: m.get(recon_key),
+                    gen_key: m.get(gen_key),
+                    "step": (read_manifest(checkpoint_dir(ckpt)) or {}).get("steps_done"),
+                    **{k: v for k, v in sorted(m.items()) if k not in (recon_key, gen_key)},
+                    "evaluate_run_id": out.get("run_id"),
+                }
+            )
         csv_text, md_text = table_csv(rows), table_markdown(rows)
         fig = recon_vs_gen_figure(rows, recon_key, gen_key, kind)
         storage.makedirs(sweep_dir)
@@ -213,14 +261,21 @@ def sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), stages: dict | Non
         client.log_text(parent, md_text, "sweep.md")
         client.set_tag(parent, "restok.sweep_dir", sweep_dir)
         for i, row in enumerate(rows):  # one metric step per checkpoint on the parent
-            tracking.log_metrics(uri, parent, {k: row[k] for k in (recon_key, gen_key) if row[k] is not None}, step=i)
+            tracking.log_metrics(
+                uri, parent, {k: row[k] for k in (recon_key, gen_key) if row[k] is not None}, step=i
+            )
         import matplotlib.pyplot as plt
 
         plt.close(fig)
     print(md_text, flush=True)
-    return {"rows": rows, "parent_run_id": parent, "sweep_dir": sweep_dir,
-            "plot": storage.join(sweep_dir, "recon_vs_gen.png"), "csv": storage.join(sweep_dir, "sweep.csv"),
-            "markdown": storage.join(sweep_dir, "sweep.md")}
+    return {
+        "rows": rows,
+        "parent_run_id": parent,
+        "sweep_dir": sweep_dir,
+        "plot": storage.join(sweep_dir, "recon_vs_gen.png"),
+        "csv": storage.join(sweep_dir, "sweep.csv"),
+        "markdown": storage.join(sweep_dir, "sweep.md"),
+    }
 
 
 def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dict | None) -> list[dict]:
@@ -229,7 +284,6 @@ def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dic
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
         return [run_chain(child, parent, stages) for child in children]
     import ray
-
 
     ensure_ray(cfg)
     close_pool(force=True)  # the chains' tasks make their own pools: free the driver's CPUs
@@ -280,8 +334,11 @@ def recon_vs_gen_figure(rows: list[dict], recon_key: str, gen_key: str, kind: st
 
     xlabel, ylabel = AXIS_LABELS.get(kind, (recon_key, gen_key))
     fig, ax = plt.subplots(figsize=(5, 4))
-    points = [(r[recon_key], r[gen_key], r["checkpoint"]) for r in rows
-              if r.get(recon_key) is not None and r.get(gen_key) is not None]
+    points = [
+        (r[recon_key], r[gen_key], r["checkpoint"])
+        for r in rows
+        if r.get(recon_key) is not None and r.get(gen_key) is not None
+    ]
     ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="tab:blue")
     for x, y, label in points:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -299,5 +356,12 @@ def run_sweep(cfg: RestokConfig, checkpoints: Sequence[str] = (), steps: Sequenc
     return 0
 
 
-__all__ = ["recon_vs_gen_figure", "resolve_checkpoints", "run_chain", "run_sweep", "sweep", "table_csv",
-           "table_markdown"]
+__all__ = [
+    "recon_vs_gen_figure",
+    "resolve_checkpoints",
+    "run_chain",
+    "run_sweep",
+    "sweep",
+    "table_csv",
+    "table_markdown",
+]

@@ -9,6 +9,7 @@ same code path as a real cluster's driver (no special case in the product code).
 Sizes: 2 cores shared with other jobs, so a head without CPUs (drivers' controllers only) and two
 1-CPU workers, 80 MiB object stores, the nano model and a few paced steps.
 """
+
 from __future__ import annotations
 
 import glob
@@ -104,9 +105,14 @@ def restok(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> su
     `log`."""
     exe = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
     with open(log, "a") as fh:
-        return subprocess.Popen([exe, *args], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                                start_new_session=True)
+        return subprocess.Popen(
+            [exe, *args],
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            start_new_session=True,
+        )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -127,8 +133,14 @@ def markers(root: Path) -> dict[int, str]:
     return out
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
-             log: Path | None = None, every: float = 0.2):
+def wait_for(
+    predicate,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    every: float = 0.2,
+):
     """Poll `predicate` until it returns something truthy; fail with the log's tail otherwise."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:

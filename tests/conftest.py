@@ -3,6 +3,7 @@ export with its manifest (what extraction, generator training and evaluation rea
 
 Test modules import the plain helpers (`from conftest import nano_cfg, ...`: pytest puts tests/ on
 the path) and request the fixtures by name."""
+
 import os
 
 # Two cores shared by every process a test starts (DEVELOPERS.md "Known traps"); set before torch
@@ -25,14 +26,26 @@ from models.tokenizer import ResTok
 # A nano ResTok: 16 tokens in levels [1, 1, 2, 4, 8], 64 codes, no VF heads (seconds on a CPU).
 NANO_VOCAB, NANO_LEVELS = 64, [1, 1, 2, 4, 8]
 NANO_TOKENIZER = [
-    "tokenizer.encoder_size=nano", "tokenizer.decoder_size=nano", "tokenizer.image_size=32",
-    "tokenizer.pixel_channels=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.num_res_blocks=1",
-    "tokenizer.z_channels=32", "tokenizer.cnn_norm_groups=8", f"tokenizer.levels={NANO_LEVELS}",
-    f"tokenizer.codebook_size={NANO_VOCAB}", "tokenizer.num_scales=2", "tokenizer.vf_align=none",
+    "tokenizer.encoder_size=nano",
+    "tokenizer.decoder_size=nano",
+    "tokenizer.image_size=32",
+    "tokenizer.pixel_channels=16",
+    "tokenizer.channel_mult=[1,2,2]",
+    "tokenizer.num_res_blocks=1",
+    "tokenizer.z_channels=32",
+    "tokenizer.cnn_norm_groups=8",
+    f"tokenizer.levels={NANO_LEVELS}",
+    f"tokenizer.codebook_size={NANO_VOCAB}",
+    "tokenizer.num_scales=2",
+    "tokenizer.vf_align=none",
 ]
 # The built-in data at 32 px, 4 classes, one prep task.
-NANO_DATA = ["data.image_size=32", "data.synthetic.num_classes=4", "data.synthetic.val_per_class=2",
-             "data.prep_tasks=1"]
+NANO_DATA = [
+    "data.image_size=32",
+    "data.synthetic.num_classes=4",
+    "data.synthetic.val_per_class=2",
+    "data.prep_tasks=1",
+]
 
 
 def nano_cfg(work_dir, *extra):
@@ -47,9 +60,15 @@ def write_tokenizer_export(cfg, seed=None, stage_dir=None):
     tok = ResTok(checkpoints.tokenizer_config(cfg))
     stage_dir = stage_dir or paths.stage_dir(cfg, "train_tokenizer")
     checkpoints.write_export(stage_dir, "tokenizer", tok.state_dict(), tok.state_dict(), cfg)
-    write_manifest(stage_dir, "train_tokenizer", stage_fingerprint(cfg, "train_tokenizer"), complete=True,
-                   levels=list(tok.levels), codebook_size=int(tok.codebook_size),
-                   num_tokens=int(tok.num_tokens))
+    write_manifest(
+        stage_dir,
+        "train_tokenizer",
+        stage_fingerprint(cfg, "train_tokenizer"),
+        complete=True,
+        levels=list(tok.levels),
+        codebook_size=int(tok.codebook_size),
+        num_tokens=int(tok.num_tokens),
+    )
     return tok
 
 
@@ -110,8 +129,12 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     log = S3RequestLog(server._server.app)
     server._server.app = log  # werkzeug's handler calls server.app per request
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "restok-test",
-           "AWS_SECRET_ACCESS_KEY": "restok-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "restok-test",
+        "AWS_SECRET_ACCESS_KEY": "restok-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep another endpoint

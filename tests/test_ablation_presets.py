@@ -4,6 +4,7 @@ Each preset's header declares the keys its row changes (`# changes: a.b, c.d`); 
 differ from its `base:` in exactly those keys. Config loading only: models are built on the meta
 device (no memory, no training; tests/test_recipe.py runs first training steps).
 """
+
 import functools
 
 import pytest
@@ -18,8 +19,10 @@ from models.tokenizer.restok import ResTok
 ABLATIONS = [p for p in list_presets() if p.startswith("ablation-")]
 STEPS_PER_EPOCH = -(-1_281_167 // 256)  # 5,005 (paper App. A.2: ImageNet-1K train, batch 256)
 # The sentence the schedule decision rests on (ablation-base's header); every preset quotes it.
-SCHEDULE_QUOTE = ('"For the ablations, ResTok and LlamaGen-L are trained on ImageNet for 30 epochs '
-                  'and 50 epochs, respectively."')
+SCHEDULE_QUOTE = (
+    '"For the ablations, ResTok and LlamaGen-L are trained on ImageNet for 30 epochs '
+    'and 50 epochs, respectively."'
+)
 SCHEDULE_PREFIXES = ("tokenizer_train.", "generator_train.", "sampling.", "tracking.", "eval.")
 
 
@@ -51,8 +54,10 @@ def test_differs_from_its_base_only_in_declared_keys(preset):
     assert base == "imagenet256-restok-l" if preset == "ablation-base" else base in ABLATIONS, base
     a, b = _flat(preset), _flat(base)
     changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} - {"preset"}
-    assert changed == declared, (f"{preset} vs {base}: undeclared {sorted(changed - declared)}, "
-                                 f"declared but equal {sorted(declared - changed)}")
+    assert changed == declared, (
+        f"{preset} vs {base}: undeclared {sorted(changed - declared)}, "
+        f"declared but equal {sorted(declared - changed)}"
+    )
     assert SCHEDULE_QUOTE in text, f"{preset}: header does not quote the schedule decision"
 
 
@@ -74,8 +79,9 @@ def test_ablation_schedule_is_a_complete_cosine_run():
     for train, epochs in ((cfg.tokenizer_train, 30), (cfg.generator_train, 50)):
         steps, optim = int(train.steps), train.optim
         assert steps == epochs * STEPS_PER_EPOCH
-        lr = functools.partial(cosine_lr, total=steps, base=optim.lr, warmup=optim.warmup_steps,
-                               floor=optim.min_lr)
+        lr = functools.partial(
+            cosine_lr, total=steps, base=optim.lr, warmup=optim.warmup_steps, floor=optim.min_lr
+        )
         assert optim.warmup_steps == 5000 and (optim.lr, optim.min_lr) == (1e-4, 1e-5)
         assert lr(steps - 1) == pytest.approx(optim.min_lr, abs=1e-12)
         # App. A.3's "150K / 250K step checkpoint" sits at the end of the decay.
@@ -91,7 +97,10 @@ BASE = {"scales": [32, 64, 128, 256], "learned": False, "mask": True, "vf": (Tru
 ROWS = {
     "ablation-base": ("Table 2 #8 / Table 3 factor 2 / Table 4 both", {}),
     "ablation-titok-baseline": ("Table 2 #1", {"scales": [256], "learned": True}),
-    "ablation-titok-full-attention": ("Table 2 #1, full attention", {"scales": [256], "learned": True, "mask": False}),
+    "ablation-titok-full-attention": (
+        "Table 2 #1, full attention",
+        {"scales": [256], "learned": True, "mask": False},
+    ),
     "ablation-latent-hierarchy": ("Table 2 #2", {"scales": [256]}),
     "ablation-scales-3": ("Table 2 #3-#5, S = 3", {"scales": [64, 128, 256]}),
     "ablation-scales-4": ("Table 2 #3-#5, S = 4", {}),
@@ -109,10 +118,16 @@ ROWS = {
     "ablation-har-no-ntp": ("Table 5 HAR without the next-token group", {"passes": 8}),
 }
 # The residual switches (image, latent) of the Table 2 rows.
-RESIDUALS = {"ablation-residual-image": (True, False), "ablation-residual-latent": (False, True),
-             "ablation-scales-3": (False, False), "ablation-scales-4": (False, False),
-             "ablation-scales-5": (False, False), "ablation-latent-hierarchy": (False, False),
-             "ablation-titok-baseline": (False, False), "ablation-base": (True, True)}
+RESIDUALS = {
+    "ablation-residual-image": (True, False),
+    "ablation-residual-latent": (False, True),
+    "ablation-scales-3": (False, False),
+    "ablation-scales-4": (False, False),
+    "ablation-scales-5": (False, False),
+    "ablation-latent-hierarchy": (False, False),
+    "ablation-titok-baseline": (False, False),
+    "ablation-base": (True, True),
+}
 
 
 def test_every_ablation_preset_is_a_row():
@@ -125,10 +140,13 @@ def test_preset_builds_the_models_of_its_row(preset):
     with torch.device("meta"):
         tok = ResTok(OmegaConf.to_object(cfg.tokenizer))
     enc = tok.encoder
-    got = {"scales": [h * w for h, w in enc._static[-1][2]], "learned": hasattr(enc, "latent_tokens"),
-           "mask": enc._static[0][1] is not None,
-           "vf": (tok.vf_proj is not None, tok.vf_proj_dec is not None),
-           "passes": len(layout_for(OmegaConf.to_object(cfg.generator)).steps)}
+    got = {
+        "scales": [h * w for h, w in enc._static[-1][2]],
+        "learned": hasattr(enc, "latent_tokens"),
+        "mask": enc._static[0][1] is not None,
+        "vf": (tok.vf_proj is not None, tok.vf_proj_dec is not None),
+        "passes": len(layout_for(OmegaConf.to_object(cfg.generator)).steps),
+    }
     assert got == {**BASE, **ROWS[preset][1]}, ROWS[preset][0]
     assert len(enc.merge_blocks) == len(got["scales"]) - 1
     if preset in RESIDUALS:

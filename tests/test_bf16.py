@@ -1,6 +1,7 @@
 """bf16 models as a DeepSpeed bf16 engine leaves them (every parameter cast with `.to(bfloat16)`):
 they run forward and backward, and the regions the release keeps in fp32 (quantizer, pixel decoder,
 losses, generator logits; SPEC "CNN decoder", NOTES #11, #14) really compute in fp32 inside."""
+
 import pytest
 import torch
 
@@ -12,15 +13,35 @@ from models.tokenizer.pixel_cnn import Fp32Conv2d, Fp32GroupNorm
 BF16 = torch.bfloat16
 # The default preset's nano ResTok (32 px, 16 tokens, S = 2) with both VF heads.
 NANO = TokenizerConfig(
-    encoder_size="nano", decoder_size="nano", image_size=32, pixel_channels=16, channel_mult=[1, 2, 2],
-    num_res_blocks=1, z_channels=32, cnn_norm_groups=8, levels=[1, 1, 2, 4, 8], codebook_size=64,
-    num_scales=2, vf_align="both", vf_feature_dim=192)
+    encoder_size="nano",
+    decoder_size="nano",
+    image_size=32,
+    pixel_channels=16,
+    channel_mult=[1, 2, 2],
+    num_res_blocks=1,
+    z_channels=32,
+    cnn_norm_groups=8,
+    levels=[1, 1, 2, 4, 8],
+    codebook_size=64,
+    num_scales=2,
+    vf_align="both",
+    vf_feature_dim=192,
+)
 # Tiny random frozen networks (named random-untrained) for LPIPS, the VF teacher and the discriminator.
 FULL_LOSS_TINY = TokenizerLossConfig(
-    lpips_backbone="random-untrained", vf_teacher="vit_tiny_patch16_224",
-    vf_teacher_backbone="random-untrained", vf_teacher_resolution=32, vf_teacher_kwargs={"depth": 1},
-    disc_backbone_name="vit_tiny_patch16_224", disc_backbone="random-untrained", disc_resolution=32,
-    disc_feature_blocks=[0], disc_backbone_kwargs={"depth": 1}, disc_virtual_batch=2, gan_start_step=0)
+    lpips_backbone="random-untrained",
+    vf_teacher="vit_tiny_patch16_224",
+    vf_teacher_backbone="random-untrained",
+    vf_teacher_resolution=32,
+    vf_teacher_kwargs={"depth": 1},
+    disc_backbone_name="vit_tiny_patch16_224",
+    disc_backbone="random-untrained",
+    disc_resolution=32,
+    disc_feature_blocks=[0],
+    disc_backbone_kwargs={"depth": 1},
+    disc_virtual_batch=2,
+    gan_start_step=0,
+)
 
 
 def cast_params_like_deepspeed(module: torch.nn.Module) -> torch.nn.Module:
@@ -35,9 +56,11 @@ def record_dtypes(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, list],
     seen: dict[str, list] = {name: [] for name in modules}
     handles = []
     for name, module in modules.items():
+
         def hook(mod, args, out, name=name):
             outs = out if isinstance(out, tuple) else (out,)
             seen[name].append((args[0].dtype, [t.dtype for t in outs if torch.is_tensor(t)]))
+
         handles.append(module.register_forward_hook(hook))
     return seen, handles
 
@@ -49,17 +72,26 @@ def test_nano_restok_bf16_forward_backward_with_fp32_regions():
     model.load_state_dict(ref.state_dict())
     model.to(BF16)
     assert {p.dtype for p in model.parameters()} == {BF16}
-    pixel_layers = {f"pixel_decoder.{n}": m for n, m in model.pixel_decoder.named_modules()
-                    if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))}
+    pixel_layers = {
+        f"pixel_decoder.{n}": m
+        for n, m in model.pixel_decoder.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))
+    }
     assert pixel_layers and all(isinstance(m, (Fp32Conv2d, Fp32GroupNorm)) for m in pixel_layers.values())
-    seen, handles = record_dtypes({"quantize": model.quantize, "decoder_embed": model.decoder.decoder_embed[0],
-                                   "encoder": model.encoder.blocks[0], **pixel_layers})
+    seen, handles = record_dtypes(
+        {
+            "quantize": model.quantize,
+            "decoder_embed": model.decoder.decoder_embed[0],
+            "encoder": model.encoder.blocks[0],
+            **pixel_layers,
+        }
+    )
     images = torch.rand(4, 3, 32, 32)
     recon, aux = model(images.to(BF16), keep=16)
     for h in handles:
         h.remove()
     # Quantizer: bf16 latents in, fp32 zq and losses out (NOTES #11).
-    (q_in, q_out), = seen["quantize"]
+    ((q_in, q_out),) = seen["quantize"]
     assert q_in == BF16 and q_out == [torch.float32]
     assert aux["vq_loss"].dtype == torch.float32
     # The ViT side really runs in bf16: zq is cast back for the bf16 decoder_embed.
@@ -68,8 +100,12 @@ def test_nano_restok_bf16_forward_backward_with_fp32_regions():
     for name in pixel_layers:
         assert seen[name] and all(out == [torch.float32] for _, out in seen[name]), (name, seen[name])
     assert recon.dtype == torch.float32
-    loss = (recon - images).pow(2).mean() + aux["vq_loss"] + aux["vf_enc_feat"].float().pow(2).mean() \
+    loss = (
+        (recon - images).pow(2).mean()
+        + aux["vq_loss"]
+        + aux["vf_enc_feat"].float().pow(2).mean()
         + aux["vf_dec_feat"].float().pow(2).mean()
+    )
     loss.backward()
     for name, p in model.named_parameters():
         if name.startswith(("pixel_decoder", "decoder.decoder_embed", "encoder.blocks")):
@@ -114,8 +150,9 @@ def test_tokenizer_losses_fp32_with_bf16_model_and_discriminator():
 @pytest.mark.parametrize("har", [True, False])
 def test_tiny_generator_bf16_forward_backward_and_sampling(har):
     torch.manual_seed(0)
-    cfg = GeneratorConfig(size="tiny", har=har, vocab_size=32, levels=[1, 1, 2, 4, 8], ar_tokens=4,
-                          num_classes=5)
+    cfg = GeneratorConfig(
+        size="tiny", har=har, vocab_size=32, levels=[1, 1, 2, 4, 8], ar_tokens=4, num_classes=5
+    )
     model = GPT(cfg).train().to(BF16)
     torch.nn.init.normal_(model.head.weight, std=0.25)  # zero-init head would give all-zero logits
     seen, handles = record_dtypes({"head": model.head, "final_norm": model.final_norm})
@@ -129,6 +166,13 @@ def test_tiny_generator_bf16_forward_backward_and_sampling(har):
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == BF16 for p in model.parameters() if p.requires_grad)
     # Sample grids during training run on the engine's bf16 module: CFG + top-p as the recipe sets.
-    result = sample(model, torch.tensor([0, 1]), cfg_scale=3.75, cfg_schedule="step", start_ratio=0.25,
-                    top_p=0.95, generator=torch.Generator().manual_seed(0))
+    result = sample(
+        model,
+        torch.tensor([0, 1]),
+        cfg_scale=3.75,
+        cfg_schedule="step",
+        start_ratio=0.25,
+        top_p=0.95,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.codes.shape == (2, cfg.block_size) and int(result.codes.max()) < 32

@@ -1,5 +1,6 @@
 """Relative paths resolve where the user typed the command; bad input ends in one line, at once
 (issue 18). Every command here is the real console script in a scratch working directory."""
+
 import json
 import os
 import shutil
@@ -13,15 +14,25 @@ from configs.loading import load_config, path_keys
 
 RESTOK = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
 TINY_DATA = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=1", "data.prep_tasks=1"]
-TINY_TOKENIZER = ["tokenizer_train.steps=2", "tokenizer_train.checkpoint_every=2",
-                  "tokenizer_train.image_log_every=0", "tokenizer_train.global_batch_size=4",
-                  "tokenizer_train.micro_batch_size=2"]
+TINY_TOKENIZER = [
+    "tokenizer_train.steps=2",
+    "tokenizer_train.checkpoint_every=2",
+    "tokenizer_train.image_log_every=0",
+    "tokenizer_train.global_batch_size=4",
+    "tokenizer_train.micro_batch_size=2",
+]
 
 
 def restok(cwd, *argv, timeout=900):
     t0 = time.perf_counter()
-    done = subprocess.run([RESTOK, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [RESTOK, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return done, time.perf_counter() - t0
 
 
@@ -39,8 +50,16 @@ def assert_one_line_failure(done, seconds, *needles, limit_s=60):
 
 def test_every_path_field_is_made_absolute_against_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["data.root=imagenet", "cluster.storage_path=ckpt", "tracking.tracking_uri=sqlite:///m.db",
-                             "eval.reference_shards=a/*.tar,s3://bucket/b", "data.shards_url=s3://bucket/shards"])
+    cfg = load_config(
+        None,
+        [
+            "data.root=imagenet",
+            "cluster.storage_path=ckpt",
+            "tracking.tracking_uri=sqlite:///m.db",
+            "eval.reference_shards=a/*.tar,s3://bucket/b",
+            "data.shards_url=s3://bucket/shards",
+        ],
+    )
     assert cfg.work_dir == str(tmp_path / "restok_work")
     assert cfg.data.root == str(tmp_path / "imagenet")
     assert cfg.cluster.storage_path == str(tmp_path / "ckpt")
@@ -48,8 +67,14 @@ def test_every_path_field_is_made_absolute_against_the_cwd(tmp_path, monkeypatch
     assert cfg.eval.reference_shards == f"{tmp_path}/a/*.tar,s3://bucket/b"
     assert cfg.data.shards_url == "s3://bucket/shards"  # URLs are left alone
     assert cfg.tokenizer_train.resume == "auto"  # a word, not a path
-    for key in ("work_dir", "data.root", "tokenizer_train.resume", "tracking.tracking_uri",
-                "tokenizer_train.loss.vf_teacher_weights", "eval.inception_weights"):
+    for key in (
+        "work_dir",
+        "data.root",
+        "tokenizer_train.resume",
+        "tracking.tracking_uri",
+        "tokenizer_train.loss.vf_teacher_weights",
+        "eval.inception_weights",
+    ):
         assert key in path_keys()
 
 
@@ -91,7 +116,9 @@ def test_missing_data_root_names_the_root_and_the_layout_and_creates_nothing(tmp
 
 def test_missing_upstream_output_is_one_line_and_creates_nothing(tmp_path):
     done, seconds = restok(tmp_path, "train-tokenizer")
-    assert_one_line_failure(done, seconds, f"{tmp_path}/restok_work/prep/manifest.json", "restok prep", limit_s=90)
+    assert_one_line_failure(
+        done, seconds, f"{tmp_path}/restok_work/prep/manifest.json", "restok prep", limit_s=90
+    )
     done, seconds = restok(tmp_path, "eval", "gen")
     assert_one_line_failure(done, seconds, "train_tokenizer/manifest.json", limit_s=90)
     assert os.listdir(tmp_path) == []  # no work dir, no MLflow store
@@ -99,8 +126,9 @@ def test_missing_upstream_output_is_one_line_and_creates_nothing(tmp_path):
 
 def test_compare_with_an_unknown_run_is_one_line(tmp_path):
     done, seconds = restok(tmp_path, "compare", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/x.db")
-    assert_one_line_failure(done, seconds, "nope" if (tmp_path / "x.db").exists() else "no MLflow store",
-                            limit_s=90)
+    assert_one_line_failure(
+        done, seconds, "nope" if (tmp_path / "x.db").exists() else "no MLflow store", limit_s=90
+    )
 
 
 @pytest.mark.slow
@@ -117,8 +145,14 @@ def test_a_stage_alone_from_another_cwd_finds_prep_and_bad_input_fails_once(tmp_
     bad = tmp_path / "corrupt-ckpt"
     bad.mkdir()
     (bad / "meta.json").write_text("{not json")
-    done, seconds = restok(sub, "train-tokenizer", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER,
-                           "tokenizer_train.resume=../corrupt-ckpt")
+    done, seconds = restok(
+        sub,
+        "train-tokenizer",
+        "work_dir=../w",
+        *TINY_DATA,
+        *TINY_TOKENIZER,
+        "tokenizer_train.resume=../corrupt-ckpt",
+    )
     assert_one_line_failure(done, seconds, f"{bad}", "not a restok checkpoint", limit_s=60)
 
     done, _ = restok(sub, "train-tokenizer", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER)
@@ -131,8 +165,15 @@ def test_a_stage_alone_from_another_cwd_finds_prep_and_bad_input_fails_once(tmp_
     # retries are for worker deaths (test_train_tokenizer covers a killed worker).
     for shard in (tmp_path / "w" / "prep").glob("train-*.tar"):  # the manifest still says complete
         shard.unlink()
-    done, _ = restok(sub, "train-tokenizer", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER,
-                     "tokenizer_train.steps=3", "tokenizer_train.max_failures=3")
+    done, _ = restok(
+        sub,
+        "train-tokenizer",
+        "work_dir=../w",
+        *TINY_DATA,
+        *TINY_TOKENIZER,
+        "tokenizer_train.steps=3",
+        "tokenizer_train.max_failures=3",
+    )
     line = assert_one_line_failure(done, 0.0, "restok train-tokenizer:", "FileNotFoundError", "full log:")
     log = open(line.rsplit("full log: ", 1)[1].rstrip(")")).read()
     assert "train-000000.tar" in log and "retry 1" not in log

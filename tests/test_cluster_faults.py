@@ -5,6 +5,7 @@ measures what the README's reliability table reports: steps recomputed (trained 
 fault), samples duplicated (every step logged once, so 0), time to recover.
 
 One cluster for the module (head without CPUs + two 1-CPU nodes), one prep shared by copy."""
+
 from __future__ import annotations
 
 import json
@@ -25,18 +26,30 @@ from cluster_harness import (
 )
 
 from configs.loading import load_config
-from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 from infra import paths, tracking
+from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 from pipeline import locks
 
 STEPS, EVERY = 12, 4
 # 8 images a shard: 10 train shards + 2 val, so extraction and evaluation have work on each actor.
-DATA = ["data.synthetic.train_per_class=8", "data.synthetic.val_per_class=1", "data.loader_workers=0",
-        "data.prep_tasks=2", "data.samples_per_shard=8"]
-TRAIN = [f"tokenizer_train.steps={STEPS}", f"tokenizer_train.checkpoint_every={EVERY}",
-         "tokenizer_train.keep_checkpoints=2", "tokenizer_train.log_every=1",
-         "tokenizer_train.image_log_every=0", "tokenizer_train.global_batch_size=8",
-         "tokenizer_train.micro_batch_size=4"]
+DATA = [
+    "data.synthetic.train_per_class=8",
+    "data.synthetic.val_per_class=1",
+    "data.loader_workers=0",
+    "data.prep_tasks=2",
+    "data.samples_per_shard=8",
+]
+TRAIN = [
+    f"tokenizer_train.steps={STEPS}",
+    f"tokenizer_train.checkpoint_every={EVERY}",
+    "tokenizer_train.keep_checkpoints=2",
+    "tokenizer_train.log_every=1",
+    "tokenizer_train.image_log_every=0",
+    "tokenizer_train.global_batch_size=8",
+    "tokenizer_train.micro_batch_size=4",
+]
+
+
 class _Results(dict):
     """fault -> measured figures; each printed as measured (`-s` shows them) and at the end."""
 
@@ -70,8 +83,14 @@ def prepped(sim, tmp_path_factory):
 
 
 def _overrides(sim, work, storage_path, stages="prep,train_tokenizer"):
-    return [f"work_dir={work}", f"cluster.address={sim.address}", f"cluster.storage_path={storage_path}",
-            f"stages=[{stages}]", *DATA, *TRAIN]
+    return [
+        f"work_dir={work}",
+        f"cluster.address={sim.address}",
+        f"cluster.storage_path={storage_path}",
+        f"stages=[{stages}]",
+        *DATA,
+        *TRAIN,
+    ]
 
 
 class Run:
@@ -157,7 +176,9 @@ def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, pr
         assert re.fullmatch(
             rf"restok run: stage 'train_tokenizer' is being run by another driver: host "
             rf"{re.escape(socket.gethostname())} pid {first.pid} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
-            rf"\(lock \S+train_tokenizer\.lock\); wait for it or stop it( \(full log: \S+\))?", lines[0]), lines[0]
+            rf"\(lock \S+train_tokenizer\.lock\); wait for it or stop it( \(full log: \S+\))?",
+            lines[0],
+        ), lines[0]
         assert first.poll() is None  # the refused driver did not disturb the running one
         assert sim.train_workers()
         os.kill(first.pid, signal.SIGKILL)
@@ -188,9 +209,13 @@ def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, pr
     after = run.logged(run_id)
     run.check_one_run_each_step_once(run_id)
     assert not (run.work / "locks" / "train_tokenizer.lock").exists()  # released at the end
-    RESULTS["lost driver"] = {"steps_recomputed": recomputed, "duplicated": 0, "interval": EVERY,
-                              "workers_gone_s": round(workers_gone_s, 1),
-                              "recover_s": round(min(t for s, t in after.items() if s > max(before)) - killed_at, 1)}
+    RESULTS["lost driver"] = {
+        "steps_recomputed": recomputed,
+        "duplicated": 0,
+        "interval": EVERY,
+        "workers_gone_s": round(workers_gone_s, 1),
+        "recover_s": round(min(t for s, t in after.items() if s > max(before)) - killed_at, 1),
+    }
 
 
 @pytest.mark.slow
@@ -228,8 +253,10 @@ def test_sigterm_to_a_train_worker_checkpoints_now_and_rerun_recomputes_nothing(
     assert _resumed_at(run.full_log(rerun_log)) == {step}
     run.check_one_run_each_step_once(run_id)
     RESULTS["preemption notice (SIGTERM)"] = {
-        "steps_recomputed": max(before) + 1 - step, "duplicated": 0,
-        "checkpoint_after_notice_s": round(marker["written_at"] - noticed_at, 1)}
+        "steps_recomputed": max(before) + 1 - step,
+        "duplicated": 0,
+        "checkpoint_after_notice_s": round(marker["written_at"] - noticed_at, 1),
+    }
 
 
 @pytest.mark.slow
@@ -256,7 +283,9 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = run.full_log(log)
-    assert re.search(r"\[train_tokenizer\] worker lost \(.*\); retry 1 from the latest checkpoint", text), text[-4000:]
+    assert re.search(r"\[train_tokenizer\] worker lost \(.*\); retry 1 from the latest checkpoint", text), (
+        text[-4000:]
+    )
     resumed = _resumed_at(text)
     assert len(resumed) == 1
     resume_step = resumed.pop()
@@ -268,8 +297,11 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
     run.check_one_run_each_step_once(run_id)
     TRAINED["work"] = run.work
     RESULTS["node loss (training)"] = {
-        "steps_recomputed": recomputed, "duplicated": 0, "interval": EVERY,
-        "recover_s": round(min(t for s, t in after.items() if s > max(before)) - lost_at, 1)}
+        "steps_recomputed": recomputed,
+        "duplicated": 0,
+        "interval": EVERY,
+        "recover_s": round(min(t for s, t in after.items() if s > max(before)) - lost_at, 1),
+    }
 
 
 def test_stage_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
@@ -281,15 +313,25 @@ def test_stage_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
         record = _json(url)
         assert record["pid"] == os.getpid()
         # Held by a live driver (this process, as seen by another StageLock): refused, one line.
-        with pytest.raises(locks.LockHeld, match=rf"host {re.escape(socket.gethostname())} pid {os.getpid()} since"):
+        with pytest.raises(
+            locks.LockHeld, match=rf"host {re.escape(socket.gethostname())} pid {os.getpid()} since"
+        ):
             locks.StageLock(cfg, "train_tokenizer").acquire()
     assert not os.path.exists(url)
 
     def plant(**fields):
         os.makedirs(os.path.dirname(url), exist_ok=True)
         with open(url, "w") as fh:
-            json.dump({"stage": "train_tokenizer", "since": time.time(), "heartbeat": time.time(),
-                       "token": "x", **fields}, fh)
+            json.dump(
+                {
+                    "stage": "train_tokenizer",
+                    "since": time.time(),
+                    "heartbeat": time.time(),
+                    "token": "x",
+                    **fields,
+                },
+                fh,
+            )
 
     plant(driver=f"{socket.gethostname()}:999999999:1", host=socket.gethostname(), pid=999999999)
     lock = locks.StageLock(cfg, "train_tokenizer")
@@ -349,8 +391,9 @@ def test_node_loss_during_prep_writes_each_shard_once_elsewhere(sim, tmp_path):
     elsewhere: every planned shard once, complete, no temporaries, every sample in one shard."""
     work = tmp_path / "work"
     log = tmp_path / "prep.log"
-    proc = restok(["run", *_overrides(sim, work, tmp_path / "ray", "prep"), "data.samples_per_shard=4"],
-                  tmp_path, log)
+    proc = restok(
+        ["run", *_overrides(sim, work, tmp_path / "ray", "prep"), "data.samples_per_shard=4"], tmp_path, log
+    )
     try:
         lost_at = _remove_node_running(sim, "ray::write_shard", proc, log)
         assert finish(proc, 300) == 0, log.read_text()[-4000:]
@@ -369,9 +412,11 @@ def test_node_loss_during_prep_writes_each_shard_once_elsewhere(sim, tmp_path):
         shards += len(names)
     assert len(keys) == len(set(keys)) == 90  # every sample in exactly one shard: none twice
     assert not [p for p in os.listdir(work / "prep") if ".tmp-" in p]  # none partial
-    RESULTS["node loss (prep tasks)"] = {"shards": shards, "duplicated": 0,
-                                         "recover_s": round(os.path.getmtime(work / "prep" / "manifest.json")
-                                                            - lost_at, 1)}
+    RESULTS["node loss (prep tasks)"] = {
+        "shards": shards,
+        "duplicated": 0,
+        "recover_s": round(os.path.getmtime(work / "prep" / "manifest.json") - lost_at, 1),
+    }
 
 
 @pytest.mark.slow
@@ -380,8 +425,11 @@ def test_node_loss_during_extraction_redoes_its_shards_once(sim, trained, tmp_pa
     """Deliver 2 (extraction): an actor's node is removed while it extracts; a replacement redoes
     its shard: each code shard once, the counts equal prep's, nothing partial left."""
     log = tmp_path / "extract.log"
-    args = ["run", *_overrides(sim, trained, tmp_path / "ray", "prep,train_tokenizer,extract_codes"),
-            "extract.num_actors=2"]
+    args = [
+        "run",
+        *_overrides(sim, trained, tmp_path / "ray", "prep,train_tokenizer,extract_codes"),
+        "extract.num_actors=2",
+    ]
     proc = restok(args, tmp_path, log)
     try:
         lost_at = _remove_node_running(sim, "ray::CodeExtractor.extract", proc, log)
@@ -397,9 +445,11 @@ def test_node_loss_during_extraction_redoes_its_shards_once(sim, trained, tmp_pa
     names = [s["name"] for s in manifest["shards"]]
     assert len(names) == len(set(names)) == 10 and manifest["counts"] == {"train": 80}
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
-    RESULTS["node loss (extraction actor)"] = {"shards": len(names), "duplicated": 0,
-                                               "recover_s": round(os.path.getmtime(out / "manifest.json")
-                                                                  - lost_at, 1)}
+    RESULTS["node loss (extraction actor)"] = {
+        "shards": len(names),
+        "duplicated": 0,
+        "recover_s": round(os.path.getmtime(out / "manifest.json") - lost_at, 1),
+    }
 
 
 @pytest.mark.slow
@@ -408,8 +458,14 @@ def test_node_loss_during_evaluation_replaces_the_actor_and_counts_each_image_on
     """Deliver 2 (evaluation): an eval actor's node is removed during reconstruction evaluation;
     the pool replaces the actor, which redoes its share: every val image counted once."""
     log = tmp_path / "eval.log"
-    args = ["eval", "recon", *_overrides(sim, trained, tmp_path / "ray"), "eval.num_actors=2",
-            "eval.batch_size=4", "eval.probe_steps=10"]
+    args = [
+        "eval",
+        "recon",
+        *_overrides(sim, trained, tmp_path / "ray"),
+        "eval.num_actors=2",
+        "eval.batch_size=4",
+        "eval.probe_steps=10",
+    ]
     proc = restok(args, tmp_path, log)
     try:
         lost_at = _remove_node_running(sim, "ray::EvalWorker.recon", proc, log)
@@ -453,6 +509,11 @@ def test_resized_world_resumes_through_the_universal_checkpoint(sim, prepped, tm
     head_after = sum(loss[s] for s in range(stopped, stopped + 3)) / 3
     # Same curve within noise (it keeps falling): a restart from scratch would be back near step 0's.
     assert head_after < tail_before + 0.25 * (loss[0] - tail_before), loss
-    RESULTS["resized world (2 -> 1 workers)"] = {"steps_recomputed": 0, "duplicated": 0, "resumed_at": stopped,
-                                                 "loss_3_before": round(tail_before, 4),
-                                                 "loss_3_after": round(head_after, 4), "loss_step0": round(loss[0], 4)}
+    RESULTS["resized world (2 -> 1 workers)"] = {
+        "steps_recomputed": 0,
+        "duplicated": 0,
+        "resumed_at": stopped,
+        "loss_3_before": round(tail_before, 4),
+        "loss_3_after": round(head_after, 4),
+        "loss_step0": round(loss[0], 4),
+    }

@@ -1,4 +1,5 @@
 """Codebook entropy penalty of the quantizer (models/tokenizer/restok.py VectorQuantizer)."""
+
 import math
 
 import torch

@@ -1,4 +1,5 @@
 """The typed schema: every preset loads, overrides apply, bad keys and values fail clearly."""
+
 import subprocess
 import sys
 
@@ -54,9 +55,15 @@ def test_preset_yaml_unknown_key_names_file(tmp_path):
 
 
 def test_cli_config_show_prints_resolved_and_rejects_bad_key():
-    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "default", "seed=3"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "show", "default", "seed=3"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "seed: 3" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "default", "sed=3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "show", "default", "sed=3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown config key 'sed'" in bad.stderr

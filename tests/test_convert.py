@@ -1,5 +1,6 @@
 """`restok convert`: release checkpoints -> our exports (loadable like our own), fixture verification,
 and one-line failures that write nothing (issue 9)."""
+
 import json
 import pickle
 import shutil
@@ -39,8 +40,19 @@ def test_converted_tokenizer_loads_like_our_own_export(tmp_path):
     from jobs.training.checkpoints import load_tokenizer
 
     dst = tmp_path / "tok"
-    assert main(["convert", "official-tokenizer", str(FIXTURES / "restok_tiny.safetensors"), str(dst),
-                 "--config", str(FIXTURES / "restok_tiny.json")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "official-tokenizer",
+                str(FIXTURES / "restok_tiny.safetensors"),
+                str(dst),
+                "--config",
+                str(FIXTURES / "restok_tiny.json"),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((dst / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_elements"] == 4_086_747
     model = load_tokenizer(str(dst))
@@ -97,6 +109,8 @@ def test_pickle_refused_by_weights_only_fails_in_one_line(tmp_path, capsys):
 
 def test_from_hub_offline_names_the_local_path_alternative(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["convert", "official-tokenizer", str(tmp_path / "o"), "--from-hub", "Kwai-Kolors/ResTok"]) == 2
+    assert (
+        main(["convert", "official-tokenizer", str(tmp_path / "o"), "--from-hub", "Kwai-Kolors/ResTok"]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "restok convert official-tokenizer /path/to/checkpoint" in err

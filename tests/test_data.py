@@ -3,6 +3,7 @@
 Fake ImageNet trees and ILSVRC-style tars are built in tmp_path from a few generated JPEGs,
 including the bad images prep must convert or count.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -112,24 +113,33 @@ def prep_cfg(work_dir, *overrides):
 
 # ---------------------------------------------------------------- units (no Ray)
 
+
 def test_synthetic_is_deterministic_and_classes_differ():
     a, cls = synthetic.sample_png(3, "train", 17, 10, 32)
     assert cls == 7 and (a, cls) == synthetic.sample_png(3, "train", 17, 10, 32)
     assert a != synthetic.sample_png(3, "val", 17, 10, 32)[0]
     assert len(set(synthetic.class_names(100))) == 100
-    means = [synthetic.render(c, synthetic.sample_rng(0, "train", c), 48).reshape(-1, 3).mean(0) for c in range(10)]
+    means = [
+        synthetic.render(c, synthetic.sample_rng(0, "train", c), 48).reshape(-1, 3).mean(0) for c in range(10)
+    ]
     assert Image.open(io.BytesIO(a)).size == (32, 32)
     assert min(np.abs(means[i] - means[j]).sum() for i in range(10) for j in range(i)) > 3
 
 
 def test_synthetic_classes_are_separable_by_shape_colour():
     """Nearest centroid on the mean of the brightest pixels (the shape's colour) beats 90%."""
+
     def features(split, n):
         out = []
         for i in range(n):
-            pixels = synthetic.render(i % 10, synthetic.sample_rng(0, split, i), 32).reshape(-1, 3).astype(np.float32)
+            pixels = (
+                synthetic.render(i % 10, synthetic.sample_rng(0, split, i), 32)
+                .reshape(-1, 3)
+                .astype(np.float32)
+            )
             out.append(pixels[np.argsort(pixels.sum(1))[-150:]].mean(0))
         return np.array(out), np.arange(n) % 10
+
     xt, yt = features("train", 100)
     xv, yv = features("val", 50)
     centroids = np.stack([xt[yt == c].mean(0) for c in range(10)])
@@ -185,10 +195,12 @@ def test_shard_plan_holds_contiguous_runs_of_few_classes():
 
 # ---------------------------------------------------------------- prep + loaders, memory:// (threads)
 
+
 def test_synthetic_memory_roundtrip_and_loaders():
     work = f"memory://restok-{uuid.uuid4().hex[:8]}"
-    cfg = prep_cfg(work, "data.synthetic.train_per_class=5", "data.synthetic.val_per_class=3",
-                   "data.samples_per_shard=8")
+    cfg = prep_cfg(
+        work, "data.synthetic.train_per_class=5", "data.synthetic.val_per_class=3", "data.samples_per_shard=8"
+    )
     manifest = prepare.run(cfg)
     assert manifest["splits"]["train"]["total"] == 50 and manifest["splits"]["val"]["total"] == 30
     assert [s["count"] for s in manifest["splits"]["val"]["shards"]] == [8, 8, 8, 6]
@@ -227,12 +239,16 @@ def test_synthetic_memory_roundtrip_and_loaders():
         assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
     small = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, samples_per_epoch=17, num_workers=0)
     assert len(list(small)) == 2
+
     # Same (seed, rank, epoch) -> same batches; another epoch -> other samples and crops.
     def epoch_batches(epoch):
         return list(train_batches(manifest, "train", 0, 2, 4, 16, seed=3, epoch=epoch, num_workers=0))
+
     e0, e0_again, e1 = epoch_batches(0), epoch_batches(0), epoch_batches(1)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0, e0_again))
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(e0, e1))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0, e0_again, strict=False)
+    )
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(e0, e1, strict=False))
 
 
 def test_transforms_match_reference_arithmetic():
@@ -261,8 +277,13 @@ def test_transforms_match_reference_arithmetic():
 
 def test_failed_run_resumes_without_rewriting(monkeypatch):
     work = f"memory://restok-{uuid.uuid4().hex[:8]}"
-    cfg = prep_cfg(work, "data.synthetic.train_per_class=4", "data.synthetic.val_per_class=1",
-                   "data.samples_per_shard=10", "data.prep_tasks=1")
+    cfg = prep_cfg(
+        work,
+        "data.synthetic.train_per_class=4",
+        "data.synthetic.val_per_class=1",
+        "data.samples_per_shard=10",
+        "data.prep_tasks=1",
+    )
     real_make = prepare.make_source
 
     class FailingSourceMock:
@@ -307,8 +328,13 @@ def test_prep_under_another_config_does_not_reuse_shards(monkeypatch, capsys):
     """Issue 19: shards of a prep under data.resize=None are not reused under data.resize=32 (same
     plan, other bytes), even when that run is interrupted and resumed."""
     work = f"memory://restok-{uuid.uuid4().hex[:8]}"
-    base = ["data.synthetic.train_per_class=3", "data.synthetic.val_per_class=1", "data.synthetic.resolution=48",
-            "data.samples_per_shard=10", "data.prep_tasks=1"]
+    base = [
+        "data.synthetic.train_per_class=3",
+        "data.synthetic.val_per_class=1",
+        "data.synthetic.resolution=48",
+        "data.samples_per_shard=10",
+        "data.prep_tasks=1",
+    ]
     prepare.run(prep_cfg(work, *base))
     resized = prep_cfg(work, *base, "data.resize=32")
     real_write = prepare.write_shard
@@ -338,6 +364,7 @@ def test_prep_under_another_config_does_not_reuse_shards(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- prep with real local Ray
 
+
 @pytest.mark.slow
 def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
     from infra.paths import tracking_uri
@@ -346,8 +373,12 @@ def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
     for layout in ("folders", "flat"):
         root = tmp_path / layout
         expected = make_imagenet_tree(root, val_layout=layout, bad=True)
-        cfg = prep_cfg(tmp_path / f"work-{layout}", "data.source=imagenet_folder", f"data.root={root}",
-                       "data.samples_per_shard=5")
+        cfg = prep_cfg(
+            tmp_path / f"work-{layout}",
+            "data.source=imagenet_folder",
+            f"data.root={root}",
+            "data.samples_per_shard=5",
+        )
         run_id = start_run(cfg, "prep") if layout == "flat" else None
         manifest = prepare.run(cfg, run_id=run_id)
         train = manifest["splits"]["train"]
@@ -369,8 +400,13 @@ def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
 def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
     expected = make_imagenet_tree(tmp_path / "tree", per_class=5, val_layout="flat")
     make_ilsvrc_tars(tmp_path / "tree", tmp_path / "tars")
-    cfg = prep_cfg(tmp_path / "work", "data.source=imagenet_tar", f"data.root=file://{tmp_path / 'tars'}",
-                   f"data.shards_url=file://{tmp_path / 'shards'}", "data.samples_per_shard=4")
+    cfg = prep_cfg(
+        tmp_path / "work",
+        "data.source=imagenet_tar",
+        f"data.root=file://{tmp_path / 'tars'}",
+        f"data.shards_url=file://{tmp_path / 'shards'}",
+        "data.samples_per_shard=4",
+    )
     manifest = prepare.run(cfg)
     assert read_shards(manifest, "train") == expected["train"]
     assert read_shards(manifest, "val") == expected["val"]
@@ -412,8 +448,14 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
 
 def test_prep_resize_reencodes_shorter_side():
     work = f"memory://restok-{uuid.uuid4().hex[:8]}"
-    cfg = prep_cfg(work, "data.synthetic.train_per_class=1", "data.synthetic.val_per_class=1",
-                   "data.synthetic.resolution=48", "data.resize=32", "data.splits=[val]")
+    cfg = prep_cfg(
+        work,
+        "data.synthetic.train_per_class=1",
+        "data.synthetic.val_per_class=1",
+        "data.synthetic.resolution=48",
+        "data.resize=32",
+        "data.splits=[val]",
+    )
     manifest = prepare.run(cfg)
     urls = [storage.join(manifest["shards_url"], s["shard"]) for s in manifest["splits"]["val"]["shards"]]
     samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))

@@ -1,6 +1,7 @@
 """Evaluation stage on real local Ray with 2 actors: each val image reconstructed exactly once,
 metrics logged to a real MLflow sqlite store, sampling into PNG shards + ADM npz, gen metrics with
 the probe stand-in (never named FID), make-ref, CFG search. Tiny random models; seconds each."""
+
 import os
 
 import numpy as np
@@ -15,13 +16,25 @@ from infra.stages import stage_fingerprint
 
 NUM_CLASSES = 4
 TINY_OVERRIDES = [
-    "data.image_size=32", f"data.synthetic.num_classes={NUM_CLASSES}", *NANO_TOKENIZER,
+    "data.image_size=32",
+    f"data.synthetic.num_classes={NUM_CLASSES}",
+    *NANO_TOKENIZER,
     "tokenizer.channel_mult=[1,1,2]",
-    "generator.size=tiny", "generator.vocab_size=64", "generator.levels=[1,1,2,4,8]",
-    f"generator.num_classes={NUM_CLASSES}", "generator.ar_tokens=4",
-    "eval.num_actors=2", "eval.batch_size=16", "eval.feature_net=probe", "eval.probe_steps=40",
-    "eval.num_samples_per_class=6", "eval.samples_per_shard=10", "eval.grid_images=4",
-    "sampling.batch_size=12", "sampling.cfg_scale=1.5", "cluster.num_workers=2",
+    "generator.size=tiny",
+    "generator.vocab_size=64",
+    "generator.levels=[1,1,2,4,8]",
+    f"generator.num_classes={NUM_CLASSES}",
+    "generator.ar_tokens=4",
+    "eval.num_actors=2",
+    "eval.batch_size=16",
+    "eval.feature_net=probe",
+    "eval.probe_steps=40",
+    "eval.num_samples_per_class=6",
+    "eval.samples_per_shard=10",
+    "eval.grid_images=4",
+    "sampling.batch_size=12",
+    "sampling.cfg_scale=1.5",
+    "cluster.num_workers=2",
 ]
 
 
@@ -29,7 +42,9 @@ def tiny_cfg(work_dir, extra=()):
     # one MLflow store for the session's tests (pytest's base temp dir): a new sqlite store costs
     # seconds of migrations on 2 cores
     uri = f"sqlite:///{work_dir.parent.parent}/mlflow-eval.db"
-    return load_config(None, [f"work_dir={work_dir}", f"tracking.tracking_uri={uri}", *TINY_OVERRIDES, *extra])
+    return load_config(
+        None, [f"work_dir={work_dir}", f"tracking.tracking_uri={uri}", *TINY_OVERRIDES, *extra]
+    )
 
 
 def write_split(cfg, split, per_class, shard_size):
@@ -47,8 +62,8 @@ def write_split(cfg, split, per_class, shard_size):
     entries = []
     for j in range(0, n, shard_size):
         name = f"{split}-{j // shard_size:06d}.tar"
-        sha = write_png_shard(f"{out}/{name}", samples[j:j + shard_size])
-        entries.append({"shard": name, "count": len(samples[j:j + shard_size]), "sha256": sha, "bytes": 0})
+        sha = write_png_shard(f"{out}/{name}", samples[j : j + shard_size])
+        entries.append({"shard": name, "count": len(samples[j : j + shard_size]), "sha256": sha, "bytes": 0})
     return [s[0] for s in samples], {"shards": entries, "total": n}
 
 
@@ -67,8 +82,15 @@ def write_models(cfg, seed=0, tokenizer_dir=None):
 def write_prep(cfg, val_per_class=6, val_shard=5, train_per_class=12, train_shard=16):
     val_keys, val = write_split(cfg, "val", val_per_class, val_shard)
     _, train = write_split(cfg, "train", train_per_class, train_shard)
-    write_manifest(paths.stage_dir(cfg, "prep"), "prep", stage_fingerprint(cfg, "prep"), complete=True,
-                   shards_url=paths.shards_url(cfg), num_classes=NUM_CLASSES, splits={"val": val, "train": train})
+    write_manifest(
+        paths.stage_dir(cfg, "prep"),
+        "prep",
+        stage_fingerprint(cfg, "prep"),
+        complete=True,
+        shards_url=paths.shards_url(cfg),
+        num_classes=NUM_CLASSES,
+        splits={"val": val, "train": train},
+    )
     return val_keys
 
 
@@ -92,15 +114,25 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
     assert report["num_images"] == report["expected_images"] == len(val_keys) == 24
     assert report["images_per_actor"] == [14, 10]
     m = report["metrics"]
-    assert {"fd_probe_recon", "fd_probe_recon_keep4", "fd_probe_recon_keep8", "psnr", "ssim",
-            "codebook_usage", "codebook_entropy_bits", "probe_recon_class_consistency"} <= set(m)
+    assert {
+        "fd_probe_recon",
+        "fd_probe_recon_keep4",
+        "fd_probe_recon_keep8",
+        "psnr",
+        "ssim",
+        "codebook_usage",
+        "codebook_entropy_bits",
+        "probe_recon_class_consistency",
+    } <= set(m)
     assert not any("fid" in k for k in m), "probe numbers must never be named FID"
     assert "lpips" not in m and report["lpips"].startswith("omitted: ")  # no VGG weights offline
     assert 0 < m["codebook_usage"] <= 1 and 0 <= m["codebook_entropy_bits"] <= np.log2(64)
     logged = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id)
     assert logged.data.metrics["fd_probe_recon"] == pytest.approx(m["fd_probe_recon"])
     assert logged.data.tags["restok.lpips"].startswith("omitted")
-    history = tracking.client_for(paths.tracking_uri(cfg)).get_metric_history(run_id, "fd_probe_recon_by_kept_tokens")
+    history = tracking.client_for(paths.tracking_uri(cfg)).get_metric_history(
+        run_id, "fd_probe_recon_by_kept_tokens"
+    )
     assert sorted(h.step for h in history) == [4, 8, 16]
 
 
@@ -123,8 +155,12 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
     assert np.bincount(npz["arr_1"]).tolist() == [6] * NUM_CLASSES
     # the release's order: labels interleaved, every block of NUM_CLASSES holds each class once
     assert (np.sort(npz["arr_1"].reshape(-1, NUM_CLASSES), 1) == np.arange(NUM_CLASSES)).all()
-    keys = [k for f in sorted(os.listdir(sample_dir)) if f.endswith(".tar")
-            for k, _, _ in read_image_shard(os.path.join(sample_dir, f))]
+    keys = [
+        k
+        for f in sorted(os.listdir(sample_dir))
+        if f.endswith(".tar")
+        for k, _, _ in read_image_shard(os.path.join(sample_dir, f))
+    ]
     assert len(keys) == len(set(keys)) == 24
     # a rerun with the same fingerprint is skipped
     assert run(cfg)["written_at"] == manifest["written_at"]
@@ -137,8 +173,14 @@ def test_make_ref_and_cfg_search(tmp_path, ray_local):
     from jobs.evaluation.reference import make_reference
     from jobs.metrics.fid import load_reference_stats
 
-    cfg, _ = make_workdir(tmp_path, extra=["eval.cfg_search_scales=[1.0,2.0]", "eval.cfg_search_start_ratios=[0.0]",
-                                           "eval.num_samples_per_class=3"])
+    cfg, _ = make_workdir(
+        tmp_path,
+        extra=[
+            "eval.cfg_search_scales=[1.0,2.0]",
+            "eval.cfg_search_start_ratios=[0.0]",
+            "eval.num_samples_per_class=3",
+        ],
+    )
     ref_url = make_reference(cfg, str(tmp_path / "ref.npz"))
     ref = load_reference_stats(ref_url)
     assert ref.feature_net == "probe" and ref.num_images == 48 and ref.features.shape == (48, 128)
@@ -174,4 +216,7 @@ def test_inception_features_worker_in_process(tmp_path):
     assert fs.spatial is not None and fs.spatial.dim == 7 * 17 * 17
     assert fs.probs_array().shape == (4, 1008) and fs.pool.num_kept == 4
     assert (distance_name("inception", "recon"), distance_name("inception", "gen")) == ("rfid", "gfid")
-    assert (distance_name("probe", "recon"), distance_name("probe", "gen")) == ("fd_probe_recon", "fd_probe_gen")
+    assert (distance_name("probe", "recon"), distance_name("probe", "gen")) == (
+        "fd_probe_recon",
+        "fd_probe_gen",
+    )

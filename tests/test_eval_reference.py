@@ -2,6 +2,7 @@
 included), cached on disk keyed by the reference file's sha256 and the feature config, never reused
 for another feature config; `restok eval score` (ADM's evaluator CLI) with test-written random
 Inception weights. Tiny models on the default preset (probe stand-in, no reference file)."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,15 @@ from test_eval import make_workdir  # shared tiny fixtures (ray_local: conftest)
 def test_default_gen_eval_with_cfg_search_computes_reference_once(tmp_path, ray_local):  # noqa: F811
     from jobs.evaluation import gen, reference
 
-    cfg, _ = make_workdir(tmp_path, extra=["eval.recon=false", "eval.cfg_search_scales=[1.0,2.0,3.0]",
-                                           "eval.cfg_search_start_ratios=[0.0]", "eval.num_samples_per_class=3"])
+    cfg, _ = make_workdir(
+        tmp_path,
+        extra=[
+            "eval.recon=false",
+            "eval.cfg_search_scales=[1.0,2.0,3.0]",
+            "eval.cfg_search_start_ratios=[0.0]",
+            "eval.num_samples_per_class=3",
+        ],
+    )
     assert not cfg.eval.reference_stats and cfg.eval.feature_net == "probe"  # the default preset's setting
     reference._REFERENCE_MEMO.clear()
     before = reference.REFERENCE_PASSES
@@ -28,7 +36,9 @@ def _random_probe(path, num_classes=4, seed=1):
     from jobs.metrics.probe import ProbeNet
 
     torch.manual_seed(seed)
-    torch.save({"state_dict": ProbeNet(num_classes).state_dict(), "num_classes": num_classes, "image_size": 32}, path)
+    torch.save(
+        {"state_dict": ProbeNet(num_classes).state_dict(), "num_classes": num_classes, "image_size": 32}, path
+    )
     return str(path)
 
 
@@ -64,7 +74,9 @@ def test_adm_reference_batch_cached_by_hash_and_feature_config(tmp_path, ray_loc
     assert len(list((tmp_path / "work").rglob("reference-cache/*.npz"))) == 2
     # generation metrics against it: precision/recall over all rows of both sets
     report = gen.evaluate_gen(cfg, None, spec=spec, probe={})
-    assert report["num_samples"] == 12 and {"fd_probe_gen", "probe_precision", "probe_recall"} <= set(report["metrics"])
+    assert report["num_samples"] == 12 and {"fd_probe_gen", "probe_precision", "probe_recall"} <= set(
+        report["metrics"]
+    )
     assert reference.REFERENCE_PASSES - before == 2
 
 
@@ -88,15 +100,38 @@ def test_eval_score_cli_prints_adm_numbers(tmp_path, ray_local, capsys):  # noqa
     np.savez(ref, arr_0=ref_images)
     np.savez(smp, arr_0=smp_images, arr_1=np.arange(8))
     uri = f"sqlite:///{tmp_path.parent.parent}/mlflow-eval.db"
-    assert main(["eval", "score", ref, smp, f"work_dir={tmp_path / 'work'}", f"tracking.tracking_uri={uri}",
-                 f"eval.inception_weights={weights}", "eval.num_actors=1", "eval.batch_size=8", "--verbose"]) == 0
-    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
-                 if line.split(": ", 1)[0] in ("Inception Score", "FID", "sFID", "Precision", "Recall"))
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                ref,
+                smp,
+                f"work_dir={tmp_path / 'work'}",
+                f"tracking.tracking_uri={uri}",
+                f"eval.inception_weights={weights}",
+                "eval.num_actors=1",
+                "eval.batch_size=8",
+                "--verbose",
+            ]
+        )
+        == 0
+    )
+    lines = dict(
+        line.split(": ", 1)
+        for line in capsys.readouterr().out.splitlines()
+        if line.split(": ", 1)[0] in ("Inception Score", "FID", "sFID", "Precision", "Recall")
+    )
     # the same numbers from one in-process Inception pass and jobs.metrics.adm
     net = load_inception(str(weights))
     a = {k: v.numpy() for k, v in net(torch.from_numpy(ref_images).permute(0, 3, 1, 2)).items()}
     b = {k: v.numpy() for k, v in net(torch.from_numpy(smp_images).permute(0, 3, 1, 2)).items()}
     want = scores(a["pool"], a["spatial"], b["pool"], b["spatial"], net.logits_weight().numpy())
-    for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-                       ("Precision", "precision"), ("Recall", "recall")):
+    for label, key in (
+        ("Inception Score", "inception_score"),
+        ("FID", "fid"),
+        ("sFID", "sfid"),
+        ("Precision", "precision"),
+        ("Recall", "recall"),
+    ):
         assert float(lines[label]) == pytest.approx(want[key], rel=1e-3, abs=1e-3), label

@@ -1,4 +1,5 @@
 """extract_codes: a real Ray actor pool over real prep shards, with a (random) nano tokenizer export."""
+
 import shutil
 
 import numpy as np
@@ -15,8 +16,15 @@ from jobs import extract_codes
 
 
 def make_cfg(work_dir, *extra):
-    return nano_cfg(work_dir, "data.synthetic.train_per_class=12", "data.samples_per_shard=16",
-                    "extract.augment=flip", "extract.batch_size=16", "extract.num_actors=2", *extra)
+    return nano_cfg(
+        work_dir,
+        "data.synthetic.train_per_class=12",
+        "data.samples_per_shard=16",
+        "extract.augment=flip",
+        "extract.batch_size=16",
+        "extract.num_actors=2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +57,7 @@ def assert_same_codes(cfg, clean_cfg):
     got, want = all_codes(cfg), all_codes(clean_cfg)
     for split in want:
         assert np.array_equal(got[split][0], want[split][0]) and np.array_equal(got[split][1], want[split][1])
+
     def shas(c):
         return [s["sha256"] for s in read_manifest(paths.stage_dir(c, "extract_codes"))["shards"]]
 
@@ -62,7 +71,8 @@ def test_deterministic_counts_match_and_killed_run_resumes(upstream, tmp_path, m
     assert first["counts"]["train"] == sum(s["count"] for s in prep["splits"]["train"]["shards"]) == 48
     assert first["code_shape"] == [2, 16] and first["dtype"] == "int16"
     assert first["tokenizer_sha256"] == storage.sha256_url(
-        storage.join(paths.stage_dir(upstream, "train_tokenizer"), "tokenizer_ema.safetensors"))
+        storage.join(paths.stage_dir(upstream, "train_tokenizer"), "tokenizer_ema.safetensors")
+    )
     codes, classes = code_shards.load_split(paths.stage_dir(make_cfg(tmp_path / "a"), "extract_codes"))
     run = tracking.client_for(paths.tracking_uri(make_cfg(tmp_path / "a"))).get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["codes_train"] == 48
@@ -90,7 +100,7 @@ def test_tencrop_views_are_five_crops_and_their_flips():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     views = extract_codes.views(image, 32, "tencrop")
     assert len(views) == 10 and all(v.size == (32, 32) for v in views)
-    for crop, flipped in zip(views[:5], views[5:]):
+    for crop, flipped in zip(views[:5], views[5:], strict=False):
         assert np.array_equal(np.asarray(crop)[:, ::-1], np.asarray(flipped))
     assert len(extract_codes.views(image, 32, "flip")) == 2
     assert len(extract_codes.views(image, 32, "none")) == 1
@@ -147,7 +157,8 @@ def test_retrained_tokenizer_discards_stale_code_shards(upstream, flip_codes, tm
     assert new["tokenizer_sha256"] != old["tokenizer_sha256"]
     assert "discarded 3 of 3 code shards: 3 made by other tokenizer weights" in capsys.readouterr().out
     assert new["tokenizer_sha256"] == storage.sha256_url(
-        storage.join(paths.stage_dir(cfg, "train_tokenizer"), "tokenizer_ema.safetensors"))
+        storage.join(paths.stage_dir(cfg, "train_tokenizer"), "tokenizer_ema.safetensors")
+    )
     clean = copy_upstream(upstream, make_cfg(tmp_path / "d", ONE_ACTOR))
     retrain_tokenizer(clean, seed=1)
     extract_codes.run(clean)

@@ -1,4 +1,5 @@
 """HAR / vanilla GPT: sizes, layouts and masks, KV-cache decoding, pass counts, overfitting, errors."""
+
 from dataclasses import replace
 
 import pytest
@@ -23,9 +24,19 @@ LEVEL_LISTS = [L_LEVELS, [1, 1, 2, 4, 8], [1, 1, 2, 4, 8, 16]]
 
 
 def tiny_cfg(har=True, levels=(1, 1, 2, 4, 8), vocab=32, classes=5, **kw) -> GeneratorConfig:
-    return GeneratorConfig(size="tiny", har=har, vocab_size=vocab, levels=list(levels), ar_tokens=4,
-                           num_classes=classes, class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0,
-                           ffn_dropout=0.0, **kw)
+    return GeneratorConfig(
+        size="tiny",
+        har=har,
+        vocab_size=vocab,
+        levels=list(levels),
+        ar_tokens=4,
+        num_classes=classes,
+        class_dropout=0.0,
+        token_dropout=0.0,
+        resid_dropout=0.0,
+        ffn_dropout=0.0,
+        **kw,
+    )
 
 
 def random_model(cfg: GeneratorConfig, seed=0) -> GPT:
@@ -86,13 +97,13 @@ def independent_layout(levels, ar_tokens):
         special += n - prev
         seq += [(CODE, first + j) for j in range(n)]
         prev, first = n, first + n
-    return seq[:sum(levels)]
+    return seq[: sum(levels)]
 
 
 @pytest.mark.parametrize("levels", LEVEL_LISTS)
 def test_har_layout_and_mask_equal_independent_construction(levels):
     layout = build_layout(levels, 4, har=True)
-    assert list(zip(layout.kind, layout.index)) == independent_layout(levels, 4)
+    assert list(zip(layout.kind, layout.index, strict=False)) == independent_layout(levels, 4)
     mask = layout.attention_mask()
     assert torch.equal(mask, independent_mask(levels, 4))
     n = sum(levels)
@@ -101,21 +112,31 @@ def test_har_layout_and_mask_equal_independent_construction(levels):
     start = 4
     for size in levels[3:]:
         blk = slice(start, start + size)
-        assert mask[blk, :start + size].all()  # bidirectional inside, sees everything before
-        assert not mask[blk, start + size:].any()  # never a later block
+        assert mask[blk, : start + size].all()  # bidirectional inside, sees everything before
+        assert not mask[blk, start + size :].any()  # never a later block
         start += size
     # the groups read distinct special rows, 0..used-1
-    specials = [i for k, i in zip(layout.kind, layout.index) if k == SPECIAL]
+    specials = [i for k, i in zip(layout.kind, layout.index, strict=False) if k == SPECIAL]
     assert specials == list(range(len(specials)))
 
 
 def test_l_layout_matches_spec_string():
     layout = build_layout(L_LEVELS, 4)
-    names = [("cls" if k == CLS else f"t{i}" if k == CODE else f"M{i}") for k, i in zip(layout.kind, layout.index)]
-    expected = (["cls", "t0", "t1", "t2", "t3", "M0", "M1", "M2"] + [f"t{i}" for i in range(4, 8)]
-                + [f"M{i}" for i in range(3, 7)] + [f"t{i}" for i in range(8, 16)] + [f"M{i}" for i in range(7, 15)]
-                + [f"t{i}" for i in range(16, 32)] + [f"M{i}" for i in range(15, 31)]
-                + [f"t{i}" for i in range(32, 64)] + [f"M{i}" for i in range(31, 63)])
+    names = [
+        ("cls" if k == CLS else f"t{i}" if k == CODE else f"M{i}")
+        for k, i in zip(layout.kind, layout.index, strict=False)
+    ]
+    expected = (
+        ["cls", "t0", "t1", "t2", "t3", "M0", "M1", "M2"]
+        + [f"t{i}" for i in range(4, 8)]
+        + [f"M{i}" for i in range(3, 7)]
+        + [f"t{i}" for i in range(8, 16)]
+        + [f"M{i}" for i in range(7, 15)]
+        + [f"t{i}" for i in range(16, 32)]
+        + [f"M{i}" for i in range(15, 31)]
+        + [f"t{i}" for i in range(32, 64)]
+        + [f"M{i}" for i in range(31, 63)]
+    )
     assert names == expected and len(names) == 128
 
 
@@ -128,8 +149,10 @@ def test_interleaved_order_and_vanilla_layout():
     assert torch.equal(vanilla.attention_mask(), torch.ones(16, 16, dtype=torch.bool).tril())
 
 
-@pytest.mark.parametrize("levels,ar,msg", [([1, 1, 2, 4], 3, "level boundary"), ([1, 1, 2, 8, 4], 4, "shrink"),
-                                           ([1, 1, 2], 9, "ar_tokens")])
+@pytest.mark.parametrize(
+    "levels,ar,msg",
+    [([1, 1, 2, 4], 3, "level boundary"), ([1, 1, 2, 8, 4], 4, "shrink"), ([1, 1, 2], 9, "ar_tokens")],
+)
 def test_bad_level_lists_rejected(levels, ar, msg):
     with pytest.raises(ValueError, match=msg):
         build_layout(levels, ar)
@@ -149,8 +172,8 @@ def test_kv_cache_logits_equal_full_forward(har, order, cfg_scale):
     with torch.no_grad():
         full = model(full_labels, full_codes)
     assert len(res.step_logits) == len(model.layout.steps)
-    for step, logits in zip(model.layout.steps, res.step_logits):
-        assert (logits - full[:, step.start:step.end]).abs().max() < 1e-4
+    for step, logits in zip(model.layout.steps, res.step_logits, strict=False):
+        assert (logits - full[:, step.start : step.end]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("har,passes", [(True, 9), (False, 128)])
@@ -158,7 +181,9 @@ def test_forward_pass_counts_for_128_tokens(har, passes):
     model = random_model(tiny_cfg(har=har, levels=L_LEVELS, vocab=64))
     calls = []
     model.head.register_forward_hook(lambda *a: calls.append(1))
-    res = sample(model, torch.tensor([1, 2]), cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    res = sample(
+        model, torch.tensor([1, 2]), cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(0)
+    )
     assert len(calls) == res.num_forward_passes == len(res.step_times) == passes
     assert res.codes.shape == (2, 128) and res.codes.dtype == torch.long
 
@@ -175,7 +200,11 @@ def test_seeded_sampling_is_reproducible():
 
 # ---- sampling maths ---------------------------------------------------------------------------
 def test_cfg_schedules():
-    assert [cfg_value(i, 9, 3.75, "step", 0.25, release_cfg_floor=True) for i in range(3)] == [1.0001, 1.0001, 3.75]
+    assert [cfg_value(i, 9, 3.75, "step", 0.25, release_cfg_floor=True) for i in range(3)] == [
+        1.0001,
+        1.0001,
+        3.75,
+    ]
     assert cfg_value(0, 9, 3.75, "step", 0.25) == 1.0
     assert cfg_value(4, 9, 3.0, "linear") == pytest.approx(2.0)
     assert cfg_value(0, 9, 3.0, "constant") == 3.0
@@ -213,7 +242,9 @@ def test_tiny_generator_overfits_and_samples_back(har):
     assert loss.item() < 0.01
     res = sample(model, labels, cfg_scale=1.0, top_k=1)
     assert torch.equal(res.codes, codes)
-    res = sample(model, labels, cfg_scale=1.5, temperature=0.5, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    res = sample(
+        model, labels, cfg_scale=1.5, temperature=0.5, top_p=0.5, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(res.codes, codes)
 
 

@@ -3,6 +3,7 @@
 Only the configuration is read from har_tiny.json / har_l_keys.json; no test depends on a stored
 tensor value, so any fixture set made the same way (other seeds, labels, inputs) must pass.
 """
+
 import json
 import pickle
 import re
@@ -37,8 +38,14 @@ def _config(meta: dict, vanilla: bool):
     g = meta["generator_config_(model.generator)"]
     levels = meta["derived_structure"]["level_sizes"]
     assert sum(levels) == g["block_size"]
-    cfg = official_generator_config(vanilla, _size_name(meta["har_ModelArgs"]), vocab_size=g["vocab_size"],
-                                    levels=levels, ar_tokens=g["ar_token_num"], num_classes=g["num_classes"])
+    cfg = official_generator_config(
+        vanilla,
+        _size_name(meta["har_ModelArgs"]),
+        vocab_size=g["vocab_size"],
+        levels=levels,
+        ar_tokens=g["ar_token_num"],
+        num_classes=g["num_classes"],
+    )
     if not vanilla:
         assert cfg.special_rows == g["spe_token_num"]  # release formula (ar-1)+... = block_size - 1
     return cfg
@@ -47,10 +54,16 @@ def _config(meta: dict, vanilla: bool):
 def _sampler_kwargs(spec: dict) -> dict:
     kw = spec["kw"]
     sched = kw.get("cfg_schedule_kwargs", {})
-    return {"cfg_scale": kw["cfg_scale"], "cfg_schedule": kw["cfg_schedule"],
-            "start_ratio": sched.get("window_start", 0.0), "min_cfg_scale": sched.get("min_cfg_scale", 1.0),
-            "temperature": kw["temperature"], "top_k": kw["top_k"], "top_p": kw["top_p"],
-            "release_cfg_floor": True}
+    return {
+        "cfg_scale": kw["cfg_scale"],
+        "cfg_schedule": kw["cfg_schedule"],
+        "start_ratio": sched.get("window_start", 0.0),
+        "min_cfg_scale": sched.get("min_cfg_scale", 1.0),
+        "temperature": kw["temperature"],
+        "top_k": kw["top_k"],
+        "top_p": kw["top_p"],
+        "release_cfg_floor": True,
+    }
 
 
 def _seed(spec: dict) -> int:
@@ -122,7 +135,7 @@ def test_har_sampling_matches_release(fx, run):
     handle.remove()
     assert len(calls) == result.num_forward_passes == meta["forward_passes"][run] == 7
     assert result.cfg_values == pytest.approx(meta["cfg_value_per_forward_pass"][run])
-    for i, (step, logits) in enumerate(zip(har.layout.steps, result.step_logits)):
+    for i, (step, logits) in enumerate(zip(har.layout.steps, result.step_logits, strict=False)):
         assert torch.equal(torch.arange(step.start, step.end), io[f"{run}_step{i}_input_pos"])
         assert (logits - io[f"{run}_step{i}_logits"]).abs().max() <= LOGIT_ATOL, f"pass {i}"
     assert torch.equal(result.codes, io[f"{run}_codes"])
@@ -151,13 +164,16 @@ def test_release_cache_mask_agrees_with_prefix_attention(fx):
     allowed = io["har_cache_attn_allowed"]
     n = har.block_size
     for step in har.layout.steps:
-        rows = allowed[step.start:step.end, :n]
-        assert rows[:, :step.end].all() and not rows[:, step.end:].any()
+        rows = allowed[step.start : step.end, :n]
+        assert rows[:, : step.end].all() and not rows[:, step.end :].any()
 
 
 def _l_state(meta: dict, vanilla: bool) -> dict:
-    return {k["key"]: torch.empty(k["shape"], device="meta") for k in meta["keys_har"]
-            if not (vanilla and k["har_only"])}
+    return {
+        k["key"]: torch.empty(k["shape"], device="meta")
+        for k in meta["keys_har"]
+        if not (vanilla and k["har_only"])
+    }
 
 
 @pytest.mark.parametrize("vanilla", [False, True])
@@ -185,8 +201,14 @@ def test_mismatched_release_state_dict_fails_with_one_line(fx):
         convert_official_state_dict(bad, _config(meta, vanilla=False))
     msg = str(err.value)
     assert "\n" not in msg
-    for key in ("blocks.0.attn.proj.weight", "head.weight", "some.extra.weight", "missing", "unexpected",
-                "wrong shape"):
+    for key in (
+        "blocks.0.attn.proj.weight",
+        "head.weight",
+        "some.extra.weight",
+        "missing",
+        "unexpected",
+        "wrong shape",
+    ):
         assert key in msg
     # A HAR checkpoint into the vanilla model: the special table is unexpected.
     with pytest.raises(StateDictMismatchError, match="mask_token_embed"):

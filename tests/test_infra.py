@@ -1,4 +1,5 @@
 """infra/: what can be validated without a cloud: YAML structure and the container's pinned stack."""
+
 import re
 import shlex
 import tomllib
@@ -30,11 +31,20 @@ def _require(node, path, kind=None):
 
 def test_cluster_launcher_schema():
     cfg = yaml.safe_load((INFRA / "cluster-aws.yaml").read_text())
-    for key, kind in (("cluster_name", str), ("max_workers", int), ("provider.type", str),
-                      ("provider.region", str), ("auth.ssh_user", str), ("docker.image", str),
-                      ("docker.container_name", str), ("available_node_types", dict),
-                      ("head_node_type", str), ("setup_commands", list),
-                      ("head_start_ray_commands", list), ("worker_start_ray_commands", list)):
+    for key, kind in (
+        ("cluster_name", str),
+        ("max_workers", int),
+        ("provider.type", str),
+        ("provider.region", str),
+        ("auth.ssh_user", str),
+        ("docker.image", str),
+        ("docker.container_name", str),
+        ("available_node_types", dict),
+        ("head_node_type", str),
+        ("setup_commands", list),
+        ("head_start_ray_commands", list),
+        ("worker_start_ray_commands", list),
+    ):
         _require(cfg, key, kind)
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types

@@ -3,6 +3,7 @@ then rerun: it resumes from the newest checkpoint complete on storage (our COMPL
 whether or not Ray's snapshot registered it), removes orphaned (incomplete) checkpoint directories,
 keeps `keep_checkpoints` over everything on storage, and continues the stage's MLflow run, which
 ends FINISHED with every step logged once (issue 19, Deliver 3)."""
+
 import glob
 import json
 import os
@@ -22,11 +23,17 @@ from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 STEPS, EVERY, KEEP = 24, 8, 2
 # The default preset with a tiny data set and schedule (issue 19: "a tiny default-like config").
 OVERRIDES = [
-    "stages=[prep,train_tokenizer]", "data.synthetic.train_per_class=8", "data.synthetic.val_per_class=1",
-    "data.loader_workers=0", "data.prep_tasks=1",
-    f"tokenizer_train.steps={STEPS}", f"tokenizer_train.checkpoint_every={EVERY}",
-    f"tokenizer_train.keep_checkpoints={KEEP}", "tokenizer_train.log_every=1",
-    "tokenizer_train.image_log_every=0", "tokenizer_train.global_batch_size=8",
+    "stages=[prep,train_tokenizer]",
+    "data.synthetic.train_per_class=8",
+    "data.synthetic.val_per_class=1",
+    "data.loader_workers=0",
+    "data.prep_tasks=1",
+    f"tokenizer_train.steps={STEPS}",
+    f"tokenizer_train.checkpoint_every={EVERY}",
+    f"tokenizer_train.keep_checkpoints={KEEP}",
+    "tokenizer_train.log_every=1",
+    "tokenizer_train.image_log_every=0",
+    "tokenizer_train.global_batch_size=8",
     "tokenizer_train.micro_batch_size=4",
 ]
 
@@ -49,9 +56,14 @@ def _restok(work, log, **popen):
     """`restok run` (the console script next to this interpreter), output to the file `log`."""
     restok = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
     # Paced (test-only env) so the kill lands between two checkpoints on a fast machine too.
-    return subprocess.Popen([restok, "run", f"work_dir={work}", *OVERRIDES], cwd=work.parent,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", TEST_STEP_SLEEP_ENV: "0.5"}, stdout=log,
-                            stderr=subprocess.STDOUT, **popen)
+    return subprocess.Popen(
+        [restok, "run", f"work_dir={work}", *OVERRIDES],
+        cwd=work.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", TEST_STEP_SLEEP_ENV: "0.5"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def _markers(work):
@@ -138,13 +150,16 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     full_log = re.search(r"full log: (\S+)", out).group(1)
     with open(full_log) as fh:
         worker_lines = fh.read()
-    resumed = [int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", worker_lines)]
+    resumed = [
+        int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", worker_lines)
+    ]
     assert resumed and set(resumed) == {resume_step}, out[-6000:]  # (Ray may echo a line twice)
 
     # Storage: no orphan; exactly the KEEP newest complete checkpoints.
     experiment = os.path.dirname(complete[resume_step])
-    kept = sorted(os.path.basename(d) for d in glob.glob(os.path.join(experiment, "checkpoint_*"))
-                  if os.path.isdir(d))
+    kept = sorted(
+        os.path.basename(d) for d in glob.glob(os.path.join(experiment, "checkpoint_*")) if os.path.isdir(d)
+    )
     assert kept == [f"checkpoint_{s:08d}" for s in range(STEPS - EVERY * (KEEP - 1), STEPS + 1, EVERY)]
     assert all(os.path.exists(os.path.join(experiment, k, "COMPLETE.json")) for k in kept)
     manifest = json.loads((work / "train_tokenizer" / "manifest.json").read_text())
@@ -159,8 +174,9 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     assert stage_runs[0].data.tags["restok.resumed_at_steps"] == str(resume_step)
     steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
     assert steps == list(range(STEPS))
-    parents = sorted((r for r in runs if r.data.tags["restok.stage"] == "pipeline"),
-                     key=lambda r: r.info.start_time)
+    parents = sorted(
+        (r for r in runs if r.data.tags["restok.stage"] == "pipeline"), key=lambda r: r.info.start_time
+    )
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     assert parents[0].data.tags["restok.continued_in"] == parents[1].info.run_id
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -186,8 +202,15 @@ def test_prepare_resume_adopts_registered_drops_orphans_and_keeps_the_newest(tmp
     _checkpoint(root, 30, marker=False)  # registered by Ray, marker not yet written
     _checkpoint(root, 40, marker=False)  # half uploaded: no marker, not registered
     (root / "checkpoint_00000050").mkdir()  # upload cut before meta.json
-    (root / ray_training.RAY_SNAPSHOT_NAME).write_text(json.dumps({"checkpoint_results": [
-        {"checkpoint_dir_name": f"checkpoint_{s:08d}", "metrics": {}} for s in (10, 20, 30)]}))
+    (root / ray_training.RAY_SNAPSHOT_NAME).write_text(
+        json.dumps(
+            {
+                "checkpoint_results": [
+                    {"checkpoint_dir_name": f"checkpoint_{s:08d}", "metrics": {}} for s in (10, 20, 30)
+                ]
+            }
+        )
+    )
 
     url, marker = ray_training.prepare_resume(str(root), keep=2)
     assert (url, marker["step"]) == (str(root / "checkpoint_00000030"), 30)

@@ -3,6 +3,7 @@
 Every import is read from the source (ast), including imports inside functions, so a lazy import
 cannot hide an upward edge or a cycle.
 """
+
 import ast
 import pathlib
 
@@ -42,8 +43,14 @@ def imports_of(path: pathlib.Path) -> list[tuple[int, str]]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 found.append((node.lineno, sub if is_module(sub) else base))
-        elif (dynamic and isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value
-              and node.value.split(".")[0] in LAYERS and is_module(node.value)):
+        elif (
+            dynamic
+            and isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and "." in node.value
+            and node.value.split(".")[0] in LAYERS
+            and is_module(node.value)
+        ):
             found.append((node.lineno, node.value))  # a module named for importlib (a lazy import)
     return found
 
@@ -56,8 +63,7 @@ def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for path in project_files():
         mod = module_name(path)
-        edges[mod] = {name for _, name in imports_of(path)
-                      if name.split(".")[0] in LAYERS and name != mod}
+        edges[mod] = {name for _, name in imports_of(path) if name.split(".")[0] in LAYERS and name != mod}
     return edges
 
 
@@ -106,7 +112,9 @@ def test_layers_import_downward_only():
             top = name.split(".")[0]
             if top in LAYERS and LAYERS.index(top) > own:
                 upward.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
-    assert not upward, "upward imports (layers, lowest first: " + " < ".join(LAYERS) + "):\n" + "\n".join(upward)
+    assert not upward, (
+        "upward imports (layers, lowest first: " + " < ".join(LAYERS) + "):\n" + "\n".join(upward)
+    )
 
 
 def test_no_import_cycles_between_modules():
@@ -127,7 +135,9 @@ def test_models_import_no_distribution_or_tracking():
 def test_checker_sees_imports_inside_functions_and_finds_cycles():
     # jobs/training/stage.py imports ray.train inside finish_training_stage only.
     stage = ROOT / "jobs" / "training" / "stage.py"
-    top_level = {a.name for n in ast.parse(stage.read_text()).body if isinstance(n, ast.Import) for a in n.names}
+    top_level = {
+        a.name for n in ast.parse(stage.read_text()).body if isinstance(n, ast.Import) for a in n.names
+    }
     assert "ray.train" not in top_level and "ray.train" in {name for _, name in imports_of(stage)}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

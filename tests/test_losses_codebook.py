@@ -1,4 +1,5 @@
 """Codebook usage / entropy (SPEC evaluation row; paper App. A.3 Eq. 5-6)."""
+
 import math
 
 import pytest
@@ -55,6 +56,7 @@ def test_out_of_range_codes_rejected():
 
 def _rank_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         stats = CodebookStats(8)
@@ -69,6 +71,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, result_file: str) -
 @pytest.mark.slow
 def test_all_reduce_across_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
+
     result = tmp_path / "hist.pt"
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(result)), nprocs=2, join=True)
     assert torch.load(result).tolist() == [2, 2, 0, 0, 0, 0, 0, 2]

@@ -1,14 +1,25 @@
 """Discriminator, hinge / LeCam and DiffAugment (SPEC "discriminator")."""
+
 import pytest
 import torch
 
 from models.losses.diffaugment import diff_augment, rand_cutout, rand_translation
 from models.losses.discriminator import (
-    BatchNormLocal, DinoDiscriminator, LeCamEMA, generator_adv_loss, hinge_d_loss,
-    lecam_regularizer)
+    BatchNormLocal,
+    DinoDiscriminator,
+    LeCamEMA,
+    generator_adv_loss,
+    hinge_d_loss,
+    lecam_regularizer,
+)
 
-TINY_BACKBONE = dict(backbone_name="vit_tiny_patch16_224", backbone="random-untrained",
-                     image_size=32, feature_blocks=(0, 1), model_kwargs={"depth": 2})
+TINY_BACKBONE = dict(
+    backbone_name="vit_tiny_patch16_224",
+    backbone="random-untrained",
+    image_size=32,
+    feature_blocks=(0, 1),
+    model_kwargs={"depth": 2},
+)
 
 
 def test_hinge_and_generator_loss_vs_hand_computation():

@@ -6,6 +6,7 @@ up to float rounding (1e-5): the random augmentations (DiffAugment, the discrimi
 LPIPS pad/crop) draw from the global torch / python RNGs in the release's order, so the same seed
 gives the same augmentation, and no comparison needs to fall back to "equal in distribution".
 """
+
 import json
 from pathlib import Path
 
@@ -61,5 +62,7 @@ def test_release_head_keys_map_to_ours():
 def test_generator_script_uses_only_the_release():
     script = (FIXTURES / "make_loss_fixtures.py").read_text()
     assert "from modeling.modules import" in script
-    assert not any(line.lstrip().startswith(("from models", "from pipeline", "from jobs", "import models"))
-                   for line in script.splitlines())
+    assert not any(
+        line.lstrip().startswith(("from models", "from pipeline", "from jobs", "import models"))
+        for line in script.splitlines()
+    )

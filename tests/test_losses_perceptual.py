@@ -1,4 +1,5 @@
 """LPIPS-VGG perceptual loss (SPEC "loss"), random-trunk mode offline."""
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def test_self_distance_zero_and_grows_with_noise(lpips_random):
     images = torch.rand(2, 3, 64, 64)
     assert torch.equal(lpips_random(images, images), torch.zeros(2))
     noise = torch.randn_like(images)
-    distances = [lpips_random(images, (images + s * noise).clamp(0, 1)).mean().item()
-                 for s in (0.02, 0.1, 0.3)]
+    distances = [
+        lpips_random(images, (images + s * noise).clamp(0, 1)).mean().item() for s in (0.02, 0.1, 0.3)
+    ]
     assert 0 < distances[0] < distances[1] < distances[2]
     assert lpips_random.name == "lpips_random_untrained"
 

@@ -4,6 +4,7 @@ by default, with switches for the alternatives; one test per row of the issue's 
 Values here are derived from the release's definitions; tests/test_losses_official.py compares
 with outputs of the authors' code (tests/fixtures/official/losses_tiny*).
 """
+
 import random
 
 import pytest
@@ -15,8 +16,13 @@ from models.losses.diffaugment import diff_augment, parse_policy
 from models.losses.discriminator import DinoDiscriminator, LeCamEMA, hinge_d_loss
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
-TINY_BACKBONE = {"backbone_name": "vit_tiny_patch16_224", "backbone": "random-untrained",
-                 "image_size": 32, "feature_blocks": (0, 1), "model_kwargs": {"depth": 2}}
+TINY_BACKBONE = {
+    "backbone_name": "vit_tiny_patch16_224",
+    "backbone": "random-untrained",
+    "image_size": 32,
+    "feature_blocks": (0, 1),
+    "model_kwargs": {"depth": 2},
+}
 RELEASE_PRESETS = ("imagenet256-restok-l", "official-restok-l", "official-har-l", "official-vanilla-l")
 
 
@@ -52,15 +58,16 @@ def test_input_random_crop_or_area_resize():
         if random.random() <= 0.5:  # the release's order: python coin, then torch top, left
             top = int(torch.randint(0, 40 - 32 + 1, (1,)))
             left = int(torch.randint(0, 48 - 32 + 1, (1,)))
-            expected, kind = images[..., top:top + 32, left:left + 32], "crop"
+            expected, kind = images[..., top : top + 32, left : left + 32], "crop"
         else:
             expected, kind = F.interpolate(images, size=(32, 32), mode="area"), "area"
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         seen.add(kind)
     assert seen == {"crop", "area"}
     small = torch.rand(2, 3, 24, 24)  # smaller than the backbone input: bicubic up
-    torch.testing.assert_close(disc.features.resize_input(small),
-                               F.interpolate(small, size=(32, 32), mode="bicubic"))
+    torch.testing.assert_close(
+        disc.features.resize_input(small), F.interpolate(small, size=(32, 32), mode="bicubic")
+    )
     with pytest.raises(ValueError, match="disc_input_mode"):
         DinoDiscriminator(**TINY_BACKBONE, input_mode="nearest")
 
@@ -87,14 +94,19 @@ def test_diffaugment_release_policy_probability_and_range():
     assert sorted(round(v, 4) for v in signed.unique().tolist()) == [0.5, 0.8]
     cfg = TokenizerLossConfig()
     assert (cfg.disc_diffaug, cfg.disc_diffaug_prob, cfg.disc_diffaug_range) == (
-        "color,translation,cutout_0.2", 0.5, "unit")
+        "color,translation,cutout_0.2",
+        0.5,
+        "unit",
+    )
 
 
 def test_lecam_release_batch_means_previous_ema_from_zero():
     ema = LeCamEMA()
     assert ema.decay == 0.999 and ema.variant == "release"
-    steps = [(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])),
-             (torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0]))]
+    steps = [
+        (torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])),
+        (torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0])),
+    ]
     er = ef = 0.0
     for real, fake in steps:
         r, f = real.mean().item(), fake.mean().item()
@@ -120,12 +132,14 @@ def test_lpips_pad_crop_resize_in_training(monkeypatch):
     random.seed(3)
     top, bottom, left, right = (random.randrange(0, 16) for _ in range(4))
     padded = F.pad(images, (15, 15, 15, 15), mode="replicate")
-    expected = F.interpolate(padded[:, :, top:50 - bottom, left:54 - right], size=(20, 24),
-                             mode="bicubic", align_corners=False)
+    expected = F.interpolate(
+        padded[:, :, top : 50 - bottom, left : 54 - right], size=(20, 24), mode="bicubic", align_corners=False
+    )
     torch.testing.assert_close(a, expected)
     assert a.shape == b.shape == images.shape
     # TokenizerLoss feeds LPIPS the augmented pair in training, the plain pair in eval / when off.
     import models.losses.tokenizer_loss as tl
+
     calls = []
     monkeypatch.setattr(tl, "pad_crop_resize", lambda x, y: calls.append(1) or (x, y))
     off = {"vf_weight": 0.0, "gan_weight": 0.0, "vq_weight": 0.0, "lpips_backbone": "random-untrained"}
@@ -182,7 +196,8 @@ def test_init_release_scheme():
     # vf_proj keeps PyTorch's default (kaiming-uniform, bound 1/sqrt(fan_in)), not 0.02.
     vf = model.vf_proj.weight
     assert vf.abs().max() <= vf.shape[1] ** -0.5 and vf.std().item() == pytest.approx(
-        (vf.shape[1] ** -0.5) / 3 ** 0.5, rel=0.05)
+        (vf.shape[1] ** -0.5) / 3**0.5, rel=0.05
+    )
     cfg.init_scheme = "vit"
     other = ResTok(cfg)
     assert other.vf_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -198,15 +213,24 @@ def test_release_presets_use_the_release_losses(preset):
     assert cfg.tokenizer_train.ema_warmup and cfg.generator_train.ema_warmup
     assert loss.lpips_augment and loss.disc_cls_readout and loss.disc_input_mode == "release"
     assert (loss.disc_diffaug, loss.disc_diffaug_prob, loss.disc_diffaug_range) == (
-        "color,translation,cutout_0.2", 0.5, "unit")
+        "color,translation,cutout_0.2",
+        0.5,
+        "unit",
+    )
     assert (loss.lecam_ema_decay, loss.lecam_variant, loss.lecam_weight) == (0.999, "release", 0.001)
     assert dict(loss.disc_backbone_kwargs) == {"act_layer": "gelu_tanh"}
     assert cfg.tokenizer_train.optim.grad_clip == 10.0
 
 
-@pytest.mark.parametrize("key", ["tokenizer.init_scheme", "tokenizer_train.loss.disc_input_mode",
-                                 "tokenizer_train.loss.disc_diffaug_range",
-                                 "tokenizer_train.loss.lecam_variant"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "tokenizer.init_scheme",
+        "tokenizer_train.loss.disc_input_mode",
+        "tokenizer_train.loss.disc_diffaug_range",
+        "tokenizer_train.loss.lecam_variant",
+    ],
+)
 def test_bad_switch_values_are_rejected_naming_the_choices(key):
     from configs.loading import ConfigError
 

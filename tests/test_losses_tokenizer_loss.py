@@ -1,4 +1,5 @@
 """TokenizerLoss: the combined objective (SPEC "loss"), tiny random networks, CPU."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -7,12 +8,20 @@ from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
 OFF = dict(lpips_weight=0.0, vf_weight=0.0, gan_weight=0.0)
 # Test-only tiny random networks (names logged with _random_untrained).
-TINY = dict(lpips_backbone="random-untrained",
-            vf_teacher="vit_tiny_patch16_224", vf_teacher_backbone="random-untrained",
-            vf_teacher_resolution=32, vf_teacher_kwargs={"depth": 1},
-            disc_backbone_name="vit_tiny_patch16_224", disc_backbone="random-untrained",
-            disc_resolution=32, disc_feature_blocks=[0], disc_backbone_kwargs={"depth": 1},
-            disc_virtual_batch=2, gan_start_step=10)
+TINY = dict(
+    lpips_backbone="random-untrained",
+    vf_teacher="vit_tiny_patch16_224",
+    vf_teacher_backbone="random-untrained",
+    vf_teacher_resolution=32,
+    vf_teacher_kwargs={"depth": 1},
+    disc_backbone_name="vit_tiny_patch16_224",
+    disc_backbone="random-untrained",
+    disc_resolution=32,
+    disc_feature_blocks=[0],
+    disc_backbone_kwargs={"depth": 1},
+    disc_virtual_batch=2,
+    gan_start_step=10,
+)
 
 
 def _batch(width=192, grid=4, seed=0):
@@ -20,9 +29,11 @@ def _batch(width=192, grid=4, seed=0):
     images = torch.rand(2, 3, 32, 32, generator=g)
     offset = torch.zeros(1, 3, 1, 1, requires_grad=True)  # stands in for the tokenizer's parameters
     recon = (images * 0.8 + 0.1) + offset
-    aux = {"vq_loss": (offset ** 2).sum() + 0.125,
-           "vf_enc_feat": torch.randn(2, width, generator=g).requires_grad_(),
-           "vf_dec_feat": torch.randn(2, grid, width, generator=g).requires_grad_()}
+    aux = {
+        "vq_loss": (offset**2).sum() + 0.125,
+        "vf_enc_feat": torch.randn(2, width, generator=g).requires_grad_(),
+        "vf_dec_feat": torch.randn(2, grid, width, generator=g).requires_grad_(),
+    }
     return images, recon, aux, offset
 
 
@@ -49,8 +60,11 @@ def full_loss():
 
 
 def _frozen_params(loss):
-    return (list(loss.lpips.parameters()) + list(loss.vf.parameters())
-            + list(loss.discriminator.features.parameters()))
+    return (
+        list(loss.lpips.parameters())
+        + list(loss.vf.parameters())
+        + list(loss.discriminator.features.parameters())
+    )
 
 
 def test_generator_loss_before_and_after_gan_start(full_loss):
@@ -58,8 +72,15 @@ def test_generator_loss_before_and_after_gan_start(full_loss):
     assert "random-untrained" in loss.describe()
     images, recon, aux, offset = _batch()
     total, logs = loss.generator_loss(images, recon, aux, step=9)
-    assert set(logs) == {"mse", "lpips_random_untrained", "vq", "vf_random_untrained",
-                         "vf_random_untrained_enc", "vf_random_untrained_dec", "total"}
+    assert set(logs) == {
+        "mse",
+        "lpips_random_untrained",
+        "vq",
+        "vf_random_untrained",
+        "vf_random_untrained_enc",
+        "vf_random_untrained_dec",
+        "total",
+    }
     total.backward()
     assert offset.grad.abs().sum() > 0
     assert aux["vf_enc_feat"].grad.abs().sum() > 0 and aux["vf_dec_feat"].grad.abs().sum() > 0
@@ -68,8 +89,13 @@ def test_generator_loss_before_and_after_gan_start(full_loss):
     images, recon, aux, offset = _batch(seed=1)
     total, logs = loss.generator_loss(images, recon, aux, step=10)
     assert "gen_adv_random_untrained" in logs
-    parts = (logs["mse"] + logs["lpips_random_untrained"] + logs["vq"] + logs["vf_random_untrained"]
-             + 0.5 * logs["gen_adv_random_untrained"])
+    parts = (
+        logs["mse"]
+        + logs["lpips_random_untrained"]
+        + logs["vq"]
+        + logs["vf_random_untrained"]
+        + 0.5 * logs["gen_adv_random_untrained"]
+    )
     assert logs["total"] == pytest.approx(parts, rel=1e-5)
     total.backward()
     assert offset.grad.abs().sum() > 0
@@ -81,12 +107,13 @@ def test_generator_loss_before_and_after_gan_start(full_loss):
 def test_discriminator_loss_trains_heads_with_lecam(full_loss):
     loss = full_loss
     images, recon, _, offset = _batch(seed=2)
-    assert loss.discriminator_loss(images, recon, step=9) [1] == {}
+    assert loss.discriminator_loss(images, recon, step=9)[1] == {}
     before = int(loss.lecam.num_updates)
     d_total, logs = loss.discriminator_loss(images, recon, step=10)
     assert int(loss.lecam.num_updates) == before + 1
     assert logs["disc_total_random_untrained"] == pytest.approx(
-        logs["disc_hinge_random_untrained"] + 0.001 * logs["disc_lecam_random_untrained"], rel=1e-5)
+        logs["disc_hinge_random_untrained"] + 0.001 * logs["disc_lecam_random_untrained"], rel=1e-5
+    )
     d_total.backward()
     assert all(p.grad is not None for p in loss.discriminator.trainable_parameters())
     assert offset.grad is None  # reconstructions are detached in the D step

@@ -1,4 +1,5 @@
 """VF alignment loss and its frozen timm teacher (SPEC "VF alignment"; paper Sec. 3.4 Eq. 1-3)."""
+
 import math
 
 import pytest
@@ -7,14 +8,24 @@ from safetensors.torch import save_file
 
 from models.losses.pretrained_weights import MissingWeightsError
 from models.losses.vf_align import (
-    VFAlignLoss, VFTeacher, cosine_target, margin_cosine_loss, resample_patch_grid)
+    VFAlignLoss,
+    VFTeacher,
+    cosine_target,
+    margin_cosine_loss,
+    resample_patch_grid,
+)
 
 # Test-only teachers: a 2-block random vit_tiny, and a 1-block random DINOv3-layout model
 # (CLS + 4 register tokens, RoPE) to exercise the prefix-token split.
-TINY = dict(model_name="vit_tiny_patch16_224", backbone="random-untrained", image_size=64,
-            model_kwargs={"depth": 2})
-TINY_DINOV3 = dict(model_name="vit_small_patch16_dinov3", backbone="random-untrained", image_size=64,
-                   model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 2})
+TINY = dict(
+    model_name="vit_tiny_patch16_224", backbone="random-untrained", image_size=64, model_kwargs={"depth": 2}
+)
+TINY_DINOV3 = dict(
+    model_name="vit_small_patch16_dinov3",
+    backbone="random-untrained",
+    image_size=64,
+    model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 2},
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,9 @@ def test_loss_zero_when_features_equal_teacher_up_to_margin(teacher):
     total, terms = loss(images, cls.clone(), patches.clone())
     assert total.item() == pytest.approx(0.0, abs=1e-6) and set(terms) == {"enc", "dec"}
     # release convention: target cos 0.75. At cos 0.8 still zero, at cos 0.5 exactly 0.25 per term.
-    assert loss(images, _at_cosine(cls, 0.8), _at_cosine(patches, 0.8))[0].item() == pytest.approx(0, abs=1e-6)
+    assert loss(images, _at_cosine(cls, 0.8), _at_cosine(patches, 0.8))[0].item() == pytest.approx(
+        0, abs=1e-6
+    )
     total, terms = loss(images, _at_cosine(cls, 0.5), _at_cosine(patches, 0.5))
     assert terms["enc"].item() == pytest.approx(0.25, abs=1e-5)
     assert total.item() == pytest.approx(0.5, abs=1e-5)

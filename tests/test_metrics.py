@@ -1,5 +1,6 @@
 """Metric library sanity: Fréchet distance vs scipy, FID monotone in noise, IS, precision/recall,
 PSNR/SSIM, the Inception loading path (test-written random weights; missing file offline), probe."""
+
 import os
 
 import numpy as np
@@ -49,8 +50,10 @@ def test_fid_self_zero_and_monotone_in_noise():
     mu, sigma = ref.mean_cov()
     assert ref.distance_to(mu, sigma) == pytest.approx(0.0, abs=1e-8)
     noise = rng.normal(size=feats.shape)
-    dists = [FeatureStats.from_features(feats + s * noise).distance_to(mu, sigma) for s in (0.1, 0.3, 1.0, 3.0)]
-    assert all(x < y for x, y in zip(dists, dists[1:])), dists
+    dists = [
+        FeatureStats.from_features(feats + s * noise).distance_to(mu, sigma) for s in (0.1, 0.3, 1.0, 3.0)
+    ]
+    assert all(x < y for x, y in zip(dists, dists[1:], strict=False)), dists
 
 
 def test_feature_stats_merge_equals_whole():
@@ -61,7 +64,7 @@ def test_feature_stats_merge_equals_whole():
     for p in parts[1:]:
         merged.merge(p)
     whole = FeatureStats.from_features(feats)
-    for x, y in zip(merged.mean_cov(), whole.mean_cov()):
+    for x, y in zip(merged.mean_cov(), whole.mean_cov(), strict=False):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
     assert merged.count == 300 and merged.num_kept == 50
 
@@ -77,7 +80,14 @@ def test_reference_stats_roundtrip(tmp_path):
     np.testing.assert_allclose(back.sigma, ref.sigma)
     # ADM layout (arr_0 + mu/sigma/mu_s/sigma_s) loads too
     adm = tmp_path / "adm.npz"
-    np.savez(adm, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu, sigma_s=ref.sigma)
+    np.savez(
+        adm,
+        arr_0=np.zeros((3, 8, 8, 3), np.uint8),
+        mu=ref.mu,
+        sigma=ref.sigma,
+        mu_s=ref.mu,
+        sigma_s=ref.sigma,
+    )
     back = load_reference_stats(str(adm))
     assert back.has_images and back.mu_s is not None and back.num_images == 3
     from jobs.metrics.fid import npz_array_shape, read_npz_rows
@@ -119,13 +129,16 @@ def test_psnr_ssim_and_uint8_rounding():
     noisier = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     assert (psnr(x, noisy) > psnr(x, noisier)).all() and (ssim(x, noisy) > ssim(x, noisier)).all()
     mse = ((x - noisy) ** 2).mean().item()
-    assert psnr(x[:1], noisy[:1]).item() == pytest.approx(10 * np.log10(1 / ((x[:1] - noisy[:1]) ** 2).mean().item()))
+    assert psnr(x[:1], noisy[:1]).item() == pytest.approx(
+        10 * np.log10(1 / ((x[:1] - noisy[:1]) ** 2).mean().item())
+    )
     assert mse > 0
     u = to_uint8(torch.tensor([-0.5, 0.0, 0.5 / 255, 0.6 / 255, 1.0, 2.0]))
     assert u.tolist() == [0, 0, 0, 1, 255, 255]  # clamped and rounded (SPEC "rFID")
 
 
 # -- Inception loading path -------------------------------------------------------------------------
+
 
 def test_inception_loads_test_written_weights(tmp_path):
     from jobs.metrics.inception import (
@@ -196,6 +209,7 @@ def test_inception_missing_file_offline_one_line(tmp_path):
 
 # -- probe stand-in ---------------------------------------------------------------------------------
 
+
 def _blobs(n_per_class, num_classes=4, size=16, seed=0):
     """Class = colour channel lit up: trivially learnable."""
     rng = np.random.default_rng(seed)
@@ -211,7 +225,9 @@ def test_probe_trains_caches_and_scores(tmp_path):
 
     x, y = _blobs(30)
     xv, yv = _blobs(10, seed=1)
-    man = ensure_probe(str(tmp_path), x, y, num_classes=4, image_size=16, val_images=xv, val_labels=yv, steps=60)
+    man = ensure_probe(
+        str(tmp_path), x, y, num_classes=4, image_size=16, val_images=xv, val_labels=yv, steps=60
+    )
     assert not man["cached"] and man["val_accuracy"] > 0.9
     again = ensure_probe(str(tmp_path), x, y, num_classes=4, image_size=16, steps=60)
     assert again["cached"] and again["key"] == man["key"]
@@ -238,4 +254,6 @@ def test_random_untrained_inception_is_seeded_and_named_so():
     assert distance_name("inception", "recon", "random-untrained") == "rfid_random_untrained"
     assert distance_name("inception", "gen", "random-untrained") == "gfid_random_untrained"
     assert distance_name("inception", "gen", "") == "gfid" and inception_suffix("inception", "") == ""
-    assert feature_net_tag({"kind": "inception", "weights": "random-untrained"}) == "inception-random-untrained"
+    assert (
+        feature_net_tag({"kind": "inception", "weights": "random-untrained"}) == "inception-random-untrained"
+    )

@@ -3,6 +3,7 @@
 compute_inception_score, ManifoldEstimator + DistanceBlock), on seeded class-sorted activations of
 11,000 samples (three IS splits: 5000, 5000, 1000) and 3,000 references. Feature widths are reduced
 (256 pool, 126 spatial) so the sqrtm calls take milliseconds; the definitions do not depend on them."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,7 @@ def adm_inception_score(acts, w, split_size=5000):
     preds = e / e.sum(1, keepdims=True)
     scores = []
     for i in range(0, len(preds), split_size):
-        part = preds[i: i + split_size]
+        part = preds[i : i + split_size]
         kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
         scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
@@ -41,7 +42,7 @@ def adm_inception_score(acts, w, split_size=5000):
 def adm_pairwise(u, v):
     # DistanceBlock: inputs cast to float16, squared norms, max(|u|^2 - 2uv + |v|^2, 0), float16 out
     u, v = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    nu, nv = (u ** 2).sum(1)[:, None], (v ** 2).sum(1)[None, :]
+    nu, nv = (u**2).sum(1)[:, None], (v**2).sum(1)[None, :]
     d = np.maximum(nu - 2 * u @ v.T + nv, 0.0).astype(np.float16)
     return d.astype(np.float32)
 
@@ -49,8 +50,8 @@ def adm_pairwise(u, v):
 def adm_radii(feats, k=3, rows=2000):
     radii = np.zeros(len(feats), np.float32)
     for b in range(0, len(feats), rows):
-        d = adm_pairwise(feats[b:b + rows], feats)
-        radii[b:b + rows] = np.partition(d, np.arange(k + 1), axis=1)[:, k]
+        d = adm_pairwise(feats[b : b + rows], feats)
+        radii[b : b + rows] = np.partition(d, np.arange(k + 1), axis=1)[:, k]
     return radii
 
 
@@ -59,9 +60,9 @@ def adm_prec_recall(ref, samples, rows=2000):
     ref_in = np.zeros(len(ref), bool)
     smp_in = np.zeros(len(samples), bool)
     for b in range(0, len(ref), rows):
-        d = adm_pairwise(ref[b:b + rows], samples)
-        ref_in[b:b + rows] |= (d <= r_smp[None, :]).any(1)
-        smp_in |= (d <= r_ref[b:b + rows, None]).any(0)
+        d = adm_pairwise(ref[b : b + rows], samples)
+        ref_in[b : b + rows] |= (d <= r_smp[None, :]).any(1)
+        smp_in |= (d <= r_ref[b : b + rows, None]).any(0)
     return smp_in.mean(), ref_in.mean()
 
 
@@ -113,8 +114,14 @@ def test_reference_statistics_from_file_are_used(acts):
     ref, smp = ref_pool[:400], smp_pool[:500]
     mu, sigma = mean_cov(smp)  # the samples' own statistics as the "file" statistics: FID 0
     mu_s, sigma_s = mean_cov(smp_spatial[:500])
-    got = scores(ref, ref_spatial[:400], smp, smp_spatial[:500], None,
-                 ref_stats={"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
+    got = scores(
+        ref,
+        ref_spatial[:400],
+        smp,
+        smp_spatial[:500],
+        None,
+        ref_stats={"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s},
+    )
     assert abs(got["fid"]) < 1e-6 and abs(got["sfid"]) < 1e-6 and "inception_score" not in got
     assert scores(ref, None, smp, None, None)["fid"] > 0.1
 

@@ -7,6 +7,7 @@ runs the same command with shorter schedules on every CI run. Checks: it finishe
 classifies the generator's class-conditional samples and the tokenizer's reconstructions with at
 least 85% accuracy each (issue 18 asks for 90% and 95%; chance: 1 / num_classes).
 """
+
 import json
 import os
 import subprocess
@@ -20,8 +21,10 @@ from infra import paths, tracking
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("RESTOK_FULL_DEFAULT_RUN") != "1",
-                       reason="full default run: set RESTOK_FULL_DEFAULT_RUN=1"),
+    pytest.mark.skipif(
+        os.environ.get("RESTOK_FULL_DEFAULT_RUN") != "1",
+        reason="full default run: set RESTOK_FULL_DEFAULT_RUN=1",
+    ),
 ]
 
 
@@ -29,10 +32,14 @@ pytestmark = [
 def test_default_run_learns(tmp_path):
     work = tmp_path / "work"
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", f"work_dir={work}"],
-                          check=False, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          cwd=tmp_path)  # MLflow's default artifact root is ./mlruns
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", f"work_dir={work}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )  # MLflow's default artifact root is ./mlruns
     minutes = (time.perf_counter() - t0) / 60
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     print(done.stdout.rsplit("== restok run:", 1)[1])
@@ -44,7 +51,9 @@ def test_default_run_learns(tmp_path):
     run_id = tok_run.get("mlflow_run_id")
     if not run_id:  # the graph's child run for train_tokenizer
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        run_id = client.search_runs([exp.experiment_id], "tags.`restok.stage` = 'train_tokenizer'")[0].info.run_id
+        run_id = client.search_runs([exp.experiment_id], "tags.`restok.stage` = 'train_tokenizer'")[
+            0
+        ].info.run_id
     name = "mse" if client.get_metric_history(run_id, "mse") else "loss"
     history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
     first, last = history[0].value, min(m.value for m in history[-3:])

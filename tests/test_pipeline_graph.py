@@ -5,6 +5,7 @@ they follow the stage contract (check upstream manifests, log to the given MLflo
 complete manifest) in milliseconds. The real stages run end to end in tests/test_pipeline_e2e.py.
 Ray and MLflow are real (a local Ray started once for the module, a sqlite store).
 """
+
 import time
 
 import pytest
@@ -38,9 +39,14 @@ class StandInStage:
         if self.fail:
             raise ValueError(f"stand-in {self.stage} exploded")
         tracking.log_metrics(paths.tracking_uri(cfg), run_id, {"loss": 0.5}, step=1)
-        return manifests.write_manifest(paths.stage_dir(cfg, self.stage), self.stage,
-                                        stage_fingerprint(cfg, self.stage), complete=True,
-                                        metrics={"loss": 0.5, "count": 3}, files=["x.bin"])
+        return manifests.write_manifest(
+            paths.stage_dir(cfg, self.stage),
+            self.stage,
+            stage_fingerprint(cfg, self.stage),
+            complete=True,
+            metrics={"loss": 0.5, "count": 3},
+            files=["x.bin"],
+        )
 
 
 def stand_ins(calls, fail=()):
@@ -63,8 +69,15 @@ def tracking_db(tmp_path_factory):
 
 
 def make_cfg(work, tracking_db, request, *overrides):
-    return load_config(None, [f"work_dir={work}", f"tracking.tracking_uri={tracking_db}",
-                              f"tracking.experiment={request.node.name}", *overrides])
+    return load_config(
+        None,
+        [
+            f"work_dir={work}",
+            f"tracking.tracking_uri={tracking_db}",
+            f"tracking.experiment={request.node.name}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +169,9 @@ def test_failure_marks_runs_failed_and_names_the_stage(cfg, capsys):
     assert run_pipeline(cfg, stage_impls=stand_ins(calls, fail={"extract_codes"})) == 1
     assert [s for s, _ in calls] == ["prep", "train_tokenizer", "extract_codes"]
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("restok run: stage 'extract_codes' FAILED: ValueError: stand-in extract_codes exploded")
+    assert err[-1].startswith(
+        "restok run: stage 'extract_codes' FAILED: ValueError: stand-in extract_codes exploded"
+    )
     status = {r.data.tags["restok.stage"]: r.info.status for r in _runs(cfg)}
     assert status["pipeline"] == "FAILED" and status["extract_codes"] == "FAILED"
     assert status["train_tokenizer"] == "FINISHED"
@@ -179,9 +194,13 @@ def test_deliberately_partial_stage_stops_the_graph_without_failing(cfg, capsys)
 
     def partial_tokenizer(cfg, run_id=None):
         calls.append(("train_tokenizer", run_id))
-        return manifests.write_manifest(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer",
-                                        stage_fingerprint(cfg, "train_tokenizer"), complete=False,
-                                        steps_done=5)
+        return manifests.write_manifest(
+            paths.stage_dir(cfg, "train_tokenizer"),
+            "train_tokenizer",
+            stage_fingerprint(cfg, "train_tokenizer"),
+            complete=False,
+            steps_done=5,
+        )
 
     impls["train_tokenizer"] = partial_tokenizer
     assert run_pipeline(cfg, stage_impls=impls) == 0
@@ -198,9 +217,12 @@ def test_key_metrics_and_table():
     assert key_metrics({"version": 1, "num_images": 10, "files": []}) == {"num_images": 10.0}
     assert list(key_metrics({"steps_done": 3, "final_metrics": {"loss": 0.1}})) == ["loss", "steps_done"]
     assert key_metrics({"splits": {"train": {"total": 20, "shards": []}}, "counts": {"train": 40}}) == {
-        "train_count": 40.0, "train_images": 20.0}
-    table = summary_table([StageResult("prep", "skipped", 0.2, metrics={"n": 3.0}),
-                           StageResult("evaluate", "not run")])
+        "train_count": 40.0,
+        "train_images": 20.0,
+    }
+    table = summary_table(
+        [StageResult("prep", "skipped", 0.2, metrics={"n": 3.0}), StageResult("evaluate", "not run")]
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["stage", "status", "time", "key", "metrics"]
     assert "n=3" in lines[2] and lines[3].split()[:3] == ["evaluate", "not", "run"]

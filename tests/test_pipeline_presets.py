@@ -1,4 +1,5 @@
 """The cluster presets: the paper's recipe arithmetic, and ablations that change only their switches."""
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -24,7 +25,10 @@ def test_full_recipe_matches_the_paper():
     assert cfg.cluster.address == "auto" and cfg.cluster.use_gpu
     # 750k (the released checkpoint) must survive checkpoint rotation for the Fig. 7 sweep.
     train = cfg.tokenizer_train
-    assert 750_000 % train.checkpoint_every == 0 and train.keep_checkpoints * train.checkpoint_every > train.steps - 250_000
+    assert (
+        750_000 % train.checkpoint_every == 0
+        and train.keep_checkpoints * train.checkpoint_every > train.steps - 250_000
+    )
 
 
 def _switches(preset, base):
@@ -32,16 +36,23 @@ def _switches(preset, base):
     return {k for k in a if a[k] != b.get(k) and k != "preset"}
 
 
-@pytest.mark.parametrize("preset", [p for p in list_presets() if p.startswith("ablation-") and p != "ablation-base"])
+@pytest.mark.parametrize(
+    "preset", [p for p in list_presets() if p.startswith("ablation-") and p != "ablation-base"]
+)
 def test_each_ablation_changes_only_model_switches(preset):
     changed = _switches(preset, "ablation-base")
-    assert changed and all(k.startswith(("tokenizer.", "generator.", "tokenizer_train.loss.")) for k in changed), changed
+    assert changed and all(
+        k.startswith(("tokenizer.", "generator.", "tokenizer_train.loss.")) for k in changed
+    ), changed
     TokenizerConfig(**OmegaConf.to_container(load_config(preset).tokenizer)).validate()
 
 
 def test_ablation_schedule():
     cfg = load_config("ablation-base")
-    assert cfg.tokenizer_train.steps == 30 * STEPS_PER_EPOCH and cfg.generator_train.steps == 50 * STEPS_PER_EPOCH
+    assert (
+        cfg.tokenizer_train.steps == 30 * STEPS_PER_EPOCH
+        and cfg.generator_train.steps == 50 * STEPS_PER_EPOCH
+    )
     assert not cfg.generator.har and cfg.sampling.cfg_scale == 1.0
 
 

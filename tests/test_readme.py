@@ -8,6 +8,7 @@ shorter schedules (the full default run is tests/test_pipeline_e2e.py, opt-in). 
 again (everything skipped, in well under a minute) and deletes the generator's outputs (only
 train_generator and evaluate rerun).
 """
+
 import importlib.metadata
 import json
 import os
@@ -26,14 +27,22 @@ README = (ROOT / "README.md").read_text()
 # Appended to the README's `restok run`: schedule keys only (issue 18), so the run is the README's
 # command otherwise exactly: the default preset, its relative work dir, from a scratch directory.
 SHORT_RUN = [
-    "tokenizer_train.steps=24", "tokenizer_train.checkpoint_every=12", "tokenizer_train.image_log_every=12",
-    "generator_train.steps=24", "generator_train.checkpoint_every=12", "generator_train.image_log_every=12",
-    "eval.num_samples_per_class=2", "eval.probe_steps=20",
+    "tokenizer_train.steps=24",
+    "tokenizer_train.checkpoint_every=12",
+    "tokenizer_train.image_log_every=12",
+    "generator_train.steps=24",
+    "generator_train.checkpoint_every=12",
+    "generator_train.image_log_every=12",
+    "eval.num_samples_per_class=2",
+    "eval.probe_steps=20",
 ]
 SCHEDULE_KEYS = ("steps", "checkpoint_every", "image_log_every", "num_samples_per_class", "probe_steps")
 # What a person must never see on the terminal: Ray's internals, warnings, worker prefixes.
-NOISE = re.compile(r"PlacementGroupCleaner|PreemptionWatcher|WARNING|Warning:|\(pid=|\(RayTrainWorker|"
-                   r"Traceback|INFO |ray\._private|DeprecationWarning", re.I)
+NOISE = re.compile(
+    r"PlacementGroupCleaner|PreemptionWatcher|WARNING|Warning:|\(pid=|\(RayTrainWorker|"
+    r"Traceback|INFO |ray\._private|DeprecationWarning",
+    re.I,
+)
 
 
 def fenced_blocks(text, lang="bash"):
@@ -48,7 +57,10 @@ def quick_start_commands():
 
 def test_quick_start_has_the_two_commands():
     install_run, test = quick_start_commands()
-    assert install_run == 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && restok run'
+    assert (
+        install_run
+        == 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && restok run'
+    )
     assert test == "python -m pytest -q"
 
 
@@ -87,8 +99,14 @@ def _restok_run(cwd, *extra):
     command = install_run.split(" && ")[-1].split()  # ["restok", "run"]
     argv = [restok, *command[1:], *SHORT_RUN, *extra]
     t0 = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     return done.stdout, done.stderr, time.perf_counter() - t0
 
@@ -123,5 +141,10 @@ def test_readme_restok_run_from_a_scratch_dir_then_rerun_skips_and_rebuilds_only
 
     shutil.rmtree(work / "train_generator")
     out, _, _ = _restok_run(scratch)
-    assert _summary(out) == {"prep": "skipped", "train_tokenizer": "skipped", "extract_codes": "skipped",
-                             "train_generator": "ran", "evaluate": "ran"}, out[-3000:]
+    assert _summary(out) == {
+        "prep": "skipped",
+        "train_tokenizer": "skipped",
+        "extract_codes": "skipped",
+        "train_generator": "ran",
+        "evaluate": "ran",
+    }, out[-3000:]

@@ -7,6 +7,7 @@ a fake ImageNet in the folder layout and again in the two-tar layout; every stag
 Each ablation-* preset then runs the tokenizer's first steps (and a generator step) with the same
 shrinking, in-process on the bf16-cast models.
 """
+
 import json
 import os
 import subprocess
@@ -35,10 +36,26 @@ RECIPE = "imagenet256-restok-l"
 STAGES = ["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
 # Deliver 5: the per-step record of a recipe run in MLflow (train_tokenizer run).
 TOKENIZER_METRICS = [
-    "loss", "mse", "vq", "lpips_random_untrained", "vf_random_untrained_enc", "vf_random_untrained_dec",
-    "gen_adv_random_untrained", "disc_hinge_random_untrained", "disc_lecam_random_untrained",
-    "gan_active", "lr", "grad_norm", "discriminator_lr", "discriminator_grad_norm", "images_per_s", "tokens_per_s", "mfu", "peak_memory_gib",
-    "codebook_usage", "codebook_entropy_bits",
+    "loss",
+    "mse",
+    "vq",
+    "lpips_random_untrained",
+    "vf_random_untrained_enc",
+    "vf_random_untrained_dec",
+    "gen_adv_random_untrained",
+    "disc_hinge_random_untrained",
+    "disc_lecam_random_untrained",
+    "gan_active",
+    "lr",
+    "grad_norm",
+    "discriminator_lr",
+    "discriminator_grad_norm",
+    "images_per_s",
+    "tokens_per_s",
+    "mfu",
+    "peak_memory_gib",
+    "codebook_usage",
+    "codebook_entropy_bits",
 ]
 
 
@@ -53,8 +70,14 @@ def restok_run(preset: str, overrides: list[str], cwd: Path) -> subprocess.Compl
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for key in ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", preset, *overrides],
-                          check=False, capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", preset, *overrides],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.timeout(1200)
@@ -77,7 +100,9 @@ def check_recipe_outputs(cfg, work: Path) -> None:
     loss = cfg.tokenizer_train.loss
     assert loss.lecam_weight > 0 and loss.disc_diffaug and loss.lpips_weight > 0 and loss.vf_weight > 0
     manifests = {s: json.loads((work / s / "manifest.json").read_text()) for s in STAGES}
-    assert all(m["complete"] for m in manifests.values()), {s: m.get("complete") for s, m in manifests.items()}
+    assert all(m["complete"] for m in manifests.values()), {
+        s: m.get("complete") for s, m in manifests.items()
+    }
 
     client = tracking.client_for(paths.tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -126,7 +151,9 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     from models.losses.tokenizer_loss import TokenizerLoss
     from models.tokenizer import ResTok
 
-    cfg = load_config(preset, shrink_sizes(preset) + site_paths(tmp_path / "work", tmp_path, "imagenet_folder"))
+    cfg = load_config(
+        preset, shrink_sizes(preset) + site_paths(tmp_path / "work", tmp_path, "imagenet_folder")
+    )
     train = cfg.tokenizer_train
     assert (train.precision, train.zero_stage) == ("bf16", 2)
     torch.manual_seed(0)
@@ -154,9 +181,16 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     logits = gpt(torch.zeros(len(images), dtype=torch.long), codes)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten()).backward()
     s = cfg.sampling
-    result = sample(gpt, torch.tensor([0, 1]), cfg_scale=float(s.cfg_scale), cfg_schedule=str(s.cfg_schedule),
-                    start_ratio=float(s.start_ratio), top_p=float(s.top_p), top_k=int(s.top_k),
-                    generator=torch.Generator().manual_seed(0))
+    result = sample(
+        gpt,
+        torch.tensor([0, 1]),
+        cfg_scale=float(s.cfg_scale),
+        cfg_schedule=str(s.cfg_schedule),
+        start_ratio=float(s.start_ratio),
+        top_p=float(s.top_p),
+        top_k=int(s.top_k),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.codes.shape == codes[:2].shape
 
 

@@ -6,6 +6,7 @@ server's artifact store all live in the bucket; the server's own request log cou
 Each test works under its own prefix, deleted at teardown; the fixture fails if the bucket is not
 left empty, and the tests check that no temporary (`.tmp-*`) object is left behind.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -100,8 +101,9 @@ def shard_ranges(job, gap: int = sources.MAX_STREAM_GAP) -> list[str]:
     by_class: dict[int, list] = {}
     for ref in job.refs:
         by_class.setdefault(ref[1], []).append(ref[2])
-    spans = sorted((min(loc[1] for loc in locs), max(loc[2] + loc[3] for loc in locs))
-                   for locs in by_class.values())
+    spans = sorted(
+        (min(loc[1] for loc in locs), max(loc[2] + loc[3] for loc in locs)) for locs in by_class.values()
+    )
     merged = [list(spans[0])]
     for start, end in spans[1:]:
         if start - merged[-1][1] <= gap:
@@ -111,13 +113,18 @@ def shard_ranges(job, gap: int = sources.MAX_STREAM_GAP) -> list[str]:
     return [f"bytes={a}-{b - 1}" for a, b in merged]
 
 
-def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint, ray_s3, fake_imagenet,
-                                                                     prefix):
+def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(
+    s3_endpoint, ray_s3, fake_imagenet, prefix
+):
     log = s3_endpoint["log"]
     root = upload(fake_imagenet["tars"], f"{prefix}/imagenet-tar")
     shared = f"{prefix}/shards"
-    overrides = ["data.source=imagenet_tar", f"data.root={root}", f"data.shards_url={shared}",
-                 "data.samples_per_shard=12"]
+    overrides = [
+        "data.source=imagenet_tar",
+        f"data.root={root}",
+        f"data.shards_url={shared}",
+        "data.samples_per_shard=12",
+    ]
     cfg = prep_cfg(f"{prefix}/work", *overrides)
 
     mark = len(log.requests)
@@ -141,8 +148,11 @@ def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint,
     # saw exactly the listing's reads plus those.
     source = sources.make_source(cfg.data)
     source.attach_listing("train", f"{prefix}/work/prep/listing-train.json.gz")
-    jobs = [j for j in prepare.plan_jobs(source, cfg, manifest["shards_url"], manifest["fingerprint"])
-            if j.split == "train"]
+    jobs = [
+        j
+        for j in prepare.plan_jobs(source, cfg, manifest["shards_url"], manifest["fingerprint"])
+        if j.split == "train"
+    ]
     records = {j.name: storage.read_json(j.done_url) for j in jobs}
     train_gets = log.gets("/ILSVRC2012_img_train.tar")
     planned = Counter(r for j in jobs for r in shard_ranges(j))
@@ -164,7 +174,8 @@ def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint,
     mark = len(log.requests)
     again = prepare.run(cfg)
     rerun = log.requests[mark:]
-    gets = lambda suffix: [r for m, p, r in rerun if m == "GET" and p.endswith(suffix)]
+    def gets(suffix):
+        return [r for m, p, r in rerun if m == "GET" and p.endswith(suffix)]
     assert again["listing"]["train"]["reused"] and again["listing"]["val"]["reused"]
     assert gets("/listing-train.json.gz") and gets("/listing-val.json.gz")
     assert sorted(gets("/ILSVRC2012_img_train.tar")) == sorted(shard_ranges(jobs[1]))
@@ -182,8 +193,13 @@ def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(s3_endpoint,
 
 def test_folder_prep_on_s3(s3_endpoint, ray_s3, fake_imagenet, prefix):
     root = upload(fake_imagenet["folder"], f"{prefix}/imagenet-folder")
-    cfg = prep_cfg(f"{prefix}/work", "data.source=imagenet_folder", f"data.root={root}",
-                   f"data.shards_url={prefix}/shards", "data.samples_per_shard=12")
+    cfg = prep_cfg(
+        f"{prefix}/work",
+        "data.source=imagenet_folder",
+        f"data.root={root}",
+        f"data.shards_url={prefix}/shards",
+        "data.samples_per_shard=12",
+    )
     manifest = prepare.run(cfg)
     for split in ("train", "val"):
         assert read_shards(manifest, split) == expected_labels(fake_imagenet["folder"], split)
@@ -202,16 +218,18 @@ def test_tar_reads_are_forward_ranges_one_per_class_tar(s3_endpoint, fake_imagen
     header and padding, stands for ImageNet's 140 MB class tars), and a run longer than READ_BLOCK
     in consecutive forward ranges."""
     root = upload(fake_imagenet["tars"], f"{prefix}/imagenet-tar")
-    cfg = prep_cfg(f"{prefix}/work", "data.source=imagenet_tar", f"data.root={root}",
-                   "data.samples_per_shard=12")
+    cfg = prep_cfg(
+        f"{prefix}/work", "data.source=imagenet_tar", f"data.root={root}", "data.samples_per_shard=12"
+    )
     source = sources.make_source(cfg.data)
     log = s3_endpoint["log"]
 
     def ranged_gets(refs, stats):
         mark = len(log.requests)
         got = list(source.read(sorted(refs, key=source.locality_key), stats))
-        ranges = [r for m, p, r in log.requests[mark:]
-                  if m == "GET" and p.endswith("/ILSVRC2012_img_train.tar")]
+        ranges = [
+            r for m, p, r in log.requests[mark:] if m == "GET" and p.endswith("/ILSVRC2012_img_train.tar")
+        ]
         return got, ranges
 
     monkeypatch.setattr(sources, "MAX_STREAM_GAP", 1024)
@@ -233,27 +251,43 @@ def test_tar_reads_are_forward_ranges_one_per_class_tar(s3_endpoint, fake_imagen
     assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))  # forward, contiguous
     fs, _ = storage.filesystem(root)
     tar = f"{root}/ILSVRC2012_img_train.tar"
-    assert [d for _, d in got] == [fs.cat_file(tar, start=r[2][2], end=r[2][2] + r[2][3])
-                                   for r in refs]
+    assert [d for _, d in got] == [fs.cat_file(tar, start=r[2][2], end=r[2][2] + r[2][3]) for r in refs]
     assert_no_temporaries(prefix)
 
 
 # ---------------------------------------------------------------- the pipeline on S3, end to end
 
 NANO_RUN = [
-    "data.synthetic.num_classes=4", "data.synthetic.train_per_class=16", "data.synthetic.val_per_class=2",
-    "data.samples_per_shard=32", "data.loader_workers=0", "data.prep_tasks=1", "generator.num_classes=4",
-    "tokenizer_train.steps=4", "tokenizer_train.checkpoint_every=2", "tokenizer_train.image_log_every=4",
-    "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=8",
+    "data.synthetic.num_classes=4",
+    "data.synthetic.train_per_class=16",
+    "data.synthetic.val_per_class=2",
+    "data.samples_per_shard=32",
+    "data.loader_workers=0",
+    "data.prep_tasks=1",
+    "generator.num_classes=4",
+    "tokenizer_train.steps=4",
+    "tokenizer_train.checkpoint_every=2",
+    "tokenizer_train.image_log_every=4",
+    "tokenizer_train.global_batch_size=8",
+    "tokenizer_train.micro_batch_size=8",
     "tokenizer_train.log_every=1",
     "tokenizer_train.optim.warmup_steps=1",
-    "generator_train.steps=4", "generator_train.checkpoint_every=4", "generator_train.image_log_every=4",
-    "generator_train.global_batch_size=8", "generator_train.micro_batch_size=8",
+    "generator_train.steps=4",
+    "generator_train.checkpoint_every=4",
+    "generator_train.image_log_every=4",
+    "generator_train.global_batch_size=8",
+    "generator_train.micro_batch_size=8",
     "generator_train.log_every=1",
     "generator_train.optim.warmup_steps=1",
-    "extract.num_actors=1", "extract.batch_size=16", "sampling.batch_size=8",
-    "eval.num_samples_per_class=2", "eval.num_actors=1", "eval.batch_size=8", "eval.probe_steps=5",
-    "cluster.num_workers=1", "cluster.cpus_per_worker=1",
+    "extract.num_actors=1",
+    "extract.batch_size=16",
+    "sampling.batch_size=8",
+    "eval.num_samples_per_class=2",
+    "eval.num_actors=1",
+    "eval.batch_size=8",
+    "eval.probe_steps=5",
+    "cluster.num_workers=1",
+    "cluster.cpus_per_worker=1",
 ]
 
 
@@ -270,10 +304,26 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
     port = free_port()
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            artifacts,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
+    )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -299,8 +349,15 @@ def restok(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for key in ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=900, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=900,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -309,9 +366,13 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
     two by tokenizer_train.stop_after (the second run resumes from the checkpoint on S3). Shared
     by the asserts below."""
     base = f"s3://{s3_endpoint['bucket']}/run-{uuid.uuid4().hex[:8]}"
-    overrides = [f"work_dir={base}/work", f"cluster.storage_path={base}/ray",
-                 f"tracking.tracking_uri={mlflow_server['uri']}", f"tracking.experiment=s3-{base[-8:]}",
-                 *NANO_RUN]
+    overrides = [
+        f"work_dir={base}/work",
+        f"cluster.storage_path={base}/ray",
+        f"tracking.tracking_uri={mlflow_server['uri']}",
+        f"tracking.experiment=s3-{base[-8:]}",
+        *NANO_RUN,
+    ]
     cwd = tmp_path_factory.mktemp("cwd")
     try:
         t0 = time.perf_counter()
@@ -323,8 +384,13 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
         for out in (first, second):
             print(out.stdout.rsplit("== restok run:", 1)[-1])
         cfg = load_config(None, overrides)
-        yield {"cfg": cfg, "base": base, "first": first.stdout + first.stderr,
-               "second": second.stdout + second.stderr, "mlflow": mlflow_server}
+        yield {
+            "cfg": cfg,
+            "base": base,
+            "first": first.stdout + first.stderr,
+            "second": second.stdout + second.stderr,
+            "mlflow": mlflow_server,
+        }
     finally:
         fs, path = storage.filesystem(base)
         temporaries = [p for p in objects(base) if storage.TMP_MARKER in p]
@@ -334,9 +400,9 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
 
 
 def test_s3_run_resumes_training_from_checkpoint_on_s3(s3_pipeline):
-    from jobs.training.ray_training import experiment_url, list_checkpoints
     from infra.manifest import read_manifest
     from infra.paths import stage_dir
+    from jobs.training.ray_training import experiment_url, list_checkpoints
 
     cfg = s3_pipeline["cfg"]
     assert f"newest complete checkpoint: {s3_pipeline['base']}/ray/train_tokenizer-" in s3_pipeline["second"]
@@ -362,8 +428,11 @@ def test_s3_run_mlflow_artifacts_land_in_the_servers_store(s3_pipeline):
     client = client_for(mlflow["uri"])
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's default, not a work dir
-    runs = {r.data.tags["restok.stage"]: r for r in client.search_runs([exp.experiment_id])
-            if "restok.stage" in r.data.tags}
+    runs = {
+        r.data.tags["restok.stage"]: r
+        for r in client.search_runs([exp.experiment_id])
+        if "restok.stage" in r.data.tags
+    }
     tok = runs["train_tokenizer"]
     assert [a.path for a in client.list_artifacts(tok.info.run_id, "checkpoints")]
     version = client.get_model_version_by_alias("restok-tokenizer", "last-trained")

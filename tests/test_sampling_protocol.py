@@ -2,6 +2,7 @@
 random exports: labels interleaved over all classes, samples.npz in that order, uint8 by truncation,
 and a set that does not depend on how many actors drew it. In-process: `sample_shards` is exactly
 what each Ray actor runs (EvalWorker.sample); the Ray path is covered in test_eval."""
+
 import zipfile
 
 import numpy as np
@@ -11,8 +12,11 @@ from test_eval import TINY_OVERRIDES, write_models
 
 from configs.loading import load_config
 
-MODEL_OVERRIDES = [o for o in TINY_OVERRIDES if o.split("=")[0].split(".")[0] in ("tokenizer", "generator")
-                   and "num_classes" not in o]
+MODEL_OVERRIDES = [
+    o
+    for o in TINY_OVERRIDES
+    if o.split("=")[0].split(".")[0] in ("tokenizer", "generator") and "num_classes" not in o
+]
 
 
 def default_cfg(work_dir, extra=()):
@@ -21,8 +25,8 @@ def default_cfg(work_dir, extra=()):
 
 
 def draw(cfg, plan_per_actor, out_dir, labels, fp="test"):
-    from infra import paths
     from configs.loading import sampler_kwargs
+    from infra import paths
     from jobs.evaluation.sampling import sample_shards
     from jobs.training.checkpoints import load_generator, load_tokenizer
 
@@ -30,8 +34,18 @@ def draw(cfg, plan_per_actor, out_dir, labels, fp="test"):
     gen = load_generator(paths.stage_dir(cfg, "train_generator"), device="cpu")
     receipts = []
     for plan in plan_per_actor:  # each "actor" gets its own list of shards
-        receipts += sample_shards(tok, gen, "cpu", plan, labels, int(cfg.sampling.seed),
-                                  sampler_kwargs(cfg.sampling), int(cfg.sampling.batch_size), str(out_dir), fp)["shards"]
+        receipts += sample_shards(
+            tok,
+            gen,
+            "cpu",
+            plan,
+            labels,
+            int(cfg.sampling.seed),
+            sampler_kwargs(cfg.sampling),
+            int(cfg.sampling.batch_size),
+            str(out_dir),
+            fp,
+        )["shards"]
     return sorted(receipts, key=lambda r: r["index"])
 
 
@@ -58,7 +72,7 @@ def test_default_run_labels_interleaved_and_independent_of_actors(tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (200, 32, 32, 3)
     # the must-show: every block of 10 consecutive labels holds all 10 classes
     for b in range(0, 200, 10):
-        assert sorted(y[b:b + 10].tolist()) == list(range(10)), f"labels {b}..{b + 9}: {y[b:b + 10]}"
+        assert sorted(y[b : b + 10].tolist()) == list(range(10)), f"labels {b}..{b + 9}: {y[b : b + 10]}"
     assert np.bincount(y).tolist() == [20] * 10
     # 1 and 2 actors draw the identical set
     assert np.array_equal(npz[2]["arr_1"], y) and np.array_equal(npz[2]["arr_0"], arr)

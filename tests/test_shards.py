@@ -1,5 +1,6 @@
 """infra.shards (webdataset's TarWriter / tar iterator) is the one shard writer and reader; the
 training loader's lean parser (data_prep.tar_samples) reads the same samples and checks checksums."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,15 @@ from infra.code_shards import encode_shard, read_code_shard
 from infra.image_shards import read_image_shard, write_png_shard
 from infra.shards import read_samples, tar_bytes
 
-SAMPLES = [{"__key__": f"n01440764/img_{i:03d}", "jpg": bytes([i]) * (100 + i), "cls": str(i % 3).encode(),
-            "json": b'{"k": 1}'} for i in range(5)]
+SAMPLES = [
+    {
+        "__key__": f"n01440764/img_{i:03d}",
+        "jpg": bytes([i]) * (100 + i),
+        "cls": str(i % 3).encode(),
+        "json": b'{"k": 1}',
+    }
+    for i in range(5)
+]
 
 
 def test_same_samples_same_bytes_and_both_readers_agree(tmp_path):

@@ -4,6 +4,7 @@ The head runs as `ray start --head --block` in its own process group and is stop
 that group in a finally: `ray stop` would also stop every other Ray instance of this user on the
 machine (other test sessions), so the test never calls it.
 """
+
 import os
 import shutil
 import signal
@@ -25,17 +26,20 @@ def test_submission_id_is_deterministic_and_names_the_preset():
     a = submit.submission_id("imagenet256-restok-l", ["seed=1"], "", "abc")
     assert a == submit.submission_id("imagenet256-restok-l", ["seed=1"], "", "abc")
     assert a.startswith("restok-imagenet256-restok-l-") and len(a.rsplit("-", 1)[1]) == 12
-    others = {submit.submission_id("imagenet256-restok-l", ["seed=2"], "", "abc"),
-              submit.submission_id("imagenet256-restok-l", ["seed=1"], "prep", "abc"),
-              submit.submission_id("imagenet256-restok-l", ["seed=1"], "", "abd")}
+    others = {
+        submit.submission_id("imagenet256-restok-l", ["seed=2"], "", "abc"),
+        submit.submission_id("imagenet256-restok-l", ["seed=1"], "prep", "abc"),
+        submit.submission_id("imagenet256-restok-l", ["seed=1"], "", "abd"),
+    }
     assert a not in others and len(others) == 3
     assert submit.submission_id("/tmp/My Preset.yaml", [], "", "").startswith("restok-my-preset-")
 
 
 def test_entrypoint_runtime_env_and_addresses():
     ep = submit.entrypoint("python", "default", ["work_dir=/x y"], "train_tokenizer")
-    assert ep == ("python -m pipeline.cli run default 'work_dir=/x y' cluster.address=auto "
-                  "'stages=[train_tokenizer]'")
+    assert ep == (
+        "python -m pipeline.cli run default 'work_dir=/x y' cluster.address=auto 'stages=[train_tokenizer]'"
+    )
     env = submit.runtime_env(use_pip=True)
     assert env["working_dir"] == str(ROOT) and ".git" in env["excludes"] and "restok_work" in env["excludes"]
     assert "torch==2.14.1" in env["pip"] and "ray[default,train]==2.60.0" in env["pip"]
@@ -56,8 +60,14 @@ def _free_port():
 def _restok(*args, timeout=600):
     # A pinned code version keeps the submission id stable while the tree is being edited.
     env = {**os.environ, "RESTOK_CODE_VERSION": "test-submit"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -66,14 +76,42 @@ def ray_head(tmp_path):
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     dashboard = _free_port()
     temp_dir = f"/tmp/rtest{os.getpid()}_{dashboard}"  # short: unix socket paths are limited
-    cmd = [ray_bin, "start", "--head", "--block", "--disable-usage-stats",
-           "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-           "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-           "--num-cpus", "2", "--temp-dir", temp_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
-                            stderr=subprocess.STDOUT)
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(_free_port()),
+        "--include-dashboard=true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
+    head = subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 240
@@ -104,8 +142,13 @@ def ray_head(tmp_path):
 @pytest.mark.timeout(900)
 def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head, tmp_path):
     work = tmp_path / "work"
-    items = ["default", f"work_dir={work}", "data.synthetic.train_per_class=4",
-             "data.synthetic.val_per_class=2", "data.prep_tasks=1"]
+    items = [
+        "default",
+        f"work_dir={work}",
+        "data.synthetic.train_per_class=4",
+        "data.synthetic.val_per_class=2",
+        "data.prep_tasks=1",
+    ]
     done = _restok("submit", *items, "--stage", "prep", "--address", ray_head)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     job_id = submit.submission_id("default", items[1:], "prep", "test-submit")

@@ -6,6 +6,7 @@ stand-ins for extract_codes / train_generator (named `standin_*`: they write a r
 export and log a child run); tests/test_sweep_checkpoints.py runs the real stages for each of
 3 kept training checkpoints.
 """
+
 import os
 
 import pytest
@@ -16,10 +17,18 @@ from infra.manifest import write_manifest
 from infra.stages import stage_fingerprint
 
 SWEEP_OVERRIDES = [
-    "eval.num_samples_per_class=3", "eval.probe_steps=30", "extract.augment=none", "extract.num_actors=2",
-    "generator_train.steps=2", "generator_train.global_batch_size=8", "generator_train.micro_batch_size=4",
-    "generator_train.checkpoint_every=2", "generator_train.log_every=1", "generator_train.image_log_every=1000",
-    "tracking.register_models=false", "cluster.num_workers=2",
+    "eval.num_samples_per_class=3",
+    "eval.probe_steps=30",
+    "extract.augment=none",
+    "extract.num_actors=2",
+    "generator_train.steps=2",
+    "generator_train.global_batch_size=8",
+    "generator_train.micro_batch_size=4",
+    "generator_train.checkpoint_every=2",
+    "generator_train.log_every=1",
+    "generator_train.image_log_every=1000",
+    "tracking.register_models=false",
+    "cluster.num_workers=2",
 ]
 
 
@@ -27,8 +36,13 @@ def standin_extract_codes(cfg, run_id=None, parent_run_id=None):
     """Stand-in for jobs.extract_codes.run: no codes, just its child run and manifest."""
     with tracking.stage_run(cfg, "extract_codes", run_id, parent_run_id) as rid:
         tracking.log_metrics(paths.tracking_uri(cfg), rid, {"standin_codes_train": 0.0})
-    return write_manifest(paths.stage_dir(cfg, "extract_codes"), "extract_codes",
-                          stage_fingerprint(cfg, "extract_codes"), complete=True, standin=True)
+    return write_manifest(
+        paths.stage_dir(cfg, "extract_codes"),
+        "extract_codes",
+        stage_fingerprint(cfg, "extract_codes"),
+        complete=True,
+        standin=True,
+    )
 
 
 def standin_train_generator(cfg, run_id=None, parent_run_id=None):
@@ -40,8 +54,13 @@ def standin_train_generator(cfg, run_id=None, parent_run_id=None):
         state = GPT(generator_config(cfg)).state_dict()
         write_export(paths.stage_dir(cfg, "train_generator"), "generator", state, state, cfg)
         tracking.log_metrics(paths.tracking_uri(cfg), rid, {"standin_loss": 0.0})
-    return write_manifest(paths.stage_dir(cfg, "train_generator"), "train_generator",
-                          stage_fingerprint(cfg, "train_generator"), complete=True, standin=True)
+    return write_manifest(
+        paths.stage_dir(cfg, "train_generator"),
+        "train_generator",
+        stage_fingerprint(cfg, "train_generator"),
+        complete=True,
+        standin=True,
+    )
 
 
 @pytest.mark.slow
@@ -59,8 +78,15 @@ def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages
         d = str(tmp_path / f"tok_step{seed}")
         write_models(cfg, seed=seed, tokenizer_dir=d)
         ckpts.append(d)
-    stage_fns = None if stages == "real" else {
-        "extract_codes": standin_extract_codes, "train_generator": standin_train_generator, "evaluate": evaluate.run}
+    stage_fns = (
+        None
+        if stages == "real"
+        else {
+            "extract_codes": standin_extract_codes,
+            "train_generator": standin_train_generator,
+            "evaluate": evaluate.run,
+        }
+    )
     result = sweep(cfg, ckpts, stages=stage_fns)
     assert os.path.getsize(result["plot"]) > 1000
     rows = result["rows"]
@@ -76,14 +102,21 @@ def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages
     parent = client.get_run(result["parent_run_id"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"recon_vs_gen.png", "sweep.csv", "sweep.md"} <= artifacts
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_stage = {}
     for run in children:
         by_stage.setdefault(run.data.tags["restok.stage"], []).append(run)
-    assert {k: len(v) for k, v in by_stage.items()} == {"extract_codes": 2, "train_generator": 2, "evaluate": 2}
+    assert {k: len(v) for k, v in by_stage.items()} == {
+        "extract_codes": 2,
+        "train_generator": 2,
+        "evaluate": 2,
+    }
     for run in by_stage["evaluate"]:
-        assert {"fd_probe_recon", "fd_probe_gen", "probe_class_consistency", "codebook_entropy_bits"} <= set(run.data.metrics)
+        assert {"fd_probe_recon", "fd_probe_gen", "probe_class_consistency", "codebook_entropy_bits"} <= set(
+            run.data.metrics
+        )
     for run in by_stage["train_generator"] + by_stage["extract_codes"]:
         assert run.data.metrics, run.data.tags["restok.stage"]
 

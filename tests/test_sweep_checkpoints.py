@@ -3,6 +3,7 @@ DeepSpeed (ZeRO-2, 2 gloo workers) checkpoints every 2 of 8 steps and keeps 3; t
 the train_tokenizer stage directory, exports each kept checkpoint (EMA as the EMA) and runs the real
 extract_codes -> train_generator -> evaluate chain for each (tiny schedules), with the plot and
 table in MLflow. `restok export` of a missing step is one line naming the steps there."""
+
 import os
 import pathlib
 
@@ -16,15 +17,35 @@ from infra.manifest import read_manifest
 from jobs import train_tokenizer
 from jobs.training import checkpoints
 
-TRAIN = ["tokenizer_train.steps=8", "tokenizer_train.global_batch_size=8", "tokenizer_train.micro_batch_size=4",
-         "tokenizer_train.checkpoint_every=2", "tokenizer_train.keep_checkpoints=3",
-         "tokenizer_train.zero_stage=2", "tokenizer_train.ema_decay=0.5", "tokenizer_train.log_every=1",
-         "tokenizer_train.image_log_every=0", "tokenizer_train.optim.lr=3e-3",
-         "tokenizer_train.optim.warmup_steps=1", "data.loader_workers=0", "cluster.peak_tflops_per_worker=1"]
-CHAIN = ["eval.num_samples_per_class=2", "eval.probe_steps=20", "extract.augment=none", "extract.num_actors=1",
-         "eval.num_actors=1", "generator_train.steps=1", "generator_train.global_batch_size=4",
-         "generator_train.micro_batch_size=2", "generator_train.checkpoint_every=1", "generator_train.log_every=1",
-         "generator_train.image_log_every=0", "tracking.register_models=false"]
+TRAIN = [
+    "tokenizer_train.steps=8",
+    "tokenizer_train.global_batch_size=8",
+    "tokenizer_train.micro_batch_size=4",
+    "tokenizer_train.checkpoint_every=2",
+    "tokenizer_train.keep_checkpoints=3",
+    "tokenizer_train.zero_stage=2",
+    "tokenizer_train.ema_decay=0.5",
+    "tokenizer_train.log_every=1",
+    "tokenizer_train.image_log_every=0",
+    "tokenizer_train.optim.lr=3e-3",
+    "tokenizer_train.optim.warmup_steps=1",
+    "data.loader_workers=0",
+    "cluster.peak_tflops_per_worker=1",
+]
+CHAIN = [
+    "eval.num_samples_per_class=2",
+    "eval.probe_steps=20",
+    "extract.augment=none",
+    "extract.num_actors=1",
+    "eval.num_actors=1",
+    "generator_train.steps=1",
+    "generator_train.global_batch_size=4",
+    "generator_train.micro_batch_size=2",
+    "generator_train.checkpoint_every=1",
+    "generator_train.log_every=1",
+    "generator_train.image_log_every=0",
+    "tracking.register_models=false",
+]
 KEPT = [4, 6, 8]  # checkpoints at 2, 4, 6, 8; Ray Train keeps the newest 3
 
 
@@ -52,7 +73,9 @@ def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, ca
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"export: {out}"
     # ZeRO-2: rank 0 holds the whole EMA; the export's EMA file is it, not the raw weights.
     ema_ckpt = load_file(os.path.join(kept[4], "ema_rank0.safetensors"))
-    ema, raw = (load_file(os.path.join(out, f)) for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors"))
+    ema, raw = (
+        load_file(os.path.join(out, f)) for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors")
+    )
     assert ema_ckpt and set(ema_ckpt) <= set(ema)
     for k, v in ema_ckpt.items():
         assert torch.equal(ema[k], v), k
@@ -87,7 +110,9 @@ def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
     cfg, stage_dir = trained
     with pytest.raises(FileNotFoundError, match=r"step 3; available steps: \[4, 6, 8\]"):
         resolve_checkpoints(cfg, [stage_dir], steps=[3, 4])
-    assert resolve_checkpoints(cfg, [stage_dir], steps=[6]) == [os.path.join(stage_dir, "exports", "step_0000006")]
+    assert resolve_checkpoints(cfg, [stage_dir], steps=[6]) == [
+        os.path.join(stage_dir, "exports", "step_0000006")
+    ]
 
     # The chains' generator training on one Ray Train worker (cluster.* is not in any fingerprint).
     sweep_cfg = tiny_cfg(pathlib.Path(cfg.work_dir), [*TRAIN, *CHAIN, "cluster.num_workers=1"])
@@ -105,8 +130,9 @@ def test_sweep_stage_dir_runs_real_chain_per_kept_checkpoint(trained):
     client = tracking.client_for(paths.tracking_uri(cfg))
     parent = result["parent_run_id"]
     assert {"recon_vs_gen.png", "sweep.csv", "sweep.md"} <= {a.path for a in client.list_artifacts(parent)}
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+    )
     stages = sorted(run.data.tags["restok.stage"] for run in children)
     assert stages == sorted(["extract_codes", "train_generator", "evaluate"] * 3)
     assert all(run.data.metrics for run in children)

@@ -1,4 +1,5 @@
 """ResTok structure and behaviour on tiny random models (CPU, fp32)."""
+
 import math
 from dataclasses import replace
 
@@ -23,10 +24,20 @@ from models.tokenizer.vit import rope_angles
 def small_cfg(**kw) -> TokenizerConfig:
     """64 px, 8x8 grid, tiny ViT (4 blocks), 16 tokens in levels [1,1,2,4,8], S = 4."""
     base = TokenizerConfig(
-        encoder_size="tiny", decoder_size="tiny", image_size=64, pixel_channels=8,
-        channel_mult=[1, 1, 1, 2], num_res_blocks=1, z_channels=32, cnn_norm_groups=4,
-        levels=[1, 1, 2, 4, 8], codebook_size=32, num_scales=4, vf_align="none",
-        vf_feature_dim=24)
+        encoder_size="tiny",
+        decoder_size="tiny",
+        image_size=64,
+        pixel_channels=8,
+        channel_mult=[1, 1, 1, 2],
+        num_res_blocks=1,
+        z_channels=32,
+        cnn_norm_groups=4,
+        levels=[1, 1, 2, 4, 8],
+        codebook_size=32,
+        num_scales=4,
+        vf_align="none",
+        vf_feature_dim=24,
+    )
     return replace(base, **kw)
 
 
@@ -66,7 +77,15 @@ def test_merge_grid_sequence(S):
 
 def test_latent_pooling_grids():
     assert latent_grids([1, 1, 2, 4, 8, 16, 32, 64]) == [
-        (1, 1), (1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8)]  # SPEC "latent levels"
+        (1, 1),
+        (1, 1),
+        (1, 2),
+        (2, 2),
+        (2, 4),
+        (4, 4),
+        (4, 8),
+        (8, 8),
+    ]  # SPEC "latent levels"
     with pytest.raises(ValueError, match="levels"):
         latent_grids([1, 2, 2])
 
@@ -94,7 +113,7 @@ def test_encoder_rope_ids_follow_spec_layout():
     for h, w in grids:  # each scale at (row + o, col + o), o = tokens before it
         for r, c in [(0, 0), (h - 1, w - 1), (h // 2, w - 1)]:
             assert pos[o + r * w + c].tolist() == [r + o, c + o]
-        assert levels[o: o + h * w].unique().numel() == 1
+        assert levels[o : o + h * w].unique().numel() == 1
         o += h * w
     assert o == 480
     assert pos[o:].tolist() == [[o + i, o + i] for i in range(128)]  # latents (o_end+i, o_end+i)
@@ -134,9 +153,14 @@ def _hand_alg1(x, grids, residual=True):
     for gh, gw in grids:
         ch, cw = H // gh, W // gw
         src = res if residual else [[x[i][j] for j in range(W)] for i in range(H)]
-        level = [[sum(src[a][b] for a in range(r * ch, r * ch + ch)
-                      for b in range(c * cw, c * cw + cw)) / (ch * cw)
-                  for c in range(gw)] for r in range(gh)]
+        level = [
+            [
+                sum(src[a][b] for a in range(r * ch, r * ch + ch) for b in range(c * cw, c * cw + cw))
+                / (ch * cw)
+                for c in range(gw)
+            ]
+            for r in range(gh)
+        ]
         out += [v for row in level for v in row]
         if residual:
             res = [[res[i][j] - level[i // ch][j // cw] for j in range(W)] for i in range(H)]
@@ -170,8 +194,7 @@ def test_merge_ops():
     assert torch.equal(out[:, 96:], x[:, 64:])
     avg = ResTok(small_cfg(merge_op="avg", merge_layout="alternate")).encoder
     out = avg._merge(x, (8, 8), (8, 4))
-    torch.testing.assert_close(out[:, :32].reshape(2, 8, 4, 3),
-                               grid.reshape(2, 8, 4, 2, 3).mean(3))
+    torch.testing.assert_close(out[:, :32].reshape(2, 8, 4, 3), grid.reshape(2, 8, 4, 2, 3).mean(3))
     no_res = ResTok(small_cfg(residual_image=False)).encoder._merge(x, (8, 8), (4, 8))
     assert torch.equal(no_res[:, 32:96], x[:, :64])
     assert merge_grid((8, 8), 2, "alternate") == (8, 4)
@@ -181,7 +204,7 @@ def test_merge_ops():
 
 
 def _grad_mask(out_rows, x):
-    g, = torch.autograd.grad((out_rows * torch.randn_like(out_rows)).sum(), x, retain_graph=True)
+    (g,) = torch.autograd.grad((out_rows * torch.randn_like(out_rows)).sum(), x, retain_graph=True)
     return g.abs().sum(-1)[0] != 0  # [T] which inputs influence those outputs
 
 
@@ -196,13 +219,13 @@ def test_block_mask_isolates_scales_and_levels():
     y = enc.blocks[-1](x, layout)
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     for s in range(len(sizes)):  # coarse scale s never sees finer scales
-        dep = _grad_mask(y[:, starts[s]:starts[s + 1]], x)
-        assert not dep[starts[s + 1]:].any(), f"scale {s} sees finer tokens"
-        assert dep[:starts[s + 1]].any()
+        dep = _grad_mask(y[:, starts[s] : starts[s + 1]], x)
+        assert not dep[starts[s + 1] :].any(), f"scale {s} sees finer tokens"
+        assert dep[: starts[s + 1]].any()
     lat_start = [n_img + sum(model.levels[:k]) for k in range(len(model.levels) + 1)]
     for k in range(len(model.levels)):
-        dep = _grad_mask(y[:, lat_start[k]:lat_start[k + 1]], x)
-        assert not dep[lat_start[k + 1]:].any(), f"latent level {k} sees later levels"
+        dep = _grad_mask(y[:, lat_start[k] : lat_start[k + 1]], x)
+        assert not dep[lat_start[k + 1] :].any(), f"latent level {k} sees later levels"
         assert dep[:n_img].all()  # latents see every image token
 
 
@@ -215,12 +238,12 @@ def test_encoder_latent_level_independent_of_later_levels():
     out_lat = enc.ln_post(seq[:, -16:])
     bounds = [0, 1, 2, 4, 8, 16]
     for k in range(5):
-        rows = out_lat[:, bounds[k]:bounds[k + 1]]
+        rows = out_lat[:, bounds[k] : bounds[k + 1]]
         # Random weights: a plain sum of LayerNorm outputs is constant (zero gradient).
-        g, = torch.autograd.grad((rows * torch.randn_like(rows)).sum(), lat, retain_graph=True)
-        assert torch.equal(g[0, bounds[k + 1]:], torch.zeros_like(g[0, bounds[k + 1]:]))
-        assert g[0, :bounds[k + 1]].abs().sum() > 0
-    g, = torch.autograd.grad(seq[:, :-16].sum(), lat)  # image tokens never see latents
+        (g,) = torch.autograd.grad((rows * torch.randn_like(rows)).sum(), lat, retain_graph=True)
+        assert torch.equal(g[0, bounds[k + 1] :], torch.zeros_like(g[0, bounds[k + 1] :]))
+        assert g[0, : bounds[k + 1]].abs().sum() > 0
+    (g,) = torch.autograd.grad(seq[:, :-16].sum(), lat)  # image tokens never see latents
     assert torch.equal(g, torch.zeros_like(g))
 
 
@@ -254,14 +277,22 @@ def test_full_attention_is_its_own_switch():
 # -- API -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [
-    {}, {"legacy_reshape": True}, {"merge_op": "nearest", "merge_layout": "width"},
-    {"num_scales": 1}, {"latent_hierarchy": False}, {"residual_image": False,
-                                                     "residual_latent": False},
-    {"latent_init": "learned"}, {"cnn_shortcut_on_branch": True}, {"denormalize_output": True},
-    {"num_scales": 1, "latent_init": "learned", "encoder_mask": False},
-    {"merge_factor": 4, "num_scales": 3},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"legacy_reshape": True},
+        {"merge_op": "nearest", "merge_layout": "width"},
+        {"num_scales": 1},
+        {"latent_hierarchy": False},
+        {"residual_image": False, "residual_latent": False},
+        {"latent_init": "learned"},
+        {"cnn_shortcut_on_branch": True},
+        {"denormalize_output": True},
+        {"num_scales": 1, "latent_init": "learned", "encoder_mask": False},
+        {"merge_factor": 4, "num_scales": 3},
+    ],
+)
 def test_round_trip(variant):
     model = ResTok(small_cfg(**variant)).eval()
     images = torch.rand(2, 3, 64, 64)
@@ -288,8 +319,7 @@ def test_training_forward_nested_dropout_and_vf_heads():
     assert aux["vf_enc_feat"].shape == (3, 24)
     assert aux["vf_dec_feat"].shape == (3, 64, 24)
     assert set(aux["keep"].tolist()) <= {4, 8, 16}
-    (recon.mean() + aux["vq_loss"] + aux["vf_enc_feat"].sum() + aux["vf_dec_feat"].sum()
-     ).backward()
+    (recon.mean() + aux["vq_loss"] + aux["vf_enc_feat"].sum() + aux["vf_dec_feat"].sum()).backward()
     assert model.vf_proj.weight.grad is not None and model.decoder.feat_mask_token.grad is not None
     assert model.encoder.blocks[0].attn.qkv.weight.grad is not None  # straight-through
     # Per-image keep: the training forward equals decoding each image with its own length.
@@ -299,8 +329,9 @@ def test_training_forward_nested_dropout_and_vf_heads():
         recon, aux = model(images, keep=keep)
         zq, _ = model.encode(images)
         for i in range(3):
-            torch.testing.assert_close(recon[i:i + 1], model.decode(
-                zq[i:i + 1], keep=int(keep[i])), atol=1e-4, rtol=0)  # batch-size rounding
+            torch.testing.assert_close(
+                recon[i : i + 1], model.decode(zq[i : i + 1], keep=int(keep[i])), atol=1e-4, rtol=0
+            )  # batch-size rounding
     assert "vf_dec_feat" not in aux and "vf_enc_feat" in aux  # decoder term: training only
     extra = cfg.vf_feature_dim * (model.encoder.width + model.decoder.width) + model.decoder.width
     n_vf = sum(p.numel() for p in model.parameters())
@@ -344,8 +375,9 @@ def test_cpu_nano_overfits_a_few_images():
     cfg = tokenizer_config_for("cpu-nano")
     model = ResTok(cfg)
     g = torch.Generator().manual_seed(0)
-    images = F.interpolate(torch.rand(4, 3, 4, 4, generator=g), size=cfg.image_size,
-                           mode="bilinear", align_corners=False)
+    images = F.interpolate(
+        torch.rand(4, 3, 4, 4, generator=g), size=cfg.image_size, mode="bilinear", align_corners=False
+    )
     mean_image_mse = F.mse_loss(images.mean(0, keepdim=True).expand_as(images), images).item()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
 

@@ -3,6 +3,7 @@
 Nothing here depends on the stored values: the config is read from restok_tiny.json and every
 stored tensor is compared by name, so any fixture set made the same way passes.
 """
+
 import json
 from pathlib import Path
 
@@ -74,12 +75,16 @@ def test_codes_exact(fixture):
 
 def test_intermediates_and_latents(fixture):
     _, _, io, ours, _ = fixture
-    for name in ("pixel_encoder_out", "latent_init", "enc_latents_ln_post", "decoder_vit_out",
-                 "decoder_vit_out_first8"):
+    for name in (
+        "pixel_encoder_out",
+        "latent_init",
+        "enc_latents_ln_post",
+        "decoder_vit_out",
+        "decoder_vit_out_first8",
+    ):
         torch.testing.assert_close(ours[name], io[name], atol=LATENT_ATOL, rtol=0, msg=name)
     for name in ("z_pre_quant", "z_quantized"):
-        torch.testing.assert_close(ours[name], _tokens(io[name]), atol=LATENT_ATOL, rtol=0,
-                                   msg=name)
+        torch.testing.assert_close(ours[name], _tokens(io[name]), atol=LATENT_ATOL, rtol=0, msg=name)
 
 
 def test_reconstructions(fixture):
@@ -96,10 +101,10 @@ def test_rope_tables_and_masks(fixture):
     for b in range(n_blocks):
         layout = layouts[model.encoder.layout_of_block[b]]
         assert torch.equal(layout.mask, io[f"enc_attn_allowed_block{b}"]), f"mask block {b}"
-        torch.testing.assert_close(layout.rope_matrices(), io[f"enc_rope_block{b}"],
-                                   atol=LATENT_ATOL, rtol=0)
-    torch.testing.assert_close(model.decoder.layout(torch.device("cpu")).rope_matrices(),
-                               io["dec_rope"], atol=LATENT_ATOL, rtol=0)
+        torch.testing.assert_close(layout.rope_matrices(), io[f"enc_rope_block{b}"], atol=LATENT_ATOL, rtol=0)
+    torch.testing.assert_close(
+        model.decoder.layout(torch.device("cpu")).rope_matrices(), io["dec_rope"], atol=LATENT_ATOL, rtol=0
+    )
 
 
 def test_eval_forward_equals_encode_decode(fixture):
@@ -131,8 +136,9 @@ def test_restok_l_keys_convert_and_count(vf):
         model = ResTok(cfg)
     model.load_state_dict(out, strict=True, assign=True)
     total = sum(p.numel() for p in model.parameters())
-    assert total == (listing["total_params_with_vf_heads"] if vf
-                     else listing["total_params_without_vf_heads"])
+    assert total == (
+        listing["total_params_with_vf_heads"] if vf else listing["total_params_without_vf_heads"]
+    )
     by_prefix = listing["params_by_prefix_with_vf"]
     assert sum(p.numel() for p in model.encoder.parameters()) == by_prefix["encoder"]
     if vf:
@@ -183,8 +189,7 @@ def test_release_weights_do_not_fit_the_clean_config():
 
 
 def test_training_checkpoint_wrapper_is_unwrapped():
-    sd = {"model": {f"module.{k}": v for k, v in _tiny_sd().items()}, "step": 3,
-          "optimizer": {"lr": 1e-4}}
+    sd = {"model": {f"module.{k}": v for k, v in _tiny_sd().items()}, "step": 3, "optimizer": {"lr": 1e-4}}
     out = convert_official_state_dict(sd, _tiny_cfg())
     meta = json.loads((FIXTURES / "restok_tiny.json").read_text())
     assert "encoder.ln_pre.weight" in out and len(out) == meta["num_keys"]

@@ -24,15 +24,27 @@ STEPS, CKPT, VOCAB, LEVELS, CLASSES = 24, 8, NANO_VOCAB, NANO_LEVELS, 4
 
 
 def make_cfg(work_dir, *extra):
-    return load_config(None, [
-        f"work_dir={work_dir}", *NANO_TOKENIZER,
-        "generator.size=tiny", f"generator.vocab_size={VOCAB}", f"generator.levels={LEVELS}",
-        f"generator.num_classes={CLASSES}", "generator_train.global_batch_size=8",
-        "generator_train.micro_batch_size=2",  # x 2 workers x 2 accumulation steps
-        f"generator_train.steps={STEPS}", "generator_train.log_every=1",
-        f"generator_train.checkpoint_every={CKPT}", f"generator_train.image_log_every={STEPS}",
-        "generator_train.optim.lr=3e-3", "generator_train.optim.warmup_steps=2",
-        "sampling.cfg_scale=1.0", *extra])
+    return load_config(
+        None,
+        [
+            f"work_dir={work_dir}",
+            *NANO_TOKENIZER,
+            "generator.size=tiny",
+            f"generator.vocab_size={VOCAB}",
+            f"generator.levels={LEVELS}",
+            f"generator.num_classes={CLASSES}",
+            "generator_train.global_batch_size=8",
+            "generator_train.micro_batch_size=2",  # x 2 workers x 2 accumulation steps
+            f"generator_train.steps={STEPS}",
+            "generator_train.log_every=1",
+            f"generator_train.checkpoint_every={CKPT}",
+            f"generator_train.image_log_every={STEPS}",
+            "generator_train.optim.lr=3e-3",
+            "generator_train.optim.warmup_steps=2",
+            "sampling.cfg_scale=1.0",
+            *extra,
+        ],
+    )
 
 
 def write_codes_stage(cfg):
@@ -44,10 +56,20 @@ def write_codes_stage(cfg):
         base = (np.arange(16) * (c + 1) + 3 * c) % VOCAB
         samples.append((f"s{i:05d}", np.stack([base, (base + 1) % VOCAB]).astype(np.int16), c))
     storage.write_bytes_atomic(storage.join(stage_dir, "train-000000.tar"), code_shards.encode_shard(samples))
-    write_manifest(stage_dir, "extract_codes", stage_fingerprint(cfg, "extract_codes"), complete=True,
-                   shards=[{"name": "train-000000.tar", "split": "train", "count": 48}],
-                   counts={"train": 48}, code_shape=[2, 16], dtype="int16", codebook_size=VOCAB,
-                   levels=LEVELS, num_classes=CLASSES, tokenizer_sha256="0" * 64)
+    write_manifest(
+        stage_dir,
+        "extract_codes",
+        stage_fingerprint(cfg, "extract_codes"),
+        complete=True,
+        shards=[{"name": "train-000000.tar", "split": "train", "count": 48}],
+        counts={"train": 48},
+        code_shape=[2, 16],
+        dtype="int16",
+        codebook_size=VOCAB,
+        levels=LEVELS,
+        num_classes=CLASSES,
+        tokenizer_sha256="0" * 64,
+    )
     # A random tiny tokenizer export, so sample grids are decoded (as in a pipeline run).
     write_tokenizer_export(cfg)
 
@@ -55,8 +77,9 @@ def write_codes_stage(cfg):
 def losses(cfg, run_id):
     client = tracking.client_for(paths.tracking_uri(cfg))
     history = client.get_metric_history(run_id, "loss")
-    return [m.step for m in sorted(history, key=lambda m: m.step)], \
-        [m.value for m in sorted(history, key=lambda m: m.step)]
+    return [m.step for m in sorted(history, key=lambda m: m.step)], [
+        m.value for m in sorted(history, key=lambda m: m.step)
+    ]
 
 
 def train(cfg, run_id=None):
@@ -121,8 +144,12 @@ def test_zero3_matches_zero1(baseline, tmp_path):
 
 def test_resume_equivalence(baseline, tmp_path):
     """K steps, stop, resume, N - K steps == N steps straight (identical fp32 losses)."""
-    cfg = make_cfg(tmp_path, "generator_train.zero_stage=1", f"generator_train.stop_after={CKPT}",
-                   "generator_train.image_log_every=0")
+    cfg = make_cfg(
+        tmp_path,
+        "generator_train.zero_stage=1",
+        f"generator_train.stop_after={CKPT}",
+        "generator_train.image_log_every=0",
+    )
     write_codes_stage(cfg)
     first, run_id = train(cfg)
     assert not first["complete"] and first["steps_done"] == CKPT
@@ -140,13 +167,20 @@ def test_zero2_killed_worker_is_restarted_from_checkpoint(baseline, tmp_path, mo
     (sharded optimizer states); every step is logged exactly once and the losses match the
     uninterrupted ZeRO-1 run."""
     monkeypatch.setenv(ray_training.TEST_CRASH_ENV, "12")
-    cfg = make_cfg(tmp_path, "generator_train.zero_stage=2", "generator_train.max_failures=1",
-                   "generator_train.image_log_every=0")
+    cfg = make_cfg(
+        tmp_path,
+        "generator_train.zero_stage=2",
+        "generator_train.max_failures=1",
+        "generator_train.image_log_every=0",
+    )
     write_codes_stage(cfg)
     manifest, run_id = train(cfg)
     assert manifest["complete"]
-    assert storage.exists(storage.join(paths.ray_storage_path(cfg),
-                                       ray_training.experiment_name(cfg, "train_generator") + ".crashed"))
+    assert storage.exists(
+        storage.join(
+            paths.ray_storage_path(cfg), ray_training.experiment_name(cfg, "train_generator") + ".crashed"
+        )
+    )
     steps, values = losses(cfg, run_id)
     assert steps == list(range(STEPS))  # once each
     np.testing.assert_allclose(values, baseline[3][1], rtol=1e-4)
@@ -168,7 +202,7 @@ def test_code_batches_resume_exactly():
     it = loader.iterate(0)
     straight = [next(it) for _ in range(13)]  # crosses an epoch boundary (5 batches per epoch)
     resumed = loader.iterate(9)
-    for a, b in zip(straight[9:], [next(resumed) for _ in range(4)]):
+    for a, b in zip(straight[9:], [next(resumed) for _ in range(4)], strict=False):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     other = code_shards.CodeBatches(codes, classes, 4, rank=0, world=2, seed=7).iterate(0)
     mine = {int(v) // 6 for b in straight[:5] for v in b[0][:, 0]}  # sample index of each row

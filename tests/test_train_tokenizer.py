@@ -1,5 +1,6 @@
 """train_tokenizer on real Ray Train + DeepSpeed (gloo, 2 workers) + MLflow sqlite, nano ResTok on the
 built-in synthetic shards written by the real prep stage."""
+
 import shutil
 
 import numpy as np
@@ -15,31 +16,49 @@ from jobs.training import checkpoints
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-MSE_VQ_ONLY = ["tokenizer_train.loss.lpips_weight=0", "tokenizer_train.loss.vf_weight=0",
-               "tokenizer_train.loss.gan_weight=0"]
+MSE_VQ_ONLY = [
+    "tokenizer_train.loss.lpips_weight=0",
+    "tokenizer_train.loss.vf_weight=0",
+    "tokenizer_train.loss.gan_weight=0",
+]
 # Test-only tiny random frozen networks for LPIPS, the VF teacher and the discriminator backbone.
 FULL_OBJECTIVE_TINY = [
-    "tokenizer.vf_align=both", "tokenizer.vf_feature_dim=192",
-    "tokenizer_train.loss.lpips_weight=1.0", "tokenizer_train.loss.vf_weight=1.0",
+    "tokenizer.vf_align=both",
+    "tokenizer.vf_feature_dim=192",
+    "tokenizer_train.loss.lpips_weight=1.0",
+    "tokenizer_train.loss.vf_weight=1.0",
     "tokenizer_train.loss.gan_weight=0.5",
     "tokenizer_train.loss.lpips_backbone=random-untrained",
     "tokenizer_train.loss.vf_teacher=vit_tiny_patch16_224",
     "tokenizer_train.loss.vf_teacher_backbone=random-untrained",
-    "tokenizer_train.loss.vf_teacher_resolution=32", "tokenizer_train.loss.vf_teacher_kwargs={depth: 1}",
+    "tokenizer_train.loss.vf_teacher_resolution=32",
+    "tokenizer_train.loss.vf_teacher_kwargs={depth: 1}",
     "tokenizer_train.loss.disc_backbone_name=vit_tiny_patch16_224",
-    "tokenizer_train.loss.disc_backbone=random-untrained", "tokenizer_train.loss.disc_resolution=32",
-    "tokenizer_train.loss.disc_feature_blocks=[0]", "tokenizer_train.loss.disc_backbone_kwargs={depth: 1}",
-    "tokenizer_train.loss.disc_virtual_batch=2", "tokenizer_train.loss.gan_start_step=2",
+    "tokenizer_train.loss.disc_backbone=random-untrained",
+    "tokenizer_train.loss.disc_resolution=32",
+    "tokenizer_train.loss.disc_feature_blocks=[0]",
+    "tokenizer_train.loss.disc_backbone_kwargs={depth: 1}",
+    "tokenizer_train.loss.disc_virtual_batch=2",
+    "tokenizer_train.loss.gan_start_step=2",
 ]
 
 
 def make_cfg(work_dir, *extra):
     return nano_cfg(
-        work_dir, "data.synthetic.train_per_class=16", "data.samples_per_shard=32", "data.loader_workers=0",
-        f"tokenizer_train.steps={STEPS}", "tokenizer_train.global_batch_size=8",
-        "tokenizer_train.micro_batch_size=4", "tokenizer_train.log_every=1",
-        "tokenizer_train.checkpoint_every=8", f"tokenizer_train.image_log_every={STEPS}",
-        "tokenizer_train.optim.lr=3e-3", "tokenizer_train.optim.warmup_steps=2", *extra)
+        work_dir,
+        "data.synthetic.train_per_class=16",
+        "data.samples_per_shard=32",
+        "data.loader_workers=0",
+        f"tokenizer_train.steps={STEPS}",
+        "tokenizer_train.global_batch_size=8",
+        "tokenizer_train.micro_batch_size=4",
+        "tokenizer_train.log_every=1",
+        "tokenizer_train.checkpoint_every=8",
+        f"tokenizer_train.image_log_every={STEPS}",
+        "tokenizer_train.optim.lr=3e-3",
+        "tokenizer_train.optim.warmup_steps=2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +76,18 @@ def with_prep(prep_dir, cfg):
 
 @pytest.fixture(scope="module")
 def baseline(prep_dir, tmp_path_factory):
-    cfg = with_prep(prep_dir, make_cfg(tmp_path_factory.mktemp("tok-z1"), *MSE_VQ_ONLY,
-                                       "tokenizer_train.zero_stage=1"))
+    cfg = with_prep(
+        prep_dir, make_cfg(tmp_path_factory.mktemp("tok-z1"), *MSE_VQ_ONLY, "tokenizer_train.zero_stage=1")
+    )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     manifest = train_tokenizer.run(cfg, run_id=run_id)
     return cfg, manifest, run_id
 
 
 def loss_history(cfg, run_id, key="loss"):
-    history = sorted(tracking.client_for(paths.tracking_uri(cfg)).get_metric_history(run_id, key),
-                     key=lambda m: m.step)
+    history = sorted(
+        tracking.client_for(paths.tracking_uri(cfg)).get_metric_history(run_id, key), key=lambda m: m.step
+    )
     return [m.step for m in history], [m.value for m in history]
 
 
@@ -83,8 +104,19 @@ def test_zero1_learns_exports_and_tracks(baseline):
     client = tracking.client_for(paths.tracking_uri(cfg))
     run = client.get_run(run_id)
     assert run.data.params["tokenizer_train.zero_stage"] == "1"
-    for key in ("loss", "mse", "vq", "lr", "grad_norm", "codebook_usage", "codebook_entropy_bits",
-                "images_per_s", "tokens_per_s", "mfu", "peak_memory_gib"):
+    for key in (
+        "loss",
+        "mse",
+        "vq",
+        "lr",
+        "grad_norm",
+        "codebook_usage",
+        "codebook_entropy_bits",
+        "images_per_s",
+        "tokens_per_s",
+        "mfu",
+        "peak_memory_gib",
+    ):
         assert key in run.data.metrics, key
     assert client.list_artifacts(run_id, "reconstructions"), "no reconstruction grid logged"
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
@@ -93,8 +125,10 @@ def test_zero1_learns_exports_and_tracks(baseline):
 
 
 def test_zero3_matches_zero1(baseline, prep_dir, tmp_path):
-    cfg = with_prep(prep_dir, make_cfg(tmp_path, *MSE_VQ_ONLY, "tokenizer_train.zero_stage=3",
-                                       "tokenizer_train.image_log_every=0"))
+    cfg = with_prep(
+        prep_dir,
+        make_cfg(tmp_path, *MSE_VQ_ONLY, "tokenizer_train.zero_stage=3", "tokenizer_train.image_log_every=0"),
+    )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
     _, ref = loss_history(*baseline[::2])
@@ -104,8 +138,10 @@ def test_zero3_matches_zero1(baseline, prep_dir, tmp_path):
     checkpoints.load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"))
     # A kept mid-run ZeRO-3 checkpoint exports too (`restok export`): its weights and EMA match the
     # ZeRO-1 run's at the same step (same losses), and EMA != raw weights.
-    z3, z1 = (load_export(checkpoints.export_checkpoint(paths.stage_dir(c, "train_tokenizer"), STEPS // 2))
-              for c in (cfg, baseline[0]))
+    z3, z1 = (
+        load_export(checkpoints.export_checkpoint(paths.stage_dir(c, "train_tokenizer"), STEPS // 2))
+        for c in (cfg, baseline[0])
+    )
     for name in z1:
         assert z3[name].keys() == z1[name].keys()
         for k in z1[name]:
@@ -116,8 +152,10 @@ def test_zero3_matches_zero1(baseline, prep_dir, tmp_path):
 def load_export(directory):
     from safetensors.torch import load_file
 
-    return {kind: load_file(f"{directory}/tokenizer{suffix}.safetensors")
-            for kind, suffix in (("raw", ""), ("ema", "_ema"))}
+    return {
+        kind: load_file(f"{directory}/tokenizer{suffix}.safetensors")
+        for kind, suffix in (("raw", ""), ("ema", "_ema"))
+    }
 
 
 def test_zero1_kept_checkpoint_exports_its_ema(baseline):
@@ -141,9 +179,17 @@ def test_zero1_kept_checkpoint_exports_its_ema(baseline):
 
 def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):
     """LPIPS + VF + VQ + MSE, and the discriminator engine switched on at step 2."""
-    cfg = with_prep(prep_dir, make_cfg(tmp_path, *FULL_OBJECTIVE_TINY, "tokenizer_train.zero_stage=2",
-                                       "tokenizer_train.steps=4", "tokenizer_train.checkpoint_every=4",
-                                       "tokenizer_train.image_log_every=0"))
+    cfg = with_prep(
+        prep_dir,
+        make_cfg(
+            tmp_path,
+            *FULL_OBJECTIVE_TINY,
+            "tokenizer_train.zero_stage=2",
+            "tokenizer_train.steps=4",
+            "tokenizer_train.checkpoint_every=4",
+            "tokenizer_train.image_log_every=0",
+        ),
+    )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
     _, gan = loss_history(cfg, run_id, "gan_active")
@@ -155,9 +201,16 @@ def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):
 def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):
     """DeepSpeed bf16 (weights cast to bf16; quantizer, pixel decoder and losses computed in fp32)
     trains the same seed to the same loss curve as the fp32 baseline, within bf16 noise."""
-    cfg = with_prep(prep_dir, make_cfg(tmp_path, *MSE_VQ_ONLY, "tokenizer_train.zero_stage=1",
-                                       "tokenizer_train.precision=bf16",
-                                       "tokenizer_train.image_log_every=0"))
+    cfg = with_prep(
+        prep_dir,
+        make_cfg(
+            tmp_path,
+            *MSE_VQ_ONLY,
+            "tokenizer_train.zero_stage=1",
+            "tokenizer_train.precision=bf16",
+            "tokenizer_train.image_log_every=0",
+        ),
+    )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
     _, ref = loss_history(*baseline[::2])

@@ -1,6 +1,7 @@
 """Feature networks of the evaluation and what they saw: mergeable feature sets, the feature spec the
 actors load, its fingerprint, and the names numbers are logged under (real Inception -> rfid/gfid;
 random-untrained Inception -> *_random_untrained; the probe stand-in -> fd_probe_*, never FID)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,14 +51,23 @@ class FeatureSet:
 
 
 def feature_spec(cfg: RestokConfig, probe_path: str = "") -> dict:
-    return {"kind": str(cfg.eval.feature_net), "weights": str(cfg.eval.inception_weights), "probe_path": probe_path,
-            "resize": str(cfg.eval.inception_resize)}
+    return {
+        "kind": str(cfg.eval.feature_net),
+        "weights": str(cfg.eval.inception_weights),
+        "probe_path": probe_path,
+        "resize": str(cfg.eval.inception_resize),
+    }
 
 
 def load_features(spec: dict, device: str):
 
-    return load_feature_net(spec["kind"], spec.get("weights", ""), device, spec.get("probe_path") or None,
-                            resize=spec.get("resize", "tf1"))
+    return load_feature_net(
+        spec["kind"],
+        spec.get("weights", ""),
+        device,
+        spec.get("probe_path") or None,
+        resize=spec.get("resize", "tf1"),
+    )
 
 
 FEATURE_VERSION = 2  # bump when feature extraction changes (invalidates cached activations)
@@ -81,9 +91,14 @@ def feature_fingerprint(spec: dict) -> str:
     weights = spec.get("probe_path") if spec["kind"] == "probe" else spec.get("weights")
     # A seeded random network (tests) is named, not hashed.
     digest = weights if weights == RANDOM_UNTRAINED else file_sha256(weights) if weights else ""
-    return fingerprint({"kind": spec["kind"], "weights_sha256": digest,
-                        "resize": spec.get("resize", "tf1") if spec["kind"] == "inception" else "",
-                        "version": FEATURE_VERSION})
+    return fingerprint(
+        {
+            "kind": spec["kind"],
+            "weights_sha256": digest,
+            "resize": spec.get("resize", "tf1") if spec["kind"] == "inception" else "",
+            "version": FEATURE_VERSION,
+        }
+    )
 
 
 def inception_suffix(kind: str, weights: str = "") -> str:
@@ -93,7 +108,9 @@ def inception_suffix(kind: str, weights: str = "") -> str:
 
 def feature_net_tag(spec: dict) -> str:
     """What made a set of features: inception | inception-random-untrained | probe."""
-    return spec["kind"] + ("-" + RANDOM_UNTRAINED if inception_suffix(spec["kind"], spec.get("weights", "")) else "")
+    return spec["kind"] + (
+        "-" + RANDOM_UNTRAINED if inception_suffix(spec["kind"], spec.get("weights", "")) else ""
+    )
 
 
 def distance_name(kind: str, which: str, weights: str = "") -> str:
@@ -121,10 +138,22 @@ def ensure_probe_for(cfg: RestokConfig) -> dict:
     prep = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
     num_classes = int(prep.get("num_classes") or max(y.max(), yv.max()) + 1)
     cache = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, STAGE), "probe")
-    manifest = ensure_probe(cache, x, y, num_classes,
-                            int(cfg.data.image_size), xv, yv, steps=int(cfg.eval.probe_steps), seed=int(cfg.seed))
-    print(f"[evaluate] probe {manifest['key']} ({'cached' if manifest['cached'] else 'trained'}): "
-          f"val accuracy {manifest.get('val_accuracy', float('nan')):.3f}", flush=True)
+    manifest = ensure_probe(
+        cache,
+        x,
+        y,
+        num_classes,
+        int(cfg.data.image_size),
+        xv,
+        yv,
+        steps=int(cfg.eval.probe_steps),
+        seed=int(cfg.seed),
+    )
+    print(
+        f"[evaluate] probe {manifest['key']} ({'cached' if manifest['cached'] else 'trained'}): "
+        f"val accuracy {manifest.get('val_accuracy', float('nan')):.3f}",
+        flush=True,
+    )
     return manifest
 
 
@@ -137,8 +166,11 @@ def resolved_feature_spec(cfg: RestokConfig) -> tuple[dict, dict]:
         raise ValueError(f"eval.feature_net={cfg.eval.feature_net!r}; valid: ['inception', 'probe']")
 
     if str(cfg.eval.inception_weights) == RANDOM_UNTRAINED:
-        print(f"[evaluate] WARNING: eval.inception_weights={RANDOM_UNTRAINED} (test mode): Inception "
-              "numbers are logged with a _random_untrained suffix, not as FID/IS", flush=True)
+        print(
+            f"[evaluate] WARNING: eval.inception_weights={RANDOM_UNTRAINED} (test mode): Inception "
+            "numbers are logged with a _random_untrained suffix, not as FID/IS",
+            flush=True,
+        )
         return feature_spec(cfg), {}
     # Resolved (and downloaded when online) once in the driver: a missing file is one line here,
     # not a traceback from every actor.

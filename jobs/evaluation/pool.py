@@ -1,6 +1,7 @@
 """The evaluation's Ray actor pool: `eval.num_actors` EvalWorker actors that load the tokenizer,
 generator, feature and LPIPS networks once and keep them across the recon pass, the reference
 statistics, sampling and the feature passes of one evaluation (and every point of a CFG search)."""
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,14 @@ class EvalWorker:
 
     def lpips(self, vgg_weights: str):
 
-        return self._get(("lpips", vgg_weights), lambda: LPIPS("pretrained", vgg_weights_path=vgg_weights or None).to(self.device))
+        return self._get(
+            ("lpips", vgg_weights),
+            lambda: LPIPS("pretrained", vgg_weights_path=vgg_weights or None).to(self.device),
+        )
 
-    def features(self, shard_urls: list[str], spec: dict, image_size: int, batch_size: int, keep_max: int) -> dict:
+    def features(
+        self, shard_urls: list[str], spec: dict, image_size: int, batch_size: int, keep_max: int
+    ) -> dict:
         """Features of image shards (samples, reference sets)."""
         net = self.feature_net(spec)
         fs = FeatureSet(net.dims, keep_max)
@@ -73,8 +79,11 @@ class EvalWorker:
 
     @staticmethod
     def _rows(parts: list[dict], dims: dict) -> dict:
-        out = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, dims.get(k, 0)), np.float32)
-               for k in ("pool", "spatial", "probs") if k in dims}
+        out = {
+            k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, dims.get(k, 0)), np.float32)
+            for k in ("pool", "spatial", "probs")
+            if k in dims
+        }
         out["labels"] = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
         return out
 
@@ -101,7 +110,9 @@ class EvalWorker:
 
         net, parts = self.feature_net(spec), []
         for s in range(start, end, batch_size):
-            images = torch.from_numpy(read_npz_rows(npz_url, s, min(s + batch_size, end)).copy()).permute(0, 3, 1, 2)
+            images = torch.from_numpy(read_npz_rows(npz_url, s, min(s + batch_size, end)).copy()).permute(
+                0, 3, 1, 2
+            )
             parts.append(self._batch(net, images, torch.full((len(images),), -1)))
         return {"start": start, **self._rows(parts, net.dims)}
 
@@ -111,8 +122,18 @@ class EvalWorker:
         return net.logits_weight().numpy() if hasattr(net, "logits_weight") else None
 
     @torch.inference_mode()
-    def recon(self, shard_urls: list[str], tokenizer_url: str, spec: dict, image_size: int, batch_size: int,
-              keep_lengths: list[int], lpips_weights: str, lpips_status: str, grid_images: int) -> dict:
+    def recon(
+        self,
+        shard_urls: list[str],
+        tokenizer_url: str,
+        spec: dict,
+        image_size: int,
+        batch_size: int,
+        keep_lengths: list[int],
+        lpips_weights: str,
+        lpips_status: str,
+        grid_images: int,
+    ) -> dict:
         """Reconstruct each image of the shards once; mergeable statistics (module doc)."""
 
         tokenizer, net = self.tokenizer(tokenizer_url), self.feature_net(spec)
@@ -147,14 +168,43 @@ class EvalWorker:
                     if lpips is not None:
                         sums["lpips"] += float(lpips(x, y).sum())
             keys += batch_keys
-        return {"keys": keys, "real": real, "recon": recon, "sums": sums, "codes_hist": codes_hist.hist.numpy(),
-                "grid": grid, "lpips_status": lpips_status, "num_tokens": full, "seconds": time.time() - t0}
+        return {
+            "keys": keys,
+            "real": real,
+            "recon": recon,
+            "sums": sums,
+            "codes_hist": codes_hist.hist.numpy(),
+            "grid": grid,
+            "lpips_status": lpips_status,
+            "num_tokens": full,
+            "seconds": time.time() - t0,
+        }
 
-    def sample(self, shards: list[tuple[int, int, int]], labels: np.ndarray, tokenizer_url: str,
-               generator_url: str, seed: int, sampler: dict, batch_size: int, out_url: str, fp: str) -> dict:
+    def sample(
+        self,
+        shards: list[tuple[int, int, int]],
+        labels: np.ndarray,
+        tokenizer_url: str,
+        generator_url: str,
+        seed: int,
+        sampler: dict,
+        batch_size: int,
+        out_url: str,
+        fp: str,
+    ) -> dict:
 
-        return sample_shards(self.tokenizer(tokenizer_url), self.generator(generator_url), self.device, shards,
-                             labels, seed, sampler, batch_size, out_url, fp)
+        return sample_shards(
+            self.tokenizer(tokenizer_url),
+            self.generator(generator_url),
+            self.device,
+            shards,
+            labels,
+            seed,
+            sampler,
+            batch_size,
+            out_url,
+            fp,
+        )
 
 
 def actor_gpus(cfg: RestokConfig) -> float:
@@ -179,13 +229,18 @@ class EvalPool:
         ensure_ray(cfg)
         use_gpu = bool(cfg.cluster.use_gpu)
         gpus = actor_gpus(cfg)
-        self.group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK")
+        self.group = placement_group(
+            [{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK"
+        )
         ray.get(self.group.ready())
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
 
         def make_actor(i: int) -> Any:
-            return remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=i)).remote(pick_device(use_gpu))
+            return remote.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.group, placement_group_bundle_index=i
+                )
+            ).remote(pick_device(use_gpu))
 
         self._make_actor = make_actor
         self.actors = [make_actor(i) for i in range(num_actors)]
@@ -199,13 +254,20 @@ class EvalPool:
     def alive(self) -> bool:
         import ray
 
-        return bool(self.actors) and ray.is_initialized() and ray.get_runtime_context().get_node_id() == self.node_id
+        return (
+            bool(self.actors)
+            and ray.is_initialized()
+            and ray.get_runtime_context().get_node_id() == self.node_id
+        )
 
     def call(self, method: str, per_actor: list[tuple], *common: Any) -> list:
         """actor a runs method(*per_actor[a], *common); results in actor order."""
         import ray
 
-        refs = [getattr(actor, method).remote(*args, *common) for actor, args in zip(self.actors, per_actor)]
+        refs = [
+            getattr(actor, method).remote(*args, *common)
+            for actor, args in zip(self.actors, per_actor, strict=False)
+        ]
         results = []
         for a, ref in enumerate(refs):
             while True:
@@ -217,15 +279,18 @@ class EvalPool:
                     # on a live node) redoes the whole share, so every image is still counted once.
                     if not lost_with_its_node(error, self.nodes[a]):
                         raise
-                    print(f"[evaluate] actor {a} lost with node {self.nodes[a][:12]}; its share is "
-                          "redone by a replacement", flush=True)
+                    print(
+                        f"[evaluate] actor {a} lost with node {self.nodes[a][:12]}; its share is "
+                        "redone by a replacement",
+                        flush=True,
+                    )
                     self.actors[a], self.nodes[a] = start_actor(lambda a=a: self._make_actor(a))
                     ref = getattr(self.actors[a], method).remote(*per_actor[a], *common)
         return results
 
     def map_shards(self, method: str, shards: list[str], *common: Any) -> list:
         """Shard i -> actor i % n; each shard (so each image) goes to exactly one actor."""
-        return self.call(method, [(shards[a::self.size],) for a in range(self.size)], *common)
+        return self.call(method, [(shards[a :: self.size],) for a in range(self.size)], *common)
 
     def close(self) -> None:
         import ray
@@ -278,13 +343,15 @@ def shared_pool() -> Iterator[None]:
 
 
 def lpips_availability(vgg_weights: str) -> str:
-    """"computed" when the LPIPS VGG16 trunk can be had (local file, hub cache, or the download,
+    """ "computed" when the LPIPS VGG16 trunk can be had (local file, hub cache, or the download,
     which then fills the cache for the actors), else "omitted: <one line why>". Checked once in the
     driver so that offline actors do not each build a VGG16 only to fail."""
 
     if vgg_weights:
         path = os.path.expanduser(vgg_weights)
-        return "computed" if os.path.isfile(path) else f"omitted: LPIPS VGG16 trunk weights not found at {path}"
+        return (
+            "computed" if os.path.isfile(path) else f"omitted: LPIPS VGG16 trunk weights not found at {path}"
+        )
     cached = torchvision_vgg16_cache_path()
     if os.path.isfile(cached):
         return "computed"
@@ -294,8 +361,10 @@ def lpips_availability(vgg_weights: str) -> str:
         VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         return "computed"
     except Exception as error:
-        return (f"omitted: LPIPS VGG16 trunk weights ({VGG16_FILE}) not found at {cached} and the download "
-                f"failed ({type(error).__name__}); set eval.lpips_vgg_weights")
+        return (
+            f"omitted: LPIPS VGG16 trunk weights ({VGG16_FILE}) not found at {cached} and the download "
+            f"failed ({type(error).__name__}); set eval.lpips_vgg_weights"
+        )
 
 
 def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:

@@ -2,6 +2,7 @@
 to the actors (shard i -> actor i % n, each image exactly once; the driver checks the union of
 keys), which return mergeable statistics; the driver merges and logs them (and the paper's Fig. 5
 curve of distance vs kept tokens)."""
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,13 @@ def split_count(cfg: RestokConfig, split: str) -> int | None:
     return sum(int(e["count"]) for e in entries) if entries else None
 
 
-def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | None = None,
-                   spec: dict | None = None, probe: dict | None = None) -> dict:
+def evaluate_recon(
+    cfg: RestokConfig,
+    run_id: str | None,
+    tokenizer_url: str | None = None,
+    spec: dict | None = None,
+    probe: dict | None = None,
+) -> dict:
     """Reconstruction metrics of the val split; logs them (and a grid, and the Fig. 5 curve) to run_id."""
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
     if spec is None:
@@ -38,14 +44,26 @@ def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | N
     shards = split_shards(paths.shards_url(cfg), "val")
     t0 = time.time()
     lpips_status = lpips_availability(str(cfg.eval.lpips_vgg_weights))
-    results = get_pool(cfg).map_shards("recon", shards, tokenizer_url, spec, int(cfg.data.image_size),
-                                       int(cfg.eval.batch_size), list(cfg.eval.keep_lengths),
-                                       str(cfg.eval.lpips_vgg_weights), lpips_status, int(cfg.eval.grid_images))
+    results = get_pool(cfg).map_shards(
+        "recon",
+        shards,
+        tokenizer_url,
+        spec,
+        int(cfg.data.image_size),
+        int(cfg.eval.batch_size),
+        list(cfg.eval.keep_lengths),
+        str(cfg.eval.lpips_vgg_weights),
+        lpips_status,
+        int(cfg.eval.grid_images),
+    )
     seconds = time.time() - t0
     count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
     expected = split_count(cfg, "val")
     if expected is not None and count != expected:  # prep already dropped corrupt images
-        print(f"[evaluate] WARNING: reconstructed {count} val images, the prep manifest lists {expected}", flush=True)
+        print(
+            f"[evaluate] WARNING: reconstructed {count} val images, the prep manifest lists {expected}",
+            flush=True,
+        )
     real, recon = results[0]["real"], results[0]["recon"]
     hist = results[0]["codes_hist"].copy()
     sums = dict(results[0]["sums"])
@@ -60,11 +78,14 @@ def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | N
     name = distance_name(kind, "recon", spec.get("weights", ""))
     sfx = inception_suffix(kind, spec.get("weights", ""))
     mu, sigma = real.pool.mean_cov()
-    metrics = {name: recon[full].pool.distance_to(mu, sigma),
-               "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
-               "codebook_usage": codebook_usage(torch.from_numpy(hist)),
-               "codebook_entropy_bits": codebook_entropy_bits(torch.from_numpy(hist)),
-               "recon_images_per_second": count / max(seconds, 1e-9)}
+    metrics = {
+        name: recon[full].pool.distance_to(mu, sigma),
+        "psnr": sums["psnr"] / count,
+        "ssim": sums["ssim"] / count,
+        "codebook_usage": codebook_usage(torch.from_numpy(hist)),
+        "codebook_entropy_bits": codebook_entropy_bits(torch.from_numpy(hist)),
+        "recon_images_per_second": count / max(seconds, 1e-9),
+    }
     if lpips_status == "computed":
         metrics["lpips"] = sums["lpips"] / count
     curve = {}
@@ -78,12 +99,22 @@ def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | N
         probs, labels = recon[full].probs_array(), recon[full].labels_array()
         metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())
         metrics["probe_val_accuracy"] = float(probe.get("val_accuracy", float("nan")))
-    rows = [results[0]["grid"].get("real", [])] + [results[0]["grid"].get(k, []) for k in sorted(recon, reverse=True)]
-    report = {"metrics": metrics, "num_images": count, "expected_images": expected,
-              "num_actors": len(results), "num_shards": len(shards),
-              "images_per_actor": [len(r["keys"]) for r in results], "lpips": lpips_status,
-              "feature_net": kind, "curve": {str(k): v for k, v in curve.items()}, "seconds": round(seconds, 2),
-              "probe": {k: probe[k] for k in ("key", "val_accuracy", "path") if k in probe} if probe else None}
+    rows = [results[0]["grid"].get("real", [])] + [
+        results[0]["grid"].get(k, []) for k in sorted(recon, reverse=True)
+    ]
+    report = {
+        "metrics": metrics,
+        "num_images": count,
+        "expected_images": expected,
+        "num_actors": len(results),
+        "num_shards": len(shards),
+        "images_per_actor": [len(r["keys"]) for r in results],
+        "lpips": lpips_status,
+        "feature_net": kind,
+        "curve": {str(k): v for k, v in curve.items()},
+        "seconds": round(seconds, 2),
+        "probe": {k: probe[k] for k in ("key", "val_accuracy", "path") if k in probe} if probe else None,
+    }
     if run_id:
         uri = paths.tracking_uri(cfg)
         tracking.log_metrics(uri, run_id, metrics)
@@ -95,8 +126,12 @@ def evaluate_recon(cfg: RestokConfig, run_id: str | None, tokenizer_url: str | N
         client.set_tag(run_id, "restok.lpips", lpips_status[:5000])
         if len(curve) > 1:
             tracking.log_figure(uri, run_id, _curve_figure(curve, name), "recon_vs_kept_tokens.png")
-    print(f"[evaluate] recon: {count} images on {len(results)} actors in {seconds:.1f}s: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f"; LPIPS {lpips_status.split(';')[0]}", flush=True)
+    print(
+        f"[evaluate] recon: {count} images on {len(results)} actors in {seconds:.1f}s: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        + f"; LPIPS {lpips_status.split(';')[0]}",
+        flush=True,
+    )
     return report
 
 

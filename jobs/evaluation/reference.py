@@ -1,5 +1,6 @@
 """Reference statistics for generation metrics: `restok eval make-ref`, and the activations of a
 reference file computed once on the actor pool and cached by (file sha256, feature config)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,10 @@ _REFERENCE_MEMO: dict[tuple, dict] = {}
 def _count_reference_pass(what: str) -> None:
     global REFERENCE_PASSES
     REFERENCE_PASSES += 1
-    print(f"[evaluate] reference features: computing {what} on the actor pool (pass {REFERENCE_PASSES})", flush=True)
+    print(
+        f"[evaluate] reference features: computing {what} on the actor pool (pass {REFERENCE_PASSES})",
+        flush=True,
+    )
 
 
 def feature_config(cfg: RestokConfig, spec: dict) -> str:
@@ -40,11 +44,17 @@ def feature_config(cfg: RestokConfig, spec: dict) -> str:
 
 def shard_activations(cfg: RestokConfig, shards: list[str], spec: dict, what: str) -> dict:
     """Activations of image shards on the pool, concatenated in shard order (each image once)."""
-    results = get_pool(cfg).map_shards("activations", shards, spec, int(cfg.data.image_size), int(cfg.eval.batch_size))
+    results = get_pool(cfg).map_shards(
+        "activations", shards, spec, int(cfg.data.image_size), int(cfg.eval.batch_size)
+    )
     by_url = {part["url"]: part for parts in results for part in parts}
     parts = [by_url[u] for u in shards]
     count = check_each_once([p["keys"] for p in parts], what)
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("pool", "spatial", "probs", "labels") if k in parts[0]}
+    out = {
+        k: np.concatenate([p[k] for p in parts])
+        for k in ("pool", "spatial", "probs", "labels")
+        if k in parts[0]
+    }
     out["count"], out["num_actors"] = count, len(results)
     return out
 
@@ -53,8 +63,12 @@ def array_activations(cfg: RestokConfig, npz_url: str, count: int, spec: dict) -
     """Activations of an ADM batch's arr_0 rows, split into one contiguous range per actor."""
     pool = get_pool(cfg)
     bounds = np.linspace(0, count, pool.size + 1).round().astype(int)
-    results = pool.call("array_activations", [(npz_url, int(bounds[a]), int(bounds[a + 1])) for a in range(pool.size)],
-                        spec, int(cfg.eval.batch_size))
+    results = pool.call(
+        "array_activations",
+        [(npz_url, int(bounds[a]), int(bounds[a + 1])) for a in range(pool.size)],
+        spec,
+        int(cfg.eval.batch_size),
+    )
     results.sort(key=lambda r: r["start"])
     return {k: np.concatenate([r[k] for r in results]) for k in ("pool", "spatial") if k in results[0]}
 
@@ -64,8 +78,14 @@ def compute_reference(cfg: RestokConfig, shards: list[str], spec: dict) -> Refer
     _count_reference_pass(f"{len(shards)} shards")
     acts = shard_activations(cfg, shards, spec, "reference statistics")
     mu, sigma = mean_cov(acts["pool"])
-    ref = ReferenceStats(mu=mu, sigma=sigma, feature_net=feature_net_tag(spec), num_images=acts["count"],
-                         features=acts["pool"], feature_config=feature_config(cfg, spec))
+    ref = ReferenceStats(
+        mu=mu,
+        sigma=sigma,
+        feature_net=feature_net_tag(spec),
+        num_images=acts["count"],
+        features=acts["pool"],
+        feature_config=feature_config(cfg, spec),
+    )
     if "spatial" in acts:
         ref.mu_s, ref.sigma_s = mean_cov(acts["spatial"])
     return ref
@@ -76,17 +96,25 @@ def default_reference_url(cfg: RestokConfig, spec: dict, probe: dict) -> str:
     return storage.join(paths.stage_dir(cfg, STAGE), f"reference-{tag}-{cfg.eval.reference_split}.npz")
 
 
-def make_reference(cfg: RestokConfig, out_url: str = "", spec: dict | None = None, probe: dict | None = None) -> str:
+def make_reference(
+    cfg: RestokConfig, out_url: str = "", spec: dict | None = None, probe: dict | None = None
+) -> str:
     """`restok eval make-ref`: mu, sigma (+ spatial), all pool rows and the feature config of any image
     shards."""
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
-    shards = (glob_shards(str(cfg.eval.reference_shards)) if cfg.eval.reference_shards
-              else split_shards(paths.shards_url(cfg), str(cfg.eval.reference_split)))
+    shards = (
+        glob_shards(str(cfg.eval.reference_shards))
+        if cfg.eval.reference_shards
+        else split_shards(paths.shards_url(cfg), str(cfg.eval.reference_split))
+    )
     out_url = out_url or str(cfg.eval.reference_out) or default_reference_url(cfg, spec, probe or {})
     ref = compute_reference(cfg, shards, spec)
     save_reference_stats(out_url, ref)
-    print(f"[evaluate] reference statistics of {ref.num_images} images ({spec['kind']}) -> {out_url}", flush=True)
+    print(
+        f"[evaluate] reference statistics of {ref.num_images} images ({spec['kind']}) -> {out_url}",
+        flush=True,
+    )
     return out_url
 
 
@@ -111,13 +139,20 @@ def reference_for_gen(cfg: RestokConfig, spec: dict, probe: dict) -> tuple[dict,
     ref = load_reference_stats(url)
     expected = feature_net_tag(spec)
     # Real Inception references (ours: "inception", ADM's: "inception-adm") are interchangeable.
-    same = (ref.feature_net == expected if expected != "inception"
-            else ref.feature_net not in ("probe", "inception-" + RANDOM_UNTRAINED))
+    same = (
+        ref.feature_net == expected
+        if expected != "inception"
+        else ref.feature_net not in ("probe", "inception-" + RANDOM_UNTRAINED)
+    )
     if ref.mu is not None and not same:
-        raise ValueError(f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}")
+        raise ValueError(
+            f"{url}: reference made with feature net {ref.feature_net!r}, evaluation uses {expected!r}"
+        )
     if ref.feature_config and ref.feature_config != want:
-        raise ValueError(f"{url}: reference made with feature config {ref.feature_config}, this evaluation's is "
-                         f"{want} (other weights, resize or image size); remake it with `restok eval make-ref`")
+        raise ValueError(
+            f"{url}: reference made with feature config {ref.feature_config}, this evaluation's is "
+            f"{want} (other weights, resize or image size); remake it with `restok eval make-ref`"
+        )
     stats = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
     out = {"pool": ref.features, "spatial": None, "stats": stats, "num_images": ref.num_images}
     if ref.features is None and ref.has_images:
@@ -128,7 +163,6 @@ def reference_for_gen(cfg: RestokConfig, spec: dict, probe: dict) -> tuple[dict,
 
 def _cached_array_activations(cfg: RestokConfig, url: str, count: int, spec: dict, want: str) -> dict:
     import io
-
 
     key = fingerprint({"reference_sha256": file_sha256(url), "feature_config": want})
     cache = storage.join(paths.stage_dir(cfg, STAGE), "reference-cache", f"{key}.npz")

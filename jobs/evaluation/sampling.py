@@ -8,6 +8,7 @@ configured CFG schedule), decodes them and writes PNG WebDataset shards (`<index
 sample, in index order, into an ADM-style `samples.npz` (`arr_0` NHWC uint8, `arr_1` labels), which
 the ADM / GigaTok evaluators read directly (jobs.evaluation.generation writes the set's manifest).
 """
+
 from __future__ import annotations
 
 import time
@@ -49,7 +50,7 @@ def shard_name(index: int) -> str:
 
 def batch_seed(seed: int, first_index: int) -> int:
     """The seed of the batch starting at sample `first_index` (independent of actors)."""
-    return (int(seed) * 1_000_003 + int(first_index)) % (2 ** 63)
+    return (int(seed) * 1_000_003 + int(first_index)) % (2**63)
 
 
 def to_uint8_release(images: torch.Tensor) -> torch.Tensor:
@@ -68,14 +69,28 @@ def receipt_url(out_url: str, index: int) -> str:
 def finished_shard(out_url: str, index: int, fp: str) -> dict | None:
     """The shard's receipt when the shard exists and was written for request fingerprint `fp`."""
     receipt = storage.read_json(receipt_url(out_url, index))
-    if receipt and receipt.get("fingerprint") == fp and storage.exists(storage.join(out_url, receipt["name"])):
+    if (
+        receipt
+        and receipt.get("fingerprint") == fp
+        and storage.exists(storage.join(out_url, receipt["name"]))
+    ):
         return receipt
     return None
 
 
 @torch.inference_mode()
-def sample_shards(tokenizer: Any, generator: Any, device: str, shards: list[tuple[int, int, int]],
-                  labels: np.ndarray, seed: int, sampler: dict, batch_size: int, out_url: str, fp: str) -> dict:
+def sample_shards(
+    tokenizer: Any,
+    generator: Any,
+    device: str,
+    shards: list[tuple[int, int, int]],
+    labels: np.ndarray,
+    seed: int,
+    sampler: dict,
+    batch_size: int,
+    out_url: str,
+    fp: str,
+) -> dict:
     """Sample the shards (index, start, end) given to one actor into `samples-<index>.tar` PNG shards
     (keys = global sample index) with a receipt each (`samples-<index>.json`: the request
     fingerprint, count, sha256), written after the shard; shards with a matching receipt are kept."""
@@ -86,19 +101,31 @@ def sample_shards(tokenizer: Any, generator: Any, device: str, shards: list[tupl
         if receipt is None:
             part = []
             for b in range(start, end, batch_size):
-                y = torch.as_tensor(labels[b:min(b + batch_size, end)], device=device)
+                y = torch.as_tensor(labels[b : min(b + batch_size, end)], device=device)
                 gen = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
                 result = sample(generator, y, generator=gen, **sampler)
                 passes, batches, drawn = passes + result.num_forward_passes, batches + 1, drawn + len(y)
-                images = to_uint8_release(tokenizer.decode_codes(result.codes)).permute(0, 2, 3, 1).cpu().numpy()
+                images = (
+                    to_uint8_release(tokenizer.decode_codes(result.codes)).permute(0, 2, 3, 1).cpu().numpy()
+                )
                 part += [(f"{b + i:07d}", images[i], int(y[i])) for i in range(len(y))]
             name = shard_name(index)
-            receipt = {"name": name, "index": index, "start": start, "count": len(part), "fingerprint": fp,
-                       "sha256": write_png_shard(storage.join(out_url, name), part)}
+            receipt = {
+                "name": name,
+                "index": index,
+                "start": start,
+                "count": len(part),
+                "fingerprint": fp,
+                "sha256": write_png_shard(storage.join(out_url, name), part),
+            }
             storage.write_json_atomic(receipt_url(out_url, index), receipt)
         done.append(receipt)
-    return {"shards": done, "seconds": time.time() - t0, "sampled": drawn,
-            "forward_passes_per_batch": passes / batches if batches else 0.0}
+    return {
+        "shards": done,
+        "seconds": time.time() - t0,
+        "sampled": drawn,
+        "forward_passes_per_batch": passes / batches if batches else 0.0,
+    }
 
 
 def write_npz(out_url: str, shard_urls: list[str], count: int | None = None) -> tuple[str, list[int]]:
@@ -113,10 +140,14 @@ def write_npz(out_url: str, shard_urls: list[str], count: int | None = None) -> 
     shape = decode_image(first[1], None).shape if first is not None else (0, 0, 3)
     labels, written = [], 0
     url = storage.join(out_url, SAMPLES_NPZ)
-    with storage.atomic_open(url, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        storage.atomic_open(url, "wb") as fh,
+        zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False,
-                                                       "shape": (count, *shape)})
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": "|u1", "fortran_order": False, "shape": (count, *shape)}
+            )
             for shard in shard_urls:
                 for _, data, label in read_image_shard(shard):
                     image = decode_image(data, None)

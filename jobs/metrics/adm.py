@@ -16,6 +16,7 @@ here from those definitions for numpy activations:
     so N x N never sits in memory. ADM computes the distances in float16 (float32 when that
     overflows); here float32, so the two agree to about 1e-3.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -40,11 +41,11 @@ def mean_cov(acts: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"need at least 2 activation rows for a covariance, have {n}")
     mu = np.zeros(acts.shape[1], np.float64)
     for s in range(0, n, block):
-        mu += acts[s:s + block].astype(np.float64).sum(0)
+        mu += acts[s : s + block].astype(np.float64).sum(0)
     mu /= n
     cov = np.zeros((acts.shape[1], acts.shape[1]), np.float64)
     for s in range(0, n, block):
-        x = acts[s:s + block].astype(np.float64) - mu
+        x = acts[s : s + block].astype(np.float64) - mu
         cov += x.T @ x
     return mu, cov / (n - 1)
 
@@ -54,10 +55,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
-                         f"vs {sigma2.shape} (different feature networks?)")
+        raise ValueError(
+            f"statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
+            f"vs {sigma2.shape} (different feature networks?)"
+        )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # near-singular product: ADM retries with eps on the diagonals
@@ -72,18 +78,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 # ---- Inception Score -------------------------------------------------------------------------------
-def inception_score(pool: np.ndarray, logits_weight: np.ndarray, split_size: int = IS_SPLIT_SIZE,
-                    block: int = BLOCK) -> float:
+def inception_score(
+    pool: np.ndarray, logits_weight: np.ndarray, split_size: int = IS_SPLIT_SIZE, block: int = BLOCK
+) -> float:
     """ADM compute_inception_score: softmax(pool @ W) (no bias), consecutive splits in row order."""
     pool, w = np.asarray(pool), torch.from_numpy(np.asarray(logits_weight, np.float64))
     if pool.shape[1] != w.shape[0]:
         raise ValueError(f"pool features have dim {pool.shape[1]}, logits weight expects {w.shape[0]}")
     scores = []
     for s in range(0, len(pool), split_size):
-        part = pool[s:s + split_size]
+        part = pool[s : s + split_size]
         # log p(y|x) exactly (log_softmax) so a tiny probability is not log(0)
-        logp = torch.cat([torch.log_softmax(torch.from_numpy(part[b:b + block].astype(np.float64)) @ w, dim=1)
-                          for b in range(0, len(part), block)])
+        logp = torch.cat(
+            [
+                torch.log_softmax(torch.from_numpy(part[b : b + block].astype(np.float64)) @ w, dim=1)
+                for b in range(0, len(part), block)
+            ]
+        )
         p = logp.exp()
         log_marginal = torch.log(p.mean(0, keepdim=True))
         kl = (p * (logp - log_marginal)).sum(1).mean()
@@ -112,15 +123,18 @@ def knn_radii(feats: torch.Tensor, sq: torch.Tensor, k: int = K_NEAREST, block: 
     for r in range(0, n, block):
         best = None
         for c in range(0, n, block):
-            d = _sq_distances(feats[r:r + block], feats[c:c + block], sq[r:r + block], sq[c:c + block])
+            d = _sq_distances(
+                feats[r : r + block], feats[c : c + block], sq[r : r + block], sq[c : c + block]
+            )
             cand = d if best is None else torch.cat([best, d], dim=1)
             best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
-        radii[r:r + block] = best[:, k]
+        radii[r : r + block] = best[:, k]
     return radii
 
 
-def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = K_NEAREST, block: int = BLOCK,
-                     device: str = "cpu") -> tuple[float, float]:
+def precision_recall(
+    ref: np.ndarray, samples: np.ndarray, k: int = K_NEAREST, block: int = BLOCK, device: str = "cpu"
+) -> tuple[float, float]:
     """ADM compute_prec_recall over all rows of both sets."""
     if np.shape(ref)[1] != np.shape(samples)[1]:
         raise ValueError(f"feature dims differ: reference {np.shape(ref)[1]}, samples {np.shape(samples)[1]}")
@@ -131,16 +145,24 @@ def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = K_NEAREST, b
     smp_in = torch.zeros(len(smp_t), dtype=torch.bool, device=device)  # sample inside reference manifold
     for r in range(0, len(ref_t), block):
         for c in range(0, len(smp_t), block):
-            d = _sq_distances(ref_t[r:r + block], smp_t[c:c + block], ref_sq[r:r + block], smp_sq[c:c + block])
-            ref_in[r:r + block] |= (d <= smp_r[None, c:c + block]).any(1)
-            smp_in[c:c + block] |= (d <= ref_r[r:r + block, None]).any(0)
+            d = _sq_distances(
+                ref_t[r : r + block], smp_t[c : c + block], ref_sq[r : r + block], smp_sq[c : c + block]
+            )
+            ref_in[r : r + block] |= (d <= smp_r[None, c : c + block]).any(1)
+            smp_in[c : c + block] |= (d <= ref_r[r : r + block, None]).any(0)
     return float(smp_in.double().mean()), float(ref_in.double().mean())
 
 
 # ---- all five --------------------------------------------------------------------------------------
-def scores(ref_pool: np.ndarray, ref_spatial: np.ndarray | None, sample_pool: np.ndarray,
-           sample_spatial: np.ndarray | None, logits_weight: np.ndarray | None,
-           ref_stats: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, float]:
+def scores(
+    ref_pool: np.ndarray,
+    ref_spatial: np.ndarray | None,
+    sample_pool: np.ndarray,
+    sample_spatial: np.ndarray | None,
+    logits_weight: np.ndarray | None,
+    ref_stats: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
     """ADM's numbers from activations: {inception_score, fid, sfid, precision, recall}.
 
     pool [N, 2048], spatial [N, 2023] (mixed_6/conv[..., :7]), logits_weight [2048, 1008] without
@@ -151,12 +173,16 @@ def scores(ref_pool: np.ndarray, ref_spatial: np.ndarray | None, sample_pool: np
     out: dict[str, float] = {}
     if logits_weight is not None:
         out["inception_score"] = inception_score(sample_pool, logits_weight)
-    ref_mu, ref_sigma = ((ref_stats["mu"], ref_stats["sigma"]) if ref_stats.get("mu") is not None
-                         else mean_cov(ref_pool))
+    ref_mu, ref_sigma = (
+        (ref_stats["mu"], ref_stats["sigma"]) if ref_stats.get("mu") is not None else mean_cov(ref_pool)
+    )
     out["fid"] = frechet_distance(*mean_cov(sample_pool), ref_mu, ref_sigma)
     if sample_spatial is not None and (ref_spatial is not None or ref_stats.get("mu_s") is not None):
-        ref_mu_s, ref_sigma_s = ((ref_stats["mu_s"], ref_stats["sigma_s"]) if ref_stats.get("mu_s") is not None
-                                 else mean_cov(ref_spatial))
+        ref_mu_s, ref_sigma_s = (
+            (ref_stats["mu_s"], ref_stats["sigma_s"])
+            if ref_stats.get("mu_s") is not None
+            else mean_cov(ref_spatial)
+        )
         out["sfid"] = frechet_distance(*mean_cov(sample_spatial), ref_mu_s, ref_sigma_s)
     out["precision"], out["recall"] = precision_recall(ref_pool, sample_pool, device=device)
     return out

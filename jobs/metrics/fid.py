@@ -9,6 +9,7 @@ Statistics are accumulated as float64 sums (count, sum, sum of outer products), 
 statistics of several Ray actors merge exactly by addition, whatever order the shards arrive in.
 The same code serves every feature space; the caller names the metric (fid, sfid, fd_probe).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,10 +38,15 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between the Gaussians N(mu1, S1) and N(mu2, S2), in float64."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape} (different feature networks?)")
+        raise ValueError(
+            f"feature statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape} (different feature networks?)"
+        )
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
     return float(max(value, 0.0))  # round-off can make identical statistics slightly negative
@@ -127,6 +133,7 @@ class FeatureStats:
 # ADM files carry the reference batch itself as arr_0: it is not loaded here (10k x 256 x 256 x 3 is
 # 2 GB), only its shape; the actors read row ranges of it (read_npz_rows).
 
+
 @dataclass
 class ReferenceStats:
     mu: np.ndarray
@@ -140,11 +147,17 @@ class ReferenceStats:
     feature_config: str = ""
 
     @classmethod
-    def from_stats(cls, stats: FeatureStats, feature_net: str,
-                   spatial: FeatureStats | None = None) -> ReferenceStats:
+    def from_stats(
+        cls, stats: FeatureStats, feature_net: str, spatial: FeatureStats | None = None
+    ) -> ReferenceStats:
         mu, sigma = stats.mean_cov()
-        ref = cls(mu=mu, sigma=sigma, feature_net=feature_net, num_images=stats.count,
-                  features=stats.features() if stats.kept else None)
+        ref = cls(
+            mu=mu,
+            sigma=sigma,
+            feature_net=feature_net,
+            num_images=stats.count,
+            features=stats.features() if stats.kept else None,
+        )
         if spatial is not None and spatial.count >= 2:
             ref.mu_s, ref.sigma_s = spatial.mean_cov()
         return ref
@@ -153,9 +166,13 @@ class ReferenceStats:
 def save_reference_stats(url: str, ref: ReferenceStats) -> None:
     import io
 
-
-    arrays = {"mu": ref.mu, "sigma": ref.sigma, "feature_net": np.array(ref.feature_net),
-              "num_images": np.array(ref.num_images), "feature_config": np.array(ref.feature_config)}
+    arrays = {
+        "mu": ref.mu,
+        "sigma": ref.sigma,
+        "feature_net": np.array(ref.feature_net),
+        "num_images": np.array(ref.num_images),
+        "feature_config": np.array(ref.feature_config),
+    }
     for key in ("features", "mu_s", "sigma_s"):
         if getattr(ref, key) is not None:
             arrays[key] = getattr(ref, key)
@@ -179,7 +196,6 @@ def npz_array_shape(url: str, key: str = "arr_0") -> tuple[int, ...] | None:
     """Shape of one array of an npz from its header only (None when absent)."""
     import zipfile
 
-
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
         if f"{key}.npy" not in zf.namelist():
@@ -192,7 +208,6 @@ def npz_array_shape(url: str, key: str = "arr_0") -> tuple[int, ...] | None:
 def read_npz_rows(url: str, start: int, end: int, key: str = "arr_0") -> np.ndarray:
     """Rows [start, end) of one array of an (uncompressed) npz, reading only those bytes."""
     import zipfile
-
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
@@ -208,25 +223,36 @@ def read_npz_rows(url: str, start: int, end: int, key: str = "arr_0") -> np.ndar
 def load_reference_stats(url: str) -> ReferenceStats:
     """Our make-ref files or ADM reference batches; a one-line error naming the file otherwise."""
     if not url:
-        raise FileNotFoundError("no reference statistics configured: set eval.reference_stats to an .npz "
-                                "(ADM VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref` output)")
+        raise FileNotFoundError(
+            "no reference statistics configured: set eval.reference_stats to an .npz "
+            "(ADM VIRTUAL_imagenet256_labeled.npz or `restok eval make-ref` output)"
+        )
     if not storage.exists(url):
-        raise FileNotFoundError(f"reference statistics not found: {url} (make one with `restok eval make-ref`)")
+        raise FileNotFoundError(
+            f"reference statistics not found: {url} (make one with `restok eval make-ref`)"
+        )
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh:
         data = np.load(fh, allow_pickle=False)  # lazy: members are read when accessed
         files = data.files
+
         def get(k):
             return data[k] if k in files else None
 
         images = npz_array_shape(url) if "arr_0" in files else None
         has_stats = "mu" in files and "sigma" in files
         if not has_stats and images is None:
-            raise ValueError(f"{url}: reference statistics lack ['mu', 'sigma'] and images 'arr_0'; keys present: {files}")
+            raise ValueError(
+                f"{url}: reference statistics lack ['mu', 'sigma'] and images 'arr_0'; keys present: {files}"
+            )
         return ReferenceStats(
             mu=data["mu"].astype(np.float64) if has_stats else None,
             sigma=data["sigma"].astype(np.float64) if has_stats else None,
             feature_net=str(get("feature_net")) if "feature_net" in files else "inception-adm",
             num_images=int(get("num_images")) if "num_images" in files else (images[0] if images else 0),
-            features=get("features"), mu_s=get("mu_s"), sigma_s=get("sigma_s"), has_images=images is not None,
-            feature_config=str(get("feature_config")) if "feature_config" in files else "")
+            features=get("features"),
+            mu_s=get("mu_s"),
+            sigma_s=get("sigma_s"),
+            has_images=images is not None,
+            feature_config=str(get("feature_config")) if "feature_config" in files else "",
+        )

@@ -20,6 +20,7 @@ The TorchScript file resizes inside itself. IS probabilities are softmax(pool @ 
 bias-free 2048 x 1008 weight (ADM: the graph's softmax/logits/MatMul) on both paths;
 `logits_weight()` hands W to jobs.metrics.adm.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,11 +39,14 @@ from models.losses.pretrained_weights import (
 )
 
 STATE_DICT_FILE = "pt_inception-2015-12-05-6726825d.pth"
-STATE_DICT_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                  "pt_inception-2015-12-05-6726825d.pth")
+STATE_DICT_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
 TORCHSCRIPT_FILE = "inception-2015-12-05.pt"
-TORCHSCRIPT_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
-                   "inception-2015-12-05.pt")
+TORCHSCRIPT_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
 POOL_DIM = 2048
 NUM_LOGITS = 1008  # the 2015 graph has 1008 outputs (1000 classes + 8 unused)
 # ADM evaluator's sFID: the first 7 channels of TF "mixed_6/conv" (17x17), NHWC-flattened -> 2023.
@@ -70,8 +74,9 @@ def build_fid_inception() -> nn.Module:
         FIDInceptionE_2,
     )
 
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=NUM_LOGITS,
-                                          init_weights=False)
+    net = torchvision.models.inception_v3(
+        weights=None, aux_logits=False, num_classes=NUM_LOGITS, init_weights=False
+    )
     net.Mixed_5b = FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = FIDInceptionA(256, pool_features=64)
     net.Mixed_5d = FIDInceptionA(288, pool_features=64)
@@ -104,7 +109,9 @@ def _verify_download(path: str) -> None:
             h.update(block)
     if not h.hexdigest().startswith(STATE_DICT_SHA256_PREFIX):
         os.remove(path)
-        raise ValueError(f"downloaded {path} has sha256 {h.hexdigest()[:16]}..., expected {STATE_DICT_SHA256_PREFIX}...")
+        raise ValueError(
+            f"downloaded {path} has sha256 {h.hexdigest()[:16]}..., expected {STATE_DICT_SHA256_PREFIX}..."
+        )
 
 
 def resolve_weights(path: str = "", download: bool = True) -> str:
@@ -126,12 +133,14 @@ def resolve_weights(path: str = "", download: bool = True) -> str:
     raise MissingWeightsError(
         f"Inception weights not found at {path} and the download from {url} failed ({reason}); "
         f"copy {os.path.basename(path)} there or set eval.inception_weights to a local "
-        f"{STATE_DICT_FILE} / {TORCHSCRIPT_FILE}")
+        f"{STATE_DICT_FILE} / {TORCHSCRIPT_FILE}"
+    )
 
 
 def resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     """TensorFlow 1 ResizeBilinear, align_corners=False, half_pixel_centers=False: output pixel i
     reads input position i * in / out, linear between floor and the next pixel (edge-clamped)."""
+
     def weights(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
         lo = src.floor().long().clamp(max=n_in - 1)
@@ -155,6 +164,7 @@ def _torchscript_logits_weight(net: nn.Module) -> torch.Tensor:
 
 class InceptionFeatures(nn.Module):
     """uint8 images -> {"pool": [B, 2048], "probs": [B, 1008], "spatial": [B, 2023] (state dict only)}."""
+
     name = "inception"
 
     def __init__(self, net: nn.Module, torchscript: bool = False, resize: str = "tf1"):
@@ -212,8 +222,9 @@ class InceptionFeatures(nn.Module):
         return {"pool": pool, "probs": probs, "spatial": spatial}
 
 
-def load_inception(weights_path: str = "", device: str | torch.device = "cpu",
-                   download: bool = True, resize: str = "tf1") -> InceptionFeatures:
+def load_inception(
+    weights_path: str = "", device: str | torch.device = "cpu", download: bool = True, resize: str = "tf1"
+) -> InceptionFeatures:
     """The FID Inception from `weights_path` (see module doc); strict key check for state dicts."""
     if weights_path == RANDOM_UNTRAINED:
         # The same seed in every actor, so all of them compute the same (meaningless) features.
@@ -231,19 +242,27 @@ def load_inception(weights_path: str = "", device: str | torch.device = "cpu",
     state = load_state_dict_file(path)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: not an FID Inception state dict (missing {len(missing)} keys e.g. "
-                         f"{missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]})")
+        raise ValueError(
+            f"{path}: not an FID Inception state dict (missing {len(missing)} keys e.g. "
+            f"{missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]})"
+        )
     return InceptionFeatures(net.to(device), resize=resize)
 
 
-def load_feature_net(kind: str, weights_path: str = "", device: str | torch.device = "cpu",
-                     probe_path: str | None = None, resize: str = "tf1") -> nn.Module:
+def load_feature_net(
+    kind: str,
+    weights_path: str = "",
+    device: str | torch.device = "cpu",
+    probe_path: str | None = None,
+    resize: str = "tf1",
+) -> nn.Module:
     """`inception` (real FID) or `probe` (the built-in dataset stand-in, jobs.metrics.probe)."""
     if kind == "inception":
         return load_inception(weights_path, device, resize=resize)
     if kind == "probe":
-
         if not probe_path:
-            raise ValueError("feature_net=probe needs the trained probe file (jobs.metrics.probe.ensure_probe)")
+            raise ValueError(
+                "feature_net=probe needs the trained probe file (jobs.metrics.probe.ensure_probe)"
+            )
         return load_probe(probe_path, device)
     raise ValueError(f"eval.feature_net={kind!r}; valid: ['inception', 'probe']")

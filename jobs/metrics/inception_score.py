@@ -3,6 +3,7 @@
 10 splits as in the ADM / GigaTok evaluators (paper App. A.3 uses GigaTok's scripts). Takes class
 probabilities [N, C]; with Inception that is the 1008-way softmax of the 2015 graph.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,9 @@ import numpy as np
 NUM_SPLITS = 10
 
 
-def inception_score(probs: np.ndarray, num_splits: int = NUM_SPLITS, eps: float = 1e-12) -> tuple[float, float]:
+def inception_score(
+    probs: np.ndarray, num_splits: int = NUM_SPLITS, eps: float = 1e-12
+) -> tuple[float, float]:
     """(mean, std) of the score over `num_splits` contiguous splits."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) == 0:

@@ -10,6 +10,7 @@ little anyway, so the built-in dataset is scored with a probe trained on its own
 The trained probe is cached under the evaluate stage dir, keyed by a hash of its training data and
 settings, with a manifest, so every evaluation of the same data uses the same probe.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,12 +31,19 @@ FEATURE_DIM = 128
 
 class ProbeNet(nn.Module):
     """3 stride-2 conv stages + global pooling -> 128-d features -> class logits."""
+
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
         layers, c_in = [], 3
         for c_out in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.ReLU(),
-                       nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                nn.GroupNorm(8, c_out),
+                nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1),
+                nn.GroupNorm(8, c_out),
+                nn.ReLU(),
+            ]
             c_in = c_out
         self.trunk = nn.Sequential(*layers)
         self.embed = nn.Linear(c_in, FEATURE_DIM)
@@ -58,6 +66,7 @@ def _prepare(images: torch.Tensor, size: int) -> torch.Tensor:
 
 class ProbeFeatures(nn.Module):
     """Same interface as jobs.metrics.inception.InceptionFeatures: uint8 images -> {pool, probs}."""
+
     name = "probe"
     has_spatial = False
 
@@ -81,8 +90,16 @@ def as_nchw_uint8(images: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous() if t.shape[-1] == 3 and t.shape[1] != 3 else t
 
 
-def train_probe(images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int,
-                steps: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> ProbeNet:
+def train_probe(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    image_size: int,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> ProbeNet:
     """A few hundred Adam steps with random flips on CPU (seconds at 32 px)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -105,11 +122,13 @@ def train_probe(images: np.ndarray, labels: np.ndarray, num_classes: int, image_
 
 
 @torch.inference_mode()
-def probe_accuracy(probe: ProbeFeatures, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+def probe_accuracy(
+    probe: ProbeFeatures, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
+) -> float:
     x, y = as_nchw_uint8(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
     correct = 0
     for s in range(0, len(x), batch_size):
-        correct += int((probe(x[s:s + batch_size])["probs"].argmax(1).cpu() == y[s:s + batch_size]).sum())
+        correct += int((probe(x[s : s + batch_size])["probs"].argmax(1).cpu() == y[s : s + batch_size]).sum())
     return correct / max(len(x), 1)
 
 
@@ -122,9 +141,17 @@ def probe_key(images: np.ndarray, labels: np.ndarray, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndarray, num_classes: int,
-                 image_size: int, val_images: np.ndarray | None = None,
-                 val_labels: np.ndarray | None = None, steps: int = 300, seed: int = 0) -> dict:
+def ensure_probe(
+    cache_url: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    num_classes: int,
+    image_size: int,
+    val_images: np.ndarray | None = None,
+    val_labels: np.ndarray | None = None,
+    steps: int = 300,
+    seed: int = 0,
+) -> dict:
     """Train (or reuse) the probe; returns its manifest: {path, key, val_accuracy, ...}.
 
     Files: <cache_url>/probe-<key>/probe.pt and manifest.json (written last, atomically)."""
@@ -140,9 +167,15 @@ def ensure_probe(cache_url: str, train_images: np.ndarray, train_labels: np.ndar
     buf = io.BytesIO()
     torch.save({"state_dict": net.state_dict(), **settings, "version": PROBE_VERSION}, buf)
     storage.write_bytes_atomic(storage.join(folder, "probe.pt"), buf.getvalue())
-    manifest = {"complete": True, "key": key, **settings, "version": PROBE_VERSION,
-                "num_train_images": len(train_images), "train_seconds": round(time.time() - t0, 2),
-                "sha256": storage.sha256_bytes(buf.getvalue())}
+    manifest = {
+        "complete": True,
+        "key": key,
+        **settings,
+        "version": PROBE_VERSION,
+        "num_train_images": len(train_images),
+        "train_seconds": round(time.time() - t0, 2),
+        "sha256": storage.sha256_bytes(buf.getvalue()),
+    }
     if val_images is not None and val_labels is not None and len(val_images):
         manifest["val_accuracy"] = probe_accuracy(ProbeFeatures(net, image_size), val_images, val_labels)
         manifest["num_val_images"] = len(val_images)

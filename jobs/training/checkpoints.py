@@ -5,6 +5,7 @@ A training stage directory holds `<name>.safetensors` (raw fp32 weights), `<name
 atomically. No pickle: safetensors only. `load_tokenizer` / `load_generator` are what extraction,
 sampling and evaluation call.
 """
+
 from __future__ import annotations
 
 import glob
@@ -52,9 +53,10 @@ def _read_fp32_state(engine_dir: str, zero_stage: int, tag: str) -> dict[str, to
 def _read_ema(checkpoint_dir: str, meta: dict) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-
-    files = sorted(glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")),
-                   key=lambda p: int(os.path.basename(p)[len("ema_rank"):-len(".safetensors")]))
+    files = sorted(
+        glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")),
+        key=lambda p: int(os.path.basename(p)[len("ema_rank") : -len(".safetensors")]),
+    )
     if not files:
         return {}
     if meta.get("ema_sharded"):
@@ -81,7 +83,6 @@ def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: RestokCon
     """Atomically write `<name>.safetensors`, `<name>_ema.safetensors`, `config.yaml`; returns the
     file names (relative to the stage dir) and their sha256."""
     from safetensors.torch import save
-
 
     out = {}
     for fname, state in ((f"{name}.safetensors", raw), (f"{name}_ema.safetensors", ema)):
@@ -173,22 +174,31 @@ class ExportSpec:
 # Training stage -> its export (what jobs.training.stage, `restok export` and sweeps write).
 EXPORTABLE: dict[str, ExportSpec] = {
     "train_tokenizer": ExportSpec(
-        "tokenizer", "tokenizer", lambda cfg: ResTok(tokenizer_config(cfg)),
-        lambda model, cfg: {"num_tokens": int(model.num_tokens), "levels": list(model.levels),
-                            "codebook_size": int(model.codebook_size)}),
+        "tokenizer",
+        "tokenizer",
+        lambda cfg: ResTok(tokenizer_config(cfg)),
+        lambda model, cfg: {
+            "num_tokens": int(model.num_tokens),
+            "levels": list(model.levels),
+            "codebook_size": int(model.codebook_size),
+        },
+    ),
     "train_generator": ExportSpec(
-        "generator", "generator", lambda cfg: GPT(generator_config(cfg)),
-        lambda model, cfg: {"block_size": model.block_size, "vocab_size": int(cfg.generator.vocab_size)}),
+        "generator",
+        "generator",
+        lambda cfg: GPT(generator_config(cfg)),
+        lambda model, cfg: {"block_size": model.block_size, "vocab_size": int(cfg.generator.vocab_size)},
+    ),
 }
 
 
-def register_model(tracking_uri: str, run_id: str, files: list[str], model_name: str,
-                   aliases: list[str]) -> str:
+def register_model(
+    tracking_uri: str, run_id: str, files: list[str], model_name: str, aliases: list[str]
+) -> str:
     """Log `files` as run artifacts under checkpoints/ and register that artifact URI as a new
     version of `model_name` with `aliases` (MLflow registry; no deprecated stages). Returns the
     version."""
     from mlflow.exceptions import MlflowException
-
 
     client = client_for(tracking_uri)
     for f in files:
@@ -204,8 +214,9 @@ def register_model(tracking_uri: str, run_id: str, files: list[str], model_name:
     return str(version)
 
 
-def register_stage_files(uri: str, run_id: str, stage_dir: str, names: list[str], model_name: str,
-                         aliases: list[str]) -> str:
+def register_stage_files(
+    uri: str, run_id: str, stage_dir: str, names: list[str], model_name: str, aliases: list[str]
+) -> str:
     """register_model for files of a stage dir on any filesystem: a URL stage dir (s3://...) is
     copied to a local temporary directory first (MLflow logs local files)."""
     import shutil
@@ -258,8 +269,9 @@ def _checkpoint_complete(url: str, meta: dict) -> bool:
 def _stage_of(stage_dir: str, manifest: dict) -> str:
     stage = str(manifest.get("stage") or os.path.basename(stage_dir.rstrip("/")))
     if stage not in EXPORTABLE:
-        raise FileNotFoundError(f"{stage_dir}: not a training stage directory (stage {stage!r}; "
-                                f"valid: {sorted(EXPORTABLE)})")
+        raise FileNotFoundError(
+            f"{stage_dir}: not a training stage directory (stage {stage!r}; valid: {sorted(EXPORTABLE)})"
+        )
     return stage
 
 
@@ -283,16 +295,21 @@ def experiment_dirs(stage_dir: str, cfg: RestokConfig | None = None) -> tuple[st
         if path and storage.exists(str(path)):
             dirs.append(str(path).rstrip("/").rsplit("/", 1)[0])
     configs = [c for c in (_read_config_url(storage.join(stage_dir, CONFIG_NAME)), cfg) if c is not None]
-    fps = [str(manifest["fingerprint"])] if manifest.get("fingerprint") else [
-        stage_fingerprint(c, stage) for c in configs]
+    fps = (
+        [str(manifest["fingerprint"])]
+        if manifest.get("fingerprint")
+        else [stage_fingerprint(c, stage) for c in configs]
+    )
     roots = [ray_storage_path(c) for c in configs] + [storage.join(stage_dir.rsplit("/", 1)[0], "ray")]
     for root in dict.fromkeys(roots):
         if not fps:  # nothing names the run: only an unambiguous one will do
             patterns.append(storage.join(root, f"{stage}-*"))
             runs = _fs_glob(patterns[-1])
             if len({os.path.basename(r).split("-")[1] for r in runs}) > 1:
-                raise FileNotFoundError(f"{stage_dir}: no manifest or config names its Ray Train run among "
-                                        f"{runs}; pass the preset and overrides that trained it")
+                raise FileNotFoundError(
+                    f"{stage_dir}: no manifest or config names its Ray Train run among "
+                    f"{runs}; pass the preset and overrides that trained it"
+                )
             dirs += sorted(runs, reverse=True)
         for fp in dict.fromkeys(fps):
             # The run itself, then `resume: never` runs (<stage>-<fp>-<time>), newest first.
@@ -332,7 +349,9 @@ def find_checkpoint(source: str, step: int | None, cfg: RestokConfig | None = No
     if step is None:
         step = max(kept)
     if step not in kept:
-        raise FileNotFoundError(f"{source}: no kept checkpoint for step {step}; available steps: {sorted(kept)}")
+        raise FileNotFoundError(
+            f"{source}: no kept checkpoint for step {step}; available steps: {sorted(kept)}"
+        )
     return stage, step, kept[step]
 
 
@@ -349,8 +368,10 @@ def checkpoint_config(ckpt: str, stage: str, source: str, cfg: RestokConfig | No
         fp = stage_fingerprint(c, stage)
         if experiment == f"{stage}-{fp}" or experiment.startswith(f"{stage}-{fp}-"):
             return c
-    raise FileNotFoundError(f"{ckpt}: no config.yaml, and no config given whose {stage} fingerprint "
-                            f"matches {experiment or 'its experiment'}; pass the preset and overrides that trained it")
+    raise FileNotFoundError(
+        f"{ckpt}: no config.yaml, and no config given whose {stage} fingerprint "
+        f"matches {experiment or 'its experiment'}; pass the preset and overrides that trained it"
+    )
 
 
 def default_export_dir(source: str, step: int) -> str:
@@ -360,8 +381,9 @@ def default_export_dir(source: str, step: int) -> str:
     return storage.join(source.rstrip("/"), EXPORTS_DIR, f"step_{step:07d}")
 
 
-def export_checkpoint(source: str, step: int | None = None, out: str | None = None,
-                      cfg: RestokConfig | None = None) -> str:
+def export_checkpoint(
+    source: str, step: int | None = None, out: str | None = None, cfg: RestokConfig | None = None
+) -> str:
     """Export a kept Ray Train checkpoint of a training stage (any ZeRO stage; EMA weights as the
     EMA) to the export format (<name>.safetensors, <name>_ema.safetensors, config.yaml, manifest
     with the step) that load_tokenizer / load_generator and `restok sweep` read. `source` is a
@@ -369,7 +391,6 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
     the export directory; an export of the same checkpoint already there is reused."""
     import shutil
     import tempfile
-
 
     stage, step, ckpt = find_checkpoint(source, step, cfg)
     out = (out or default_export_dir(source, step)).rstrip("/")
@@ -393,8 +414,18 @@ def export_checkpoint(source: str, step: int | None = None, out: str | None = No
             shutil.rmtree(tmp, ignore_errors=True)
     hashes = write_export(out, export_name, raw, ema, train_cfg)
     fields = export.manifest_fields(model, train_cfg)
-    write_manifest(out, stage, stage_fingerprint(train_cfg, stage), complete=True, steps_done=step,
-                   weights=f"{export_name}.safetensors", weights_ema=f"{export_name}_ema.safetensors",
-                   config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
-                   source_checkpoint=ckpt, **fields)
+    write_manifest(
+        out,
+        stage,
+        stage_fingerprint(train_cfg, stage),
+        complete=True,
+        steps_done=step,
+        weights=f"{export_name}.safetensors",
+        weights_ema=f"{export_name}_ema.safetensors",
+        config=CONFIG_NAME,
+        sha256=hashes,
+        num_params=sum(p.numel() for p in model.parameters()),
+        source_checkpoint=ckpt,
+        **fields,
+    )
     return out

@@ -3,6 +3,7 @@
 This is the one place distribution is applied to a model (DEVELOPERS.md "Rules"); models/ never
 imports DeepSpeed. The same code runs on CPU (gloo, 2 workers in tests) and GPU (nccl).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,7 @@ def prepare_deepspeed(use_gpu: bool) -> None:
 
     if dist.is_initialized():
         # Ray Train already created the group (gloo on CPU, nccl on GPU); DeepSpeed wraps it.
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
     else:  # single process (e.g. a unit test without Ray)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -42,8 +42,9 @@ def grad_accumulation(global_batch: int, micro_batch: int, world: int) -> int:
     """global = micro x workers x accumulation (configs.loading.validate checks divisibility)."""
     per_step = micro_batch * world
     if global_batch % per_step:
-        raise ValueError(f"global_batch_size={global_batch} is not a multiple of micro_batch_size x "
-                         f"workers = {per_step}")
+        raise ValueError(
+            f"global_batch_size={global_batch} is not a multiple of micro_batch_size x workers = {per_step}"
+        )
     return global_batch // per_step
 
 
@@ -52,8 +53,9 @@ def deepspeed_config(train: Any, world: int, zero_stage: int | None = None) -> d
     stage = int(train.zero_stage if zero_stage is None else zero_stage)
     config: dict = {
         "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
-        "gradient_accumulation_steps": grad_accumulation(int(train.global_batch_size),
-                                                         int(train.micro_batch_size), world),
+        "gradient_accumulation_steps": grad_accumulation(
+            int(train.global_batch_size), int(train.micro_batch_size), world
+        ),
         "gradient_clipping": float(train.optim.grad_clip),
         "zero_optimization": {"stage": stage},
         # The client optimizer is torch AdamW (no fused/cpu_adam build on CPU).
@@ -63,8 +65,9 @@ def deepspeed_config(train: Any, world: int, zero_stage: int | None = None) -> d
     }
     if stage == 3:
         # Gather small params eagerly: the tiny presets would otherwise thrash the prefetcher.
-        config["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
-                                            "stage3_gather_16bit_weights_on_model_save": False})
+        config["zero_optimization"].update(
+            {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False}
+        )
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif train.precision != "fp32":
@@ -76,8 +79,9 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     """SPEC "recipe": no weight decay on norms, biases and embeddings (any <=1-D tensor, any
     embedding table, learned tokens and positional/level embeddings)."""
     lname = name.lower()
-    return (param.ndim <= 1 or "embed" in lname or "token" in lname or "norm" in lname
-            or lname.endswith(".bias"))
+    return (
+        param.ndim <= 1 or "embed" in lname or "token" in lname or "norm" in lname or lname.endswith(".bias")
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -104,12 +108,17 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float) -> 
 
 def make_optimizer(model: nn.Module, optim: Any, lr: float | None = None) -> torch.optim.Optimizer:
     lr = float(optim.lr if lr is None else lr)
-    return torch.optim.AdamW(param_groups(model, float(optim.weight_decay)), lr=lr,
-                             betas=tuple(float(b) for b in optim.betas), eps=1e-8)
+    return torch.optim.AdamW(
+        param_groups(model, float(optim.weight_decay)),
+        lr=lr,
+        betas=tuple(float(b) for b in optim.betas),
+        eps=1e-8,
+    )
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int,
-                  base_lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int, base_lr: float | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     base = float(optim.lr if base_lr is None else base_lr)
     floor = float(optim.min_lr) * base / float(optim.lr)  # the floor scales with a different base lr
 
@@ -119,16 +128,27 @@ def make_schedule(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_engine(model: nn.Module, train: Any, world: int, total_steps: int, *,
-                 lr: float | None = None, zero_stage: int | None = None):
+def build_engine(
+    model: nn.Module,
+    train: Any,
+    world: int,
+    total_steps: int,
+    *,
+    lr: float | None = None,
+    zero_stage: int | None = None,
+):
     """A DeepSpeed engine with AdamW param groups and the cosine schedule (stepped by DeepSpeed at
     each accumulation boundary)."""
     import deepspeed
 
     optimizer = make_optimizer(model, train.optim, lr)
     schedule = make_schedule(optimizer, train.optim, total_steps, lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(train, world, zero_stage))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(train, world, zero_stage),
+    )
     return engine
 
 
@@ -212,8 +232,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32),
-                         int(state["numpy_pos"]), 0, 0.0))
+    np.random.set_state(
+        ("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -16,6 +16,7 @@ driver can leave a complete checkpoint Ray never registered (or a half-uploaded 
 start resumes from the newest checkpoint with COMPLETE.json on storage, deletes the others beyond
 keep_checkpoints and every incomplete one, and drops Ray's snapshot (see `prepare_resume`).
 """
+
 from __future__ import annotations
 
 import json
@@ -107,9 +108,14 @@ def ensure_ray(cfg: Any) -> None:
     if not ray.is_initialized():
         address = str(cfg.cluster.address)
         # "local" must start a new instance: address=None would join any `ray start` cluster on the host.
-        ray.init(address=address,
-                 **({"num_cpus": max(2, int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker))}
-                    if address == "local" else {}))
+        ray.init(
+            address=address,
+            **(
+                {"num_cpus": max(2, int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker))}
+                if address == "local"
+                else {}
+            ),
+        )
 
 
 def experiment_name(cfg: Any, stage: str) -> str:
@@ -182,16 +188,24 @@ def prepare_resume(root: str, keep: int) -> tuple[str, dict] | None:
     checkpoint we pruned would stop Ray's controller from starting."""
     snapshot = storage.join(root, RAY_SNAPSHOT_NAME)
     try:
-        registered = [r["checkpoint_dir_name"] for r in
-                      (storage.read_json(snapshot) or {}).get("checkpoint_results", [])]
+        registered = [
+            r["checkpoint_dir_name"]
+            for r in (storage.read_json(snapshot) or {}).get("checkpoint_results", [])
+        ]
     except ValueError:  # half-written by a killed controller
         registered = []
     for name in registered:
         url = storage.join(root, name)
         meta = storage.read_json(storage.join(url, META_NAME))
         if meta is not None and not storage.exists(storage.join(url, COMPLETE_NAME)):
-            write_complete_marker(url, {"step": int(meta["step"]), "world": int(meta["world"]),
-                                        "adopted": "registered in Ray Train's snapshot"})
+            write_complete_marker(
+                url,
+                {
+                    "step": int(meta["step"]),
+                    "world": int(meta["world"]),
+                    "adopted": "registered in Ray Train's snapshot",
+                },
+            )
     if storage.exists(snapshot):
         fs, path = storage.filesystem(snapshot)
         fs.rm(path)
@@ -199,8 +213,7 @@ def prepare_resume(root: str, keep: int) -> tuple[str, dict] | None:
     return latest_checkpoint(root)
 
 
-def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
-        extra: dict | None = None):
+def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, extra: dict | None = None):
     """Run `train_loop` on cluster.num_workers Ray Train workers; returns the Ray Train Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -228,7 +241,9 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
         "fingerprint": stage_fingerprint(cfg, stage),
         **(extra or {}),
     }
-    env = {k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, TEST_STEP_SLEEP_ENV, "OMP_NUM_THREADS")}
+    env = {
+        k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, TEST_STEP_SLEEP_ENV, "OMP_NUM_THREADS")
+    }
 
     def trainer() -> TorchTrainer:
         return TorchTrainer(
@@ -236,9 +251,13 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
             train_loop_config=loop_config,
             torch_config=preemptible_torch_config(),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=int(cfg.cluster.num_workers), use_gpu=bool(cfg.cluster.use_gpu),
-                resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker),
-                                      **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}),
+                num_workers=int(cfg.cluster.num_workers),
+                use_gpu=bool(cfg.cluster.use_gpu),
+                resources_per_worker={
+                    "CPU": float(cfg.cluster.cpus_per_worker),
+                    **({"GPU": 1.0} if cfg.cluster.use_gpu else {}),
+                },
+            ),
             run_config=ray.train.RunConfig(
                 name=experiment_name(cfg, stage),
                 storage_path=paths.ray_storage_path(cfg),
@@ -263,22 +282,30 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str,
             tidy_checkpoints(root, keep)
             newest = latest_checkpoint(root)
             if newest is not None and newest[1].get("preempted"):
-                print(f"[{stage}] preempted ({newest[1]['preempted']}): checkpoint at step "
-                      f"{newest[1]['step']} written, stage stopped; rerun to continue", flush=True)
+                print(
+                    f"[{stage}] preempted ({newest[1]['preempted']}): checkpoint at step "
+                    f"{newest[1]['step']} written, stage stopped; rerun to continue",
+                    flush=True,
+                )
             return result
         except ray.train.TrainingFailedError as exc:
             if not is_transient(exc):
                 raise StageFailure(worker_error_line(exc)) from exc
             if retries >= 0 and attempt >= retries:
-                raise StageFailure(f"gave up after {attempt} retries "
-                                   f"(training.max_failures): {worker_error_line(exc)}") from exc
+                raise StageFailure(
+                    f"gave up after {attempt} retries (training.max_failures): {worker_error_line(exc)}"
+                ) from exc
             attempt += 1
-            print(f"[{stage}] worker lost ({worker_error_line(exc)}); retry {attempt} "
-                  "from the latest checkpoint", flush=True)
+            print(
+                f"[{stage}] worker lost ({worker_error_line(exc)}); retry {attempt} "
+                "from the latest checkpoint",
+                flush=True,
+            )
 
 
 class StageFailure(RuntimeError):
     """A training stage failed for a reason a retry cannot fix; the message is one line."""
+
     one_line_message = True
 
 
@@ -299,7 +326,9 @@ def is_transient(exc: BaseException) -> bool:
     if getattr(exc, "preemption_info", None) is not None:
         return True
     for failure in _worker_failures(exc):
-        if type(failure).__name__.startswith("WorkerHealthCheck") or isinstance(unwrap(failure), RayActorError):
+        if type(failure).__name__.startswith("WorkerHealthCheck") or isinstance(
+            unwrap(failure), RayActorError
+        ):
             return True
         inner = unwrap(failure)
         if isinstance(inner, (ConnectionError, torch.distributed.DistBackendError)):
@@ -316,6 +345,7 @@ def worker_error_line(exc: BaseException) -> str:
 @dataclass
 class WorkerSession:
     """What a train loop needs to know about itself; built from the loop config on each worker."""
+
     cfg: Any
     stage: str
     run_id: str
@@ -340,10 +370,20 @@ class WorkerSession:
         device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
         if use_gpu:
             torch.cuda.set_device(device)
-        return cls(cfg, config["stage"], config["run_id"], config["tracking_uri"],
-                   ctx.get_world_rank(), ctx.get_world_size(), device, config.get("resume_from"),
-                   config["crash_marker"], config["checkpoint_root"], int(config["keep_checkpoints"]),
-                   config["fingerprint"])
+        return cls(
+            cfg,
+            config["stage"],
+            config["run_id"],
+            config["tracking_uri"],
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            device,
+            config.get("resume_from"),
+            config["crash_marker"],
+            config["checkpoint_root"],
+            int(config["keep_checkpoints"]),
+            config["fingerprint"],
+        )
 
     @classmethod
     def start(cls, config: dict) -> WorkerSession:
@@ -414,8 +454,15 @@ class WorkerSession:
             return contextlib.nullcontext(self.resume_from)
         return contextlib.nullcontext(None)
 
-    def save(self, engines: dict[str, Any], step: int, rank_state: dict, ema: Any | None,
-             metrics: dict[str, float], note: dict | None = None) -> None:
+    def save(
+        self,
+        engines: dict[str, Any],
+        step: int,
+        rank_state: dict,
+        ema: Any | None,
+        metrics: dict[str, float],
+        note: dict | None = None,
+    ) -> None:
         """DeepSpeed checkpoints of every engine + this rank's state, reported to Ray Train."""
         import ray.train
         from safetensors.torch import save_file
@@ -428,27 +475,44 @@ class WorkerSession:
             if ema is not None and ema.active:
                 save_file(ema.state(), os.path.join(tmp, f"ema_rank{self.rank}.safetensors"))
             if self.rank == 0:
-                meta = {"step": step, "world": self.world, "stage": self.stage,
-                        "zero_stage": int(self.train.zero_stage),
-                        "ema_sharded": bool(ema is not None and ema.sharded),
-                        "ema_shapes": ema.shapes if ema is not None else {}}
+                meta = {
+                    "step": step,
+                    "world": self.world,
+                    "stage": self.stage,
+                    "zero_stage": int(self.train.zero_stage),
+                    "ema_sharded": bool(ema is not None and ema.sharded),
+                    "ema_shapes": ema.shapes if ema is not None else {},
+                }
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
                     json.dump(meta, fh)
                 # The resolved config, so any kept checkpoint exports alone (jobs.training.checkpoints).
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                     fh.write(to_yaml(self.cfg))
             name = checkpoint_dir_name(step)
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         # Uploads are synchronous: once every rank has returned from report, every part is stored.
         barrier()
         if self.rank == 0:
             url = storage.join(self.checkpoint_root, name)
-            write_complete_marker(url, {"step": step, "world": self.world, "stage": self.stage,
-                                        "fingerprint": self.fingerprint, "mlflow_run_id": self.run_id,
-                                        "metrics": metrics, "written_at": time.time(), **(note or {})})
+            write_complete_marker(
+                url,
+                {
+                    "step": step,
+                    "world": self.world,
+                    "stage": self.stage,
+                    "fingerprint": self.fingerprint,
+                    "mlflow_run_id": self.run_id,
+                    "metrics": metrics,
+                    "written_at": time.time(),
+                    **(note or {}),
+                },
+            )
             tidy_checkpoints(self.checkpoint_root, self.keep_checkpoints)
 
     def load(self, directory: str, engines: dict[str, Any], ema: Any | None) -> dict:
@@ -476,19 +540,28 @@ class WorkerSession:
 
         old = int(meta["world"])
         if self.is_logger:
-            print(f"[{self.stage}] resuming a {old}-worker checkpoint on {self.world} workers through "
-                  "DeepSpeed's universal checkpoint", flush=True)
+            print(
+                f"[{self.stage}] resuming a {old}-worker checkpoint on {self.world} workers through "
+                "DeepSpeed's universal checkpoint",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory(prefix=f"restok-universal-r{self.rank}-") as tmp:
             for name, engine in engines.items():
                 load_universal(engine, os.path.join(directory, name), os.path.join(tmp, name))
         if ema is not None and ema.active:
             if meta.get("ema_sharded"):
-                full = consolidate_shards([load_file(os.path.join(directory, f"ema_rank{r}.safetensors"))
-                                           for r in range(old)], meta["ema_shapes"])
+                full = consolidate_shards(
+                    [load_file(os.path.join(directory, f"ema_rank{r}.safetensors")) for r in range(old)],
+                    meta["ema_shapes"],
+                )
             else:
                 full = load_file(os.path.join(directory, "ema_rank0.safetensors"))
-            ema.load({n: reshard(full[n], ema.shadow[n], self.rank, self.world) if ema.sharded else full[n]
-                      for n in ema.shadow})
+            ema.load(
+                {
+                    n: reshard(full[n], ema.shadow[n], self.rank, self.world) if ema.sharded else full[n]
+                    for n in ema.shadow
+                }
+            )
         return torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
 
 
@@ -500,12 +573,19 @@ def load_universal(engine: Any, saved: str, work: str) -> None:
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    ds_to_universal(argparse.Namespace(
-        input_folder=os.path.join(saved, STATE_TAG), output_folder=os.path.join(work, STATE_TAG),
-        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-        # Our engines are plain data parallel (no tensor/pipeline slicing to describe): the
-        # converter's default checkpoint info is all there is to say.
-        inject_missing_state=True))
+    ds_to_universal(
+        argparse.Namespace(
+            input_folder=os.path.join(saved, STATE_TAG),
+            output_folder=os.path.join(work, STATE_TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # Our engines are plain data parallel (no tensor/pipeline slicing to describe): the
+            # converter's default checkpoint info is all there is to say.
+            inject_missing_state=True,
+        )
+    )
     # The engine was built for a same-size resume; this one load reads the universal layout.
     engine._config.load_universal_checkpoint = True
     try:
@@ -522,7 +602,7 @@ def reshard(full: torch.Tensor, like: torch.Tensor, rank: int, world: int) -> to
     size = like.numel()
     flat = torch.zeros(size * world, dtype=like.dtype)
     flat[: full.numel()] = full.reshape(-1).to(like.dtype)
-    return flat[rank * size:(rank + 1) * size].reshape(like.shape).clone()
+    return flat[rank * size : (rank + 1) * size].reshape(like.shape).clone()
 
 
 def check_checkpoint(directory: str) -> dict:
@@ -534,8 +614,9 @@ def check_checkpoint(directory: str) -> dict:
     except (OSError, ValueError) as exc:
         meta = f"{type(exc).__name__}: {exc}"
     if not isinstance(meta, dict) or "step" not in meta:
-        raise StageFailure(f"{directory}: not a restok checkpoint ({url}: "
-                           f"{'missing' if meta is None else 'unreadable'})")
+        raise StageFailure(
+            f"{directory}: not a restok checkpoint ({url}: {'missing' if meta is None else 'unreadable'})"
+        )
     return meta
 
 
@@ -581,13 +662,14 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist(), strict=False))
 
 
 # ---- the shared optimisation loop -----------------------------------------------------------------
 @dataclass
 class LoopSpec:
     """What differs between the tokenizer and generator stages; `run_loop` does the rest."""
+
     engines: dict[str, Any]  # every engine checkpointed; the first is the model being trained
     ema: Any
     micro_batches: Callable[[int], Any]  # start micro-batch index -> iterator (deterministic)
@@ -608,12 +690,13 @@ def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
     if configured > 0:
         return configured * 1e12, "configured"
     dtype = torch.bfloat16 if session.train.precision == "bf16" else torch.float32
-    return measured_matmul_peak(session.device, dtype, n=2048 if session.device.type == "cuda" else 512), "measured-matmul"
+    return measured_matmul_peak(
+        session.device, dtype, n=2048 if session.device.type == "cuda" else 512
+    ), "measured-matmul"
 
 
 def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     from tqdm import tqdm
-
 
     train = session.train
     pace_s = float(os.environ.get(TEST_STEP_SLEEP_ENV, "0") or 0)
@@ -633,15 +716,22 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     session.load_logged_steps("loss")
     peak, peak_source = peak_flops_per_worker(session)
     if session.is_logger:
-        tracking.client_for(session.tracking_uri).set_tag(session.run_id, "restok.mfu_peak",
-                                                          f"{peak / 1e12:.3f} TFLOP/s per worker ({peak_source})")
+        tracking.client_for(session.tracking_uri).set_tag(
+            session.run_id, "restok.mfu_peak", f"{peak / 1e12:.3f} TFLOP/s per worker ({peak_source})"
+        )
     meter = Throughput(session.world, spec.tokens_per_sample, spec.flops_per_sample, peak)
     stop_after = int(train.stop_after)
     end = min(total, stop_after) if stop_after > 0 else total
     batches = spec.micro_batches(start * gas)
     # Rank 0's bar goes to the worker log; the terminal shows the driver's (tracking.follow_run).
-    bar = tqdm(range(start, end), initial=start, total=total, desc=session.stage,
-               disable=not session.is_logger, mininterval=10.0)
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=total,
+        desc=session.stage,
+        disable=not session.is_logger,
+        mininterval=10.0,
+    )
     logs: dict[str, float] = {}
     for step in bar:
         session.maybe_crash(step)
@@ -659,13 +749,15 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
                 logs = {**logs, **spec.interval_metrics()}
             logs = all_reduce_mean(logs, session.device)
             rates = meter.rates()
-            logs.update({
-                "step": float(done),  # the driver's progress bar follows it (tracking.follow_run)
-                "lr": float(main.get_lr()[0]),
-                f"{spec.sample_unit}_per_s": rates["samples_per_s"],
-                "tokens_per_s": rates["tokens_per_s"],
-                "peak_memory_gib": peak_memory_bytes(session.device) / 2**30,
-            })
+            logs.update(
+                {
+                    "step": float(done),  # the driver's progress bar follows it (tracking.follow_run)
+                    "lr": float(main.get_lr()[0]),
+                    f"{spec.sample_unit}_per_s": rates["samples_per_s"],
+                    "tokens_per_s": rates["tokens_per_s"],
+                    "peak_memory_gib": peak_memory_bytes(session.device) / 2**30,
+                }
+            )
             grad_norm = main.get_global_grad_norm()
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
@@ -678,20 +770,31 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
                 logs["mfu"] = rates["mfu"]
             session.log_metrics(logs, step)
             bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-        if spec.log_images is not None and int(train.image_log_every) > 0 and (
-                done % int(train.image_log_every) == 0 or done == total):
+        if (
+            spec.log_images is not None
+            and int(train.image_log_every) > 0
+            and (done % int(train.image_log_every) == 0 or done == total)
+        ):
             spec.log_images(step)
         # A preemption notice on any rank: every rank checkpoints this step now and stops.
         preempted = done < end and any_rank(PREEMPTED.is_set(), session.device)
         if done % int(train.checkpoint_every) == 0 or done == end or preempted:
             note = {"preempted": f"SIGTERM at step {done}"} if preempted else None
-            session.save(spec.engines, done,
-                         {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
-                         spec.ema, {k: v for k, v in logs.items() if isinstance(v, float)}, note)
+            session.save(
+                spec.engines,
+                done,
+                {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
+                spec.ema,
+                {k: v for k, v in logs.items() if isinstance(v, float)},
+                note,
+            )
         if preempted:
             if session.is_logger:
-                print(f"[{session.stage}] preemption notice (SIGTERM): checkpoint at step {done} "
-                      "written; stopping", flush=True)
+                print(
+                    f"[{session.stage}] preemption notice (SIGTERM): checkpoint at step {done} "
+                    "written; stopping",
+                    flush=True,
+                )
             break
 
 

@@ -7,6 +7,7 @@ incomplete manifest or exports the model (raw + EMA safetensors, config; jobs.tr
 .EXPORTABLE says which model and which manifest fields), registers it in MLflow and writes the
 complete manifest.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,8 +37,9 @@ class TrainingStage:
     check_inputs: Callable[[RestokConfig, dict], None] | None = None  # (cfg, upstream manifest)
 
 
-def run_training_stage(spec: TrainingStage, cfg: RestokConfig, run_id: str | None = None,
-                       parent_run_id: str | None = None) -> dict:
+def run_training_stage(
+    spec: TrainingStage, cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None
+) -> dict:
     """The stage contract (infra.stages.StageRun) for a training stage."""
     stage_dir = paths.stage_dir(cfg, spec.name)
     fp = stage_fingerprint(cfg, spec.name)
@@ -52,8 +54,9 @@ def run_training_stage(spec: TrainingStage, cfg: RestokConfig, run_id: str | Non
         return finish_training_stage(spec, cfg, stage_dir, fp, rid, result)
 
 
-def finish_training_stage(spec: TrainingStage, cfg: RestokConfig, stage_dir: str, fp: str, run_id: str,
-                          result: Any) -> dict:
+def finish_training_stage(
+    spec: TrainingStage, cfg: RestokConfig, stage_dir: str, fp: str, run_id: str, result: Any
+) -> dict:
     """An unfinished run (stop_after) gets an incomplete manifest; a finished one is exported,
     registered in MLflow and recorded in a complete manifest. The model is built only when there
     is something to export."""
@@ -64,21 +67,39 @@ def finish_training_stage(spec: TrainingStage, cfg: RestokConfig, stage_dir: str
     # The newest complete checkpoint on storage (our marker), not Ray's latest registered one.
     checkpoint_url, steps_done, reported = ray_training.final_checkpoint(cfg, spec.name)
     if steps_done < total_steps:
-        return write_manifest(stage_dir, spec.name, fp, complete=False, steps_done=steps_done,
-                              checkpoint=checkpoint_url)
+        return write_manifest(
+            stage_dir, spec.name, fp, complete=False, steps_done=steps_done, checkpoint=checkpoint_url
+        )
     model = export.build_model(cfg)
     with ray.train.Checkpoint(checkpoint_url).as_directory() as directory:
         raw, ema = export_weights(directory, export.engine, model)
     hashes = write_export(stage_dir, export.name, raw, ema, cfg)
     version = None
     if cfg.tracking.register_models:
-        version = register_stage_files(paths.tracking_uri(cfg), run_id, stage_dir, [*hashes, CONFIG_NAME],
-                                       f"restok-{export.name}", ["last-trained", str(cfg.preset)])
+        version = register_stage_files(
+            paths.tracking_uri(cfg),
+            run_id,
+            stage_dir,
+            [*hashes, CONFIG_NAME],
+            f"restok-{export.name}",
+            ["last-trained", str(cfg.preset)],
+        )
     return write_manifest(
-        stage_dir, spec.name, fp, complete=True, steps_done=steps_done,
-        weights=f"{export.name}.safetensors", weights_ema=f"{export.name}_ema.safetensors",
-        config=CONFIG_NAME, sha256=hashes, num_params=sum(p.numel() for p in model.parameters()),
+        stage_dir,
+        spec.name,
+        fp,
+        complete=True,
+        steps_done=steps_done,
+        weights=f"{export.name}.safetensors",
+        weights_ema=f"{export.name}_ema.safetensors",
+        config=CONFIG_NAME,
+        sha256=hashes,
+        num_params=sum(p.numel() for p in model.parameters()),
         **export.manifest_fields(model, cfg),
-        final_metrics={k: float(v) for k, v in (result.metrics or reported).items()
-                       if isinstance(v, (int, float))},
-        ray_checkpoint=checkpoint_url, mlflow_run_id=run_id, registered_version=version)
+        final_metrics={
+            k: float(v) for k, v in (result.metrics or reported).items() if isinstance(v, (int, float))
+        },
+        ray_checkpoint=checkpoint_url,
+        mlflow_run_id=run_id,
+        registered_version=version,
+    )

@@ -6,6 +6,7 @@ MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per sample come from a fo
 else measured once with a large matmul in the training dtype (a lower bound of the hardware peak,
 so this MFU is an upper bound; the metric name says which peak was used).
 """
+
 from __future__ import annotations
 
 import resource
@@ -35,8 +36,9 @@ def forward_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
-                         repeats: int = 5) -> float:
+def measured_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5
+) -> float:
     """FLOP/s of an n x n matmul in `dtype` on `device` (best of a few runs)."""
     # Its own generator: the global RNG is part of the checkpointed training state.
     gen = torch.Generator(device=device).manual_seed(0)
@@ -57,8 +59,9 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float3
 class Throughput:
     """Samples/s (and tokens/s) over the interval since the last `rates()` call, summed over ranks."""
 
-    def __init__(self, world: int, tokens_per_sample: int, flops_per_sample: float,
-                 peak_flops_per_worker: float):
+    def __init__(
+        self, world: int, tokens_per_sample: int, flops_per_sample: float, peak_flops_per_worker: float
+    ):
         self.world = world
         self.tokens_per_sample = tokens_per_sample
         self.flops_per_sample = flops_per_sample  # forward + backward

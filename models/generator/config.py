@@ -4,6 +4,7 @@ Release-compatibility switches (NOTES.md quirks 15-19) are ordinary fields here;
 set by `official_generator_config` / `official_sampling_config`. Width/depth/heads come only from
 models.registry.GPT_SIZES via `size`.
 """
+
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
@@ -63,15 +64,30 @@ class SamplingConfig:
     release_cfg_floor: bool = False
 
 
-def official_generator_config(vanilla: bool = False, size: str = "L", *, vocab_size: int = 8192,
-                              levels: list[int] | None = None, ar_tokens: int = 4,
-                              num_classes: int = 1000) -> GeneratorConfig:
+def official_generator_config(
+    vanilla: bool = False,
+    size: str = "L",
+    *,
+    vocab_size: int = 8192,
+    levels: list[int] | None = None,
+    ar_tokens: int = 4,
+    num_classes: int = 1000,
+) -> GeneratorConfig:
     """The release's generator (HAR-L or vanilla GPT-L by default) with its quirks switched on."""
     levels = list(RESTOK_L_LEVELS if levels is None else levels)
     return GeneratorConfig(
-        size=size, har=not vanilla, vocab_size=vocab_size, levels=levels, ar_tokens=ar_tokens,
-        num_classes=num_classes, class_dropout=0.1, token_dropout=0.1, resid_dropout=0.1,
-        ffn_dropout=0.1, attn_dropout=0.0, har_group_order="real_first",
+        size=size,
+        har=not vanilla,
+        vocab_size=vocab_size,
+        levels=levels,
+        ar_tokens=ar_tokens,
+        num_classes=num_classes,
+        class_dropout=0.1,
+        token_dropout=0.1,
+        resid_dropout=0.1,
+        ffn_dropout=0.1,
+        attn_dropout=0.0,
+        har_group_order="real_first",
         # Release formula (NOTES.md "Tiny generator"): (ar-1) + sum of HAR levels = block_size - 1.
         special_rows=None if vanilla else sum(levels) - 1,
     )
@@ -79,6 +95,14 @@ def official_generator_config(vanilla: bool = False, size: str = "L", *, vocab_s
 
 def official_sampling_config(**overrides) -> SamplingConfig:
     """The release's published recipe (SPEC "sampling"): CFG 3.75, step schedule from 0.25, top-p 0.95."""
-    base = SamplingConfig(cfg_scale=3.75, cfg_schedule="step", start_ratio=0.25, min_cfg_scale=1.0,
-                          temperature=1.0, top_k=0, top_p=0.95, release_cfg_floor=True)
+    base = SamplingConfig(
+        cfg_scale=3.75,
+        cfg_schedule="step",
+        start_ratio=0.25,
+        min_cfg_scale=1.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=0.95,
+        release_cfg_floor=True,
+    )
     return replace(base, **overrides)

@@ -4,6 +4,7 @@ One class for both modes: `cfg.har` only changes the layout (models.generator.la
 mask-token table exists. Training: `gpt(class_labels, codes) -> logits (B, N, V)`, logits[:, j]
 predicts codes[:, j]. Decoding with a KV cache: `gpt.decode_step(...)` (used by sampling.sample).
 """
+
 import math
 
 import torch
@@ -33,8 +34,10 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x: (B, S, H, hd); table: (S, hd/2, 2). Rotation computed in float32 (gpt-fast)."""
     xp = x.float().reshape(*x.shape[:-1], -1, 2)
     t = table.view(1, xp.size(1), 1, xp.size(3), 2)
-    out = torch.stack([xp[..., 0] * t[..., 0] - xp[..., 1] * t[..., 1],
-                       xp[..., 1] * t[..., 0] + xp[..., 0] * t[..., 1]], dim=-1)
+    out = torch.stack(
+        [xp[..., 0] * t[..., 0] - xp[..., 1] * t[..., 1], xp[..., 1] * t[..., 0] + xp[..., 0] * t[..., 1]],
+        dim=-1,
+    )
     return out.flatten(3).type_as(x)
 
 
@@ -55,8 +58,16 @@ class KVCache:
     Never zero-filled: decoding only reads slots [0, end) that it has written.
     """
 
-    def __init__(self, n_layers: int, batch: int, heads: int, length: int, head_dim: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        heads: int,
+        length: int,
+        head_dim: int,
+        device=None,
+        dtype=torch.float32,
+    ):
         shape = (n_layers, batch, heads, length, head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
@@ -79,8 +90,15 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
-    def forward(self, x, rope, mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
+    def forward(
+        self,
+        x,
+        rope,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+    ):
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         q = apply_rope(q, rope).transpose(1, 2)
@@ -95,8 +113,14 @@ class Attention(nn.Module):
             k_all[:, :, start:end] = k
             v_all[:, :, start:end] = v
             k, v = k_all[:, :, :end], v_all[:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
         return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(b, s, d)))
 
 
@@ -145,7 +169,9 @@ class GPT(nn.Module):
             used = self.layout.special_rows_used
             rows = used if cfg.special_rows is None else cfg.special_rows
             if rows < used:
-                raise ValueError(f"special_rows={rows} but the HAR layout of {list(cfg.levels)} reads {used} rows")
+                raise ValueError(
+                    f"special_rows={rows} but the HAR layout of {list(cfg.levels)} reads {used} rows"
+                )
             self.mask_token_embed = nn.Embedding(rows, size.dim)
         self.token_dropout = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(Block(cfg, size.dim, size.n_head) for _ in range(size.n_layer))
@@ -153,10 +179,12 @@ class GPT(nn.Module):
         self.head = nn.Linear(size.dim, cfg.vocab_size, bias=False)
 
         # Built once; positions are layout indices, +1 so a full vanilla [cls, t0..t_{N-1}] fits.
-        self.register_buffer("rope", rope_table(self.block_size + 1, self.head_dim, cfg.rope_base),
-                             persistent=False)
-        self.register_buffer("train_mask", self.layout.attention_mask("cpu") if cfg.har else None,
-                             persistent=False)
+        self.register_buffer(
+            "rope", rope_table(self.block_size + 1, self.head_dim, cfg.rope_base), persistent=False
+        )
+        self.register_buffer(
+            "train_mask", self.layout.attention_mask("cpu") if cfg.har else None, persistent=False
+        )
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -187,12 +215,12 @@ class GPT(nn.Module):
         if step.has_cls:
             parts.append(self.class_embedding(class_labels)[:, None])
         if step.code_hi > step.code_lo:
-            tok = self.token_embed(codes[:, step.code_lo:step.code_hi])
+            tok = self.token_embed(codes[:, step.code_lo : step.code_hi])
             if tok.shape[0] != b:
                 tok = tok.repeat(b // tok.shape[0], 1, 1)
             parts.append(tok)
         if step.special_hi > step.special_lo:
-            rows = self.mask_token_embed.weight[step.special_lo:step.special_hi]
+            rows = self.mask_token_embed.weight[step.special_lo : step.special_hi]
             parts.append(rows.unsqueeze(0).expand(b, -1, -1))
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if step.perm is not None:
@@ -205,7 +233,7 @@ class GPT(nn.Module):
 
     # ---- forward passes ---------------------------------------------------------------------
     def _trunk(self, h, start, mask=None, is_causal=False, cache: KVCache | None = None):
-        rope = self.rope[start:start + h.shape[1]]
+        rope = self.rope[start : start + h.shape[1]]
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block(h, rope, mask, is_causal, kv, start)
@@ -214,24 +242,35 @@ class GPT(nn.Module):
     def forward(self, class_labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, N, V); logits[:, j] predicts codes[:, j] (no shift, quirk 15)."""
         if codes.dim() != 2 or codes.shape[1] != self.block_size:
-            raise ValueError(f"codes must be (B, {self.block_size}) for levels {list(self.cfg.levels)}, "
-                             f"got {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be (B, {self.block_size}) for levels {list(self.cfg.levels)}, "
+                f"got {tuple(codes.shape)}"
+            )
         h = self.token_dropout(self.embed_layout(class_labels, codes))
         if self.cfg.har:
             return self._trunk(h, 0, mask=self.train_mask)
         return self._trunk(h, 0, is_causal=True)
 
-    def forward_embeddings(self, h: torch.Tensor, start: int = 0, mask: torch.Tensor | None = None,
-                           is_causal: bool = False) -> torch.Tensor:
+    def forward_embeddings(
+        self, h: torch.Tensor, start: int = 0, mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         """Logits of arbitrary input embeddings at positions start.. (e.g. vanilla [cls, t0..t_{N-1}])."""
         return self._trunk(h, start, mask, is_causal)
 
     def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.head.weight
-        return KVCache(self.n_layer, batch, self.n_head, self.block_size, self.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            self.n_layer,
+            batch,
+            self.n_head,
+            self.block_size,
+            self.head_dim,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
 
-    def decode_step(self, class_labels: torch.Tensor, codes: torch.Tensor, step: Step,
-                    cache: KVCache) -> torch.Tensor:
+    def decode_step(
+        self, class_labels: torch.Tensor, codes: torch.Tensor, step: Step, cache: KVCache
+    ) -> torch.Tensor:
         """One sampling pass over layout positions [step.start, step.end): raw logits (B, n, V)."""
         return self._trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)

@@ -13,6 +13,7 @@ Both modes use a layout of exactly block_size positions in which output j predic
 The sampler walks the same layout: one forward pass per step (`Layout.steps`), feeding exactly the
 embeddings the training layout has at those positions, so training and sampling never disagree.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,10 @@ def har_groups(levels: list[int], ar_tokens: int) -> list[int]:
         cum += levels[k]
         k += 1
     if cum != ar_tokens:
-        raise ValueError(f"ar_tokens={ar_tokens} must end on a level boundary of {levels} "
-                         f"(prefix sums {[sum(levels[:i + 1]) for i in range(len(levels))]})")
+        raise ValueError(
+            f"ar_tokens={ar_tokens} must end on a level boundary of {levels} "
+            f"(prefix sums {[sum(levels[: i + 1]) for i in range(len(levels))]})"
+        )
     groups = list(levels[k:])
     prev = 1  # the first HAR group sees only the last AR token (quirk 18)
     for n in groups:
@@ -94,8 +97,9 @@ def _interleave_slots(n_real: int, n_total: int) -> list[int]:
     return [(i * n_total) // n_real for i in range(n_real)]
 
 
-def build_layout(levels: list[int], ar_tokens: int, har: bool = True,
-                 group_order: str = "real_first") -> Layout:
+def build_layout(
+    levels: list[int], ar_tokens: int, har: bool = True, group_order: str = "real_first"
+) -> Layout:
     if group_order not in GROUP_ORDERS:
         raise ValueError(f"har_group_order={group_order!r}; valid: {list(GROUP_ORDERS)}")
     n_tokens = sum(levels)
@@ -112,7 +116,9 @@ def build_layout(levels: list[int], ar_tokens: int, har: bool = True,
     for n in groups:
         n_real = prev_hi - prev_lo
         n_special = n - n_real
-        canon = [(CODE, prev_lo + i) for i in range(n_real)] + [(SPECIAL, special + i) for i in range(n_special)]
+        canon = [(CODE, prev_lo + i) for i in range(n_real)] + [
+            (SPECIAL, special + i) for i in range(n_special)
+        ]
         if group_order == "interleaved":
             real_slots = set(_interleave_slots(n_real, n))
             order, r, s = [], 0, n_real

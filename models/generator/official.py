@@ -4,6 +4,7 @@ commit e0059cb) and our GPT, with strict shape checks (issue 9).
 Every release key maps one-to-one; no tensor is reshaped. A mismatch raises StateDictMismatchError
 whose message is one line listing missing, unexpected and mis-shaped keys.
 """
+
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,13 +48,17 @@ def _shape(t) -> tuple:
     return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
 
 
-def check_state_dict(expected: Mapping[str, tuple], got: Mapping[str, object], what: str,
-                     unexpected: tuple = ()) -> None:
+def check_state_dict(
+    expected: Mapping[str, tuple], got: Mapping[str, object], what: str, unexpected: tuple = ()
+) -> None:
     """Raise StateDictMismatchError (one line) unless `got` has exactly the keys and shapes expected."""
     missing = [k for k in expected if k not in got]
     extra = list(unexpected) + [k for k in got if k not in expected]
-    wrong = [f"{k} {_shape(got[k])} != {tuple(expected[k])}" for k in expected
-             if k in got and _shape(got[k]) != tuple(expected[k])]
+    wrong = [
+        f"{k} {_shape(got[k])} != {tuple(expected[k])}"
+        for k in expected
+        if k in got and _shape(got[k]) != tuple(expected[k])
+    ]
     if missing or extra or wrong:
         parts = []
         if missing:
@@ -87,7 +92,7 @@ def unwrap_checkpoint(obj: Mapping) -> dict:
     for k, v in obj.items():
         for prefix in _WRAPPER_PREFIXES:
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -102,21 +107,26 @@ def convert_official_state_dict(state: Mapping[str, object], cfg: GeneratorConfi
             unmapped.append(key)
         else:
             converted[ours] = value
-    check_state_dict(expected_shapes(cfg), converted, f"release checkpoint vs {describe(cfg)}",
-                     unexpected=tuple(unmapped))
+    check_state_dict(
+        expected_shapes(cfg), converted, f"release checkpoint vs {describe(cfg)}", unexpected=tuple(unmapped)
+    )
     return converted
 
 
 def load_state_dict_checked(model: GPT, state: Mapping[str, torch.Tensor]) -> GPT:
     """Strict load of our own state dict with the one-line mismatch message."""
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state,
-                     f"state dict vs {describe(model.cfg)}")
+    check_state_dict(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        state,
+        f"state dict vs {describe(model.cfg)}",
+    )
     model.load_state_dict(state, strict=True)
     return model
 
 
-def infer_official_config(state: Mapping[str, object], vanilla: bool = False,
-                          levels: list[int] | None = None, ar_tokens: int = 4) -> GeneratorConfig:
+def infer_official_config(
+    state: Mapping[str, object], vanilla: bool = False, levels: list[int] | None = None, ar_tokens: int = 4
+) -> GeneratorConfig:
     """Size, vocabulary and class count from tensor shapes; levels must come from the tokenizer
     (default ResTok-L's), and must agree with the release's block_size - 1 special rows."""
     state = unwrap_checkpoint(state)
@@ -128,10 +138,13 @@ def infer_official_config(state: Mapping[str, object], vanilla: bool = False,
     n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     sizes = [n for n, s in GPT_SIZES.items() if s.dim == dim and s.n_layer == n_layer]
     if not sizes:
-        raise StateDictMismatchError(f"release checkpoint: no GPT size with dim {dim} and {n_layer} layers "
-                                     f"in models.registry.GPT_SIZES ({sorted(GPT_SIZES)})")
-    cfg = official_generator_config(vanilla, sizes[0], vocab_size=vocab, levels=levels,
-                                    ar_tokens=ar_tokens, num_classes=n_classes_1 - 1)
+        raise StateDictMismatchError(
+            f"release checkpoint: no GPT size with dim {dim} and {n_layer} layers "
+            f"in models.registry.GPT_SIZES ({sorted(GPT_SIZES)})"
+        )
+    cfg = official_generator_config(
+        vanilla, sizes[0], vocab_size=vocab, levels=levels, ar_tokens=ar_tokens, num_classes=n_classes_1 - 1
+    )
     return cfg
 
 
@@ -140,17 +153,24 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - one line naming the file
-        raise StateDictMismatchError(f"{path}: cannot be loaded with weights_only=True "
-                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise StateDictMismatchError(
+            f"{path}: cannot be loaded with weights_only=True "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
-def load_official_generator(path: str | Path | Mapping, vanilla: bool = False,
-                            levels: list[int] | None = None, ar_tokens: int = 4,
-                            cfg: GeneratorConfig | None = None) -> tuple[GPT, GeneratorConfig]:
+def load_official_generator(
+    path: str | Path | Mapping,
+    vanilla: bool = False,
+    levels: list[int] | None = None,
+    ar_tokens: int = 4,
+    cfg: GeneratorConfig | None = None,
+) -> tuple[GPT, GeneratorConfig]:
     """Build our GPT from a release checkpoint (file path or state dict) in eval mode."""
     state = read_checkpoint(path) if isinstance(path, (str, Path)) else dict(path)
     cfg = cfg or infer_official_config(state, vanilla, levels, ar_tokens)

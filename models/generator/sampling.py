@@ -7,6 +7,7 @@ level (7 for 32 tokens, 9 for 128); vanilla has one pass per token. CFG doubles 
 probabilities per pass. With `generator=None` that draw uses the global RNG in exactly the release's
 order, so `torch.manual_seed(s)` before the call reproduces the release's stochastic codes.
 """
+
 import time
 from dataclasses import dataclass, field
 
@@ -25,8 +26,15 @@ class SampleResult:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # raw (B_cfg, n, V) if recorded
 
 
-def cfg_value(pass_index: int, num_passes: int, cfg_scale: float, schedule: str = "constant",
-              start_ratio: float = 0.0, min_cfg_scale: float = 1.0, release_cfg_floor: bool = False) -> float:
+def cfg_value(
+    pass_index: int,
+    num_passes: int,
+    cfg_scale: float,
+    schedule: str = "constant",
+    start_ratio: float = 0.0,
+    min_cfg_scale: float = 1.0,
+    release_cfg_floor: bool = False,
+) -> float:
     """CFG scale of one pass. ratio = pass / (passes - 1): prefill 0, last pass 1 (quirk 19).
 
     step: min_cfg_scale while ratio < start_ratio (1.0001 with the release floor and min 1.0), then
@@ -60,8 +68,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits (B, n, V) -> codes (B, n). One multinomial over (B*n, V), batch-major (quirk 18)."""
     b, n, v = logits.shape
     flat = logits.reshape(b * n, v) / max(temperature, 1e-5)
@@ -76,18 +89,34 @@ def _kv_cache(gpt: GPT, batch: int) -> KVCache:
     p = gpt.head.weight
     cache = getattr(gpt, "_sampling_kv_cache", None)
     shape = (gpt.n_layer, batch, gpt.n_head, gpt.block_size, gpt.head_dim)
-    if cache is None or tuple(cache.k.shape) != shape or cache.k.device != p.device or cache.k.dtype != p.dtype:
+    if (
+        cache is None
+        or tuple(cache.k.shape) != shape
+        or cache.k.device != p.device
+        or cache.k.dtype != p.dtype
+    ):
         gpt._sampling_kv_cache = None  # free the old one first
         cache = gpt._sampling_kv_cache = gpt.new_kv_cache(batch)
     return cache
 
 
 @torch.inference_mode()
-def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
-           start_ratio: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, *, min_cfg_scale: float = 1.0,
-           release_cfg_floor: bool = False, record_logits: bool = False,
-           synchronize: bool = True) -> SampleResult:
+def sample(
+    gpt: GPT,
+    class_labels: torch.Tensor,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    start_ratio: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    min_cfg_scale: float = 1.0,
+    release_cfg_floor: bool = False,
+    record_logits: bool = False,
+    synchronize: bool = True,
+) -> SampleResult:
     """Sample codes (B, N) for class_labels (B,). HAR or vanilla follows gpt.cfg.har.
 
     CFG runs (batch doubled with the null class) when cfg_scale > 1, as in LlamaGen.
@@ -112,12 +141,13 @@ def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_sch
         if record_logits:
             result.step_logits.append(logits.clone())
         if use_cfg:
-            scale = cfg_value(i, len(steps), cfg_scale, cfg_schedule, start_ratio, min_cfg_scale,
-                              release_cfg_floor)
+            scale = cfg_value(
+                i, len(steps), cfg_scale, cfg_schedule, start_ratio, min_cfg_scale, release_cfg_floor
+            )
             cond, uncond = logits.chunk(2)
             logits = uncond + (cond - uncond) * scale
             result.cfg_values.append(scale)
-        codes[:, step.start:step.end] = draw(logits, temperature, top_k, top_p, generator)
+        codes[:, step.start : step.end] = draw(logits, temperature, top_k, top_p, generator)
         if cuda and synchronize:
             torch.cuda.synchronize()
         result.step_times.append(time.perf_counter() - t0)

@@ -5,6 +5,7 @@ The histogram is the only state, so per-rank accumulators merge by adding their 
 across training ranks jobs.training.ray_training.all_reduce_sum_ sums `hist`: models/ stays free of
 torch.distributed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ class CodebookStats:
             raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got min {lo} max {hi}")
         self.hist += torch.bincount(flat, minlength=self.codebook_size)
 
-    def merge(self, other: "CodebookStats") -> "CodebookStats":
+    def merge(self, other: CodebookStats) -> CodebookStats:
         if other.codebook_size != self.codebook_size:
             raise ValueError(f"cannot merge codebook sizes {self.codebook_size} and {other.codebook_size}")
         self.hist += other.hist.to(self.hist.device)

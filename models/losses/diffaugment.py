@@ -8,6 +8,7 @@ is applied with probability `prob` (one scalar draw per group, for the whole bat
 With `generator=None` the draws come from the global torch RNG in the release's order, so a seeded
 run reproduces its augmentation exactly (tests/fixtures/official, losses_tiny).
 """
+
 from __future__ import annotations
 
 from typing import Literal, get_args
@@ -18,7 +19,9 @@ RELEASE_POLICY = "color,translation,cutout_0.2"
 DEFAULT_POLICY = RELEASE_POLICY
 TRANSLATION_RATIO = 0.125  # shift up to 1/8 of the side, as DiffAugment's default
 CUTOUT_RATIO = 0.5  # plain `cutout`: erase a square of half the side (DiffAugment's default)
-ValueRange = Literal["unit", "signed"]  # ops applied to [0, 1] images (release) | to [-1, 1] (DiffAugment paper)
+ValueRange = Literal[
+    "unit", "signed"
+]  # ops applied to [0, 1] images (release) | to [-1, 1] (DiffAugment paper)
 RANGES = get_args(ValueRange)
 
 
@@ -87,8 +90,9 @@ def _ops(name: str):
             value = -1.0
         if 0.0 < value <= 1.0:
             return (lambda x, generator=None: rand_cutout(x, generator, value),)
-    raise ValueError(f"unknown DiffAugment op {name!r}; valid: {sorted(AUGMENTS)} or cutout_<ratio> "
-                     f"with ratio in (0, 1]")
+    raise ValueError(
+        f"unknown DiffAugment op {name!r}; valid: {sorted(AUGMENTS)} or cutout_<ratio> with ratio in (0, 1]"
+    )
 
 
 def parse_policy(policy: str) -> list[str]:
@@ -98,8 +102,9 @@ def parse_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str = DEFAULT_POLICY, prob: float = 0.5,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def diff_augment(
+    x: torch.Tensor, policy: str = DEFAULT_POLICY, prob: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Apply the op groups of `policy` in order to x [B, C, H, W]; each group runs with probability
     `prob` (one uniform draw per group, skipped when > prob, as the release; prob 1 = always, no draw)."""
     for name in parse_policy(policy):
@@ -110,8 +115,13 @@ def diff_augment(x: torch.Tensor, policy: str = DEFAULT_POLICY, prob: float = 0.
     return x.contiguous()
 
 
-def augment_images(images: torch.Tensor, policy: str, prob: float, value_range: str = "unit",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_images(
+    images: torch.Tensor,
+    policy: str,
+    prob: float,
+    value_range: str = "unit",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """DiffAugment for images in [0, 1], applied in [0, 1] ("unit", release) or after mapping to
     [-1, 1] ("signed": half the brightness strength, grey fill)."""
     if value_range == "unit":

@@ -10,12 +10,12 @@ conv (each block: spectral-norm conv, local batch norm, LeakyReLU 0.2), then a 1
 per token. For ViT-S (384 channels) that is 1,477,249 parameters per head, 7,386,245 for the five
 (SPEC: about 7.4M).
 """
-from __future__ import annotations
 
-from typing import Literal, get_args
+from __future__ import annotations
 
 import math
 import random
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from models.losses.diffaugment import DEFAULT_POLICY, RANGES, augment_images, parse_policy
-from models.losses.pretrained_weights import (
-    PRETRAINED, FrozenNetwork, create_timm_backbone, metric_suffix)
+from models.losses.pretrained_weights import PRETRAINED, FrozenNetwork, create_timm_backbone, metric_suffix
 
 DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
 DEFAULT_FEATURE_BLOCKS = (2, 5, 8, 11)
@@ -59,15 +58,19 @@ class BatchNormLocal(nn.Module):
 
 def spectral_conv1d(in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
     # Circular padding: the raster token sequence is treated as a ring, so every token sees 9 others.
-    conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                     padding_mode="circular")
+    conv = nn.Conv1d(
+        in_channels, out_channels, kernel_size, padding=kernel_size // 2, padding_mode="circular"
+    )
     return spectral_norm(conv)
 
 
 class ConvNormAct(nn.Sequential):
     def __init__(self, channels: int, kernel_size: int, virtual_batch: int):
-        super().__init__(spectral_conv1d(channels, channels, kernel_size),
-                         BatchNormLocal(channels, virtual_batch), nn.LeakyReLU(LEAKY_SLOPE))
+        super().__init__(
+            spectral_conv1d(channels, channels, kernel_size),
+            BatchNormLocal(channels, virtual_batch),
+            nn.LeakyReLU(LEAKY_SLOPE),
+        )
 
 
 class DiscriminatorHead(nn.Module):
@@ -88,22 +91,29 @@ class DiscriminatorHead(nn.Module):
 class FrozenViTFeatures(FrozenNetwork):
     """Token features of a frozen timm VisionTransformer: embedding output and chosen block outputs."""
 
-    def __init__(self, model_name: str = DEFAULT_BACKBONE, backbone: str = PRETRAINED,
-                 weights_path: str | None = None, image_size: int = 224,
-                 feature_blocks: tuple[int, ...] = DEFAULT_FEATURE_BLOCKS, use_embedding: bool = True,
-                 model_kwargs: dict | None = None, cls_readout: bool = True,
-                 input_mode: str = "release"):
+    def __init__(
+        self,
+        model_name: str = DEFAULT_BACKBONE,
+        backbone: str = PRETRAINED,
+        weights_path: str | None = None,
+        image_size: int = 224,
+        feature_blocks: tuple[int, ...] = DEFAULT_FEATURE_BLOCKS,
+        use_embedding: bool = True,
+        model_kwargs: dict | None = None,
+        cls_readout: bool = True,
+        input_mode: str = "release",
+    ):
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ValueError(f"disc_input_mode {input_mode!r} is not one of {list(INPUT_MODES)}")
         self.cls_readout, self.input_mode = cls_readout, input_mode
         kwargs = {"img_size": image_size, "num_classes": 0, **(model_kwargs or {})}
-        self.net = create_timm_backbone(model_name, backbone, weights_path, "disc_backbone_weights",
-                                        **kwargs)
+        self.net = create_timm_backbone(model_name, backbone, weights_path, "disc_backbone_weights", **kwargs)
         depth = len(self.net.blocks)
         if not feature_blocks or max(feature_blocks) >= depth or min(feature_blocks) < 0:
-            raise ValueError(f"disc feature_blocks {list(feature_blocks)} must lie in [0, {depth}) "
-                             f"for {model_name}")
+            raise ValueError(
+                f"disc feature_blocks {list(feature_blocks)} must lie in [0, {depth}) for {model_name}"
+            )
         self.feature_blocks = tuple(sorted(feature_blocks))
         self.use_embedding = use_embedding
         self.image_size = image_size
@@ -126,12 +136,11 @@ class FrozenViTFeatures(FrozenNetwork):
         if self.input_mode == "bilinear":
             if (h, w) == (size, size):
                 return x
-            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                 antialias=True)
+            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if h > size and w > size and random.random() <= 0.5:
             top = int(torch.randint(0, h - size + 1, size=(1,)))
             left = int(torch.randint(0, w - size + 1, size=(1,)))
-            return x[..., top:top + size, left:left + size]
+            return x[..., top : top + size, left : left + size]
         return F.interpolate(x, size=(size, size), mode="area" if h > size else "bicubic")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -146,8 +155,8 @@ class FrozenViTFeatures(FrozenNetwork):
             if index in self.feature_blocks:
                 features.append(x)
         if self.cls_readout:  # release readout: CLS added to every patch token
-            return [(f[:, self.num_prefix_tokens:] + f[:, :1]).transpose(1, 2) for f in features]
-        return [f[:, self.num_prefix_tokens:].transpose(1, 2) for f in features]
+            return [(f[:, self.num_prefix_tokens :] + f[:, :1]).transpose(1, 2) for f in features]
+        return [f[:, self.num_prefix_tokens :].transpose(1, 2) for f in features]
 
 
 class DinoDiscriminator(nn.Module):
@@ -156,21 +165,43 @@ class DinoDiscriminator(nn.Module):
     Only `heads` is trainable: give `heads.parameters()` (== `trainable_parameters()`) to the optimiser.
     """
 
-    def __init__(self, backbone_name: str = DEFAULT_BACKBONE, backbone: str = PRETRAINED,
-                 weights_path: str | None = None, image_size: int = 224,
-                 feature_blocks: tuple[int, ...] = DEFAULT_FEATURE_BLOCKS, use_embedding: bool = True,
-                 diffaug_policy: str = DEFAULT_POLICY, virtual_batch: int = 8,
-                 model_kwargs: dict | None = None, cls_readout: bool = True,
-                 input_mode: str = "release", diffaug_prob: float = 0.5,
-                 diffaug_range: str = "unit"):
+    def __init__(
+        self,
+        backbone_name: str = DEFAULT_BACKBONE,
+        backbone: str = PRETRAINED,
+        weights_path: str | None = None,
+        image_size: int = 224,
+        feature_blocks: tuple[int, ...] = DEFAULT_FEATURE_BLOCKS,
+        use_embedding: bool = True,
+        diffaug_policy: str = DEFAULT_POLICY,
+        virtual_batch: int = 8,
+        model_kwargs: dict | None = None,
+        cls_readout: bool = True,
+        input_mode: str = "release",
+        diffaug_prob: float = 0.5,
+        diffaug_range: str = "unit",
+    ):
         super().__init__()
-        self.features = FrozenViTFeatures(backbone_name, backbone, weights_path, image_size,
-                                          tuple(feature_blocks), use_embedding, model_kwargs,
-                                          cls_readout, input_mode)
-        self.heads = nn.ModuleList(DiscriminatorHead(self.features.channels, virtual_batch)
-                                   for _ in range(self.features.num_features))
+        self.features = FrozenViTFeatures(
+            backbone_name,
+            backbone,
+            weights_path,
+            image_size,
+            tuple(feature_blocks),
+            use_embedding,
+            model_kwargs,
+            cls_readout,
+            input_mode,
+        )
+        self.heads = nn.ModuleList(
+            DiscriminatorHead(self.features.channels, virtual_batch)
+            for _ in range(self.features.num_features)
+        )
         self.diffaug_policy, self.diffaug_prob, self.diffaug_range = (
-            diffaug_policy, float(diffaug_prob), diffaug_range)
+            diffaug_policy,
+            float(diffaug_prob),
+            diffaug_range,
+        )
         parse_policy(diffaug_policy)
         if diffaug_range not in RANGES:
             raise ValueError(f"disc_diffaug_range {diffaug_range!r} is not one of {list(RANGES)}")
@@ -199,7 +230,9 @@ class DinoDiscriminator(nn.Module):
         feats = self.features(self.augment(images) if augment else images)
         head_dtype = self.heads[0].to_logit.bias.dtype  # heads and backbone may differ in dtype
         self._match_spectral_norm_buffers(head_dtype)
-        return torch.cat([head(f.to(head_dtype)) for head, f in zip(self.heads, feats)], dim=1).float()
+        return torch.cat(
+            [head(f.to(head_dtype)) for head, f in zip(self.heads, feats, strict=False)], dim=1
+        ).float()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -212,13 +245,13 @@ def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def lecam_regularizer(logits_real: torch.Tensor, logits_fake: torch.Tensor,
-                      ema_real: torch.Tensor, ema_fake: torch.Tensor) -> torch.Tensor:
+def lecam_regularizer(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, ema_real: torch.Tensor, ema_fake: torch.Tensor
+) -> torch.Tensor:
     """LeCam (Tseng et al. 2021): mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2).
     The release passes the batch means of the logits (so it is relu^2 of mean differences); the
     reference implementation passes the logits themselves (`LeCamEMA.variant`)."""
-    return (F.relu(logits_real - ema_fake).pow(2).mean()
-            + F.relu(ema_real - logits_fake).pow(2).mean())
+    return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
 class LeCamEMA(nn.Module):
@@ -255,7 +288,8 @@ class LeCamEMA(nn.Module):
         if self.variant == "per_logit":
             self.update(logits_real, logits_fake)
             return lecam_regularizer(logits_real, logits_fake, self.ema_real, self.ema_fake)
-        value = lecam_regularizer(logits_real.mean(), logits_fake.mean(),
-                                  self.ema_real.clone(), self.ema_fake.clone())
+        value = lecam_regularizer(
+            logits_real.mean(), logits_fake.mean(), self.ema_real.clone(), self.ema_fake.clone()
+        )
         self.update(logits_real, logits_fake)
         return value

@@ -8,6 +8,7 @@ Here lpips is built with a random trunk and no heads, then both are loaded expli
 trunk can come from a configured local file (or the normal torchvision download), and a missing file
 gives one line naming the path instead of a download attempt deep inside lpips.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,15 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses.pretrained_weights import (
-    PRETRAINED, RANDOM_UNTRAINED, FrozenNetwork, MissingWeightsError, check_backbone_mode, freeze,
-    load_state_dict_file, metric_suffix, require_local_file)
+    PRETRAINED,
+    RANDOM_UNTRAINED,
+    FrozenNetwork,
+    MissingWeightsError,
+    check_backbone_mode,
+    freeze,
+    load_state_dict_file,
+    metric_suffix,
+    require_local_file,
+)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
 AUGMENT_PAD = 15  # release perceptual_loss.py padding_and_trimming
 
 
-def pad_crop_resize(images: torch.Tensor, recon: torch.Tensor,
-                    rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_crop_resize(
+    images: torch.Tensor, recon: torch.Tensor, rng: random.Random | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The release's LPIPS augmentation in training: both images padded by 15 px (replicate), one
     random crop that keeps each side's inner 0..15 px margin (top, bottom, left, right drawn in that
     order with `random.randrange(0, 16)`, the module RNG unless `rng` is given), bicubic resize back
@@ -43,14 +53,17 @@ def pad_crop_resize(images: torch.Tensor, recon: torch.Tensor,
     left, right = draw(0, AUGMENT_PAD + 1), wp - draw(0, AUGMENT_PAD + 1)
 
     def crop(x):
-        return F.interpolate(x[:, :, top:bottom, left:right], size=(h, w), mode="bicubic",
-                             align_corners=False)
+        return F.interpolate(
+            x[:, :, top:bottom, left:right], size=(h, w), mode="bicubic", align_corners=False
+        )
+
     return crop(images), crop(recon)
 
 
 def bundled_linear_heads_path() -> str:
     """The v0.1 VGG linear heads shipped inside the lpips package."""
     import lpips
+
     return os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
 
 
@@ -60,19 +73,22 @@ def torchvision_vgg16_cache_path() -> str:
 
 def _torchvision_vgg16_state_dict(vgg_weights_path: str | None) -> dict[str, torch.Tensor]:
     if vgg_weights_path:
-        return load_state_dict_file(require_local_file(vgg_weights_path, "LPIPS VGG16 trunk",
-                                                       "lpips_vgg_weights"))
+        return load_state_dict_file(
+            require_local_file(vgg_weights_path, "LPIPS VGG16 trunk", "lpips_vgg_weights")
+        )
     cached = torchvision_vgg16_cache_path()
     if os.path.isfile(cached):
         return load_state_dict_file(cached)
     from torchvision.models import VGG16_Weights
+
     try:  # the normal download on a connected machine
         return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception as error:
         raise MissingWeightsError(
             f"LPIPS VGG16 trunk weights not found at {cached} and the download failed "
             f"({type(error).__name__}); set lpips_vgg_weights to a local {VGG16_FILE}, or backbone "
-            f"mode '{RANDOM_UNTRAINED}' for offline tests") from None
+            f"mode '{RANDOM_UNTRAINED}' for offline tests"
+        ) from None
 
 
 class LPIPS(FrozenNetwork):
@@ -83,18 +99,22 @@ class LPIPS(FrozenNetwork):
     always come from `linear_weights_path`, default the file bundled with lpips.
     """
 
-    def __init__(self, backbone: str = PRETRAINED, vgg_weights_path: str | None = None,
-                 linear_weights_path: str | None = None):
+    def __init__(
+        self,
+        backbone: str = PRETRAINED,
+        vgg_weights_path: str | None = None,
+        linear_weights_path: str | None = None,
+    ):
         super().__init__()
         import lpips
 
         self.backbone = check_backbone_mode(backbone, "lpips_backbone")
         self.name = "lpips" + metric_suffix(self.backbone)
         # Resolve every file before building anything, so a missing one fails fast.
-        vgg_state = (_torchvision_vgg16_state_dict(vgg_weights_path)
-                     if self.backbone == PRETRAINED else None)
-        heads_path = require_local_file(linear_weights_path or bundled_linear_heads_path(),
-                                        "LPIPS linear heads", "lpips_linear_weights")
+        vgg_state = _torchvision_vgg16_state_dict(vgg_weights_path) if self.backbone == PRETRAINED else None
+        heads_path = require_local_file(
+            linear_weights_path or bundled_linear_heads_path(), "LPIPS linear heads", "lpips_linear_weights"
+        )
         # Built on the meta device (torchvision's vgg16 would otherwise initialise its 120M-param
         # classifier, which lpips drops) and then filled: trunk from the file or random, heads from
         # the file, and ScalingLayer rebuilt (its two constant buffers). pretrained=False: lpips loads
@@ -110,8 +130,9 @@ class LPIPS(FrozenNetwork):
         heads = {k: v for k, v in load_state_dict_file(heads_path).items() if re.match(r"lin\d\.", k)}
         expected = {k for k in net.state_dict() if re.match(r"lin\d\.", k)}
         if set(heads) != expected:
-            raise ValueError(f"LPIPS linear heads file {heads_path} has keys {sorted(heads)}, "
-                             f"expected {sorted(expected)}")
+            raise ValueError(
+                f"LPIPS linear heads file {heads_path} has keys {sorted(heads)}, expected {sorted(expected)}"
+            )
         net.load_state_dict(heads, strict=False)
         filled |= {f"lins.{k[3:]}" for k in heads} | set(heads)
         unfilled = set(net.state_dict()) - filled
@@ -128,8 +149,7 @@ class LPIPS(FrozenNetwork):
                 if not isinstance(layer, nn.Conv2d):
                     continue
                 if vgg_state is not None:
-                    layer.load_state_dict({k: vgg_state[f"features.{index}.{k}"]
-                                           for k in ("weight", "bias")})
+                    layer.load_state_dict({k: vgg_state[f"features.{index}.{k}"] for k in ("weight", "bias")})
                 else:
                     nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                     nn.init.zeros_(layer.bias)

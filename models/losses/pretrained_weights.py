@@ -6,11 +6,11 @@ Every frozen network (LPIPS VGG, VF teacher, discriminator backbone) has one of 
   * "random-untrained": random init, for offline tests only. Values computed with it are logged under
     names that say so, never under the real metric's name.
 """
+
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import os
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ def require_local_file(path: str, what: str, config_key: str) -> str:
     if not os.path.isfile(path):
         raise MissingWeightsError(
             f"{what} weights not found at {path} (set {config_key} to an existing local file, "
-            f"or backbone mode '{RANDOM_UNTRAINED}' for offline tests)")
+            f"or backbone mode '{RANDOM_UNTRAINED}' for offline tests)"
+        )
     return path
 
 
@@ -50,6 +51,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file (loaded with weights_only=True, on CPU)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return load_file(path, device="cpu")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # common checkpoint wrappers
@@ -80,8 +82,9 @@ class FrozenNetwork(nn.Module):
         return self
 
 
-def create_timm_backbone(model_name: str, mode: str, weights_path: str | None, config_key: str,
-                         **model_kwargs) -> nn.Module:
+def create_timm_backbone(
+    model_name: str, mode: str, weights_path: str | None, config_key: str, **model_kwargs
+) -> nn.Module:
     """A frozen timm model: random, from a local file (timm's own loader, so its checkpoint filters and
     position-embedding resampling apply), or from the hub when no path is set."""
     import timm
@@ -91,16 +94,19 @@ def create_timm_backbone(model_name: str, mode: str, weights_path: str | None, c
         return freeze(timm.create_model(model_name, pretrained=False, **model_kwargs))
     if weights_path:
         path = require_local_file(weights_path, f"timm model {model_name}", config_key)
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": path},
-                                  **model_kwargs)
+        model = timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay={"file": path}, **model_kwargs
+        )
         return freeze(model)
     try:
         model = timm.create_model(model_name, pretrained=True, **model_kwargs)
     except Exception as error:  # offline / hub unreachable: one line that says what to set
         cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+        )
         raise MissingWeightsError(
             f"could not download timm model {model_name} into {cache} ({type(error).__name__}); "
             f"set {config_key} to a local .safetensors/.pth file, or backbone mode "
-            f"'{RANDOM_UNTRAINED}' for offline tests") from None
+            f"'{RANDOM_UNTRAINED}' for offline tests"
+        ) from None
     return freeze(model)

@@ -10,17 +10,16 @@ Each term is a hinge on the cosine similarity. Two margin conventions (SPEC row 
   * "release": relu(1 - m - cos), m = 0.25 (cosine target 0.75);
   * "paper":   relu(delta - cos), delta = 0.85 (Eq. 1-2 as printed).
 """
+
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-from models.losses.pretrained_weights import (
-    PRETRAINED, FrozenNetwork, create_timm_backbone, metric_suffix)
+from models.losses.pretrained_weights import PRETRAINED, FrozenNetwork, create_timm_backbone, metric_suffix
 
 DEFAULT_TEACHER = "vit_large_patch16_dinov3.lvd1689m"
 MarginConvention = Literal["release", "paper"]
@@ -36,15 +35,17 @@ def cosine_target(margin: float, convention: str = "release") -> float:
     raise ValueError(f"vf margin convention {convention!r} is not one of {list(MARGIN_CONVENTIONS)}")
 
 
-def margin_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float,
-                       convention: str = "release") -> torch.Tensor:
+def margin_cosine_loss(
+    student: torch.Tensor, teacher: torch.Tensor, margin: float, convention: str = "release"
+) -> torch.Tensor:
     """mean(relu(target - cos(student, teacher))) over all leading dims; features on the last dim."""
     cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
     return F.relu(cosine_target(margin, convention) - cos).mean()
 
 
-def resample_patch_grid(patches: torch.Tensor, grid: tuple[int, int],
-                        target_grid: tuple[int, int]) -> torch.Tensor:
+def resample_patch_grid(
+    patches: torch.Tensor, grid: tuple[int, int], target_grid: tuple[int, int]
+) -> torch.Tensor:
     """[B, h*w, D] teacher tokens on `grid` -> [B, H*W, D] on `target_grid` (bilinear)."""
     if tuple(grid) == tuple(target_grid):
         return patches
@@ -61,13 +62,17 @@ class VFTeacher(FrozenNetwork):
     the CLS token is the first prefix token.
     """
 
-    def __init__(self, model_name: str = DEFAULT_TEACHER, backbone: str = PRETRAINED,
-                 weights_path: str | None = None, image_size: int = 256,
-                 model_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model_name: str = DEFAULT_TEACHER,
+        backbone: str = PRETRAINED,
+        weights_path: str | None = None,
+        image_size: int = 256,
+        model_kwargs: dict | None = None,
+    ):
         super().__init__()
         kwargs = {"img_size": image_size, "num_classes": 0, **(model_kwargs or {})}
-        self.net = create_timm_backbone(model_name, backbone, weights_path, "vf_teacher_weights",
-                                        **kwargs)
+        self.net = create_timm_backbone(model_name, backbone, weights_path, "vf_teacher_weights", **kwargs)
         self.model_name, self.backbone, self.image_size = model_name, backbone, image_size
         self.name = "vf" + metric_suffix(backbone)
         self.num_prefix_tokens = int(getattr(self.net, "num_prefix_tokens", 1))
@@ -83,18 +88,29 @@ class VFTeacher(FrozenNetwork):
     def forward(self, images: torch.Tensor):
         x = images.float()
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )
         tokens = self.net.forward_features(((x - self.mean.float()) / self.std.float()).to(self.dtype))
         grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
-        return tokens[:, 0], tokens[:, self.num_prefix_tokens:], grid
+        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid
 
 
 class VFAlignLoss(FrozenNetwork):
     """L_vf = w_enc * L_enc + w_dec * L_dec (paper Eq. 3); terms whose feature is absent are skipped."""
 
-    def __init__(self, teacher: VFTeacher, margin: float = 0.25, convention: str = "release",
-                 enc_weight: float = 1.0, dec_weight: float = 1.0):
+    def __init__(
+        self,
+        teacher: VFTeacher,
+        margin: float = 0.25,
+        convention: str = "release",
+        enc_weight: float = 1.0,
+        dec_weight: float = 1.0,
+    ):
         super().__init__()
         cosine_target(margin, convention)  # validates the convention
         self.net = teacher
@@ -105,16 +121,22 @@ class VFAlignLoss(FrozenNetwork):
     def name(self) -> str:
         return self.net.name
 
-    def forward(self, images: torch.Tensor, vf_enc_feat: torch.Tensor | None = None,
-                vf_dec_feat: torch.Tensor | None = None):
+    def forward(
+        self,
+        images: torch.Tensor,
+        vf_enc_feat: torch.Tensor | None = None,
+        vf_dec_feat: torch.Tensor | None = None,
+    ):
         """Returns (weighted total, {"enc": L_enc, "dec": L_dec} for the terms computed)."""
         terms: dict[str, torch.Tensor] = {}
         if vf_enc_feat is None and vf_dec_feat is None:
             return images.new_zeros(()), terms
         for feat in (vf_enc_feat, vf_dec_feat):
             if feat is not None and feat.shape[-1] != self.net.feature_dim:
-                raise ValueError(f"VF feature width {feat.shape[-1]} != teacher {self.net.model_name} "
-                                 f"width {self.net.feature_dim} (tokenizer vf_feature_dim)")
+                raise ValueError(
+                    f"VF feature width {feat.shape[-1]} != teacher {self.net.model_name} "
+                    f"width {self.net.feature_dim} (tokenizer vf_feature_dim)"
+                )
         cls, patches, grid = self.net(images)
         total = images.new_zeros((), dtype=torch.float32)
         if vf_enc_feat is not None:

@@ -3,6 +3,7 @@
 Release weights: `convert_official_state_dict(sd, cfg)` with `official_tokenizer_config()` or
 `tokenizer_config_from_official(release_yaml_dict)`.
 """
+
 from models.tokenizer.config import (
     TokenizerConfig,
     official_tokenizer_config,

@@ -3,6 +3,7 @@
 Defaults are our clean training variant of ResTok-L. `official_tokenizer_config()` returns the
 release's behaviour (SPEC.md; fixtures/official/NOTES.md quirks #1-#12), needed to load its weights.
 """
+
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -62,7 +63,9 @@ class TokenizerConfig:
     num_scales: int = 4
     merge_op: MergeOp = "avg"  # nearest (release, NOTES #7) | avg (paper Fig. 2c)
     merge_factor: int = 2  # tokens per merged token at each merge (paper Tab. 3 pooling factor)
-    merge_layout: MergeLayout = "alternate"  # width (release: 16x16->16x8->16x4) | alternate (halve longer side)
+    merge_layout: MergeLayout = (
+        "alternate"  # width (release: 16x16->16x8->16x4) | alternate (halve longer side)
+    )
     residual_image: bool = True
     # NOTES #10: release reshapes (B,N,W)->(B,W,N,1) without permute before conv_out.
     legacy_reshape: bool = False
@@ -86,6 +89,7 @@ class TokenizerConfig:
 
     def validate(self) -> "TokenizerConfig":
         """Raise ValueError naming the first bad field."""
+
         def bad(name, why):
             raise ValueError(f"TokenizerConfig.{name}={getattr(self, name)!r}: {why}")
 
@@ -94,9 +98,13 @@ class TokenizerConfig:
                 vit_size(getattr(self, name))
             except KeyError as exc:
                 bad(name, exc.args[0])
-        for name, choices in (("vf_align", VF_CHOICES), ("merge_op", MERGE_OPS),
-                              ("merge_layout", MERGE_LAYOUTS), ("latent_init", LATENT_INITS),
-                              ("init_scheme", INIT_SCHEMES)):
+        for name, choices in (
+            ("vf_align", VF_CHOICES),
+            ("merge_op", MERGE_OPS),
+            ("merge_layout", MERGE_LAYOUTS),
+            ("latent_init", LATENT_INITS),
+            ("init_scheme", INIT_SCHEMES),
+        ):
             if getattr(self, name) not in choices:
                 bad(name, f"choose one of {list(choices)}")
         down = 2 ** (len(self.channel_mult) - 1)
@@ -113,20 +121,33 @@ class TokenizerConfig:
         return self
 
 
-def official_tokenizer_config(size: str = "large", image_size: int = 256, num_tokens: int = 128,
-                              codebook_size: int = 8192, pixel_channels: int = 128,
-                              vf: bool = False) -> TokenizerConfig:
+def official_tokenizer_config(
+    size: str = "large",
+    image_size: int = 256,
+    num_tokens: int = 128,
+    codebook_size: int = 8192,
+    pixel_channels: int = 128,
+    vf: bool = False,
+) -> TokenizerConfig:
     """The release's behaviour (commit e0059cb): every NOTES.md quirk switched on.
 
     vf=True adds the training-time VF heads (vf_proj, vf_proj_dec, decoder.feat_mask_token).
     """
     return TokenizerConfig(
-        encoder_size=size, decoder_size=size, image_size=image_size,
-        pixel_channels=pixel_channels, codebook_size=codebook_size,
+        encoder_size=size,
+        decoder_size=size,
+        image_size=image_size,
+        pixel_channels=pixel_channels,
+        codebook_size=codebook_size,
         levels=levels_for(num_tokens),
-        cnn_shortcut_on_branch=True, denormalize_output=False,
-        merge_op="nearest", merge_layout="width", merge_factor=2, num_scales=4,
-        legacy_reshape=True, vf_align="both" if vf else "none",
+        cnn_shortcut_on_branch=True,
+        denormalize_output=False,
+        merge_op="nearest",
+        merge_layout="width",
+        merge_factor=2,
+        num_scales=4,
+        legacy_reshape=True,
+        vf_align="both" if vf else "none",
         init_scheme="release",
     )
 
@@ -150,16 +171,29 @@ def tokenizer_config_for(name: str) -> TokenizerConfig:
         "official-l-vf": lambda: official_tokenizer_config("large", vf=True),
         # NOTES "Tiny tokenizer": 128 px, 8x8 grid, 32 tokens, codebook 64, pixel width 32.
         "tiny-fixture": lambda: official_tokenizer_config(
-            "tiny", image_size=128, num_tokens=32, codebook_size=64, pixel_channels=32),
+            "tiny", image_size=128, num_tokens=32, codebook_size=64, pixel_channels=32
+        ),
         "restok-s": lambda: TokenizerConfig(encoder_size="small", decoder_size="small"),
         "restok-b": lambda: TokenizerConfig(encoder_size="base", decoder_size="base"),
         "restok-l": lambda: TokenizerConfig(),
         # Minute-long CPU training at 32 px: 8x8 grid, 16 tokens, S = 2 on a 2-block ViT.
         "cpu-nano": lambda: TokenizerConfig(
-            encoder_size="nano", decoder_size="nano", image_size=32, pixel_channels=16,
-            channel_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, cnn_norm_groups=8,
-            levels=[1, 1, 2, 4, 8], codebook_size=256, num_scales=2, vf_align="none",
-            vf_feature_dim=32, init_std=0.18, entropy_weight=0.1),
+            encoder_size="nano",
+            decoder_size="nano",
+            image_size=32,
+            pixel_channels=16,
+            channel_mult=[1, 2, 2],
+            num_res_blocks=1,
+            z_channels=32,
+            cnn_norm_groups=8,
+            levels=[1, 1, 2, 4, 8],
+            codebook_size=256,
+            num_scales=2,
+            vf_align="none",
+            vf_feature_dim=32,
+            init_std=0.18,
+            entropy_weight=0.1,
+        ),
     }
     if name not in presets:
         raise KeyError(f"unknown tokenizer preset {name!r}; valid: {sorted(presets)}")

@@ -4,6 +4,7 @@ Our module names equal the release's, so the key map is the identity once traini
 wrappers, `module.`/`_orig_mod.` prefixes and the frozen DINOv3 teacher (`foundation_model.*`)
 are removed. The checks are real: every expected key present, nothing left over, every shape equal.
 """
+
 from collections.abc import Mapping
 
 import torch
@@ -41,9 +42,12 @@ def tokenizer_config_from_official(release: Mapping) -> TokenizerConfig:
     enc_vf = bool(vq.get("use_vf")) and bool(vq.get("encoder_feature_supervision"))
     dec_vf = bool(vq.get("use_vf")) and bool(vq.get("decoder_feature_supervision"))
     cfg = official_tokenizer_config(
-        vq["vit_enc_model_size"], image_size=int(crop), num_tokens=int(vq["num_latent_tokens"]),
+        vq["vit_enc_model_size"],
+        image_size=int(crop),
+        num_tokens=int(vq["num_latent_tokens"]),
         codebook_size=int(vq["codebook_size"]),
-        pixel_channels=int(vq.get("pixel_hidden_channels", 128)))
+        pixel_channels=int(vq.get("pixel_hidden_channels", 128)),
+    )
     cfg.code_dim = int(vq["token_size"])
     cfg.commitment = float(vq.get("commitment_cost", 0.25))
     cfg.num_scales = int(vq.get("hierarchy_stages", 4)) if vq.get("merge_tokens", True) else 1
@@ -55,8 +59,12 @@ def tokenizer_config_from_official(release: Mapping) -> TokenizerConfig:
     cfg.min_tokens = int(vq.get("num_min_tokens", 4))
     cfg.nested_dropout = bool(vq.get("drop_latent_tokens", True))
     cfg.nested_dropout_prob = float(vq.get("drop_prob", 0.2))
-    cfg.vf_align = {(True, True): "both", (True, False): "encoder",
-                    (False, True): "decoder", (False, False): "none"}[(enc_vf, dec_vf)]
+    cfg.vf_align = {
+        (True, True): "both",
+        (True, False): "encoder",
+        (False, True): "decoder",
+        (False, False): "none",
+    }[(enc_vf, dec_vf)]
     cfg.levels = levels_for(int(vq["num_latent_tokens"]))
     return cfg.validate()
 
@@ -76,8 +84,9 @@ def expected_shapes(cfg: TokenizerConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def convert_official_state_dict(sd: Mapping, cfg: TokenizerConfig,
-                                drop_vf_heads_if_unused: bool = True) -> dict:
+def convert_official_state_dict(
+    sd: Mapping, cfg: TokenizerConfig, drop_vf_heads_if_unused: bool = True
+) -> dict:
     """Release state dict (or training checkpoint) -> our ResTok state dict for `cfg`.
 
     Drops `foundation_model.*` and non-tensor entries; VF heads are dropped when `cfg` has none
@@ -94,20 +103,20 @@ def convert_official_state_dict(sd: Mapping, cfg: TokenizerConfig,
             name = name.split(".", 1)[1]
         if name.startswith(_DROP_PREFIXES):
             continue
-        if (drop_vf_heads_if_unused and name not in want
-                and name.startswith(_VF_HEAD_PREFIXES)):
+        if drop_vf_heads_if_unused and name not in want and name.startswith(_VF_HEAD_PREFIXES):
             continue
         out[name] = value
     missing = sorted(set(want) - set(out))
     unexpected = sorted(set(out) - set(want))
-    misshaped = sorted(f"{k} {tuple(out[k].shape)} != {want[k]}"
-                       for k in set(want) & set(out) if tuple(out[k].shape) != want[k])
+    misshaped = sorted(
+        f"{k} {tuple(out[k].shape)} != {want[k]}"
+        for k in set(want) & set(out)
+        if tuple(out[k].shape) != want[k]
+    )
     if missing or unexpected or misshaped:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected),
-                             ("mis-shaped", misshaped)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
                 parts.append(f"{len(items)} {label}: {', '.join(items)}")
-        raise ValueError("official ResTok state dict does not match the config: "
-                         + "; ".join(parts))
+        raise ValueError("official ResTok state dict does not match the config: " + "; ".join(parts))
     return out

@@ -3,6 +3,7 @@
 Module names follow the release so its weights load by name. 3x3 convs use the conv's own zero
 padding (no separate pad copy, SPEC "Speed").
 """
+
 import contextlib
 
 import torch
@@ -43,8 +44,7 @@ class Fp32GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = _compute_dtype(x)
-        return F.group_norm(x.to(dt), self.num_groups, _cast(self.weight, dt),
-                            _cast(self.bias, dt), self.eps)
+        return F.group_norm(x.to(dt), self.num_groups, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
 
 
 def _norm(channels: int, groups: int, fp32: bool = False) -> nn.GroupNorm:
@@ -59,8 +59,7 @@ class ResBlock(nn.Module):
     otherwise it is a normal in->out shortcut on the input.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, shortcut_on_branch: bool,
-                 fp32: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, shortcut_on_branch: bool, fp32: bool = False):
         super().__init__()
         conv = Fp32Conv2d if fp32 else nn.Conv2d
         self.norm1 = _norm(in_ch, groups, fp32)
@@ -69,8 +68,7 @@ class ResBlock(nn.Module):
         self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
         self.shortcut_on_branch = shortcut_on_branch
         if in_ch != out_ch:
-            self.nin_shortcut = conv(out_ch if shortcut_on_branch else in_ch, out_ch, 1,
-                                          bias=False)
+            self.nin_shortcut = conv(out_ch if shortcut_on_branch else in_ch, out_ch, 1, bias=False)
         else:
             self.nin_shortcut = None
 
@@ -87,15 +85,23 @@ class _Stage(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         # Decoder stages end with nearest x2 + 3x3 conv (NOTES #4); encoder stages have no params.
-        self.upsample_conv = (Fp32Conv2d(upsample_ch, upsample_ch, 3, padding=1)
-                              if upsample_ch is not None else None)
+        self.upsample_conv = (
+            Fp32Conv2d(upsample_ch, upsample_ch, 3, padding=1) if upsample_ch is not None else None
+        )
 
 
 class PixelEncoder(nn.Module):
     """conv_in -> stages (res blocks, 2x2 avg pool between) -> 2 mid blocks -> GN/SiLU -> 1x1."""
 
-    def __init__(self, base: int, channel_mult: list[int], num_res_blocks: int, z_channels: int,
-                 groups: int, shortcut_on_branch: bool):
+    def __init__(
+        self,
+        base: int,
+        channel_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        groups: int,
+        shortcut_on_branch: bool,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(3, base, 3, padding=1, bias=False)
         stages, in_ch = [], base
@@ -107,8 +113,7 @@ class PixelEncoder(nn.Module):
                 in_ch = out_ch
             stages.append(_Stage(blocks))
         self.down = nn.ModuleList(stages)
-        self.mid = nn.ModuleList([ResBlock(in_ch, in_ch, groups, shortcut_on_branch)
-                                  for _ in range(2)])
+        self.mid = nn.ModuleList([ResBlock(in_ch, in_ch, groups, shortcut_on_branch) for _ in range(2)])
         self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
 
@@ -128,13 +133,19 @@ class PixelDecoder(nn.Module):
     """Mirror of the encoder; `up.<i>` is resolution level i and runs i = n-1 .. 0 (NOTES #4).
     Every layer is an Fp32* layer: the decoder computes in fp32 even with bf16 weights (SPEC)."""
 
-    def __init__(self, base: int, channel_mult: list[int], num_res_blocks: int, z_channels: int,
-                 groups: int, shortcut_on_branch: bool):
+    def __init__(
+        self,
+        base: int,
+        channel_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        groups: int,
+        shortcut_on_branch: bool,
+    ):
         super().__init__()
         ch = base * channel_mult[-1]
         self.conv_in = Fp32Conv2d(z_channels, ch, 3, padding=1)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, groups, shortcut_on_branch, fp32=True)
-                                  for _ in range(2)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, groups, shortcut_on_branch, fp32=True) for _ in range(2)])
         stages: list[nn.Module] = [None] * len(channel_mult)  # type: ignore[list-item]
         for i in reversed(range(len(channel_mult))):
             out_ch = base * channel_mult[i]

@@ -3,6 +3,7 @@
 Module and parameter names equal the release's, so its state dict maps by identity
 (models/tokenizer/official.py checks it). Release quirks are config switches (config.py).
 """
+
 import functools
 import math
 from dataclasses import asdict, fields, is_dataclass
@@ -30,8 +31,10 @@ def merging_blocks(depth: int, num_scales: int) -> list[int]:
     """0-based blocks replaced by merging blocks: int(i*N/S) - 1, i = 1..S-1 (SPEC "scales")."""
     idx = [int(i * depth / num_scales) - 1 for i in range(1, num_scales)]
     if any(i < 0 for i in idx) or len(set(idx)) != len(idx):
-        raise ValueError(f"num_scales={num_scales} needs more than depth={depth} ViT blocks "
-                         f"(merging blocks would be {idx})")
+        raise ValueError(
+            f"num_scales={num_scales} needs more than depth={depth} ViT blocks "
+            f"(merging blocks would be {idx})"
+        )
     return idx
 
 
@@ -70,8 +73,10 @@ def latent_grids(levels: list[int]) -> list[tuple[int, int]]:
     grids, h, w = [], 1, 1
     for lvl, n in enumerate(levels, start=1):
         if h * w != n:
-            raise ValueError(f"levels={levels}: level {lvl - 1} has {n} tokens, expected {h * w} "
-                             "(levels must be 1, 1, 2, 4, ...)")
+            raise ValueError(
+                f"levels={levels}: level {lvl - 1} has {n} tokens, expected {h * w} "
+                "(levels must be 1, 1, 2, 4, ...)"
+            )
         grids.append((h, w))
         if lvl >= 2:
             if lvl % 2 == 0:
@@ -97,8 +102,7 @@ def encoder_layouts(cfg: TokenizerConfig, grid: tuple[int, int]):
     grids = scale_grids(grid, cfg.num_scales, cfg.merge_factor, cfg.merge_layout)
     N = sum(cfg.levels)
     # Static structure lives on the CPU even under a meta-device context.
-    latent_level = torch.tensor([i for i, n in enumerate(cfg.levels) for _ in range(n)],
-                                device="cpu")
+    latent_level = torch.tensor([i for i, n in enumerate(cfg.levels) for _ in range(n)], device="cpu")
     if not cfg.latent_hierarchy:
         latent_level = torch.zeros_like(latent_level)
     out = []
@@ -128,7 +132,7 @@ def nested_keep_distribution(levels: list[int], min_tokens: int, drop_prob: floa
     shorter = bounds[:-1]
     if not shorter:
         return bounds, [1.0]
-    weights = [2.0 ** i for i in range(len(shorter))]
+    weights = [2.0**i for i in range(len(shorter))]
     probs = [drop_prob * wt / sum(weights) for wt in weights] + [1.0 - drop_prob]
     return bounds, probs
 
@@ -145,7 +149,7 @@ def _trunc_normal_init(module: nn.Module, std: float) -> None:
 
 
 def _level_params(n: int, width: int) -> nn.ParameterList:
-    return nn.ParameterList([nn.Parameter(torch.randn(1, width).mul_(width ** -0.5)) for _ in range(n)])
+    return nn.ParameterList([nn.Parameter(torch.randn(1, width).mul_(width**-0.5)) for _ in range(n)])
 
 
 class _LayoutCache:
@@ -177,20 +181,23 @@ class ResTokEncoder(nn.Module):
         self.latent_token_level_embedding = _level_params(len(cfg.levels), size.width)
         self.conv_out = nn.ModuleList([nn.Conv2d(size.width, cfg.code_dim, 1) for _ in cfg.levels])
         if cfg.latent_init == "learned":
-            self.latent_tokens = nn.Parameter(
-                torch.randn(cfg.num_tokens, size.width).mul_(size.width ** -0.5))
+            self.latent_tokens = nn.Parameter(torch.randn(cfg.num_tokens, size.width).mul_(size.width**-0.5))
         self.merge_blocks = merging_blocks(size.depth, cfg.num_scales)
         self.latent_pool_grids = latent_grids(cfg.levels)
         for gh, gw in self.latent_pool_grids:
             if grid[0] % gh or grid[1] % gw:
-                raise ValueError(f"latent pooling grid {(gh, gw)} does not divide the image grid "
-                                 f"{grid}; use fewer latent levels or a larger image")
+                raise ValueError(
+                    f"latent pooling grid {(gh, gw)} does not divide the image grid "
+                    f"{grid}; use fewer latent levels or a larger image"
+                )
         self._static = encoder_layouts(cfg, grid)
-        self.layout_of_block = [sum(m <= b - 1 for m in self.merge_blocks)
-                                for b in range(size.depth)]
+        self.layout_of_block = [sum(m <= b - 1 for m in self.merge_blocks) for b in range(size.depth)]
         head_dim = size.width // size.heads
-        self._layouts = _LayoutCache(lambda dev: [
-            Layout.build(pos, lev, head_dim, cfg.rope_theta, dev) for pos, lev, _ in self._static])
+        self._layouts = _LayoutCache(
+            lambda dev: [
+                Layout.build(pos, lev, head_dim, cfg.rope_theta, dev) for pos, lev, _ in self._static
+            ]
+        )
 
     def layouts(self, device: torch.device) -> list[Layout]:
         return self._layouts.get(device)
@@ -205,8 +212,7 @@ class ResTokEncoder(nn.Module):
         for i, (gh, gw) in enumerate(self.latent_pool_grids):
             if i > 0 and self.cfg.residual_latent:
                 prev = out[-1]  # [B, C, ph, pw]
-                up = prev.repeat_interleave(H // prev.shape[2], 2).repeat_interleave(
-                    W // prev.shape[3], 3)
+                up = prev.repeat_interleave(H // prev.shape[2], 2).repeat_interleave(W // prev.shape[3], 3)
                 residual = residual - up
             pooled = F.adaptive_avg_pool2d(residual, (gh, gw))
             out.append(pooled)
@@ -233,16 +239,21 @@ class ResTokEncoder(nn.Module):
         """ViT part: [B, h*w, W] image tokens and [B, N, W] initial latents -> final sequence
         [B, T, W] (coarsest ... finest image scales, latents; before ln_post)."""
         layouts = self.layouts(image_tokens.device)
-        lat_emb = torch.cat([e.expand(n, -1) for e, n in  # one row per latent token
-                             zip(self.latent_token_level_embedding, self.cfg.levels)])
+        lat_emb = torch.cat(
+            [
+                e.expand(n, -1)
+                for e, n in zip(  # one row per latent token
+                    self.latent_token_level_embedding, self.cfg.levels, strict=False
+                )
+            ]
+        )
         x = torch.cat([image_tokens + self.level_embedding[0], latents + lat_emb], 1)
         x = self.ln_pre(x)
         for b, blk in enumerate(self.blocks):
             m = self.layout_of_block[b]
             if b in self.merge_blocks:
                 grid, new_grid = self._static[m][2][0], self._static[m + 1][2][0]
-                x = blk(x, layouts[m], merge=functools.partial(self._merge, grid=grid,
-                                                               new_grid=new_grid))
+                x = blk(x, layouts[m], merge=functools.partial(self._merge, grid=grid, new_grid=new_grid))
                 n_new = new_grid[0] * new_grid[1]
                 # The new scale gets its own level embedding after the block (NOTES #7).
                 x = torch.cat([x[:, :n_new] + self.level_embedding[m + 1], x[:, n_new:]], 1)
@@ -259,8 +270,8 @@ class ResTokEncoder(nn.Module):
         else:
             rows = latents
         out, s = [], 0
-        for conv, n in zip(self.conv_out, self.cfg.levels):
-            out.append(F.linear(rows[:, s:s + n], conv.weight.flatten(1), conv.bias))
+        for conv, n in zip(self.conv_out, self.cfg.levels, strict=False):
+            out.append(F.linear(rows[:, s : s + n], conv.weight.flatten(1), conv.bias))
             s += n
         return torch.cat(out, 1)
 
@@ -283,12 +294,17 @@ class VectorQuantizer(nn.Module):
     """L2-normalised VQ, nearest code by squared distance, commitment + codebook loss,
     straight-through (SPEC "quantizer", NOTES #11). Runs in fp32."""
 
-    def __init__(self, codebook_size: int, code_dim: int, commitment: float,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.05):
+    def __init__(
+        self,
+        codebook_size: int,
+        code_dim: int,
+        commitment: float,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.05,
+    ):
         super().__init__()
         # _weight skips Embedding's normal_ reset, which imports torch._dynamo on meta (slow).
-        self.embedding = nn.Embedding(codebook_size, code_dim,
-                                      _weight=torch.empty(codebook_size, code_dim))
+        self.embedding = nn.Embedding(codebook_size, code_dim, _weight=torch.empty(codebook_size, code_dim))
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.commitment = commitment
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
@@ -300,15 +316,17 @@ class VectorQuantizer(nn.Module):
         with fp32_region(z.device):
             z = F.normalize(z.float(), dim=-1)
             book = self.codebook()
-            dist = (z.pow(2).sum(-1, keepdim=True) + book.pow(2).sum(-1)
-                    - 2 * torch.einsum("bnd,kd->bnk", z, book))
+            dist = (
+                z.pow(2).sum(-1, keepdim=True)
+                + book.pow(2).sum(-1)
+                - 2 * torch.einsum("bnd,kd->bnk", z, book)
+            )
             codes = dist.argmin(-1)
             zq = book[codes]
             commitment_loss = self.commitment * F.mse_loss(zq.detach(), z)
             codebook_loss = F.mse_loss(zq, z.detach())
             vq_loss = commitment_loss + codebook_loss
-            info = {"codes": codes, "commitment_loss": commitment_loss,
-                    "codebook_loss": codebook_loss}
+            info = {"codes": codes, "commitment_loss": commitment_loss, "codebook_loss": codebook_loss}
             if self.training and self.entropy_weight > 0:
                 info["entropy_loss"] = self.entropy_loss(z, book)
                 vq_loss = vq_loss + self.entropy_weight * info["entropy_loss"]
@@ -340,10 +358,10 @@ class ResTokDecoder(nn.Module):
         super().__init__()
         size = vit_size(cfg.decoder_size)
         self.cfg, self.grid, self.width = cfg, grid, size.width
-        self.latent_mask_token = nn.Parameter(torch.randn(1, 1, cfg.code_dim).mul_(size.width ** -0.5))
-        self.mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width ** -0.5))
+        self.latent_mask_token = nn.Parameter(torch.randn(1, 1, cfg.code_dim).mul_(size.width**-0.5))
+        self.mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width**-0.5))
         if with_feat_tokens:
-            self.feat_mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width ** -0.5))
+            self.feat_mask_token = nn.Parameter(torch.randn(1, 1, size.width).mul_(size.width**-0.5))
         else:
             self.feat_mask_token = None
         self.ln_pre = nn.LayerNorm(size.width, eps=1e-5)
@@ -351,15 +369,12 @@ class ResTokDecoder(nn.Module):
         self.ln_post = nn.LayerNorm(size.width, eps=1e-5)
         self.ffn = nn.Conv2d(size.width, cfg.z_channels, 1)
         self.latent_token_level_embedding = _level_params(len(cfg.levels), size.width)
-        self.decoder_embed = nn.ModuleList([nn.Linear(cfg.code_dim, size.width)
-                                            for _ in cfg.levels])
+        self.decoder_embed = nn.ModuleList([nn.Linear(cfg.code_dim, size.width) for _ in cfg.levels])
         N = cfg.num_tokens
         # Latent i at (i, i), image tokens at (r + N, c + N) (SPEC "2D RoPE").
-        pos = torch.cat([torch.arange(N, device="cpu")[:, None].expand(N, 2),
-                         grid_positions(*grid, N)])
+        pos = torch.cat([torch.arange(N, device="cpu")[:, None].expand(N, 2), grid_positions(*grid, N)])
         head_dim = size.width // size.heads
-        self._layout = _LayoutCache(lambda dev: Layout.build(pos, None, head_dim,
-                                                             cfg.rope_theta, dev))
+        self._layout = _LayoutCache(lambda dev: Layout.build(pos, None, head_dim, cfg.rope_theta, dev))
 
     def layout(self, device: torch.device) -> Layout:
         return self._layout.get(device)
@@ -375,9 +390,10 @@ class ResTokDecoder(nn.Module):
             kept = torch.arange(N, device=z.device)[None, :] < keep[:, None]
             z = torch.where(kept[..., None], z, self.latent_mask_token.to(z.dtype))
         emb, s = [], 0
-        for lin, lvl_emb, n in zip(self.decoder_embed, self.latent_token_level_embedding,
-                                   self.cfg.levels):
-            emb.append(lin(z[:, s:s + n]) + lvl_emb)
+        for lin, lvl_emb, n in zip(
+            self.decoder_embed, self.latent_token_level_embedding, self.cfg.levels, strict=False
+        ):
+            emb.append(lin(z[:, s : s + n]) + lvl_emb)
             s += n
         lat = torch.cat(emb, 1)
         hw = self.grid[0] * self.grid[1]
@@ -404,8 +420,9 @@ def _as_config(cfg) -> TokenizerConfig:
     unknown = sorted(set(cfg) - names)
     if unknown:
         raise ValueError(f"unknown TokenizerConfig keys {unknown}; valid: {sorted(names)}")
-    return TokenizerConfig(**{k: (list(v) if not isinstance(v, (str, int, float, bool)) else v)
-                              for k, v in cfg.items()})
+    return TokenizerConfig(
+        **{k: (list(v) if not isinstance(v, (str, int, float, bool)) else v) for k, v in cfg.items()}
+    )
 
 
 class ResTok(nn.Module):
@@ -421,28 +438,36 @@ class ResTok(nn.Module):
         vf_dec = cfg.vf_align in ("decoder", "both")
         self.encoder = ResTokEncoder(cfg, self.grid)
         self.decoder = ResTokDecoder(cfg, self.grid, with_feat_tokens=vf_dec)
-        cnn = {"base": cfg.pixel_channels, "channel_mult": list(cfg.channel_mult),
-               "num_res_blocks": cfg.num_res_blocks, "z_channels": cfg.z_channels,
-               "groups": cfg.cnn_norm_groups, "shortcut_on_branch": cfg.cnn_shortcut_on_branch}
+        cnn = {
+            "base": cfg.pixel_channels,
+            "channel_mult": list(cfg.channel_mult),
+            "num_res_blocks": cfg.num_res_blocks,
+            "z_channels": cfg.z_channels,
+            "groups": cfg.cnn_norm_groups,
+            "shortcut_on_branch": cfg.cnn_shortcut_on_branch,
+        }
         self.pixel_encoder = PixelEncoder(**cnn)
         self.pixel_decoder = PixelDecoder(**cnn)
-        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment,
-                                        cfg.entropy_weight, cfg.entropy_temperature)
+        self.quantize = VectorQuantizer(
+            cfg.codebook_size, cfg.code_dim, cfg.commitment, cfg.entropy_weight, cfg.entropy_temperature
+        )
         # VF heads: 1x1 convs without bias, as in the release (SPEC "VF alignment").
         enc_w, dec_w = self.encoder.width, self.decoder.width
         self.vf_proj = nn.Conv2d(enc_w, cfg.vf_feature_dim, 1, bias=False) if vf_enc else None
-        self.vf_proj_dec = (nn.Conv2d(dec_w, cfg.vf_feature_dim, 1, bias=False)
-                            if vf_dec else None)
+        self.vf_proj_dec = nn.Conv2d(dec_w, cfg.vf_feature_dim, 1, bias=False) if vf_dec else None
         # NOTES "Weights": linear/conv trunc-normal (0.02 in the release), zero bias. The release
         # applies it to the whole model before the VF heads are built (TokenizerConfig.init_scheme).
-        parts = ((self.encoder, self.decoder, self.pixel_encoder, self.pixel_decoder)
-                 if cfg.init_scheme == "release"
-                 else (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec))
+        parts = (
+            (self.encoder, self.decoder, self.pixel_encoder, self.pixel_decoder)
+            if cfg.init_scheme == "release"
+            else (self.encoder, self.decoder, self.vf_proj, self.vf_proj_dec)
+        )
         for part in parts:
             if part is not None:
                 _trunc_normal_init(part, cfg.init_std)
         self.keep_lengths, self.keep_probs = nested_keep_distribution(
-            cfg.levels, cfg.min_tokens, cfg.nested_dropout_prob)
+            cfg.levels, cfg.min_tokens, cfg.nested_dropout_prob
+        )
 
     @classmethod
     def from_config(cls, cfg) -> "ResTok":
@@ -501,8 +526,7 @@ class ResTok(nn.Module):
     def decode(self, z_quantized: torch.Tensor, keep=None) -> torch.Tensor:
         """z_quantized [B, N, code_dim] -> images [B, 3, H, W]; keep = number of leading tokens
         kept (int or LongTensor [B]); the rest become the latent mask token."""
-        fmap, _ = self.decoder(z_quantized, self._keep_tensor(keep, z_quantized.shape[0],
-                                                              z_quantized.device))
+        fmap, _ = self.decoder(z_quantized, self._keep_tensor(keep, z_quantized.shape[0], z_quantized.device))
         return self._pixels(fmap)
 
     def decode_codes(self, codes: torch.Tensor, keep=None) -> torch.Tensor:
@@ -532,8 +556,11 @@ class ResTok(nn.Module):
         fmap, feat = self.decoder(info["z_quantized"], keep_t, feat_branch=feat_branch)
         recon = self._pixels(fmap)
         aux = {k: info[k] for k in ("vq_loss", "commitment_loss", "codebook_loss", "codes")}
-        aux["keep"] = keep_t if keep_t is not None else torch.full(
-            (B,), self.num_tokens, device=images.device, dtype=torch.long)
+        aux["keep"] = (
+            keep_t
+            if keep_t is not None
+            else torch.full((B,), self.num_tokens, device=images.device, dtype=torch.long)
+        )
         if self.vf_proj is not None:
             # Encoder term: projected coarsest image tokens, mean-pooled (SPEC "VF alignment").
             tokens = info["coarsest_tokens"].mean(1)

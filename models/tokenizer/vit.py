@@ -3,6 +3,7 @@
 RoPE tables and attention masks depend only on the token layout, which changes only at the
 merging blocks, so callers build them once per layout and cache them (SPEC "Speed").
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,16 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
 @dataclass
 class Layout:
     """Everything attention needs for one token layout, on one device."""
+
     cos: torch.Tensor  # [T, head_dim/2] float32
     sin: torch.Tensor
     mask: torch.Tensor | None  # [T, T] bool, True = may attend (SDPA)
     block_mask: object = None  # FlexAttention BlockMask on CUDA
 
     @staticmethod
-    def build(pos: torch.Tensor, levels: torch.Tensor | None, head_dim: int, theta: float,
-              device: torch.device) -> "Layout":
+    def build(
+        pos: torch.Tensor, levels: torch.Tensor | None, head_dim: int, theta: float, device: torch.device
+    ) -> "Layout":
         ang = rope_angles(pos, head_dim, theta)
         # Tables computed once in float64 and cast to float32, like the release (NOTES #8).
         cos = ang.cos().float().to(device)
@@ -56,8 +59,10 @@ class Layout:
             lv = levels.to(device)
             mask = lv[:, None] >= lv[None, :]  # query level >= key level (SPEC "encoder mask")
             if device.type == "cuda" and create_block_mask is not None:
+
                 def mask_mod(b, h, q, kv):
                     return lv[q] >= lv[kv]
+
                 T = lv.numel()
                 block_mask = create_block_mask(mask_mod, None, None, T, T, device=device)
         return Layout(cos, sin, mask, block_mask)
