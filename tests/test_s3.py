@@ -174,8 +174,10 @@ def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(
     mark = len(log.requests)
     again = prepare.run(cfg)
     rerun = log.requests[mark:]
+
     def gets(suffix):
         return [r for m, p, r in rerun if m == "GET" and p.endswith(suffix)]
+
     assert again["listing"]["train"]["reused"] and again["listing"]["val"]["reused"]
     assert gets("/listing-train.json.gz") and gets("/listing-val.json.gz")
     assert sorted(gets("/ILSVRC2012_img_train.tar")) == sorted(shard_ranges(jobs[1]))
