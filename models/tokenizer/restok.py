@@ -20,7 +20,7 @@ from models.tokenizer.pixel_cnn import (
     PixelEncoder,
     fp32_region,
 )
-from models.tokenizer.vit import Block, Layout
+from models.tokenizer.vit import Block, Layout, run_block
 
 # ---------------------------------------------------------------------------------------------
 # Static structure: merge blocks, grids, latent pooling grids, layouts (pure functions, tested).
@@ -237,17 +237,18 @@ class ResTokEncoder(nn.Module):
                              zip(self.latent_token_level_embedding, self.cfg.levels)])
         x = torch.cat([image_tokens + self.level_embedding[0], latents + lat_emb], 1)
         x = self.ln_pre(x)
+        ckpt = self.cfg.activation_checkpointing
         for b, blk in enumerate(self.blocks):
             m = self.layout_of_block[b]
             if b in self.merge_blocks:
                 grid, new_grid = self._static[m][2][0], self._static[m + 1][2][0]
-                x = blk(x, layouts[m], merge=functools.partial(self._merge, grid=grid,
-                                                               new_grid=new_grid))
+                x = run_block(blk, x, layouts[m], functools.partial(self._merge, grid=grid,
+                                                                    new_grid=new_grid), ckpt)
                 n_new = new_grid[0] * new_grid[1]
                 # The new scale gets its own level embedding after the block (NOTES #7).
                 x = torch.cat([x[:, :n_new] + self.level_embedding[m + 1], x[:, n_new:]], 1)
             else:
-                x = blk(x, layouts[m])
+                x = run_block(blk, x, layouts[m], ckpt=ckpt)
         return x
 
     def project_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -388,7 +389,7 @@ class ResTokDecoder(nn.Module):
         x = self.ln_pre(x)
         layout = self.layout(x.device)
         for blk in self.blocks:
-            x = blk(x, layout)
+            x = run_block(blk, x, layout, ckpt=self.cfg.activation_checkpointing)
         img = self.ln_post(x[:B, N:])
         fmap = img.transpose(1, 2).reshape(B, self.width, *self.grid)
         out = self.ffn(fmap)
