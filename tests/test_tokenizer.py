@@ -381,8 +381,12 @@ def test_activation_checkpointing_same_loss_and_grads_less_saved():
     for ckpt in (False, True):
         torch.manual_seed(0)
         model = ResTok(small_cfg(activation_checkpointing=ckpt)).train()
-        saved = []
-        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+        with saved_tensors_hooks(pack, lambda t: t):
             recon, aux = model(x, keep=16)
             loss = F.mse_loss(recon, x) + aux["vq_loss"]
         loss.backward()

@@ -253,6 +253,28 @@ class GPT(nn.Module):
                        device=device or p.device, dtype=dtype or p.dtype)
 
     def decode_step(self, class_labels: torch.Tensor, codes: torch.Tensor, step: Step,
-                    cache: KVCache) -> torch.Tensor:
-        """One sampling pass over layout positions [step.start, step.end): raw logits (B, n, V)."""
-        return self._trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+                    cache: KVCache, compiled: bool = False) -> torch.Tensor:
+        """One sampling pass over layout positions [step.start, step.end): raw logits (B, n, V).
+
+        compiled=True runs the trunk through `compiled_trunk` (torch.compile; CUDA graphs on CUDA).
+        """
+        trunk = self.compiled_trunk(cache) if compiled else self._trunk
+        return trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+
+    def compiled_trunk(self, cache: KVCache):
+        """torch.compile'd `_trunk` for decode steps, built once per model.
+
+        Shapes are static per HAR step (one graph per step length and start, 9 for 128 tokens);
+        on CUDA mode "reduce-overhead" adds CUDA graphs, and the cache, allocated once per
+        (model, batch), is marked a static address so its in-place writes stay inside the graphs.
+        """
+        fn = self.__dict__.get("_compiled_trunk")
+        if fn is None:
+            cuda = self.head.weight.is_cuda
+            fn = torch.compile(self._trunk, dynamic=False, mode="reduce-overhead" if cuda else None)
+            self.__dict__["_compiled_trunk"] = fn
+        if not getattr(cache, "static_marked", False):
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            cache.static_marked = True
+        return fn

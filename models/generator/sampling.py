@@ -125,11 +125,12 @@ def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_sch
            start_ratio: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, *, min_cfg_scale: float = 1.0,
            release_cfg_floor: bool = False, record_logits: bool = False,
-           synchronize: bool = True) -> SampleResult:
+           synchronize: bool = True, compile_decode: bool = False) -> SampleResult:
     """Sample codes (B, N) for class_labels (B,). HAR or vanilla follows gpt.cfg.har.
 
     CFG runs (batch doubled with the null class) when cfg_scale > 1, as in LlamaGen.
-    `synchronize` makes per-step times exact on CUDA.
+    `synchronize` makes per-step times exact on CUDA. `compile_decode` runs the decode passes
+    through torch.compile (CUDA graphs on CUDA; static shapes per HAR step), see GPT.compiled_trunk.
     """
     was_training = gpt.training
     gpt.eval()
@@ -145,7 +146,7 @@ def sample(gpt: GPT, class_labels: torch.Tensor, cfg_scale: float = 1.0, cfg_sch
     result = SampleResult(codes, [], 0)
     for i, step in enumerate(steps):
         t0 = time.perf_counter()
-        logits = gpt.decode_step(labels, codes, step, cache)
+        logits = gpt.decode_step(labels, codes, step, cache, compiled=compile_decode)
         result.num_forward_passes += 1
         if record_logits:
             result.step_logits.append(logits.clone())
