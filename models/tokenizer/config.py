@@ -73,8 +73,9 @@ class TokenizerConfig:
     vf_align: str = "both"  # none | encoder | decoder | both
     vf_margin: float = 0.25  # release m = 0.25 (cos target 0.75); paper margin 0.85
     vf_feature_dim: int = 1024
-    # Activation checkpointing per ViT block (encoder and decoder): activations of a block are
-    # recomputed in the backward instead of kept, so a larger batch fits in the same memory.
+    # Activation checkpointing per ViT block (encoder and decoder) and per pixel-CNN res block:
+    # a block's activations are recomputed in the backward instead of kept, so a larger batch
+    # fits in the same memory (about one extra forward per step).
     activation_checkpointing: bool = False
 
     @property

@@ -468,7 +468,7 @@ class ResTok(nn.Module):
         return (images - mean) / std  # NOTES #1: encode normalises internally
 
     def _encode(self, images: torch.Tensor) -> dict:
-        fmap = self.pixel_encoder(self._normalize(images))
+        fmap = self.pixel_encoder(self._normalize(images), self.cfg.activation_checkpointing)
         enc = self.encoder(fmap)
         zq, vq = self.quantize(enc["z_pre_quant"])
         return {"pixel_encoder_out": fmap, **enc, "z_quantized": zq, **vq}
@@ -493,7 +493,7 @@ class ResTok(nn.Module):
         return keep.to(device=device, dtype=torch.long)
 
     def _pixels(self, fmap: torch.Tensor) -> torch.Tensor:
-        img = self.pixel_decoder(fmap)
+        img = self.pixel_decoder(fmap, self.cfg.activation_checkpointing)
         if self.cfg.denormalize_output:
             std = img.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
             img = img * std + img.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
