@@ -2,6 +2,7 @@
 
     python bench/vs_official.py                       # tok_tiny and gen_l (~15 min on 2 cores)
     SBS_GROUPS=tok_tiny python bench/vs_official.py   # one group
+    python bench/vs_official.py --threads 1           # both sides at 1 thread (oversubscribed machine)
     python bench/vs_official.py --json out.json       # also keep every record
 
 Runs `side_by_side.py` (official-bench, beside SPEC.md) in the authors' venv: it builds the
@@ -35,10 +36,27 @@ HAR_OVER_VANILLA = {1: 8.0, 8: 3.5}
 
 # Runs inside the official venv: side_by_side's groups, then its records as JSON.
 DRIVER = """
-import json, os, sys, contextlib
+import json, os, sys, contextlib, types, logging
 sys.path.insert(0, os.environ["SBS_DIR"])
+try:
+    import accelerate  # noqa: F401
+except ImportError:  # one process: accelerate's gather is the identity; nothing else is called
+    acc = {n: types.ModuleType(n) for n in ("accelerate", "accelerate.utils",
+                                            "accelerate.utils.operations", "accelerate.logging")}
+    acc["accelerate.utils.operations"].gather = lambda t: t
+    acc["accelerate.logging"].MultiProcessAdapter = logging.LoggerAdapter
+    sys.modules.update(acc)
+    print("accelerate not installed: single-process stub (gather = identity)", file=sys.stderr)
 with contextlib.redirect_stdout(sys.stderr):
     import side_by_side as sbs
+    threads = int(os.environ.get("SBS_THREADS") or 0)
+    if threads:  # side_by_side times at 2 threads; on an oversubscribed machine 1 is fairer
+        timed = sbs.ob.time_interleaved
+        def time_interleaved(recs_fns, *a, **k):
+            for rec, _ in recs_fns:
+                rec["threads"] = threads
+            return timed(recs_fns, *a, **k)
+        sbs.ob.time_interleaved = time_interleaved
     for g in os.environ.get("SBS_GROUPS", "tok_tiny,gen_l").split(","):
         sbs.GROUPS[g]()
 keep = ("group", "what", "who", "batch", "threads", "median_s", "min_s", "repeats",
@@ -95,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", default=os.environ.get("SBS_GROUPS", "tok_tiny,gen_l"))
     ap.add_argument("--json", default=None, help="write the raw records here")
     ap.add_argument("--log", default=None, help="progress log (default: stderr)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both sides (default: side_by_side's 2); 1 on a shared machine")
     args = ap.parse_args(argv)
     where = locate()
     if isinstance(where, str):
@@ -103,7 +123,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(args.json or Path(tmp) / "rows.json").resolve()
         env = dict(os.environ, RESTOK_OFFICIAL_TREE=str(where["tree"]), RESTOK_CHECKOUT=str(ROOT),
-                   SBS_GROUPS=args.groups, SBS_DIR=str(where["bench"]), SBS_JSON=str(out_json))
+                   SBS_GROUPS=args.groups, SBS_DIR=str(where["bench"]), SBS_JSON=str(out_json),
+                   SBS_THREADS=str(args.threads or ""))
         with open(args.log or os.devnull, "w") as log:
             proc = subprocess.run([str(where["python"]), "-c", DRIVER], env=env, check=False,
                                   stderr=log if args.log else None)
