@@ -36,14 +36,14 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     (x0 cos - x1 sin, x1 cos + x0 sin), without the stack/cat copies.
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    t = torch.view_as_complex(table).view(xc.shape[1], *([1] * (xc.dim() - 3)), xc.shape[-1])
+    t = torch.view_as_complex(table.float()).view(xc.shape[1], *([1] * (xc.dim() - 3)), xc.shape[-1])
     return torch.view_as_real(xc * t).flatten(-2).type_as(x)
 
 
 def _rope_qk_(qk: torch.Tensor, table: torch.Tensor) -> None:
     """In place (inference, float32): rotate a (B, S, 2, H, hd) q/k view of the fused qkv output."""
     xc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-    xc.mul_(torch.view_as_complex(table).view(xc.shape[1], 1, 1, xc.shape[-1]))
+    xc.mul_(torch.view_as_complex(table.float()).view(xc.shape[1], 1, 1, xc.shape[-1]))
 
 
 class RMSNorm(nn.Module):
