@@ -11,6 +11,7 @@ SPEC "Speed: what to beat" (authors' code, 2-core CPU, fp32): ResTok-L training 
 """
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -53,9 +54,19 @@ def _peak_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
 
 
-def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
+def bench(
+    name: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device,
+    amp_dtype,
+    ckpt: bool = False,
+    count_flops: bool = True,
+):
     """Train-mode forward+backward (MSE + VQ, all tokens kept) then eval encode/decode."""
     cfg = tokenizer_config_for(name)
+    cfg.activation_checkpointing = ckpt
     model = ResTok(cfg).to(device).train()
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -69,7 +80,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
 
     flops = FlopCounterMode(display=False)
     t = time.perf_counter()
-    with flops:
+    with flops if count_flops else contextlib.nullcontext():
         step()  # counts FLOPs; a warm-up step, or the only timed step when warmup == 0
     _sync(device)
     first_s = time.perf_counter() - t
@@ -106,7 +117,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, device, amp_dtype):
         "params_m": params / 1e6,
         "step_s": step_s,
         "img_s": batch / step_s,
-        "gflop": flops.get_total_flops() / 1e9,
+        "gflop": flops.get_total_flops() / 1e9 if count_flops else float("nan"),
         "peak_gib": peak,
         "encode_s": enc_s,
         "decode_s": dec_s,
@@ -126,6 +137,16 @@ def main(argv=None):
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fp32", action="store_true", help="on cuda: no bf16 autocast")
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per ViT block (TokenizerConfig.activation_checkpointing)",
+    )
+    ap.add_argument(
+        "--no-flops",
+        action="store_true",
+        help="skip the FLOP count (its first step keeps extra tensors: peak RSS is higher)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,11 +163,11 @@ def main(argv=None):
     amp = torch.bfloat16 if cuda and not args.fp32 else None
     peak = measured_matmul_peak(device, amp or torch.float32)
     print(
-        f"device {device}, threads {torch.get_num_threads()}, "
+        f"device {device}, threads {torch.get_num_threads()}, checkpointing {args.checkpointing}, "
         f"{'bf16 autocast' if amp else 'fp32'}, measured matmul peak {peak / 1e12:.2f} TFLOP/s"
     )
     rows = [
-        bench(p, b, s, w, device, amp)
+        bench(p, b, s, w, device, amp, args.checkpointing, not args.no_flops)
         for p, b, s, w in zip(presets, pad(batches), pad(steps), pad(warmups), strict=False)
     ]
     head = (

@@ -224,6 +224,33 @@ def test_top_k_then_hf_top_p():
     assert torch.isfinite(filter_logits(logits, top_k=1)).sum() == 1
 
 
+def test_top_p_from_candidates_matches_full_sort():
+    """top_p_remove keeps exactly the full-sort HF nucleus, on peaked rows (decided by the top
+    candidates) and on flat rows (full-sort fallback), with and without top-k before it."""
+    from models.generator.sampling import _top_p_remove_sorted, top_p_remove
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(64, 512, generator=g) * s for s in (0.3, 3.0, 12.0)])
+    for top_p in (0.5, 0.9, 0.95):
+        for x in (logits, filter_logits(logits, top_k=20)):
+            sorted_logits, order = torch.sort(x, dim=-1, descending=True)
+            rem = _top_p_remove_sorted(sorted_logits, top_p)
+            ref = rem.scatter(-1, order, rem)
+            assert torch.equal(top_p_remove(x, top_p, candidates=16), ref)
+
+
+def test_inference_fast_path_matches_autograd_path():
+    """The in-place RoPE/RMSNorm/SwiGLU/residual inference path gives the autograd path's logits."""
+    for har in (True, False):
+        model = random_model(tiny_cfg(har=har))
+        labels, codes = torch.tensor([0, 3]), torch.randint(0, 32, (2, model.block_size))
+        with torch.no_grad():
+            fast = model(labels, codes)
+        slow = model(labels, codes)
+        assert slow.requires_grad
+        torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("har", [True, False])
 def test_tiny_generator_overfits_and_samples_back(har):

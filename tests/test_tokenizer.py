@@ -401,3 +401,33 @@ def test_cpu_nano_overfits_a_few_images():
                 break
     assert mse * 10 <= start, (start, mse)
     assert mse < 0.8 * mean_image_mse, (mse, mean_image_mse)
+
+
+def test_activation_checkpointing_same_loss_and_grads_less_saved():
+    """The switch recomputes each ViT block in the backward: same loss and gradients, and fewer
+    tensors kept for the backward (what lets ResTok-L's batch grow on the same memory)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    x = torch.rand(2, 3, 64, 64)
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = ResTok(small_cfg(activation_checkpointing=ckpt)).train()
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            recon, aux = model(x, keep=16)
+            loss = F.mse_loss(recon, x) + aux["vq_loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, sum(saved)))
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert s1 < 0.8 * s0, (s1, s0)

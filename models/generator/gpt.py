@@ -31,14 +31,20 @@ def rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, hd); table: (S, hd/2, 2). Rotation computed in float32 (gpt-fast)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table.view(1, xp.size(1), 1, xp.size(3), 2)
-    out = torch.stack(
-        [xp[..., 0] * t[..., 0] - xp[..., 1] * t[..., 1], xp[..., 1] * t[..., 0] + xp[..., 0] * t[..., 1]],
-        dim=-1,
-    )
-    return out.flatten(3).type_as(x)
+    """x: (B, S, ..., hd); table: (S, hd/2, 2). Rotation computed in float32 (gpt-fast).
+
+    One complex multiply: (x0 + i x1)(cos + i sin) rounds exactly like the real formula
+    (x0 cos - x1 sin, x1 cos + x0 sin), without the stack/cat copies.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    t = torch.view_as_complex(table.float()).view(xc.shape[1], *([1] * (xc.dim() - 3)), xc.shape[-1])
+    return torch.view_as_real(xc * t).flatten(-2).type_as(x)
+
+
+def _rope_qk_(qk: torch.Tensor, table: torch.Tensor) -> None:
+    """In place (inference, float32): rotate a (B, S, 2, H, hd) q/k view of the fused qkv output."""
+    xc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+    xc.mul_(torch.view_as_complex(table.float()).view(xc.shape[1], 1, 1, xc.shape[-1]))
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +55,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # float32 compute (quirk 14)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        if torch.is_grad_enabled():
+            return out * self.weight
+        return out.mul_(self.weight)  # same rounding, one full-size temporary fewer
 
 
 class KVCache:
@@ -100,14 +109,19 @@ class Attention(nn.Module):
         start: int = 0,
     ):
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
-        q = apply_rope(q, rope).transpose(1, 2)
-        k = apply_rope(k, rope).transpose(1, 2)
-        v = v.transpose(1, 2)
+        qkv = self.qkv(x).view(b, s, 3, self.heads, self.head_dim)
+        if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
+            _rope_qk_(qkv[:, :, :2], rope)  # inference: rotate q and k in place, one kernel
+            q, k, v = qkv.unbind(2)
+        else:
+            qk, v = apply_rope(qkv[:, :, :2], rope), qkv[:, :, 2]
+            q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             # Write this step's keys in place and attend to the written prefix only: a decode step
             # covers one whole layout block, which sees all of itself and everything before it
-            # (quirk 17), so no mask is needed and no padded length is attended.
+            # (quirk 17), so no mask is needed (the fast SDPA kernel runs) and no padded length
+            # is attended.
             k_all, v_all = cache
             end = start + s
             k_all[:, :, start:end] = k
@@ -133,7 +147,10 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        if torch.is_grad_enabled():
+            return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        h = F.silu(self.gate(x), inplace=True).mul_(self.up(x))  # inference: no extra temporaries
+        return self.dropout(self.down(h))
 
 
 class Block(nn.Module):
@@ -146,7 +163,9 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask=None, is_causal=False, cache=None, start=0):
         x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, start)
-        return x + self.ffn(self.ffn_norm(x))
+        if torch.is_grad_enabled():
+            return x + self.ffn(self.ffn_norm(x))
+        return x.add_(self.ffn(self.ffn_norm(x)))  # x is this block's own sum: safe in place
 
 
 class GPT(nn.Module):
@@ -270,7 +289,34 @@ class GPT(nn.Module):
         )
 
     def decode_step(
-        self, class_labels: torch.Tensor, codes: torch.Tensor, step: Step, cache: KVCache
+        self,
+        class_labels: torch.Tensor,
+        codes: torch.Tensor,
+        step: Step,
+        cache: KVCache,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """One sampling pass over layout positions [step.start, step.end): raw logits (B, n, V)."""
-        return self._trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+        """One sampling pass over layout positions [step.start, step.end): raw logits (B, n, V).
+
+        compiled=True runs the trunk through `compiled_trunk` (torch.compile; CUDA graphs on CUDA).
+        """
+        trunk = self.compiled_trunk(cache) if compiled else self._trunk
+        return trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+
+    def compiled_trunk(self, cache: KVCache):
+        """torch.compile'd `_trunk` for decode steps, built once per model.
+
+        Shapes are static per HAR step (one graph per step length and start, 9 for 128 tokens);
+        on CUDA mode "reduce-overhead" adds CUDA graphs, and the cache, allocated once per
+        (model, batch), is marked a static address so its in-place writes stay inside the graphs.
+        """
+        fn = self.__dict__.get("_compiled_trunk")
+        if fn is None:
+            cuda = self.head.weight.is_cuda
+            fn = torch.compile(self._trunk, dynamic=False, mode="reduce-overhead" if cuda else None)
+            self.__dict__["_compiled_trunk"] = fn
+        if not getattr(cache, "static_marked", False):
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            cache.static_marked = True
+        return fn

@@ -52,6 +52,47 @@ def cfg_value(
     return min_cfg_scale + (cfg_scale - min_cfg_scale) * ratio
 
 
+def _top_p_remove_sorted(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """HF rule on descending logits: remove tokens after the first whose cumulative prob crosses p."""
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return remove
+
+
+def top_p_remove(logits: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
+    """Bool (R, V), True = removed by HF top-p, without sorting the whole vocabulary.
+
+    The nucleus is a prefix of the descending order, so the k most probable tokens decide it
+    whenever their cumulative probability crosses p; only rows where it does not (flat
+    distributions) fall back to the full sort. Same probabilities as the full sort (the softmax
+    normaliser is summed in another order: last-bit differences only).
+    """
+    r, v = logits.shape
+    k = min(candidates, v)
+    probs = torch.softmax(logits, dim=-1)
+    # A row whose top probability times k stays <= p cannot close its nucleus within k tokens.
+    flat = probs.amax(dim=-1) * k <= top_p
+    remove = torch.ones(r, v, dtype=torch.bool, device=logits.device)
+    peaked = (~flat).nonzero().squeeze(1)
+    if k < v and len(peaked):
+        top, idx = probs[peaked].topk(k, dim=-1)  # descending
+        cum = top.cumsum_(dim=-1)
+        keep = torch.ones_like(cum, dtype=torch.bool)
+        keep[:, 1:] = cum[:, :-1] <= top_p
+        remove[peaked] = remove[peaked].scatter_(1, idx, ~keep)
+        flat[peaked] = cum[:, -1] <= top_p  # nucleus not closed inside the k candidates
+    else:
+        flat[:] = True
+    if bool(flat.any()):
+        rows = flat.nonzero().squeeze(1)
+        sorted_logits, order = torch.sort(logits[rows], dim=-1, descending=True)
+        rem = _top_p_remove_sorted(sorted_logits, top_p)
+        remove[rows] = rem.scatter(-1, order, rem)
+    return remove
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k, then HF-style top-p: keep the sorted tokens up to and including the first one whose
     cumulative probability crosses p; the rest get -inf. logits: (R, V)."""
@@ -59,12 +100,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        remove = cum > top_p
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        logits = logits.masked_fill(top_p_remove(logits, top_p), float("-inf"))
     return logits
 
 
@@ -77,7 +113,9 @@ def draw(
 ) -> torch.Tensor:
     """logits (B, n, V) -> codes (B, n). One multinomial over (B*n, V), batch-major (quirk 18)."""
     b, n, v = logits.shape
-    flat = logits.reshape(b * n, v) / max(temperature, 1e-5)
+    flat = logits.reshape(b * n, v)
+    if temperature != 1.0:  # dividing by 1.0 is the identity: skip the copy
+        flat = flat / max(temperature, 1e-5)
     if top_k == 1:  # greedy: deterministic, no RNG needed
         return flat.argmax(dim=-1).view(b, n)
     probs = torch.softmax(filter_logits(flat, top_k, top_p), dim=-1)
@@ -116,11 +154,13 @@ def sample(
     release_cfg_floor: bool = False,
     record_logits: bool = False,
     synchronize: bool = True,
+    compile_decode: bool = False,
 ) -> SampleResult:
     """Sample codes (B, N) for class_labels (B,). HAR or vanilla follows gpt.cfg.har.
 
     CFG runs (batch doubled with the null class) when cfg_scale > 1, as in LlamaGen.
-    `synchronize` makes per-step times exact on CUDA.
+    `synchronize` makes per-step times exact on CUDA. `compile_decode` runs the decode passes
+    through torch.compile (CUDA graphs on CUDA; static shapes per HAR step), see GPT.compiled_trunk.
     """
     was_training = gpt.training
     gpt.eval()
@@ -136,7 +176,7 @@ def sample(
     result = SampleResult(codes, [], 0)
     for i, step in enumerate(steps):
         t0 = time.perf_counter()
-        logits = gpt.decode_step(labels, codes, step, cache)
+        logits = gpt.decode_step(labels, codes, step, cache, compiled=compile_decode)
         result.num_forward_passes += 1
         if record_logits:
             result.step_logits.append(logits.clone())

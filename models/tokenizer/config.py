@@ -82,6 +82,10 @@ class TokenizerConfig:
     # VF alignment (SPEC "VF alignment"): projection heads only; the teacher is in models/losses.
     vf_align: VfAlign = "both"
     vf_feature_dim: int = 1024
+    # Activation checkpointing per ViT block (encoder and decoder) and per pixel-CNN res block:
+    # a block's activations are recomputed in the backward instead of kept, so a larger batch
+    # fits in the same memory (about one extra forward per step).
+    activation_checkpointing: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +73,12 @@ class ResBlock(nn.Module):
         else:
             self.nin_shortcut = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        if ckpt and torch.is_grad_enabled():  # activations recomputed in the backward
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         if self.nin_shortcut is None:
@@ -117,15 +123,15 @@ class PixelEncoder(nn.Module):
         self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
         h = self.conv_in(x)
         for i, stage in enumerate(self.down):
             for blk in stage.block:
-                h = blk(h)
+                h = blk(h, ckpt)
             if i < len(self.down) - 1:
                 h = F.avg_pool2d(h, 2)
         for blk in self.mid:
-            h = blk(h)
+            h = blk(h, ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -158,16 +164,16 @@ class PixelDecoder(nn.Module):
         self.norm_out = _norm(ch, groups, fp32=True)
         self.conv_out = Fp32Conv2d(ch, 3, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
         # SPEC: the CNN decoder runs in fp32 (NOTES #11: it casts its input to float32); autocast
         # off, and every layer casts its own weights (Fp32Conv2d / Fp32GroupNorm).
         with fp32_region(z.device):
             h = self.conv_in(z.to(torch.promote_types(z.dtype, torch.float32)))
             for blk in self.mid:
-                h = blk(h)
+                h = blk(h, ckpt)
             for stage in reversed(self.up):
                 for blk in stage.block:
-                    h = blk(h)
+                    h = blk(h, ckpt)
                 if stage.upsample_conv is not None:
                     h = stage.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
             return self.conv_out(F.silu(self.norm_out(h)))

@@ -21,7 +21,7 @@ from models.tokenizer.pixel_cnn import (
     PixelEncoder,
     fp32_region,
 )
-from models.tokenizer.vit import Block, Layout
+from models.tokenizer.vit import Block, Layout, run_block
 
 # ---------------------------------------------------------------------------------------------
 # Static structure: merge blocks, grids, latent pooling grids, layouts (pure functions, tested).
@@ -249,16 +249,19 @@ class ResTokEncoder(nn.Module):
         )
         x = torch.cat([image_tokens + self.level_embedding[0], latents + lat_emb], 1)
         x = self.ln_pre(x)
+        ckpt = self.cfg.activation_checkpointing
         for b, blk in enumerate(self.blocks):
             m = self.layout_of_block[b]
             if b in self.merge_blocks:
                 grid, new_grid = self._static[m][2][0], self._static[m + 1][2][0]
-                x = blk(x, layouts[m], merge=functools.partial(self._merge, grid=grid, new_grid=new_grid))
+                x = run_block(
+                    blk, x, layouts[m], functools.partial(self._merge, grid=grid, new_grid=new_grid), ckpt
+                )
                 n_new = new_grid[0] * new_grid[1]
                 # The new scale gets its own level embedding after the block (NOTES #7).
                 x = torch.cat([x[:, :n_new] + self.level_embedding[m + 1], x[:, n_new:]], 1)
             else:
-                x = blk(x, layouts[m])
+                x = run_block(blk, x, layouts[m], ckpt=ckpt)
         return x
 
     def project_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -404,7 +407,7 @@ class ResTokDecoder(nn.Module):
         x = self.ln_pre(x)
         layout = self.layout(x.device)
         for blk in self.blocks:
-            x = blk(x, layout)
+            x = run_block(blk, x, layout, ckpt=self.cfg.activation_checkpointing)
         img = self.ln_post(x[:B, N:])
         fmap = img.transpose(1, 2).reshape(B, self.width, *self.grid)
         out = self.ffn(fmap)
@@ -492,7 +495,7 @@ class ResTok(nn.Module):
         return (images - mean) / std  # NOTES #1: encode normalises internally
 
     def _encode(self, images: torch.Tensor) -> dict:
-        fmap = self.pixel_encoder(self._normalize(images))
+        fmap = self.pixel_encoder(self._normalize(images), self.cfg.activation_checkpointing)
         enc = self.encoder(fmap)
         zq, vq = self.quantize(enc["z_pre_quant"])
         return {"pixel_encoder_out": fmap, **enc, "z_quantized": zq, **vq}
@@ -517,7 +520,7 @@ class ResTok(nn.Module):
         return keep.to(device=device, dtype=torch.long)
 
     def _pixels(self, fmap: torch.Tensor) -> torch.Tensor:
-        img = self.pixel_decoder(fmap)
+        img = self.pixel_decoder(fmap, self.cfg.activation_checkpointing)
         if self.cfg.denormalize_output:
             std = img.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
             img = img * std + img.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

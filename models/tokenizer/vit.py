@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 try:  # FlexAttention (torch >= 2.5): block-sparse masked attention on CUDA.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -137,3 +138,10 @@ class Block(nn.Module):
         if merge is not None:
             x = merge(x)
         return x + self.gamma_2 * self.mlp(self.norm2(x))
+
+
+def run_block(blk: Block, x: torch.Tensor, layout: Layout, merge=None, ckpt: bool = False) -> torch.Tensor:
+    """One ViT block; with ckpt (and autograd on) its activations are recomputed in the backward."""
+    if ckpt and torch.is_grad_enabled():
+        return checkpoint(blk, x, layout, merge, use_reentrant=False)
+    return blk(x, layout, merge)
