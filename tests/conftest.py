@@ -25,6 +25,21 @@ from models.tokenizer import ResTok
 
 # A nano ResTok: 16 tokens in levels [1, 1, 2, 4, 8], 64 codes, no VF heads (seconds on a CPU).
 NANO_VOCAB, NANO_LEVELS = 64, [1, 1, 2, 4, 8]
+# Tiny random frozen networks (logged with a _random_untrained suffix) for LPIPS, the VF teacher and
+# the discriminator: the full tokenizer objective at 32 px without pretrained weights.
+RANDOM_UNTRAINED_LOSS_NETS = dict(
+    lpips_backbone="random-untrained",
+    vf_teacher="vit_tiny_patch16_224",
+    vf_teacher_backbone="random-untrained",
+    vf_teacher_resolution=32,
+    vf_teacher_kwargs={"depth": 1},
+    disc_backbone_name="vit_tiny_patch16_224",
+    disc_backbone="random-untrained",
+    disc_resolution=32,
+    disc_feature_blocks=[0],
+    disc_backbone_kwargs={"depth": 1},
+    disc_virtual_batch=2,
+)
 NANO_TOKENIZER = [
     "tokenizer.encoder_size=nano",
     "tokenizer.decoder_size=nano",

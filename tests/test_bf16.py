@@ -4,6 +4,7 @@ losses, generator logits; SPEC "CNN decoder", NOTES #11, #14) really compute in 
 
 import pytest
 import torch
+from conftest import RANDOM_UNTRAINED_LOSS_NETS
 
 from models.generator import GPT, GeneratorConfig, sample
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
@@ -27,21 +28,7 @@ NANO = TokenizerConfig(
     vf_align="both",
     vf_feature_dim=192,
 )
-# Tiny random frozen networks (named random-untrained) for LPIPS, the VF teacher and the discriminator.
-FULL_LOSS_TINY = TokenizerLossConfig(
-    lpips_backbone="random-untrained",
-    vf_teacher="vit_tiny_patch16_224",
-    vf_teacher_backbone="random-untrained",
-    vf_teacher_resolution=32,
-    vf_teacher_kwargs={"depth": 1},
-    disc_backbone_name="vit_tiny_patch16_224",
-    disc_backbone="random-untrained",
-    disc_resolution=32,
-    disc_feature_blocks=[0],
-    disc_backbone_kwargs={"depth": 1},
-    disc_virtual_batch=2,
-    gan_start_step=0,
-)
+FULL_LOSS_TINY = TokenizerLossConfig(**RANDOM_UNTRAINED_LOSS_NETS, gan_start_step=0)
 
 
 def cast_params_like_deepspeed(module: torch.nn.Module) -> torch.nn.Module:

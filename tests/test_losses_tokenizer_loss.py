@@ -2,26 +2,13 @@
 
 import pytest
 import torch
+from conftest import RANDOM_UNTRAINED_LOSS_NETS
 from omegaconf import OmegaConf
 
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
 
 OFF = dict(lpips_weight=0.0, vf_weight=0.0, gan_weight=0.0)
-# Test-only tiny random networks (names logged with _random_untrained).
-TINY = dict(
-    lpips_backbone="random-untrained",
-    vf_teacher="vit_tiny_patch16_224",
-    vf_teacher_backbone="random-untrained",
-    vf_teacher_resolution=32,
-    vf_teacher_kwargs={"depth": 1},
-    disc_backbone_name="vit_tiny_patch16_224",
-    disc_backbone="random-untrained",
-    disc_resolution=32,
-    disc_feature_blocks=[0],
-    disc_backbone_kwargs={"depth": 1},
-    disc_virtual_batch=2,
-    gan_start_step=10,
-)
+TINY = dict(**RANDOM_UNTRAINED_LOSS_NETS, gan_start_step=10)
 
 
 def _batch(width=192, grid=4, seed=0):
