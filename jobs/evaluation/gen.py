@@ -23,7 +23,7 @@ from jobs.evaluation.generation import generate_samples, samples_url
 from jobs.evaluation.pool import get_pool
 from jobs.evaluation.reference import reference_for_gen, shard_activations
 from jobs.evaluation.sampling import SAMPLING_PROTOCOL, pick_device
-from jobs.metrics.adm import frechet_distance, inception_score, mean_cov, scores
+from jobs.metrics.adm import adm_frechet_distance, inception_score, mean_cov, scores
 
 
 def gen_metrics(
@@ -36,9 +36,9 @@ def gen_metrics(
     sfx = inception_suffix(kind, spec.get("weights", ""))  # never a random network's number as IS
     weight = get_pool(cfg).call("logits_weight", [(spec,)])[0] if kind == "inception" else None
     if ref["pool"] is None:  # statistics-only file: no precision/recall
-        s = {"fid": frechet_distance(*mean_cov(acts["pool"]), ref["stats"]["mu"], ref["stats"]["sigma"])}
+        s = {"fid": adm_frechet_distance(*mean_cov(acts["pool"]), ref["stats"]["mu"], ref["stats"]["sigma"])}
         if "spatial" in acts and ref["stats"].get("mu_s") is not None:
-            s["sfid"] = frechet_distance(
+            s["sfid"] = adm_frechet_distance(
                 *mean_cov(acts["spatial"]), ref["stats"]["mu_s"], ref["stats"]["sigma_s"]
             )
         if weight is not None:

@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.metrics.fid import gaussian_pair
+
 IS_SPLIT_SIZE = 5000  # ADM compute_inception_score
 K_NEAREST = 3  # ADM ManifoldEstimator nhood_sizes
 BLOCK = 10000  # ADM row/col batch size
-FID_EPS = 1e-6  # ADM frechet_distance retry offset
+FID_EPS = 1e-6  # ADM's frechet_distance retry offset
 
 
 # ---- Fréchet distance ------------------------------------------------------------------------------
@@ -50,20 +52,11 @@ def mean_cov(acts: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarr
     return mu, cov / (n - 1)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """ADM's FIDStatistics.frechet_distance (1 = samples, 2 = reference)."""
+def adm_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """ADM's FIDStatistics.frechet_distance (1 = samples, 2 = reference): scipy sqrtm, eps retry."""
     from scipy import linalg
 
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = (
-        np.atleast_2d(np.asarray(sigma1, np.float64)),
-        np.atleast_2d(np.asarray(sigma2, np.float64)),
-    )
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(
-            f"statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
-            f"vs {sigma2.shape} (different feature networks?)"
-        )
+    mu1, sigma1, mu2, sigma2 = gaussian_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # near-singular product: ADM retries with eps on the diagonals
@@ -176,13 +169,13 @@ def scores(
     ref_mu, ref_sigma = (
         (ref_stats["mu"], ref_stats["sigma"]) if ref_stats.get("mu") is not None else mean_cov(ref_pool)
     )
-    out["fid"] = frechet_distance(*mean_cov(sample_pool), ref_mu, ref_sigma)
+    out["fid"] = adm_frechet_distance(*mean_cov(sample_pool), ref_mu, ref_sigma)
     if sample_spatial is not None and (ref_spatial is not None or ref_stats.get("mu_s") is not None):
         ref_mu_s, ref_sigma_s = (
             (ref_stats["mu_s"], ref_stats["sigma_s"])
             if ref_stats.get("mu_s") is not None
             else mean_cov(ref_spatial)
         )
-        out["sfid"] = frechet_distance(*mean_cov(sample_spatial), ref_mu_s, ref_sigma_s)
+        out["sfid"] = adm_frechet_distance(*mean_cov(sample_spatial), ref_mu_s, ref_sigma_s)
     out["precision"], out["recall"] = precision_recall(ref_pool, sample_pool, device=device)
     return out

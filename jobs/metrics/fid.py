@@ -35,8 +35,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(eigvals, 0, None)).sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians N(mu1, S1) and N(mu2, S2), in float64."""
+def gaussian_pair(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> tuple[np.ndarray, ...]:
+    """The two Gaussians' statistics in float64, checked to agree in shape."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = (
         np.atleast_2d(np.asarray(sigma1, np.float64)),
@@ -47,6 +47,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"feature statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
             f"sigma {sigma1.shape} vs {sigma2.shape} (different feature networks?)"
         )
+    return mu1, sigma1, mu2, sigma2
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians N(mu1, S1) and N(mu2, S2), in float64 through a
+    symmetric eigendecomposition (the probe's FD; ADM's own sqrtm path is jobs.metrics.adm)."""
+    mu1, sigma1, mu2, sigma2 = gaussian_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
     return float(max(value, 0.0))  # round-off can make identical statistics slightly negative
