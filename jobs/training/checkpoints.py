@@ -170,6 +170,33 @@ class ExportSpec:
     build_model: Callable[[Any], torch.nn.Module]
     manifest_fields: Callable[[Any, Any], dict[str, Any]]  # (model, cfg) -> fields
 
+    def write_manifest(
+        self,
+        out: str,
+        stage: str,
+        fp: str,
+        model: torch.nn.Module,
+        cfg: Any,
+        hashes: dict,
+        steps_done: int,
+        **extra: Any,
+    ) -> dict:
+        """The complete manifest of an export written by write_export (training stage or `restok export`)."""
+        return write_manifest(
+            out,
+            stage,
+            fp,
+            complete=True,
+            steps_done=steps_done,
+            weights=f"{self.name}.safetensors",
+            weights_ema=f"{self.name}_ema.safetensors",
+            config=CONFIG_NAME,
+            sha256=hashes,
+            num_params=sum(p.numel() for p in model.parameters()),
+            **self.manifest_fields(model, cfg),
+            **extra,
+        )
+
 
 # Training stage -> its export (what jobs.training.stage, `restok export` and sweeps write).
 EXPORTABLE: dict[str, ExportSpec] = {
@@ -413,19 +440,14 @@ def export_checkpoint(
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     hashes = write_export(out, export_name, raw, ema, train_cfg)
-    fields = export.manifest_fields(model, train_cfg)
-    write_manifest(
+    export.write_manifest(
         out,
         stage,
         stage_fingerprint(train_cfg, stage),
-        complete=True,
-        steps_done=step,
-        weights=f"{export_name}.safetensors",
-        weights_ema=f"{export_name}_ema.safetensors",
-        config=CONFIG_NAME,
-        sha256=hashes,
-        num_params=sum(p.numel() for p in model.parameters()),
+        model,
+        train_cfg,
+        hashes,
+        step,
         source_checkpoint=ckpt,
-        **fields,
     )
     return out

@@ -84,18 +84,14 @@ def finish_training_stage(
             f"restok-{export.name}",
             ["last-trained", str(cfg.preset)],
         )
-    return write_manifest(
+    return export.write_manifest(
         stage_dir,
         spec.name,
         fp,
-        complete=True,
-        steps_done=steps_done,
-        weights=f"{export.name}.safetensors",
-        weights_ema=f"{export.name}_ema.safetensors",
-        config=CONFIG_NAME,
-        sha256=hashes,
-        num_params=sum(p.numel() for p in model.parameters()),
-        **export.manifest_fields(model, cfg),
+        model,
+        cfg,
+        hashes,
+        steps_done,
         final_metrics={
             k: float(v) for k, v in (result.metrics or reported).items() if isinstance(v, (int, float))
         },
