@@ -67,6 +67,10 @@ def one_line(exc: BaseException) -> str:
     exc = unwrap(exc)
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else repr(exc)
+    if "Original Traceback" in str(exc) and lines:
+        # torch's DataLoader re-raises a worker's error as "Caught X in DataLoader worker process
+        # N." + the worker's traceback: its last line is the error itself (e.g. the missing file).
+        text = lines[-1].split(": ", 1)[-1] if lines[-1].startswith(f"{type(exc).__name__}:") else text
     # Errors whose message already is the whole line (they say `one_line_message = True`).
     return text if getattr(exc, "one_line_message", False) else f"{type(exc).__name__}: {text}"
 

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from configs.loading import (
@@ -57,12 +57,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def captured(args: argparse.Namespace, cfg: Any) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def captured(args: argparse.Namespace, cfg: Any) -> Iterator[None]:
     """Full output to <work_dir>/logs/ (the terminal gets lines, bars and the summary), unless
-    --verbose."""
-    if getattr(args, "verbose", False):
-        return contextlib.nullcontext()
-    return console.log_to_file(console.log_path(str(cfg.work_dir), args.command))
+    --verbose. A Ray the command started is shut down inside the capture: its log monitor prints
+    the workers' last lines (and Ray's own chatter) when it stops, and they belong in the log."""
+    verbose = getattr(args, "verbose", False)
+    log = (
+        contextlib.nullcontext()
+        if verbose
+        else console.log_to_file(console.log_path(str(cfg.work_dir), args.command))
+    )
+    with log:
+        try:
+            yield
+        finally:
+            ray = sys.modules.get("ray")  # never imported here: most commands do not start Ray
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()
 
 
 # `restok eval ACTION` reads these stages' outputs (checked before anything starts).

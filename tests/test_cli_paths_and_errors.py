@@ -174,6 +174,26 @@ def test_a_stage_alone_from_another_cwd_finds_prep_and_bad_input_fails_once(tmp_
         "tokenizer_train.steps=3",
         "tokenizer_train.max_failures=3",
     )
-    line = assert_one_line_failure(done, 0.0, "restok train-tokenizer:", "FileNotFoundError", "full log:")
+    line = assert_one_line_failure(
+        done, 0.0, "restok train-tokenizer:", "FileNotFoundError", "/prep/train-", "full log:"
+    )
     log = open(line.rsplit("full log: ", 1)[1].rstrip(")")).read()
     assert "train-000000.tar" in log and "retry 1" not in log
+
+
+def test_a_dataloader_worker_error_is_told_by_its_own_last_line():
+    """torch re-raises a loader worker's error as "Caught X in DataLoader worker process N." plus the
+    worker's traceback; the one line is the worker's error (the missing file), not the wrapper."""
+    from torch._utils import ExceptionWrapper
+
+    from infra.console import one_line
+
+    try:
+        open("/nonexistent/restok/train-000000.tar")
+    except OSError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(FileNotFoundError) as info:
+        wrapped.reraise()
+    assert one_line(info.value) == (
+        "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/restok/train-000000.tar'"
+    )
