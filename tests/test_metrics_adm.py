@@ -154,3 +154,16 @@ def test_torchscript_path_gives_the_same_bias_free_logits_weight():
     scripted = torch.jit.script(Head())
     w = InceptionFeatures(scripted, torchscript=True).logits_weight()
     assert w.shape == (2048, 1008) and torch.equal(w, scripted.output.weight.T.contiguous())
+
+
+@pytest.mark.parametrize("n", [40, 600])
+def test_fid_trace_from_eigenvalues_equals_adm_sqrtm(n):
+    """The trace of sqrtm(sigma1 @ sigma2) from the product's eigenvalues equals ADM's scipy sqrtm
+    path, on singular statistics (fewer rows than dimensions: scipy warns) and on full-rank ones."""
+    from jobs.metrics.adm import adm_frechet_distance, mean_cov
+
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, 300)).astype(np.float32)
+    b = (0.5 * rng.standard_normal((n, 300)) + 0.3).astype(np.float32)
+    ours = adm_frechet_distance(*mean_cov(a), *mean_cov(b))
+    assert ours == pytest.approx(adm_fid(a, b), rel=1e-9)

@@ -2,9 +2,9 @@
 
 Definitions of openai/guided-diffusion `evaluations/evaluator.py` (Dhariwal & Nichol 2021), written
 here from those definitions for numpy activations:
-  * FID / sFID: Fréchet distance of float64 means and covariances (np.cov, N - 1), the product
-    square root by `scipy.linalg.sqrtm(sigma_sample @ sigma_ref)`, retried with 1e-6 on the
-    diagonals when not finite, real part kept; reference `mu`/`sigma` (`mu_s`/`sigma_s`) from the
+  * FID / sFID: Fréchet distance of float64 means and covariances (np.cov, N - 1), the trace of
+    the product's square root `scipy.linalg.sqrtm(sigma_sample @ sigma_ref)` (real part kept;
+    here from the product's eigenvalues, the same trace); reference `mu`/`sigma` (`mu_s`/`sigma_s`) from the
     reference file are used instead of its activations when present (ADM's read_statistics).
   * Inception Score: softmax(pool @ W) with the bias-free 2048 x 1008 `softmax/logits/MatMul`
     weight, over consecutive splits of 5,000 rows **in the order given** (the last split may be
@@ -19,7 +19,6 @@ here from those definitions for numpy activations:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,6 @@ from jobs.metrics.fid import gaussian_pair
 IS_SPLIT_SIZE = 5000  # ADM compute_inception_score
 K_NEAREST = 3  # ADM ManifoldEstimator nhood_sizes
 BLOCK = 10000  # ADM row/col batch size
-FID_EPS = 1e-6  # ADM's frechet_distance retry offset
 
 
 # ---- Fréchet distance ------------------------------------------------------------------------------
@@ -53,21 +51,27 @@ def mean_cov(acts: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarr
 
 
 def adm_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """ADM's FIDStatistics.frechet_distance (1 = samples, 2 = reference): scipy sqrtm, eps retry."""
+    """ADM's FIDStatistics.frechet_distance (1 = samples, 2 = reference).
+
+    ADM takes trace(sqrtm(sigma1 @ sigma2)) with scipy's Schur-based sqrtm and keeps its real part.
+    The trace of the principal square root is the sum of the square roots of the product's
+    eigenvalues, so it is computed from `scipy.linalg.eigvals` instead: the same number (to 1e-12
+    relative on 2048-d Inception statistics, singular ones included; tests/test_metrics_adm.py
+    checks it against the sqrtm transcription) in a quarter of the time (3.5 s vs 15 s on one
+    core at 2048 x 2048, and a gen evaluation takes two: FID and sFID). ADM's eps retry is for a
+    non-finite sqrtm, which eigenvalues of finite matrices never are; its imaginary-part check
+    becomes one on the summed roots."""
     from scipy import linalg
 
     mu1, sigma1, mu2, sigma2 = gaussian_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # near-singular product: ADM retries with eps on the diagonals
-        warnings.warn(f"FID: singular covariance product; adding {FID_EPS} to the diagonals", stacklevel=2)
-        offset = np.eye(len(sigma1)) * FID_EPS
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise ValueError("FID: covariance with non-finite entries")
+    roots = np.sqrt(linalg.eigvals(sigma1 @ sigma2).astype(np.complex128))
+    tr_covmean = roots.sum()
+    if not np.isclose(tr_covmean.imag, 0, atol=1e-3 * max(1.0, abs(tr_covmean.real))):
+        raise ValueError(f"FID: imaginary component {tr_covmean.imag} in the product's square root")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean.real)
 
 
 # ---- Inception Score -------------------------------------------------------------------------------
