@@ -92,6 +92,10 @@ def connect_ray(cfg: Any) -> bool:
         return False
     address = str(cfg.cluster.address)
     if address == "local":
+        # Ray Train's PreemptionWatcher (one actor per training stage) polls Ray Core for nodes being
+        # drained (autoscaler, spot); a single local node is never drained, so it is not started
+        # (the driver's setting reaches the Train controller: ray.train.v2 ENV_VARS_TO_PROPAGATE).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
         needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
         ray.init(
