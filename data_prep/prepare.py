@@ -45,6 +45,7 @@ from data_prep.sources import make_source
 from infra import manifest as manifest_lib
 from infra import paths, storage
 from infra.console import progress
+from infra.ray_connect import connect_ray
 from infra.stages import stage_fingerprint
 from infra.tracking import log_metrics
 
@@ -132,11 +133,7 @@ def remove_outside_plan(shards_url: str, splits: Iterable[str], planned: set[str
 def _ray_executor(cfg: Any) -> Callable:
     import ray
 
-    if not ray.is_initialized():
-        address = str(cfg.cluster.address)
-        # A fresh local instance needs no dashboard; a cluster keeps its own settings.
-        extra = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, ignore_reinit_error=True, **extra)
+    connect_ray(cfg)
     task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
 
     def execute(source: Any, jobs: list[ShardJob], limit: int, on_done: Callable[[dict], None]) -> None:

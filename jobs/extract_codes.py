@@ -35,10 +35,10 @@ from infra.manifest import (
     require_complete,
     write_manifest,
 )
+from infra.ray_connect import connect_ray
 from infra.shards import read_samples
 from infra.stages import stage_fingerprint
 from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
-from jobs.training.ray_training import ensure_ray
 
 STAGE = "extract_codes"
 NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
@@ -242,7 +242,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
 
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         if todo:
-            ensure_ray(cfg)
+            connect_ray(cfg)
             use_gpu = bool(cfg.cluster.use_gpu)
             actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(CodeExtractor)
             exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from data_prep.sources import check_source
 from infra import console, paths, storage, tracking
 from infra import manifest as manifests
 from infra.console import say
+from infra.ray_connect import connect_ray
 from infra.stages import STAGE_ORDER, UPSTREAM, StageRun, stage_fingerprint
 from pipeline import locks
 
@@ -75,39 +75,6 @@ class StageResult:
 
 class PipelineError(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------- Ray
-
-
-def connect_ray(cfg: Any) -> bool:
-    """Start or connect to Ray per cluster.address; True when this call started/connected it.
-
-    "local" starts a single-node Ray in this process (the CPU default); "auto" joins the cluster
-    this process runs on (a Ray Job's driver); "ray://host:10001" goes through Ray Client.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = str(cfg.cluster.address)
-    if address == "local":
-        # Ray Train's PreemptionWatcher (one actor per training stage) polls Ray Core for nodes being
-        # drained (autoscaler, spot); a single local node is never drained, so it is not started
-        # (the driver's setting reaches the Train controller: ray.train.v2 ENV_VARS_TO_PROPAGATE).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
-        needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, needed),
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level="WARNING",
-        )
-    else:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
-    return True
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -33,13 +33,13 @@ from configs.loading import from_yaml_text, to_yaml
 from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
+from infra.ray_connect import connect_ray
 from infra.stages import stage_fingerprint
 from jobs import evaluate, extract_codes, train_generator
 from jobs.evaluation.features import distance_name, resolved_feature_spec
 from jobs.evaluation.pool import close_pool, shared_pool
 from jobs.evaluation.reference import reference_for_gen
 from jobs.training import checkpoints as ckpts
-from jobs.training.ray_training import ensure_ray
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
 AXIS_LABELS = {
@@ -285,7 +285,7 @@ def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dic
         return [run_chain(child, parent, stages) for child in children]
     import ray
 
-    ensure_ray(cfg)
+    connect_ray(cfg)
     close_pool(force=True)  # the chains' tasks make their own pools: free the driver's CPUs
     # num_cpus=0: the task only orchestrates; its stages ask Ray for their own workers.
     remote = ray.remote(num_cpus=0, max_retries=0)(run_chain)

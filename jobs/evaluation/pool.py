@@ -16,12 +16,12 @@ import torch
 from configs.schema import RestokConfig
 from infra.image_shards import image_batches
 from infra.node_loss import actor_node, lost_with_its_node, start_actor
+from infra.ray_connect import connect_ray
 from jobs.evaluation.features import FeatureSet, load_features
 from jobs.evaluation.sampling import pick_device, sample_shards
 from jobs.metrics.fid import read_npz_rows
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.training.checkpoints import load_generator, load_tokenizer
-from jobs.training.ray_training import ensure_ray
 from models.losses.codebook_stats import CodebookStats
 from models.losses.perceptual import LPIPS, VGG16_FILE, torchvision_vgg16_cache_path
 
@@ -226,7 +226,7 @@ class EvalPool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        ensure_ray(cfg)
+        connect_ray(cfg)
         use_gpu = bool(cfg.cluster.use_gpu)
         gpus = actor_gpus(cfg)
         self.group = placement_group(

@@ -35,6 +35,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
+from infra.ray_connect import connect_ray
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -102,22 +103,6 @@ def preemptible_torch_config() -> Any:
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def ensure_ray(cfg: Any) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = str(cfg.cluster.address)
-        # "local" must start a new instance: address=None would join any `ray start` cluster on the host.
-        ray.init(
-            address=address,
-            **(
-                {"num_cpus": max(2, int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker))}
-                if address == "local"
-                else {}
-            ),
-        )
-
-
 def experiment_name(cfg: Any, stage: str) -> str:
     """`resume: auto` reuses the experiment directory of the same stage fingerprint (resuming
     from its newest complete checkpoint); `never` starts a fresh one."""
@@ -218,7 +203,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(cfg)
+    connect_ray(cfg)
     # Ray Train gives a worker group 60 s to start; importing torch + DeepSpeed on a loaded CPU
     # box (or pulling images on a cluster) can take longer, and that timeout fails the run.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
