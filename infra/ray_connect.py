@@ -8,7 +8,13 @@ cluster keeps its own settings; a local instance is started lean (no dashboard, 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+# Where Ray's state API clients (ray.util.state) look first (ray.dashboard.utils).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def connect_ray(cfg: Any) -> bool:
@@ -27,18 +33,47 @@ def connect_ray(cfg: Any) -> bool:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
     needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
-    ray.init(
-        # "local" must start a new instance: address=None would join any `ray start` cluster on the host.
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, needed),
-        # No dashboard: ~1-3 s and three processes less per start on 2 cores (its module subprocess,
-        # head and agent). Without it Ray Train's PlacementGroupCleaner cannot query the state API
-        # and just keeps monitoring (ray.train.v2 placement_group_cleaner: RayStateApiException).
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
+    # No dashboard: ~1-3 s and three processes less per start on 2 cores. Ray Train's
+    # PlacementGroupCleaner still asks "the" state API whether the Train controller lives, and Ray
+    # finds it through the newest Ray instance on the host and its advertised dashboard address
+    # (127.0.0.1:8265 by default, even with no dashboard): another instance's dashboard, e.g. a
+    # `ray start` cluster's, answers "no such actor" and the cleaner removes a live run's placement
+    # group. So this instance advertises a port of its own with nothing behind it, and its processes
+    # (the raylet's children inherit the driver's environment at start) ask only there: the query
+    # fails and the cleaner keeps monitoring (ray.train.v2 placement_group_cleaner).
+    port = free_port()
+    with environ_set(API_SERVER_ENV, f"http://127.0.0.1:{port}"):
+        ray.init(
+            # "local" starts a new instance: address=None would join a `ray start` cluster on the host.
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            dashboard_port=port,
+            log_to_driver=True,
+            logging_level="WARNING",
+        )
     return True
 
 
-__all__ = ["connect_ray"]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def environ_set(key: str, value: str) -> Iterator[None]:
+    """`key=value` in this process only while Ray starts (a later `restok submit` from the same
+    process must not be redirected: Ray's job client prefers this variable to its address)."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+__all__ = ["API_SERVER_ENV", "connect_ray", "environ_set", "free_port"]

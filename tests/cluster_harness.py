@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from infra.ray_connect import API_SERVER_ENV, environ_set, free_port
+
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024 * 1024}
 HEAD_ARGS = {"num_cpus": 0, "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False}
 
@@ -35,8 +37,14 @@ class SimCluster:
         # The raylets inherit this: Ray's memory monitor would kill our workers when other jobs on
         # this shared machine fill its memory (the faults under test are ours to inject).
         os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(HEAD_ARGS))
-        self.nodes = [self.cluster.add_node(**NODE_ARGS) for _ in range(workers)]
+        # As infra.ray_connect does for a local instance: no dashboard, so its processes (the raylets'
+        # children) ask a state-API address of their own (nothing there), never another Ray
+        # instance's on this host.
+        port = free_port()
+        self.api = f"http://127.0.0.1:{port}"
+        with environ_set(API_SERVER_ENV, self.api):
+            self.cluster = Cluster(initialize_head=True, head_node_args={**HEAD_ARGS, "dashboard_port": port})
+            self.nodes = [self.cluster.add_node(**NODE_ARGS) for _ in range(workers)]
         self.cluster.wait_for_nodes()
 
     @property
@@ -65,7 +73,8 @@ class SimCluster:
         self.nodes.remove(node)
 
     def add(self):
-        node = self.cluster.add_node(**NODE_ARGS)
+        with environ_set(API_SERVER_ENV, self.api):
+            node = self.cluster.add_node(**NODE_ARGS)
         self.nodes.append(node)
         return node
 

@@ -19,6 +19,7 @@ import torch
 from configs.loading import load_config
 from infra import paths
 from infra.manifest import write_manifest
+from infra.ray_connect import connect_ray
 from infra.stages import stage_fingerprint
 from jobs.training import checkpoints
 from models.tokenizer import ResTok
@@ -88,8 +89,7 @@ def write_tokenizer_export(cfg, seed=None, stage_dir=None):
 
 
 # Tests that start a Ray instance (slow-marked ones, and those using a local-Ray fixture) run one at
-# a time in one xdist process: two Ray instances on one host confuse Ray's address auto-detection
-# (Ray Train's placement-group cleaner queries "the latest cluster", which may be the other one).
+# a time in one xdist process (the "ray" group).
 RAY_FIXTURES = {"ray_local", "local_ray"}
 
 
@@ -106,10 +106,16 @@ def ray_local():
 
     from jobs.evaluation.pool import close_pool
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     close_pool()
     ray.shutdown()
+
+
+def start_local_ray() -> bool:
+    """A local Ray started as the product starts one (infra.ray_connect: no dashboard, a state-API
+    address of its own); False if one was already up."""
+    return connect_ray(load_config(None, []))
 
 
 class S3RequestLog:

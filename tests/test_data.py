@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import start_local_ray
 from PIL import Image
 from recipe_helpers import write_imagenet_tars
 
@@ -36,9 +37,7 @@ WNIDS = ["n01440764", "n01443537", "n01484850"]
 def ray_local():
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = start_local_ray()
     yield
     if started:
         ray.shutdown()

@@ -6,9 +6,11 @@ complete manifest) in milliseconds. The real stages run end to end in tests/test
 Ray and MLflow are real (a local Ray started once for the module, a sqlite store).
 """
 
+import os
 import time
 
 import pytest
+from conftest import start_local_ray
 
 from configs.loading import load_config
 from infra import manifest as manifests
@@ -57,7 +59,7 @@ def stand_ins(calls, fail=()):
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -226,3 +228,35 @@ def test_key_metrics_and_table():
     lines = table.splitlines()
     assert lines[0].split() == ["stage", "status", "time", "key", "metrics"]
     assert "n=3" in lines[2] and lines[3].split()[:3] == ["evaluate", "not", "run"]
+
+
+def test_a_local_ray_asks_only_its_own_state_api(local_ray):
+    """Ray Train's placement-group cleaner asks the state API whether the Train controller lives; on
+    a host with another Ray instance (a `ray start` cluster, another run) Ray's lookup would reach
+    that one's dashboard, hear "no such actor" and remove a live run's placement group. A local
+    instance's processes ask the address it advertises, where nothing answers; the driver's own
+    environment is left as it was."""
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    from infra.ray_connect import API_SERVER_ENV
+
+    @ray.remote(num_cpus=0)
+    def ask_state_api():
+        from ray.util.state import get_actor
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            get_actor("ab" * 16, timeout=3)
+            return os.environ.get(API_SERVER_ENV), "answered"
+        except RayStateApiException as exc:
+            return os.environ.get(API_SERVER_ENV), type(exc).__name__
+
+    advertised = internal_kv._internal_kv_get(
+        ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
+    ).decode()
+    asked, outcome = ray.get(ask_state_api.remote())
+    assert asked == f"http://{advertised}" and advertised != "127.0.0.1:8265"
+    assert outcome == "ServerUnavailable"
+    assert API_SERVER_ENV not in os.environ

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import start_local_ray
 from recipe_helpers import write_imagenet_folder, write_imagenet_tars
 
 from configs.loading import load_config
@@ -40,7 +41,7 @@ def ray_s3(s3_endpoint):
     """A local Ray started after the endpoint's environment is set (its workers inherit it)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 
