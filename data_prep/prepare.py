@@ -46,7 +46,7 @@ from infra import manifest as manifest_lib
 from infra import paths, storage
 from infra.console import progress
 from infra.ray_connect import connect_ray
-from infra.stages import stage_fingerprint
+from infra.stages import discarded_line, stage_fingerprint
 from infra.tracking import log_metrics
 
 STAGE = "prep"
@@ -280,12 +280,8 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             storage.remove(job.done_url)
             storage.remove(job.url)
     if discarded:
-        print(
-            f"prep: discarded {sum(discarded.values())} of {len(jobs)} shards: "
-            + ", ".join(f"{n} {STALE_REASONS[r]}" for r, n in discarded.items())
-            + f" (now fingerprint {fingerprint})",
-            flush=True,
-        )
+        line = discarded_line("prep", discarded, len(jobs), "shards", STALE_REASONS)
+        print(f"{line} (now fingerprint {fingerprint})", flush=True)
     print(
         f"prep: {source.name} -> {shards_url}: {len(jobs)} shards planned, {len(records)} already complete, "
         f"{len(todo)} to write; removed {stale} temporaries and {len(outside)} files outside the plan",

@@ -7,6 +7,7 @@ fingerprint, and a change upstream (say the tokenizer's config) invalidates ever
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from configs.schema import STAGE_NAMES, RestokConfig
@@ -90,3 +91,12 @@ def stage_fingerprint(cfg: RestokConfig, stage: str) -> str:
         raise KeyError(f"unknown stage {stage!r}; valid: {list(STAGE_ORDER)}")
     inputs = {up: stage_fingerprint(cfg, up) for up in UPSTREAM[stage]}
     return fingerprint(config_subtree(cfg, list(CONFIG_KEYS[stage])), inputs)
+
+
+def discarded_line(
+    stage: str, discarded: Mapping[str, int], total: int, unit: str, reasons: Mapping[str, str]
+) -> str:
+    """The one line a stage prints when its resume drops partial outputs of another producer:
+    how many of `total` `unit`, counted by reason (the first identity field that differed)."""
+    counts = ", ".join(f"{n} {reasons.get(r, r)}" for r, n in discarded.items())
+    return f"{stage}: discarded {sum(discarded.values())} of {total} {unit}: {counts}"

@@ -37,7 +37,7 @@ from infra.manifest import (
 )
 from infra.ray_connect import connect_ray
 from infra.shards import read_samples
-from infra.stages import stage_fingerprint
+from infra.stages import discarded_line, stage_fingerprint
 from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
 
 STAGE = "extract_codes"
@@ -228,12 +228,8 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             jobs.append((split, name, url, storage.join(stage_dir, name), identity))
     todo, discarded = discard_stale(stage_dir, jobs)
     if discarded:
-        print(
-            f"[{STAGE}] discarded {sum(discarded.values())} of {len(jobs)} code shards: "
-            + ", ".join(f"{n} {STALE_REASONS.get(r, r)}" for r, n in discarded.items())
-            + f" (now fingerprint {fp}, tokenizer sha256 {tokenizer_sha[:12]})",
-            flush=True,
-        )
+        line = discarded_line(f"[{STAGE}]", discarded, len(jobs), "code shards", STALE_REASONS)
+        print(f"{line} (now fingerprint {fp}, tokenizer sha256 {tokenizer_sha[:12]})", flush=True)
     print(
         f"[{STAGE}] {len(jobs)} shards, {len(jobs) - len(todo)} already done; tokenizer "
         f"{weights} sha256 {tokenizer_sha[:12]}",

@@ -2,32 +2,20 @@
 they run forward and backward, and the regions the release keeps in fp32 (quantizer, pixel decoder,
 losses, generator logits; SPEC "CNN decoder", NOTES #11, #14) really compute in fp32 inside."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import RANDOM_UNTRAINED_LOSS_NETS
 
 from models.generator import GPT, GeneratorConfig, sample
 from models.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
-from models.tokenizer import ResTok, TokenizerConfig
+from models.tokenizer import ResTok, tokenizer_config_for
 from models.tokenizer.pixel_cnn import Fp32Conv2d, Fp32GroupNorm
 
 BF16 = torch.bfloat16
 # The default preset's nano ResTok (32 px, 16 tokens, S = 2) with both VF heads.
-NANO = TokenizerConfig(
-    encoder_size="nano",
-    decoder_size="nano",
-    image_size=32,
-    pixel_channels=16,
-    channel_mult=[1, 2, 2],
-    num_res_blocks=1,
-    z_channels=32,
-    cnn_norm_groups=8,
-    levels=[1, 1, 2, 4, 8],
-    codebook_size=64,
-    num_scales=2,
-    vf_align="both",
-    vf_feature_dim=192,
-)
+NANO = replace(tokenizer_config_for("cpu-nano"), codebook_size=64, vf_align="both", vf_feature_dim=192)
 FULL_LOSS_TINY = TokenizerLossConfig(**RANDOM_UNTRAINED_LOSS_NETS, gan_start_step=0)
 
 
