@@ -5,6 +5,9 @@ Test modules import the plain helpers (`from conftest import nano_cfg, ...`: pyt
 the path) and request the fixtures by name."""
 
 import os
+import shutil
+import subprocess
+import sys
 
 # Two cores shared by every process a test starts (DEVELOPERS.md "Known traps"); set before torch
 # is imported (it reads OMP_NUM_THREADS then), hence the imports below this block.
@@ -86,6 +89,28 @@ def write_tokenizer_export(cfg, seed=None, stage_dir=None):
         num_tokens=int(tok.num_tokens),
     )
     return tok
+
+
+# The installed console script next to this interpreter (what a user types).
+RESTOK = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
+# The recipe preset reads these through ${oc.env:...} (pipeline.submit.FORWARDED_ENV): a user's
+# own settings must not leak into a test's run.
+SITE_ENV = ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI")
+
+
+def run_restok(*argv: str, cwd, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`restok ARGV` in `cwd` as a user runs it (one OpenMP thread per process: 2 cores), output
+    captured."""
+    base = {k: v for k, v in os.environ.items() if k not in SITE_ENV}
+    return subprocess.run(
+        [RESTOK, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+        check=False,
+    )
 
 
 # Tests that start a Ray instance (slow-marked ones, and those using a local-Ray fixture) run one at

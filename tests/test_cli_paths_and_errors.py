@@ -3,16 +3,13 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import run_restok
 
 from configs.loading import load_config, path_keys
 
-RESTOK = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok"
 TINY_DATA = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=1", "data.prep_tasks=1"]
 TINY_TOKENIZER = [
     "tokenizer_train.steps=2",
@@ -25,14 +22,7 @@ TINY_TOKENIZER = [
 
 def restok(cwd, *argv, timeout=900):
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [RESTOK, *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_restok(*argv, cwd=cwd, timeout=timeout)
     return done, time.perf_counter() - t0
 
 

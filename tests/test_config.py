@@ -1,9 +1,7 @@
 """The typed schema: every preset loads, overrides apply, bad keys and values fail clearly."""
 
-import subprocess
-import sys
-
 import pytest
+from conftest import run_restok
 
 from configs.loading import ConfigError, list_presets, load_config
 
@@ -54,16 +52,8 @@ def test_preset_yaml_unknown_key_names_file(tmp_path):
     assert "bad.yaml" in str(err.value) and "source" in str(err.value)
 
 
-def test_cli_config_show_prints_resolved_and_rejects_bad_key():
-    ok = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "config", "show", "default", "seed=3"],
-        capture_output=True,
-        text=True,
-    )
+def test_cli_config_show_prints_resolved_and_rejects_bad_key(tmp_path):
+    ok = run_restok("config", "show", "default", "seed=3", cwd=tmp_path)
     assert ok.returncode == 0 and "seed: 3" in ok.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "config", "show", "default", "sed=3"],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_restok("config", "show", "default", "sed=3", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown config key 'sed'" in bad.stderr

@@ -9,13 +9,12 @@ shrinking, in-process on the bf16-cast models.
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_restok
 from recipe_helpers import (
     GAN_START,
     RECIPE_STEPS,
@@ -67,17 +66,7 @@ def fake_imagenet(tmp_path_factory):
 
 
 def restok_run(preset: str, overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for key in ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", preset, *overrides],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
+    return run_restok("run", preset, *overrides, cwd=cwd, timeout=1200)
 
 
 @pytest.mark.timeout(1200)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import start_local_ray
+from conftest import run_restok, start_local_ray
 from recipe_helpers import write_imagenet_folder, write_imagenet_tars
 
 from configs.loading import load_config
@@ -349,18 +349,7 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
 
 
 def restok(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=900,
-        check=False,
-    )
+    return run_restok(*argv, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

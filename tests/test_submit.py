@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_restok
 
 from infra.manifest import read_manifest
 from pipeline import submit
@@ -59,15 +60,7 @@ def _free_port():
 
 def _restok(*args, timeout=600):
     # A pinned code version keeps the submission id stable while the tree is being edited.
-    env = {**os.environ, "RESTOK_CODE_VERSION": "test-submit"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_restok(*args, cwd=ROOT, env={"RESTOK_CODE_VERSION": "test-submit"}, timeout=timeout)
 
 
 @pytest.fixture
