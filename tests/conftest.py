@@ -113,17 +113,6 @@ def run_restok(*argv: str, cwd, env: dict | None = None, timeout: float = 900) -
     )
 
 
-# Tests that start a Ray instance (slow-marked ones, and those using a local-Ray fixture) run one at
-# a time in one xdist process (the "ray" group).
-RAY_FIXTURES = {"ray_local", "local_ray"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("slow") or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for one test module (and the evaluation actor pool it starts, closed after)."""

@@ -6,6 +6,7 @@ machine (other test sessions), so the test never calls it.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,13 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+from cluster_harness import markers, wait_for
 from conftest import run_restok
 
+from configs.loading import load_config
+from infra import paths, tracking
 from infra.manifest import read_manifest
+from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 from pipeline import submit
 
 ROOT = Path(__file__).resolve().parents[1]
+PACE_S = 1.0
+SMALL_DATA = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=2", "data.prep_tasks=1"]
 
 
 def test_submission_id_is_deterministic_and_names_the_preset():
@@ -63,9 +71,12 @@ def _restok(*args, timeout=600):
     return run_restok(*args, cwd=ROOT, env={"RESTOK_CODE_VERSION": "test-submit"}, timeout=timeout)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with the Jobs dashboard; yields its http address."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1 with the Jobs dashboard, shared by the module's tests; yields its
+    http address. Its processes (so every job's Train workers) sleep PACE_S per training step, so a
+    test can act between two checkpoints however fast the machine is."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     dashboard = _free_port()
     temp_dir = f"/tmp/rtest{os.getpid()}_{dashboard}"  # short: unix socket paths are limited
@@ -96,6 +107,7 @@ def ray_head(tmp_path):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        TEST_STEP_SLEEP_ENV: str(PACE_S),
         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
     }
     head = subprocess.Popen(
@@ -136,13 +148,7 @@ def ray_head(tmp_path):
 @pytest.mark.timeout(900)
 def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head, tmp_path):
     work = tmp_path / "work"
-    items = [
-        "default",
-        f"work_dir={work}",
-        "data.synthetic.train_per_class=4",
-        "data.synthetic.val_per_class=2",
-        "data.prep_tasks=1",
-    ]
+    items = ["default", f"work_dir={work}", *SMALL_DATA]
     done = _restok("submit", *items, "--stage", "prep", "--address", ray_head)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     job_id = submit.submission_id("default", items[1:], "prep", "test-submit")
@@ -174,3 +180,60 @@ def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head,
 
     missing = _restok("status", "restok-no-such-job", "--address", ray_head)
     assert missing.returncode == 2 and "restok status:" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tmp_path):
+    """Issue 17, Deliver 5 through Ray Jobs: the job's driver SIGKILLed between two tokenizer
+    checkpoints (its Ray job ends with it: FAILED); the same `restok submit` again gets the next
+    id, takes over the dead driver's stage lock and resumes from the newest complete checkpoint,
+    with one MLflow run holding each step once."""
+    work = tmp_path / "work"
+    items = ["default", f"work_dir={work}", *SMALL_DATA]
+    assert _restok("submit", *items, "--stage", "prep", "--address", ray_head).returncode == 0
+    steps, every = 12, 4
+    train = [
+        *items,
+        f"tokenizer_train.steps={steps}",
+        f"tokenizer_train.checkpoint_every={every}",
+        "tokenizer_train.log_every=1",
+        "tokenizer_train.image_log_every=0",
+    ]
+    first = _restok("submit", *train, "--stage", "train_tokenizer", "--no-wait", "--address", ray_head)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    job_id = submit.submission_id("default", train[1:], "train_tokenizer", "test-submit")
+    client = submit._client(ray_head)
+    wait_for(lambda: every in markers(work / "ray"), 400, f"the checkpoint at step {every}")
+
+    def job_driver():
+        """The Python driver itself (Ray Jobs starts it through a shell, whose one argument
+        contains the whole command: killing that shell would leave the driver running)."""
+        for proc in psutil.process_iter(["cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if "pipeline.cli" in argv and f"work_dir={work}" in argv:
+                return proc
+        return None
+
+    driver = wait_for(job_driver, 30, "the job's driver process")
+    driver.kill()  # SIGKILL: no handler runs, the lock and the MLflow run are left as they were
+    wait_for(lambda: str(client.get_job_status(job_id).value) == "FAILED", 120, "the job to fail")
+
+    again = _restok("submit", *train, "--stage", "train_tokenizer", "--address", ray_head)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert f"submitted {job_id}-r2 " in again.stdout and f"job {job_id}-r2: SUCCEEDED" in again.stdout
+    log = re.search(r"full log: (\S+)", again.stdout).group(1)
+    text = Path(log).read_text()
+    assert "took over a stale lock" in text, text[-3000:]
+    # One resume (the worker's line may reach the log twice: its own output and Ray's copy).
+    resumed = {int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", text)}
+    assert len(resumed) == 1 and min(resumed) >= every and min(resumed) % every == 0, text[-3000:]
+
+    cfg = load_config("default", train[1:])
+    store = tracking.client_for(paths.tracking_uri(cfg))
+    exp = store.get_experiment_by_name(cfg.tracking.experiment)
+    runs = store.search_runs([exp.experiment_id], "tags.`restok.stage` = 'train_tokenizer'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    history = store.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(steps))  # each step once
+    assert read_manifest(str(work / "train_tokenizer"))["steps_done"] == steps
