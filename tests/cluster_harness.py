@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,12 @@ def markers(root: Path) -> dict[int, str]:
         with open(marker) as fh:
             out[json.load(fh)["step"]] = os.path.dirname(marker)
     return out
+
+
+def resumed_at(text: str) -> set[int]:
+    """Steps train_tokenizer resumed at, from a run's full log (a worker's line may appear twice
+    there: its own output and Ray's copy)."""
+    return {int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", text)}
 
 
 def wait_for(

@@ -22,6 +22,7 @@ from cluster_harness import (
     finish,
     markers,
     restok,
+    resumed_at,
     wait_for,
 )
 
@@ -154,10 +155,6 @@ def _json(path):
     return json.loads(_text(path))
 
 
-def _resumed_at(text):
-    return {int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", text)}
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, prepped, tmp_path):
@@ -201,7 +198,7 @@ def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, pr
     assert finish(rerun, 600) == 0, rerun_log.read_text()[-4000:]
     text = run.full_log(rerun_log)
     assert f"took over a stale lock (driver {lock['driver']} is dead)" in text
-    resumed = _resumed_at(text)
+    resumed = resumed_at(text)
     assert len(resumed) == 1, text[-4000:]
     resume_step = resumed.pop()
     recomputed = max(before) + 1 - resume_step
@@ -250,7 +247,7 @@ def test_sigterm_to_a_train_worker_checkpoints_now_and_rerun_recomputes_nothing(
 
     rerun, rerun_log = run.start("rerun.log", pace_s=0)
     assert finish(rerun, 600) == 0, rerun_log.read_text()[-4000:]
-    assert _resumed_at(run.full_log(rerun_log)) == {step}
+    assert resumed_at(run.full_log(rerun_log)) == {step}
     run.check_one_run_each_step_once(run_id)
     RESULTS["preemption notice (SIGTERM)"] = {
         "steps_recomputed": max(before) + 1 - step,
@@ -286,7 +283,7 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
     assert re.search(r"\[train_tokenizer\] worker lost \(.*\); retry 1 from the latest checkpoint", text), (
         text[-4000:]
     )
-    resumed = _resumed_at(text)
+    resumed = resumed_at(text)
     assert len(resumed) == 1
     resume_step = resumed.pop()
     assert resume_step >= newest
@@ -501,7 +498,7 @@ def test_resized_world_resumes_through_the_universal_checkpoint(sim, prepped, tm
     assert finish(proc, 600) == 0, (run.base / "resized.log").read_text()[-4000:]
     text = run.full_log(run.base / "resized.log")
     assert "resuming a 2-worker checkpoint on 1 workers through DeepSpeed's universal checkpoint" in text
-    assert _resumed_at(text) == {stopped}
+    assert resumed_at(text) == {stopped}
     run.check_one_run_each_step_once(run_id)
     loss = {m.step: m.value for m in run.client.get_metric_history(run_id, "loss")}
     assert loss.items() >= before.items()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_harness import markers, wait_for
+from cluster_harness import markers, resumed_at, wait_for
 from conftest import run_restok
 
 from configs.loading import load_config
@@ -225,8 +225,7 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
     log = re.search(r"full log: (\S+)", again.stdout).group(1)
     text = Path(log).read_text()
     assert "took over a stale lock" in text, text[-3000:]
-    # One resume (the worker's line may reach the log twice: its own output and Ray's copy).
-    resumed = {int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", text)}
+    resumed = resumed_at(text)
     assert len(resumed) == 1 and min(resumed) >= every and min(resumed) % every == 0, text[-3000:]
 
     cfg = load_config("default", train[1:])
