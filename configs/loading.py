@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -24,6 +25,24 @@ from omegaconf.errors import (
 from configs.schema import RestokConfig, SamplerConfig
 from models.generator.gpt import GPT
 from models.tokenizer.restok import ResTok
+
+# In-place random fills, skipped when a model is built only for its shapes.
+_RANDOM_FILLS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("normal_", "uniform_", "bernoulli_", "exponential_", "log_normal_", "random_")
+)
+
+
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Weight initialisation skipped (torch.nn.init and in-place random fills return their tensor
+    unchanged): on the meta device `nn.init.normal_` runs torch._refs, whose first call imports
+    torch._dynamo, ~1 s of every command's start for values nobody reads."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in _RANDOM_FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -198,13 +217,12 @@ def validate(cfg: Any) -> None:
 
 
 def check_models_build(cfg: Any) -> None:
-    """Build both models on the meta device (no memory, milliseconds): a config that cannot be
-    built fails here with one line, not inside Ray Train workers after the cluster started."""
-    import torch
-
+    """Build both models on the meta device, weights not initialised (no memory, milliseconds): a
+    config that cannot be built fails here with one line, not inside Ray Train workers after the
+    cluster started."""
     for section, build in (("tokenizer", ResTok), ("generator", GPT)):
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _ShapesOnly():
                 build(OmegaConf.to_object(cfg[section]))
         except Exception as exc:  # any constructor error is a config error here
             raise ConfigError(

@@ -1,5 +1,8 @@
 """The typed schema: every preset loads, overrides apply, bad keys and values fail clearly."""
 
+import subprocess
+import sys
+
 import pytest
 from conftest import run_restok
 
@@ -57,3 +60,24 @@ def test_cli_config_show_prints_resolved_and_rejects_bad_key(tmp_path):
     assert ok.returncode == 0 and "seed: 3" in ok.stdout
     bad = run_restok("config", "show", "default", "sed=3", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown config key 'sed'" in bad.stderr
+
+
+def test_loading_builds_the_models_for_their_shapes_only():
+    """The build check at load skips weight initialisation: on the meta device nn.init runs
+    torch._refs, which imports torch._dynamo (~1 s of every command's start); a model that cannot
+    be built is still a config error."""
+    code = (
+        "import sys\n"
+        "from configs.loading import ConfigError, load_config\n"
+        "for preset in ('default', 'imagenet256-restok-l'):\n"
+        "    load_config(preset)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported by load_config'\n"
+        "try:\n"
+        "    load_config(None, ['tokenizer.pixel_channels=12'])\n"
+        "except ConfigError as e:\n"
+        "    assert 'divisible' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('an unbuildable tokenizer loaded')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
