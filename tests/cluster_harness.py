@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from infra.ray_connect import API_SERVER_ENV, environ_set, free_port
@@ -125,13 +127,21 @@ def restok(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> su
         )
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> int:
+@contextmanager
+def killed_on_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`proc`'s process group is SIGKILLed if it still runs when the block exits (a failed
+    assertion or a timeout leaves no driver behind)."""
     try:
-        return proc.wait(timeout=timeout)
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    with killed_on_exit(proc):
+        return proc.wait(timeout=timeout)
 
 
 def markers(root: Path) -> dict[int, str]:
@@ -141,6 +151,19 @@ def markers(root: Path) -> dict[int, str]:
         with open(marker) as fh:
             out[json.load(fh)["step"]] = os.path.dirname(marker)
     return out
+
+
+def one_finished_stage_run(client, experiment: str, steps: int, stage: str = "train_tokenizer"):
+    """The one MLflow run of `stage` in `experiment`: FINISHED, with its loss logged at each step
+    0..steps-1 exactly once (a resumed stage continues its run and duplicates nothing)."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    stage_runs = [r for r in runs if r.data.tags.get("restok.stage") == stage]
+    assert len(stage_runs) == 1, [r.info.run_id for r in stage_runs]
+    assert stage_runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(stage_runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(steps))  # each step once: 0 duplicated
+    return stage_runs[0]
 
 
 def resumed_at(text: str) -> set[int]:

@@ -20,7 +20,9 @@ import pytest
 from cluster_harness import (
     SimCluster,
     finish,
+    killed_on_exit,
     markers,
+    one_finished_stage_run,
     restok,
     resumed_at,
     wait_for,
@@ -135,13 +137,8 @@ class Run:
         return _text(match.group(1)) if match else ""
 
     def check_one_run_each_step_once(self, run_id):
-        exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        runs = self.client.search_runs([exp.experiment_id], max_results=100)
-        stage_runs = [r for r in runs if r.data.tags["restok.stage"] == "train_tokenizer"]
-        assert [r.info.run_id for r in stage_runs] == [run_id]
-        assert stage_runs[0].info.status == "FINISHED"
-        history = self.client.get_metric_history(run_id, "loss")
-        assert sorted(m.step for m in history) == list(range(STEPS))  # each step once: 0 duplicated
+        run = one_finished_stage_run(self.client, self.cfg.tracking.experiment, STEPS)
+        assert run.info.run_id == run_id
         manifest = json.loads((self.work / "train_tokenizer" / "manifest.json").read_text())
         assert manifest["complete"] and manifest["steps_done"] == STEPS
 
@@ -223,17 +220,13 @@ def test_sigterm_to_a_train_worker_checkpoints_now_and_rerun_recomputes_nothing(
     the rerun resumes at that very step: 0 steps recomputed."""
     run = Run(sim, prepped, tmp_path)
     proc, log = run.start("first.log", pace_s=1.0)
-    try:
+    with killed_on_exit(proc):
         wait_for(run.mid_interval, 400, "a checkpoint and a step after it", proc, log)
         workers = sim.train_workers()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGTERM)
         noticed_at = time.time()
         assert finish(proc, 300) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert "train_tokenizer: stopped before completion" in log.read_text()
     done = markers(run.storage)
     step = max(done)
@@ -264,7 +257,7 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
     checkpoint interval recomputed, one MLflow run with each step once."""
     run = Run(sim, prepped, tmp_path)
     proc, log = run.start("run.log", pace_s=1.0)
-    try:
+    with killed_on_exit(proc):
         wait_for(run.mid_interval, 400, "a checkpoint and a step after it", proc, log)
         workers = sim.train_workers()
         node = sim.node_of_pid(workers[-1])
@@ -275,10 +268,6 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
         before = run.logged()
         sim.add()
         assert finish(proc, 600) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = run.full_log(log)
     assert re.search(r"\[train_tokenizer\] worker lost \(.*\); retry 1 from the latest checkpoint", text), (
         text[-4000:]
@@ -391,13 +380,9 @@ def test_node_loss_during_prep_writes_each_shard_once_elsewhere(sim, tmp_path):
     proc = restok(
         ["run", *_overrides(sim, work, tmp_path / "ray", "prep"), "data.samples_per_shard=4"], tmp_path, log
     )
-    try:
+    with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::write_shard", proc, log)
         assert finish(proc, 300) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     manifest = _json(work / "prep" / "manifest.json")
     keys, shards = [], 0
     for split, expected in (("train", 80), ("val", 10)):
@@ -428,13 +413,9 @@ def test_node_loss_during_extraction_redoes_its_shards_once(sim, trained, tmp_pa
         "extract.num_actors=2",
     ]
     proc = restok(args, tmp_path, log)
-    try:
+    with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::CodeExtractor.extract", proc, log)
         assert finish(proc, 300) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = _text(re.search(r"full log: (\S+)", log.read_text()).group(1))
     assert "[restok] extract_codes: an actor was lost with node" in text, text[-3000:]
     out = trained / "extract_codes"
@@ -464,13 +445,9 @@ def test_node_loss_during_evaluation_replaces_the_actor_and_counts_each_image_on
         "eval.probe_steps=10",
     ]
     proc = restok(args, tmp_path, log)
-    try:
+    with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::EvalWorker.recon", proc, log)
         assert finish(proc, 400) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = "".join(_text(p) for p in sorted((trained / "logs").glob("eval-*.log")))
     assert re.search(r"\[evaluate\] actor \d lost with node \w+; its share is redone", text), text[-3000:]
     assert "WARNING: reconstructed" not in text  # the count equals prep's val images

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from cluster_harness import markers, one_finished_stage_run
 
 from configs.loading import load_config
 from infra import paths, tracking
@@ -66,15 +67,6 @@ def _restok(work, log, **popen):
     )
 
 
-def _markers(work):
-    """{step: checkpoint dir} of the checkpoints with our completeness marker."""
-    out = {}
-    for marker in glob.glob(str(work / "ray" / "train_tokenizer-*" / "checkpoint_*" / "COMPLETE.json")):
-        with open(marker) as fh:
-            out[json.load(fh)["step"]] = os.path.dirname(marker)
-    return out
-
-
 def _kill_after_a_checkpoint(work, client):
     """Start `restok run` in its own session; SIGKILL its process group once a checkpoint is
     complete and the run has logged a step after it (so the rerun repeats logged steps)."""
@@ -84,7 +76,7 @@ def _kill_after_a_checkpoint(work, client):
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            done = _markers(work)
+            done = markers(work / "ray")
             record = work / "train_tokenizer" / "mlflow_run.json"
             if done and record.exists():
                 run_id = json.loads(record.read_text())["run_id"]
@@ -120,7 +112,7 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     client = tracking.client_for(paths.tracking_uri(cfg))
 
     _, run_id = _kill_after_a_checkpoint(work, client)
-    complete = _markers(work)
+    complete = markers(work / "ray")
     resume_step = max(complete)
     logged_before = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert max(logged_before) >= resume_step  # the rerun repeats steps that MLflow already has
@@ -166,14 +158,11 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     assert manifest["complete"] and manifest["steps_done"] == STEPS and manifest["mlflow_run_id"] == run_id
 
     # MLflow: one FINISHED run for the stage, each step logged once; the dead parent KILLED.
+    stage_run = one_finished_stage_run(client, cfg.tracking.experiment, STEPS)
+    assert stage_run.info.run_id == run_id
+    assert stage_run.data.tags["restok.resumed_at_steps"] == str(resume_step)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], max_results=100)
-    stage_runs = [r for r in runs if r.data.tags["restok.stage"] == "train_tokenizer"]
-    assert [r.info.run_id for r in stage_runs] == [run_id]
-    assert stage_runs[0].info.status == "FINISHED"
-    assert stage_runs[0].data.tags["restok.resumed_at_steps"] == str(resume_step)
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
-    assert steps == list(range(STEPS))
     parents = sorted(
         (r for r in runs if r.data.tags["restok.stage"] == "pipeline"), key=lambda r: r.info.start_time
     )

@@ -348,10 +348,6 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
             fs.rm(path, recursive=True)
 
 
-def restok(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_restok(*argv, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
     """One `restok run` with work_dir, cluster.storage_path and the MLflow artifacts on S3, split in
@@ -368,9 +364,9 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     try:
         t0 = time.perf_counter()
-        first = restok("run", "--verbose", *overrides, "tokenizer_train.stop_after=2", cwd=cwd)
+        first = run_restok("run", "--verbose", *overrides, "tokenizer_train.stop_after=2", cwd=cwd)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-        second = restok("run", "--verbose", *overrides, cwd=cwd)
+        second = run_restok("run", "--verbose", *overrides, cwd=cwd)
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
         print(f"restok run on S3 (stop_after=2, then resume): {time.perf_counter() - t0:.0f}s")
         for out in (first, second):

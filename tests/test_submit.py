@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_harness import markers, resumed_at, wait_for
+from cluster_harness import markers, one_finished_stage_run, resumed_at, wait_for
 from conftest import run_restok
 
 from configs.loading import load_config
 from infra import paths, tracking
 from infra.manifest import read_manifest
+from infra.ray_connect import free_port
 from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 from pipeline import submit
 
@@ -60,12 +60,6 @@ def test_entrypoint_runtime_env_and_addresses():
         submit.normalise_stage("sample")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _restok(*args, timeout=600):
     # A pinned code version keeps the submission id stable while the tree is being edited.
     return run_restok(*args, cwd=ROOT, env={"RESTOK_CODE_VERSION": "test-submit"}, timeout=timeout)
@@ -78,7 +72,7 @@ def ray_head(tmp_path_factory):
     test can act between two checkpoints however fast the machine is."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    dashboard = _free_port()
+    dashboard = free_port()
     temp_dir = f"/tmp/rtest{os.getpid()}_{dashboard}"  # short: unix socket paths are limited
     cmd = [
         ray_bin,
@@ -89,16 +83,16 @@ def ray_head(tmp_path_factory):
         "--node-ip-address",
         "127.0.0.1",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--include-dashboard=true",
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
         str(dashboard),
         "--dashboard-agent-listen-port",
-        str(_free_port()),
+        str(free_port()),
         "--ray-client-server-port",
-        str(_free_port()),
+        str(free_port()),
         "--num-cpus",
         "2",
         "--temp-dir",
@@ -229,10 +223,5 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
     assert len(resumed) == 1 and min(resumed) >= every and min(resumed) % every == 0, text[-3000:]
 
     cfg = load_config("default", train[1:])
-    store = tracking.client_for(paths.tracking_uri(cfg))
-    exp = store.get_experiment_by_name(cfg.tracking.experiment)
-    runs = store.search_runs([exp.experiment_id], "tags.`restok.stage` = 'train_tokenizer'")
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    history = store.get_metric_history(runs[0].info.run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(steps))  # each step once
+    one_finished_stage_run(tracking.client_for(paths.tracking_uri(cfg)), cfg.tracking.experiment, steps)
     assert read_manifest(str(work / "train_tokenizer"))["steps_done"] == steps
