@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import Counter
 from typing import Any
 
@@ -45,6 +46,9 @@ NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
 TENCROP_SCALE = 1.1  # LlamaGen: centre crop at 1.1x the resolution before the ten crops
 # Test-only fault injection (name says so): an actor exits after writing this many shards.
 TEST_EXIT_ENV = "RESTOK_TEST_EXTRACT_EXIT_AFTER_SHARDS"
+# Test-only pacing (name says so): seconds an actor sleeps at the start of each shard, so a test
+# that removes an actor's node lands in a call however fast the machine is.
+TEST_SHARD_SLEEP_ENV = "RESTOK_TEST_EXTRACT_SLEEP_S"
 
 
 def views(image: Any, size: int, augment: str) -> list[Any]:
@@ -133,6 +137,7 @@ class CodeExtractor:
         batch_size: int,
         use_gpu: bool,
         exit_after: int = 0,
+        pace_s: float = 0.0,
     ):
 
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -145,7 +150,7 @@ class CodeExtractor:
                 f"{self.model.codebook_size}; use int32"
             )
         self.batch_size = batch_size
-        self.exit_after, self.written = exit_after, 0
+        self.exit_after, self.written, self.pace_s = exit_after, 0, pace_s
 
     @torch.no_grad()
     def encode_views(self, images: list[Any]) -> np.ndarray:
@@ -164,7 +169,8 @@ class CodeExtractor:
         return codes.reshape(len(images), per, -1)
 
     def extract(self, in_url: str, out_url: str, identity: dict[str, str]) -> dict:
-
+        if self.pace_s:
+            time.sleep(self.pace_s)  # test-only (TEST_SHARD_SLEEP_ENV)
         keys, labels, images = [], [], []
         for parts in read_samples(in_url):
             key = parts["__key__"]
@@ -242,6 +248,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             use_gpu = bool(cfg.cluster.use_gpu)
             actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(CodeExtractor)
             exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)
+            pace_s = float(os.environ.get(TEST_SHARD_SLEEP_ENV, "0") or 0)
 
             def make_actor():
                 return actor_cls.remote(
@@ -253,6 +260,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
                     int(cfg.extract.batch_size),
                     use_gpu,
                     exit_after,
+                    pace_s,
                 )
 
             # A shard whose actor is lost with its node is redone by a replacement (infra.node_loss).

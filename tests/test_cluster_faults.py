@@ -30,6 +30,7 @@ from cluster_harness import (
 
 from configs.loading import load_config
 from infra import paths, tracking
+from jobs.extract_codes import TEST_SHARD_SLEEP_ENV
 from jobs.training.ray_training import TEST_STEP_SLEEP_ENV
 from pipeline import locks
 
@@ -50,6 +51,10 @@ TRAIN = [
     "tokenizer_train.image_log_every=0",
     "tokenizer_train.global_batch_size=8",
     "tokenizer_train.micro_batch_size=4",
+    # The recipe's stage (imagenet256-restok-l), so a resized world is tested on a ZeRO-2
+    # checkpoint here; the default's ZeRO-1 shares its DeepSpeed optimizer and universal-checkpoint
+    # code, ZeRO-3's resize is tests/test_train_tokenizer.py's.
+    "tokenizer_train.zero_stage=2",
 ]
 
 
@@ -412,7 +417,8 @@ def test_node_loss_during_extraction_redoes_its_shards_once(sim, trained, tmp_pa
         *_overrides(sim, trained, tmp_path / "ray", "prep,train_tokenizer,extract_codes"),
         "extract.num_actors=2",
     ]
-    proc = restok(args, tmp_path, log)
+    # 1 s per shard: the node goes while its actor is in a call (else it may finish first).
+    proc = restok(args, tmp_path, log, env={TEST_SHARD_SLEEP_ENV: "1.0"})
     with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::CodeExtractor.extract", proc, log)
         assert finish(proc, 300) == 0, log.read_text()[-4000:]
@@ -458,7 +464,7 @@ def test_node_loss_during_evaluation_replaces_the_actor_and_counts_each_image_on
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resized_world_resumes_through_the_universal_checkpoint(sim, prepped, tmp_path):
-    """Deliver 4: a ZeRO-1 checkpoint of 2 workers resumes on 1 (only cluster.num_workers changes)
+    """Deliver 4: a ZeRO-2 checkpoint of 2 workers resumes on 1 (only cluster.num_workers changes)
     through DeepSpeed's universal checkpoint; every step logged once, and the loss goes on from
     where it was (a fresh model's loss is far above it). The 2-worker run is the preempted one of
     the SIGTERM test when it ran (a spot node gone: go on with fewer), else one stopped here."""
