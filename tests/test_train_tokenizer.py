@@ -202,15 +202,19 @@ def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):
     checkpoints.load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"))
 
 
-def test_zero3_matches_zero1_exports_and_resumes_on_one_worker(baseline, prep_dir, tmp_path):
-    """ZeRO-3 on 2 workers follows the ZeRO-1 curve to float rounding; its kept mid-run checkpoint
-    exports (`restok export`: gathered shards, sharded EMA) to the ZeRO-1 run's weights at that step.
-    Stopped there, it resumes on one worker (issue 17, Deliver 4: only cluster.num_workers
-    changes) through DeepSpeed's universal checkpoint (params and Adam moments re-partitioned, the
-    sharded EMA gathered and re-split). The global batch is the same (one worker accumulates both
-    micro-batches), so the loss stays on the ZeRO-1 run's curve, each step logged once."""
+# ZeRO-1 is the default preset's stage, ZeRO-3 the sharded one; the recipe's ZeRO-2 resize is
+# tests/test_cluster_faults.py's.
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_zero_stage_matches_zero1_exports_and_resumes_on_one_worker(zero_stage, baseline, prep_dir, tmp_path):
+    """ZeRO-`zero_stage` on 2 workers follows the ZeRO-1 curve to float rounding; its kept mid-run
+    checkpoint exports (`restok export`: gathered shards, sharded EMA under ZeRO-3) to the ZeRO-1
+    run's weights at that step. Stopped there, it resumes on one worker (issue 17, Deliver 4: only
+    cluster.num_workers changes) through DeepSpeed's universal checkpoint (params and Adam moments
+    re-partitioned, a sharded EMA gathered and re-split). The global batch is the same (one worker
+    accumulates both micro-batches), so the loss stays on the ZeRO-1 run's curve, each step logged
+    once."""
     half = STEPS // 2
-    args = [*MSE_VQ_ONLY, "tokenizer_train.zero_stage=3", "tokenizer_train.image_log_every=0"]
+    args = [*MSE_VQ_ONLY, f"tokenizer_train.zero_stage={zero_stage}", "tokenizer_train.image_log_every=0"]
     cfg = with_prep(prep_dir, make_cfg(tmp_path, *args, f"tokenizer_train.stop_after={half}"))
     run_id = tracking.start_run(cfg, "train_tokenizer")
     first = train_tokenizer.run(cfg, run_id=run_id)
@@ -218,8 +222,8 @@ def test_zero3_matches_zero1_exports_and_resumes_on_one_worker(baseline, prep_di
     _, ref = loss_history(*baseline[::2])
     _, values = loss_history(cfg, run_id)
     np.testing.assert_allclose(values, ref[:half], rtol=1e-3)
-    # The kept ZeRO-3 checkpoint at `half` exports to the ZeRO-1 run's weights and EMA at that
-    # step (same losses), and EMA != raw weights.
+    # The kept checkpoint at `half` exports to the ZeRO-1 run's weights and EMA at that step
+    # (same losses), and EMA != raw weights.
     z3, z1 = (
         load_export(checkpoints.export_checkpoint(paths.stage_dir(c, "train_tokenizer"), half))
         for c in (cfg, baseline[0])
