@@ -52,8 +52,7 @@ TRAIN = [
     "tokenizer_train.global_batch_size=8",
     "tokenizer_train.micro_batch_size=4",
     # The recipe's stage (imagenet256-restok-l), so a resized world is tested on a ZeRO-2
-    # checkpoint here; the default's ZeRO-1 shares its DeepSpeed optimizer and universal-checkpoint
-    # code, ZeRO-3's resize is tests/test_train_tokenizer.py's.
+    # checkpoint here; ZeRO-1's and ZeRO-3's resizes are tests/test_train_tokenizer.py's.
     "tokenizer_train.zero_stage=2",
 ]
 
