@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 # Where Ray's state API clients (ray.util.state) look first (ray.dashboard.utils).
@@ -41,14 +42,14 @@ def connect_ray(cfg: Any) -> bool:
     # group. So this instance advertises a port of its own with nothing behind it, and its processes
     # (the raylet's children inherit the driver's environment at start) ask only there: the query
     # fails and the cleaner keeps monitoring (ray.train.v2 placement_group_cleaner).
-    port = free_port()
-    with environ_set(API_SERVER_ENV, f"http://127.0.0.1:{port}"):
+    api = OwnStateApi()
+    with api.advertised():
         ray.init(
             # "local" starts a new instance: address=None would join a `ray start` cluster on the host.
             address="local",
             num_cpus=max(os.cpu_count() or 1, needed),
             include_dashboard=False,
-            dashboard_port=port,
+            dashboard_port=api.port,
             log_to_driver=True,
             logging_level="WARNING",
         )
@@ -59,6 +60,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class OwnStateApi:
+    """A loopback state-API address of one Ray instance's own, with nothing behind it (why: connect_ray);
+    the simulated cluster of the fault tests starts its nodes the same way."""
+
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def advertised(self):
+        """Ray's processes started inside this block ask only this address."""
+        return environ_set(API_SERVER_ENV, self.url)
 
 
 @contextmanager
@@ -76,4 +93,4 @@ def environ_set(key: str, value: str) -> Iterator[None]:
             os.environ[key] = before
 
 
-__all__ = ["API_SERVER_ENV", "connect_ray", "environ_set", "free_port"]
+__all__ = ["API_SERVER_ENV", "OwnStateApi", "connect_ray", "environ_set", "free_port"]

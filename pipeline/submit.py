@@ -152,7 +152,9 @@ def normalise_stage(stage: str) -> str:
 # ---------------------------------------------------------------------------------- Ray Jobs ops
 
 
-def _client(address: str):
+def job_client(address: str):
+    """Ray's JobSubmissionClient for the cluster's dashboard address (what `restok submit`, `status`,
+    `logs` and `stop` talk to)."""
     from ray.job_submission import JobSubmissionClient
 
     if is_loopback(address) and "RAY_AUTH_MODE" not in os.environ:
@@ -177,7 +179,7 @@ def _status(client: Any, job_id: str) -> str | None:
         raise
 
 
-def _free_id(client: Any, base: str) -> tuple[str, str | None]:
+def free_job_id(client: Any, base: str) -> tuple[str, str | None]:
     """(id to use, existing status): the base id while reusable, else the first free `-rN`."""
     candidate, n = base, 1
     while True:
@@ -240,8 +242,8 @@ def submit(args: Any) -> int:
                 file=sys.stderr,
             )
 
-    client = _client(address)
-    job_id, existing = _free_id(client, base_id)
+    client = job_client(address)
+    job_id, existing = free_job_id(client, base_id)
     if existing is not None:
         print(f"[restok] job {job_id} already {existing} on {address}; not submitting it again")
     else:
@@ -286,7 +288,7 @@ def cli(args: Any) -> int:
         if args.action == "submit":
             return submit(args)
         address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-        client = _client(address)
+        client = job_client(address)
         if args.action == "status":
             info = client.get_job_info(args.job_id)
             print(f"{args.job_id}: {info.status.value if hasattr(info.status, 'value') else info.status}")

@@ -8,6 +8,10 @@ same code path as a real cluster's driver (no special case in the product code).
 
 Sizes: 2 cores shared with other jobs, so a head without CPUs (drivers' controllers only) and two
 1-CPU workers, 80 MiB object stores, the nano model and a few paced steps.
+
+Below the cluster, what every test that drives a `restok` process reads back (here and in
+test_killed_resume, test_submit, test_cli_paths_and_errors): its full log, our checkpoint markers,
+the steps it resumed at, its one MLflow stage run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.ray_connect import API_SERVER_ENV, environ_set, free_port
+from infra.ray_connect import OwnStateApi
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024 * 1024}
 HEAD_ARGS = {"num_cpus": 0, "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False}
@@ -43,10 +47,11 @@ class SimCluster:
         # As infra.ray_connect does for a local instance: no dashboard, so its processes (the raylets'
         # children) ask a state-API address of their own (nothing there), never another Ray
         # instance's on this host.
-        port = free_port()
-        self.api = f"http://127.0.0.1:{port}"
-        with environ_set(API_SERVER_ENV, self.api):
-            self.cluster = Cluster(initialize_head=True, head_node_args={**HEAD_ARGS, "dashboard_port": port})
+        self.api = OwnStateApi()
+        with self.api.advertised():
+            self.cluster = Cluster(
+                initialize_head=True, head_node_args={**HEAD_ARGS, "dashboard_port": self.api.port}
+            )
             self.nodes = [self.cluster.add_node(**NODE_ARGS) for _ in range(workers)]
         self.cluster.wait_for_nodes()
 
@@ -76,7 +81,7 @@ class SimCluster:
         self.nodes.remove(node)
 
     def add(self):
-        with environ_set(API_SERVER_ENV, self.api):
+        with self.api.advertised():
             node = self.cluster.add_node(**NODE_ARGS)
         self.nodes.append(node)
         return node
@@ -142,6 +147,15 @@ def killed_on_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
 def finish(proc: subprocess.Popen, timeout: float) -> int:
     with killed_on_exit(proc):
         return proc.wait(timeout=timeout)
+
+
+def full_log_text(output: str) -> str:
+    """The text of the full log a restok command named on its terminal (`full log: PATH`), or ""."""
+    match = re.search(r"full log: (\S+)", output)
+    if match is None:
+        return ""
+    with open(match.group(1).rstrip(")")) as fh:
+        return fh.read()
 
 
 def markers(root: Path) -> dict[int, str]:

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from cluster_harness import full_log_text
 from conftest import run_restok
 
 from configs.loading import load_config, path_keys
@@ -167,7 +168,7 @@ def test_a_stage_alone_from_another_cwd_finds_prep_and_bad_input_fails_once(tmp_
     line = assert_one_line_failure(
         done, 0.0, "restok train-tokenizer:", "FileNotFoundError", "/prep/train-", "full log:"
     )
-    log = open(line.rsplit("full log: ", 1)[1].rstrip(")")).read()
+    log = full_log_text(line)
     assert "train-000000.tar" in log and "retry 1" not in log
 
 

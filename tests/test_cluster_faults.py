@@ -20,6 +20,7 @@ import pytest
 from cluster_harness import (
     SimCluster,
     finish,
+    full_log_text,
     killed_on_exit,
     markers,
     one_finished_stage_run,
@@ -137,8 +138,7 @@ class Run:
         return bool(done and logged and max(logged) >= max(done) + 1 and max(done) < STEPS - EVERY)
 
     def full_log(self, log):
-        match = re.search(r"full log: (\S+)", log.read_text())
-        return _text(match.group(1)) if match else ""
+        return full_log_text(log.read_text())
 
     def check_one_run_each_step_once(self, run_id):
         run = one_finished_stage_run(self.client, self.cfg.tracking.experiment, STEPS)
@@ -165,7 +165,7 @@ def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, pr
     run = Run(sim, prepped, tmp_path)
     # Paced so that the second driver's start and stop fit well inside the first one's training.
     first, first_log = run.start("first.log", pace_s=5.0)
-    try:
+    with killed_on_exit(first):
         wait_for(run.mid_interval, 400, "a checkpoint and a step after it", first, first_log)
         second, second_log = run.start("second.log", pace_s=0)
         assert finish(second, 120) == 2, second_log.read_text()[-3000:]
@@ -185,10 +185,6 @@ def test_lost_driver_rerun_continues_and_lock_keeps_one_driver_per_stage(sim, pr
         # Ray ends a dead driver's job: its Train workers go with it (no orphan keeps training).
         wait_for(lambda: not sim.train_workers(), 120, "the killed driver's Train workers to end")
         workers_gone_s = time.time() - killed_at
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
     run_id = run.run_id()
     before = run.logged(run_id)
     # The killed driver's lock is left behind, naming a dead pid.
@@ -230,7 +226,7 @@ def test_sigterm_to_a_train_worker_checkpoints_now_and_rerun_recomputes_nothing(
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGTERM)
         noticed_at = time.time()
-        assert finish(proc, 300) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     assert "train_tokenizer: stopped before completion" in log.read_text()
     done = markers(run.storage)
     step = max(done)
@@ -271,7 +267,7 @@ def test_node_loss_restarts_the_worker_group_from_the_newest_checkpoint(sim, pre
         lost_at = time.time()
         before = run.logged()
         sim.add()
-        assert finish(proc, 600) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     text = run.full_log(log)
     assert re.search(r"\[train_tokenizer\] worker lost \(.*\); retry 1 from the latest checkpoint", text), (
         text[-4000:]
@@ -386,7 +382,7 @@ def test_node_loss_during_prep_writes_each_shard_once_elsewhere(sim, tmp_path):
     )
     with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::write_shard", proc, log)
-        assert finish(proc, 300) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     manifest = _json(work / "prep" / "manifest.json")
     keys, shards = [], 0
     for split, expected in (("train", 80), ("val", 10)):
@@ -420,8 +416,8 @@ def test_node_loss_during_extraction_redoes_its_shards_once(sim, trained, tmp_pa
     proc = restok(args, tmp_path, log, env={TEST_SHARD_SLEEP_ENV: "1.0"})
     with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::CodeExtractor.extract", proc, log)
-        assert finish(proc, 300) == 0, log.read_text()[-4000:]
-    text = _text(re.search(r"full log: (\S+)", log.read_text()).group(1))
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    text = full_log_text(log.read_text())
     assert "[restok] extract_codes: an actor was lost with node" in text, text[-3000:]
     out = trained / "extract_codes"
     manifest = _json(out / "manifest.json")
@@ -452,7 +448,7 @@ def test_node_loss_during_evaluation_replaces_the_actor_and_counts_each_image_on
     proc = restok(args, tmp_path, log)
     with killed_on_exit(proc):
         lost_at = _remove_node_running(sim, "ray::EvalWorker.recon", proc, log)
-        assert finish(proc, 400) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     text = "".join(_text(p) for p in sorted((trained / "logs").glob("eval-*.log")))
     assert re.search(r"\[evaluate\] actor \d lost with node \w+; its share is redone", text), text[-3000:]
     assert "WARNING: reconstructed" not in text  # the count equals prep's val images

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from cluster_harness import markers, one_finished_stage_run
+from cluster_harness import full_log_text, markers, one_finished_stage_run, resumed_at
 
 from configs.loading import load_config
 from infra import paths, tracking
@@ -139,13 +139,7 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tmp_path):
     out = log.read_text()
     assert proc.returncode == 0, out[-6000:]
     # Worker lines are in the run's full log (the terminal gets one line per stage).
-    full_log = re.search(r"full log: (\S+)", out).group(1)
-    with open(full_log) as fh:
-        worker_lines = fh.read()
-    resumed = [
-        int(s) for s in re.findall(r"\[train_tokenizer\] resumed from \S+ at step (\d+)", worker_lines)
-    ]
-    assert resumed and set(resumed) == {resume_step}, out[-6000:]  # (Ray may echo a line twice)
+    assert resumed_at(full_log_text(out)) == {resume_step}, out[-6000:]
 
     # Storage: no orphan; exactly the KEEP newest complete checkpoints.
     experiment = os.path.dirname(complete[resume_step])

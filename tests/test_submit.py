@@ -6,7 +6,6 @@ machine (other test sessions), so the test never calls it.
 """
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_harness import markers, one_finished_stage_run, resumed_at, wait_for
+from cluster_harness import full_log_text, markers, one_finished_stage_run, resumed_at, wait_for
 from conftest import run_restok
 
 from configs.loading import load_config
@@ -117,7 +116,7 @@ def ray_head(tmp_path_factory):
         while True:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             try:
-                submit._client(address).list_jobs()
+                submit.job_client(address).list_jobs()
                 break
             except Exception:
                 if time.time() > deadline:
@@ -165,12 +164,12 @@ def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head,
     assert f"submitted {other_id} " in other.stdout
     stop = _restok("stop", other_id, "--address", ray_head)
     assert stop.returncode == 0 and other_id in stop.stdout
-    client = submit._client(ray_head)
+    client = submit.job_client(ray_head)
     deadline = time.time() + 120
     while str(client.get_job_status(other_id).value) not in submit.TERMINAL and time.time() < deadline:
         time.sleep(1)
     assert str(client.get_job_status(other_id).value) == "STOPPED"
-    assert submit._free_id(client, other_id) == (f"{other_id}-r2", None)
+    assert submit.free_job_id(client, other_id) == (f"{other_id}-r2", None)
 
     missing = _restok("status", "restok-no-such-job", "--address", ray_head)
     assert missing.returncode == 2 and "restok status:" in missing.stderr
@@ -197,7 +196,7 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
     first = _restok("submit", *train, "--stage", "train_tokenizer", "--no-wait", "--address", ray_head)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     job_id = submit.submission_id("default", train[1:], "train_tokenizer", "test-submit")
-    client = submit._client(ray_head)
+    client = submit.job_client(ray_head)
     wait_for(lambda: every in markers(work / "ray"), 400, f"the checkpoint at step {every}")
 
     def job_driver():
@@ -216,8 +215,7 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
     again = _restok("submit", *train, "--stage", "train_tokenizer", "--address", ray_head)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert f"submitted {job_id}-r2 " in again.stdout and f"job {job_id}-r2: SUCCEEDED" in again.stdout
-    log = re.search(r"full log: (\S+)", again.stdout).group(1)
-    text = Path(log).read_text()
+    text = full_log_text(again.stdout)
     assert "took over a stale lock" in text, text[-3000:]
     resumed = resumed_at(text)
     assert len(resumed) == 1 and min(resumed) >= every and min(resumed) % every == 0, text[-3000:]
