@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import start_local_ray
 from PIL import Image
 from recipe_helpers import write_imagenet_tars
 
@@ -31,16 +30,6 @@ from data_prep.sources import ImageNetFolderSource, ImageNetTarSource, iter_samp
 from infra import storage
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = start_local_ray()
-    yield
-    if started:
-        ray.shutdown()
 
 
 def jpeg(seed: int, size=(40, 30), mode="RGB", fmt="JPEG") -> bytes:

@@ -10,7 +10,6 @@ import os
 import time
 
 import pytest
-from conftest import start_local_ray
 
 from configs.loading import load_config
 from infra import manifest as manifests
@@ -56,15 +55,6 @@ def stand_ins(calls, fail=()):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    start_local_ray()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tracking_db(tmp_path_factory):
     """One sqlite store for the module (creating one costs seconds); one experiment per test."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
@@ -89,7 +79,7 @@ def in_tmp_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def cfg(tmp_path, local_ray, tracking_db, request):
+def cfg(tmp_path, ray_local, tracking_db, request):
     return make_cfg(tmp_path / "work", tracking_db, request)
 
 
@@ -156,7 +146,7 @@ def test_upstream_rebuilt_outside_the_graph_makes_downstream_stale(cfg):
     assert [s for s, _ in calls] == ["extract_codes", "train_generator", "evaluate"]
 
 
-def test_stage_selection_and_force(tmp_path, local_ray, tracking_db, request):
+def test_stage_selection_and_force(tmp_path, ray_local, tracking_db, request):
     cfg = make_cfg(tmp_path / "w", tracking_db, request, "stages=[prep,train_tokenizer]")
     calls = []
     assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
@@ -230,7 +220,7 @@ def test_key_metrics_and_table():
     assert "n=3" in lines[2] and lines[3].split()[:3] == ["evaluate", "not", "run"]
 
 
-def test_a_local_ray_asks_only_its_own_state_api(local_ray):
+def test_a_local_ray_asks_only_its_own_state_api(ray_local):
     """Ray Train's placement-group cleaner asks the state API whether the Train controller lives; on
     a host with another Ray instance (a `ray start` cluster, another run) Ray's lookup would reach
     that one's dashboard, hear "no such actor" and remove a live run's placement group. A local
