@@ -68,9 +68,10 @@ NANO_DATA = [
 
 
 # The heaviest modules first, so the two xdist workers (-n 2 --dist loadfile) finish together: the
-# light modules fill in at the end instead of one long module running alone there (longest first;
-# xdist's own order, by number of tests, put test_train_tokenizer last). Seconds per module on 2
-# cores, `pytest --durations=120`, 2026-12-01; a module not listed runs after these, in file order.
+# light modules fill in at the end instead of a long module running alone there (xdist's own order,
+# by number of tests, handed test_readme and test_submit out among the last third). Seconds per
+# module on 2 cores from `pytest --durations=120` of 2026-12-01, adjusted by estimate for tests
+# added or removed since; a module not listed runs after these, in file order.
 HEAVIEST_MODULES = [
     "test_cluster_faults.py",  # ~610 s
     "test_recipe.py",  # ~420 s

@@ -224,15 +224,17 @@ def test_zero_stage_matches_zero1_exports_and_resumes_on_one_worker(zero_stage, 
     np.testing.assert_allclose(values, ref[:half], rtol=1e-3)
     # The kept checkpoint at `half` exports to the ZeRO-1 run's weights and EMA at that step
     # (same losses), and EMA != raw weights.
-    z3, z1 = (
+    stage_export, zero1_export = (
         load_export(checkpoints.export_checkpoint(paths.stage_dir(c, "train_tokenizer"), half))
         for c in (cfg, baseline[0])
     )
-    for name in z1:
-        assert z3[name].keys() == z1[name].keys()
-        for k in z1[name]:
-            torch.testing.assert_close(z3[name][k], z1[name][k], rtol=1e-3, atol=1e-4, msg=k)
-    assert any(not torch.equal(z3["ema"][k], z3["raw"][k]) for k in z3["raw"])
+    for name in zero1_export:
+        assert stage_export[name].keys() == zero1_export[name].keys()
+        for k in zero1_export[name]:
+            torch.testing.assert_close(
+                stage_export[name][k], zero1_export[name][k], rtol=1e-3, atol=1e-4, msg=k
+            )
+    assert any(not torch.equal(stage_export["ema"][k], stage_export["raw"][k]) for k in stage_export["raw"])
 
     resized = make_cfg(tmp_path, *args, "cluster.num_workers=1")
     assert paths.stage_dir(resized, "train_tokenizer") == paths.stage_dir(cfg, "train_tokenizer")
