@@ -101,7 +101,8 @@ def sample_shards(
         if receipt is None:
             part = []
             for b in range(start, end, batch_size):
-                y = torch.as_tensor(labels[b : min(b + batch_size, end)], device=device)
+                # a copy: Ray hands `labels` over read-only, which torch.as_tensor warns about
+                y = torch.tensor(labels[b : min(b + batch_size, end)], device=device)
                 gen = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
                 result = sample(generator, y, generator=gen, **sampler)
                 passes, batches, drawn = passes + result.num_forward_passes, batches + 1, drawn + len(y)
