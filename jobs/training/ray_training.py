@@ -198,12 +198,33 @@ def prepare_resume(root: str, keep: int) -> tuple[str, dict] | None:
     return latest_checkpoint(root)
 
 
+def local_torch_trainer_class():
+    """TorchTrainer without two helper actors a Ray instance this driver started has no use for,
+    each a process importing Ray Train (~2 CPU-s) that starts with the worker group: the detached
+    PlacementGroupCleaner removes a dead controller's placement group from a cluster that outlives
+    it (a local instance dies with its driver, and its placement groups with it), and the
+    DatasetManager serves Ray Datasets (none are passed: the loaders read WebDataset shards).
+    The callbacks are Ray Train v2's defaults (ray.train.v2 DataParallelTrainer), pinned in
+    pyproject.toml; tests/test_ray_trainer_callbacks.py checks which ones are left."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, dropped)]
+
+    return LocalTorchTrainer
+
+
 def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, extra: dict | None = None):
     """Run `train_loop` on cluster.num_workers Ray Train workers; returns the Ray Train Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     connect_ray(cfg)
+    local = str(cfg.cluster.address) == "local"
     # Ray Train gives a worker group 60 s to start; importing torch + DeepSpeed on a loaded CPU
     # box (or pulling images on a cluster) can take longer, and that timeout fails the run.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
@@ -231,7 +252,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
     }
 
     def trainer() -> TorchTrainer:
-        return TorchTrainer(
+        return (local_torch_trainer_class() if local else TorchTrainer)(
             train_loop,
             train_loop_config=loop_config,
             torch_config=preemptible_torch_config(),
