@@ -38,14 +38,15 @@ def connect_ray(cfg: Any) -> bool:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
     needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
-    # No dashboard: ~1-3 s and three processes less per start on 2 cores. Ray Train's
-    # PlacementGroupCleaner still asks "the" state API whether the Train controller lives, and Ray
-    # finds it through the newest Ray instance on the host and its advertised dashboard address
-    # (127.0.0.1:8265 by default, even with no dashboard): another instance's dashboard, e.g. a
-    # `ray start` cluster's, answers "no such actor" and the cleaner removes a live run's placement
-    # group. So this instance advertises a port of its own with nothing behind it, and its processes
-    # (the raylet's children inherit the driver's environment at start) ask only there: the query
-    # fails and the cleaner keeps monitoring (ray.train.v2 placement_group_cleaner).
+    # No dashboard: ~1-3 s and three processes less per start on 2 cores. Ray finds "the" state
+    # API through the newest Ray instance on the host and its advertised dashboard address
+    # (127.0.0.1:8265 by default, even with no dashboard), so another instance's dashboard, e.g. a
+    # `ray start` cluster's, would answer for this one: its "no such actor" once made Ray Train's
+    # PlacementGroupCleaner remove a live run's placement group (ray.train.v2
+    # placement_group_cleaner; a local instance's trainer now starts no cleaner at all,
+    # jobs.training.ray_training). So this instance advertises a port of its own with nothing
+    # behind it, and its processes (the raylet's children inherit the driver's environment at
+    # start) ask only there.
     api = OwnStateApi()
     with api.advertised():
         ray.init(

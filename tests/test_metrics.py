@@ -257,3 +257,20 @@ def test_random_untrained_inception_is_seeded_and_named_so():
     assert (
         feature_net_tag({"kind": "inception", "weights": "random-untrained"}) == "inception-random-untrained"
     )
+
+
+def test_feature_stats_of_few_rows_keep_them_for_the_n_by_n_route_until_there_are_too_many():
+    """Up to dim / 2 rows (merged across actors too) are kept, and the distance from them equals the
+    d x d route; one row more and they are dropped (the sums alone remain)."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64)) * 0.2 + 0.1
+    mu, sigma = FeatureStats.from_features(ref).mean_cov()
+    few = rng.normal(size=(32, 64))
+    stats = FeatureStats.from_features(few[:20]).merge(FeatureStats.from_features(few[20:]))
+    assert stats.few_rows is not None and np.array_equal(np.concatenate(stats.few_rows), few)
+    d_x_d = frechet_distance(*stats.mean_cov(), mu, sigma)
+    scipy_d_x_d = scipy_frechet(*stats.mean_cov(), mu, sigma)
+    assert stats.distance_to(mu, sigma) == pytest.approx(d_x_d, rel=1e-6)
+    assert stats.distance_to(mu, sigma) == pytest.approx(scipy_d_x_d, rel=1e-6)
+    stats.update(rng.normal(size=(1, 64)))
+    assert stats.few_rows is None and stats.count == 33

@@ -167,3 +167,22 @@ def test_fid_trace_from_eigenvalues_equals_adm_sqrtm(n):
     b = (0.5 * rng.standard_normal((n, 300)) + 0.3).astype(np.float32)
     ours = adm_frechet_distance(*mean_cov(a), *mean_cov(b))
     assert ours == pytest.approx(adm_fid(a, b), rel=1e-9)
+
+
+def test_fid_of_few_sample_rows_takes_the_n_by_n_route_and_agrees_with_adm_sqrtm():
+    """40 sample rows in 300 dimensions: the trace from the 40 x 40 problem
+    (jobs.metrics.fid.trace_sqrt_product_rows) equals ADM's sqrtm path to 1e-6 (the d x d routes
+    add the round-off roots of the product's 260 zero eigenvalues, ~1e-8 relative here)."""
+    from jobs.metrics import fid
+    from jobs.metrics.adm import adm_frechet_distance, mean_cov
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((40, 300)).astype(np.float32)
+    b = (0.5 * rng.standard_normal((120, 300)) + 0.3).astype(np.float32)
+    calls = []
+    real = fid.trace_sqrt_product_rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs.metrics.adm.trace_sqrt_product_rows", lambda *x: calls.append(1) or real(*x))
+        ours = adm_frechet_distance(*mean_cov(a), *mean_cov(b), rows1=a)
+    assert calls == [1]
+    assert ours == pytest.approx(adm_fid(a, b), rel=1e-6)

@@ -36,10 +36,11 @@ def gen_metrics(
     sfx = inception_suffix(kind, spec.get("weights", ""))  # never a random network's number as IS
     weight = get_pool(cfg).call("logits_weight", [(spec,)])[0] if kind == "inception" else None
     if ref["pool"] is None:  # statistics-only file: no precision/recall
-        s = {"fid": adm_frechet_distance(*mean_cov(acts["pool"]), ref["stats"]["mu"], ref["stats"]["sigma"])}
-        if "spatial" in acts and ref["stats"].get("mu_s") is not None:
+        stats = ref["stats"]
+        s = {"fid": adm_frechet_distance(*mean_cov(acts["pool"]), stats["mu"], stats["sigma"], acts["pool"])}
+        if "spatial" in acts and stats.get("mu_s") is not None:
             s["sfid"] = adm_frechet_distance(
-                *mean_cov(acts["spatial"]), ref["stats"]["mu_s"], ref["stats"]["sigma_s"]
+                *mean_cov(acts["spatial"]), stats["mu_s"], stats["sigma_s"], acts["spatial"]
             )
         if weight is not None:
             s["inception_score"] = inception_score(acts["pool"], weight)

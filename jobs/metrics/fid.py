@@ -35,6 +35,23 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(eigvals, 0, None)).sum())
 
 
+def trace_sqrt_product_rows(rows1: np.ndarray, mu1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) with S1 the covariance (N - 1) of `rows1` [n, d] about mu1, from an n x n
+    eigenproblem. With A = (rows1 - mu1) / sqrt(n - 1), S1 S2 = A^T (A S2) has the nonzero
+    eigenvalues of the symmetric PSD A S2 A^T, so a set of n < d rows needs no d x d
+    decomposition: the same trace (the product's other eigenvalues are zero) in milliseconds
+    instead of seconds at d = 2048 (a quick FID on a few hundred images; every CPU test)."""
+    a = (np.asarray(rows1, np.float64) - np.asarray(mu1, np.float64)) / np.sqrt(len(rows1) - 1)
+    inner = a @ np.asarray(sigma2, np.float64) @ a.T
+    eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eigvals, 0, None)).sum())
+
+
+def low_rank(rows: np.ndarray | None) -> bool:
+    """Whether the n x n route of trace_sqrt_product_rows is the cheaper one for these rows."""
+    return rows is not None and 2 <= len(rows) <= np.shape(rows)[1] // 2
+
+
 def gaussian_pair(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> tuple[np.ndarray, ...]:
     """The two Gaussians' statistics in float64, checked to agree in shape."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
@@ -50,12 +67,18 @@ def gaussian_pair(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> tuple[np.ndar
     return mu1, sigma1, mu2, sigma2
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, rows1: np.ndarray | None = None
+) -> float:
     """Fréchet distance between the Gaussians N(mu1, S1) and N(mu2, S2), in float64 through a
-    symmetric eigendecomposition (the probe's FD; ADM's own sqrtm path is jobs.metrics.adm)."""
+    symmetric eigendecomposition (the probe's FD; ADM's own sqrtm path is jobs.metrics.adm).
+    `rows1`, the rows S1 was computed from, if given and few, take the n x n route."""
     mu1, sigma1, mu2, sigma2 = gaussian_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
-    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+    tr_covmean = (
+        trace_sqrt_product_rows(rows1, mu1, sigma2) if low_rank(rows1) else trace_sqrt_product(sigma1, sigma2)
+    )
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
     return float(max(value, 0.0))  # round-off can make identical statistics slightly negative
 
 
@@ -67,7 +90,9 @@ def mean_and_covariance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class FeatureStats:
     """Mergeable float64 sums of features; optionally keeps (up to `keep_max`) raw rows for
-    precision/recall, which needs the features themselves."""
+    precision/recall, which needs the features themselves. While there are at most dim / 2 rows
+    they are also kept (float64, `few_rows`; None once there are more), so that a small set's
+    distance takes the n x n route (trace_sqrt_product_rows)."""
 
     dim: int
     count: int = 0
@@ -75,6 +100,7 @@ class FeatureStats:
     outer: np.ndarray | None = None
     keep_max: int = 0
     kept: list = field(default_factory=list)
+    few_rows: list | None = field(default_factory=list)
 
     def __post_init__(self):
         if self.total is None:
@@ -96,9 +122,16 @@ class FeatureStats:
         self.count += len(features)
         self.total = self.total + features.sum(0)
         self.outer = self.outer + features.T @ features
+        self._keep_few([features])
         room = self.keep_max - self.num_kept
         if room > 0:
             self.kept.append(features[:room].astype(np.float32))
+
+    def _keep_few(self, rows: list | None) -> None:
+        if self.few_rows is None or rows is None or self.count > self.dim // 2:
+            self.few_rows = None
+        else:
+            self.few_rows = self.few_rows + list(rows)
 
     @property
     def num_kept(self) -> int:
@@ -111,6 +144,7 @@ class FeatureStats:
         # not in place: arrays returned by Ray are read-only views
         self.total = self.total + other.total
         self.outer = self.outer + other.outer
+        self._keep_few(other.few_rows)
         for rows in other.kept:
             room = self.keep_max - self.num_kept
             if room > 0:
@@ -129,7 +163,8 @@ class FeatureStats:
 
     def distance_to(self, mu: np.ndarray, sigma: np.ndarray) -> float:
         own_mu, own_sigma = self.mean_cov()
-        return frechet_distance(own_mu, own_sigma, mu, sigma)
+        rows = np.concatenate(self.few_rows) if self.few_rows else None
+        return frechet_distance(own_mu, own_sigma, mu, sigma, rows1=rows)
 
 
 # -- reference statistics files --------------------------------------------------------------------
