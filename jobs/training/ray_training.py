@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ from jobs.training.deepspeed_runtime import (
     seed_everything,
     set_rng_state,
 )
+from jobs.training.preemption import PREEMPTED, preemptible_torch_config
 from jobs.training.throughput import Throughput, measured_matmul_peak, peak_memory_bytes
 
 STATE_TAG = "state"
@@ -63,43 +62,6 @@ TEST_STEP_SLEEP_ENV = "RESTOK_TEST_STEP_SLEEP_S"
 # Stage name -> its TrainConfig section.
 TRAIN_SECTION = {"train_tokenizer": "tokenizer_train", "train_generator": "generator_train"}
 _FRESH_NAMES: dict[str, str] = {}
-# Set in a Train worker by SIGTERM (a preemption notice: what a spot node's processes get before
-# it goes); run_loop then checkpoints at once on every rank and stops (issue 17, Deliver 3).
-PREEMPTED = threading.Event()
-
-
-def install_preemption_handler() -> bool:
-    """SIGTERM -> PREEMPTED instead of Ray's exit. Python handlers are set from the main thread
-    only: called through the Torch backend (below), which runs it as a worker actor task, on
-    the actor's main thread (the train loop itself runs in a thread of its own)."""
-    if threading.current_thread() is not threading.main_thread():
-        print("[restok] SIGTERM handler not installed (not the main thread)", flush=True)
-        return False
-    PREEMPTED.clear()
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        PREEMPTED.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return True
-
-
-def preemptible_torch_config() -> Any:
-    """Ray Train's TorchConfig whose backend also installs the preemption handler on every worker."""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
-    class _PreemptibleBackend(_TorchBackend):
-        def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
-            super().on_training_start(worker_group, backend_config)
-            worker_group.execute(install_preemption_handler)
-
-    class PreemptibleTorchConfig(TorchConfig):
-        @property
-        def backend_cls(self):
-            return _PreemptibleBackend
-
-    return PreemptibleTorchConfig()
 
 
 # ---- driver ---------------------------------------------------------------------------------------
