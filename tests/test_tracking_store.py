@@ -10,10 +10,14 @@ from mlflow.tracking import MlflowClient
 from infra import tracking
 
 
-def _schema(path) -> list:
+def _schema(path) -> dict:
+    """Tables with their columns (name, type, not null, primary key), indexes, schema revision."""
     with sqlite3.connect(path) as db:
-        tables = db.execute("select type, name, sql from sqlite_master order by name").fetchall()
-        return tables + db.execute("select version_num from alembic_version").fetchall()
+        tables = [t for (t,) in db.execute("select name from sqlite_master where type = 'table'")]
+        out = {t: sorted(r[1:4] + r[5:] for r in db.execute(f"pragma table_info('{t}')")) for t in tables}
+        out["indexes"] = sorted(db.execute("select name, tbl_name from sqlite_master where type = 'index'"))
+        out["revision"] = db.execute("select version_num from alembic_version").fetchall()
+        return out
 
 
 def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
