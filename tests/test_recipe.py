@@ -8,6 +8,7 @@ Each ablation-* preset then runs the tokenizer's first steps (and a generator st
 shrinking, in-process on the bf16-cast models.
 """
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ from recipe_helpers import (
     GAN_START,
     RECIPE_STEPS,
     SHRINK_SIZES,
+    TINY_DEEP,
     WNIDS,
     shrink_sizes,
     site_paths,
@@ -28,6 +30,7 @@ from recipe_helpers import (
 
 from configs.loading import list_presets, load_config
 from infra import paths, tracking
+from models.registry import VIT_SIZES
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +133,7 @@ ABLATIONS = [p for p in list_presets() if p.startswith("ablation-")]
 
 
 @pytest.mark.parametrize("preset", ABLATIONS)
-def test_ablation_preset_first_steps(preset, tmp_path):
+def test_ablation_preset_first_steps(preset, tmp_path, monkeypatch):
     """The preset's models and objective, shrunk like the recipe, cast to bf16 as the DeepSpeed engines
     cast them: two tokenizer steps, one with the GAN on (discriminator step too), one generator step
     and its sampling setting."""
@@ -140,6 +143,7 @@ def test_ablation_preset_first_steps(preset, tmp_path):
     from models.losses.tokenizer_loss import TokenizerLoss
     from models.tokenizer import ResTok
 
+    monkeypatch.setitem(VIT_SIZES, TINY_DEEP, dataclasses.replace(VIT_SIZES["tiny"], depth=6))
     cfg = load_config(
         preset, shrink_sizes(preset) + site_paths(tmp_path / "work", tmp_path, "imagenet_folder")
     )
