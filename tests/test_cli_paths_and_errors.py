@@ -18,6 +18,7 @@ TINY_TOKENIZER = [
     "tokenizer_train.image_log_every=0",
     "tokenizer_train.global_batch_size=4",
     "tokenizer_train.micro_batch_size=2",
+    "cluster.num_workers=1",  # a Train worker's own cwd is what is tested: one is enough
 ]
 
 
