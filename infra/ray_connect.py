@@ -18,15 +18,19 @@ from typing import Any
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
+def starts_local_ray(cfg: Any) -> bool:
+    """Whether this process runs its own single-node Ray (cluster.address "local")."""
+    return str(cfg.cluster.address) == "local"
+
+
 def connect_ray(cfg: Any) -> bool:
     """Start or join Ray per cfg.cluster.address; True when this call did (False: already up)."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = str(cfg.cluster.address)
-    if address != "local":
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    if not starts_local_ray(cfg):
+        ray.init(address=str(cfg.cluster.address), log_to_driver=True, logging_level="WARNING")
         return True
     # Ray Train's PreemptionWatcher (one actor per training stage) polls Ray Core for nodes being
     # drained (autoscaler, spot); a single local node is never drained, so it is not started (the

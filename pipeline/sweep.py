@@ -33,7 +33,7 @@ from configs.loading import from_yaml_text, to_yaml
 from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
-from infra.ray_connect import connect_ray
+from infra.ray_connect import connect_ray, starts_local_ray
 from infra.stages import stage_fingerprint
 from jobs import evaluate, extract_codes, train_generator
 from jobs.evaluation.features import distance_name, resolved_feature_spec
@@ -279,7 +279,7 @@ def sweep(
 
 
 def _run_chains(cfg: RestokConfig, children: list[str], parent: str, stages: dict | None) -> list[dict]:
-    parallel = int(cfg.eval.sweep_parallel) or (1 if str(cfg.cluster.address) == "local" else len(children))
+    parallel = int(cfg.eval.sweep_parallel) or (1 if starts_local_ray(cfg) else len(children))
     if parallel <= 1:
         # In-process: each stage still distributes its own work on Ray (actor pools, Ray Train).
         return [run_chain(child, parent, stages) for child in children]

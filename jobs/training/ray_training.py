@@ -33,7 +33,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
-from infra.ray_connect import connect_ray
+from infra.ray_connect import connect_ray, starts_local_ray
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -186,7 +186,6 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
     from ray.train.torch import TorchTrainer
 
     connect_ray(cfg)
-    local = str(cfg.cluster.address) == "local"
     # Ray Train gives a worker group 60 s to start; importing torch + DeepSpeed on a loaded CPU
     # box (or pulling images on a cluster) can take longer, and that timeout fails the run.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
@@ -214,7 +213,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
     }
 
     def trainer() -> TorchTrainer:
-        return (local_torch_trainer_class() if local else TorchTrainer)(
+        return (local_torch_trainer_class() if starts_local_ray(cfg) else TorchTrainer)(
             train_loop,
             train_loop_config=loop_config,
             torch_config=preemptible_torch_config(),
