@@ -21,6 +21,7 @@ Images stay uint8 until the batch is on the consumer side ([0, 1] float there).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -28,17 +29,24 @@ import warnings
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 
 from infra.image_shards import resize_center_crop
 
-try:  # pinned torchvision 0.29 has it (deprecated in favour of torchcodec); PIL if a later one drops it
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # pragma: no cover
-    decode_image = None
-
 BICUBIC = Image.Resampling.BICUBIC
+
+
+@functools.cache
+def torchvision_decoder():
+    """torchvision.io's decode_image as decode(bytes tensor) -> uint8 RGB CHW, or None without it.
+    Imported on the first training decode: importing torchvision imports torch._dynamo (~1.4 CPU-s),
+    which the driver, prep tasks and extraction / evaluation actors (all PIL) never need."""
+    try:  # pinned torchvision 0.29 has it (deprecated in favour of torchcodec); PIL if a later one drops it
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # pragma: no cover
+        return None
+    return functools.partial(decode_image, mode=ImageReadMode.RGB)
 
 
 def decode(data: bytes, min_shorter_side: int | None = None) -> Image.Image:
@@ -54,11 +62,23 @@ def decode(data: bytes, min_shorter_side: int | None = None) -> Image.Image:
 
 def decode_tensor(data: bytes) -> torch.Tensor:
     """uint8 [3, H, W] (RGB) from JPEG or PNG bytes."""
-    if decode_image is None:
+    decoder = torchvision_decoder()
+    if decoder is None:
         return to_chw_uint8(decode(data))
     with warnings.catch_warnings():  # 0.29 warns on every call; the pin keeps the API available
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def resized_crop_uint8(image: torch.Tensor, top: int, left: int, side: int, size: int) -> torch.Tensor:
+    """The square crop [top:top+side, left:left+side] of uint8 CHW, antialiased bicubic to size x size:
+    torch's native uint8 kernel, as torchvision.transforms.v2.functional.resized_crop runs it on CPU
+    (same values, tests/test_data.py), without importing torchvision."""
+    crop = image[..., top : top + side, left : left + side]
+    if side == size:
+        return crop
+    out = F.interpolate(crop[None], size=[size, size], mode="bicubic", align_corners=False, antialias=True)
+    return out[0]
 
 
 def to_chw_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -95,9 +115,7 @@ class TrainTransform:
         s = self.size
         if isinstance(image, torch.Tensor):
             x, y, side, flip = self.params(image.shape[-1], image.shape[-2], rng)
-            out = TF.resized_crop(
-                image, y, x, side, side, [s, s], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
-            )
+            out = resized_crop_uint8(image, y, x, side, s)
             return out.flip(-1) if flip else out
         x, y, side, flip = self.params(*image.size, rng)
         out = image.resize((s, s), BICUBIC, box=(x, y, x + side, y + side))

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8):
-    """uint8 HxWx3 grid of images in [0, 1]."""
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=1)
+    """uint8 HxWx3 grid of images [B, C, H, W] in [0, 1], `nrow` per row, 1 px black gaps and border:
+    torchvision's make_grid(padding=1) layout (one image alone is not padded), without importing
+    torchvision (and with it torch._dynamo) where only a grid is needed."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, c, h, w = images.shape
+    grid = images[0]
+    if b > 1:
+        cols = min(nrow, b)
+        grid = images.new_zeros(c, math.ceil(b / cols) * (h + 1) + 1, cols * (w + 1) + 1)
+        for k in range(b):
+            y, x = divmod(k, cols)
+            grid[:, y * (h + 1) + 1 : (y + 1) * (h + 1), x * (w + 1) + 1 : (x + 1) * (w + 1)] = images[k]
     return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 

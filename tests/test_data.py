@@ -263,6 +263,30 @@ def test_transforms_match_reference_arithmetic():
     assert decode(big, None).size == (400, 300)
 
 
+def test_resized_crop_equals_torchvision_resized_crop_on_uint8():
+    """The loader's crop + antialiased bicubic resize (torch only) gives torchvision v2's values."""
+    import torchvision.transforms.v2.functional as TF
+
+    from data_prep.transforms import resized_crop_uint8
+
+    gen = torch.Generator().manual_seed(0)
+    for height, width, side, size in [(45, 60, 40, 24), (61, 90, 61, 32), (33, 33, 20, 64), (50, 70, 32, 32)]:
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
+        top, left = (height - side) // 3, (width - side) // 2
+        ours = resized_crop_uint8(image, top, left, side, size)
+        theirs = TF.resized_crop(
+            image,
+            top,
+            left,
+            side,
+            side,
+            [size, size],
+            interpolation=TF.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+        assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), (height, width, side, size)
+
+
 def test_failed_run_resumes_without_rewriting(monkeypatch):
     work = f"memory://restok-{uuid.uuid4().hex[:8]}"
     cfg = prep_cfg(

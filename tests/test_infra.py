@@ -109,3 +109,16 @@ def test_dockerfile_pins_equal_pyproject():
     assert "pip install --no-deps -e ." in text
     for part in ("configs", "models", "infra", "data_prep", "jobs", "pipeline"):
         assert f"COPY {part} ./{part}" in text
+
+
+def test_image_grid_is_torchvision_make_grid_layout():
+    import torch
+    from torchvision.utils import make_grid
+
+    from infra.image_grid import image_grid
+
+    images = torch.rand(11, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    for batch, nrow in [(11, 4), (8, 8), (3, 8), (1, 8)]:
+        expected = make_grid(images[:batch].clamp(0, 1), nrow=nrow, padding=1)
+        expected = (expected.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        assert (image_grid(images[:batch], nrow=nrow) == expected).all(), (batch, nrow)

@@ -155,3 +155,35 @@ def test_every_stage_module_has_the_stage_contract():
         params = inspect.signature(importlib.import_module(module).run).parameters
         assert list(params) == want, f"{module}.run{tuple(params)}"
         assert params["run_id"].default is None and params["parent_run_id"].default is None, module
+
+
+def test_driver_and_stage_modules_do_not_import_torchvision_dynamo_or_sympy():
+    """What every driver, prep task and extraction / evaluation actor imports leaves out
+    torchvision, torch._dynamo and sympy (~2 CPU-s a process): training imports them when it
+    decodes images or steps an optimizer, FlexAttention only on CUDA."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline.cli, pipeline.graph, data_prep.prepare, jobs.train_tokenizer, "
+        "jobs.train_generator, jobs.extract_codes, jobs.evaluate, jobs.evaluation.pool; "
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_a_train_worker_imports_deepspeed_without_mlflow_or_inductor():
+    """prepare_deepspeed's imports leave out MLflow (DeepSpeed's unused autotuner would import it;
+    rank 0 imports it itself to log, and can) and Inductor (DeepSpeed's Muon kernels, never run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from jobs.training import deepspeed_runtime as d; d.import_deepspeed_without_mlflow(); "
+        "d.import_deepspeed_muon_uncompiled(); "
+        "print(sorted(m for m in ('mlflow', 'torch._inductor.compile_fx') if m in sys.modules)); "
+        "import mlflow; print(mlflow.MlflowClient.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-2:] == ["[]", "MlflowClient"], out.stdout + out.stderr[-2000:]

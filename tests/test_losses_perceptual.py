@@ -61,3 +61,11 @@ def test_missing_vgg_weights_is_one_line(tmp_path):
     assert "\n" not in message and str(missing) in message and "lpips_vgg_weights" in message
     with pytest.raises(ValueError, match="random-untrained"):
         LPIPS(backbone="random")
+
+
+def test_vgg16_url_is_torchvisions():
+    from torchvision.models import VGG16_Weights
+
+    from models.losses.perceptual import VGG16_FILE, VGG16_URL
+
+    assert VGG16_URL == VGG16_Weights.IMAGENET1K_V1.url and VGG16_URL.endswith("/" + VGG16_FILE)

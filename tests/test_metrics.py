@@ -237,6 +237,30 @@ def test_probe_trains_caches_and_scores(tmp_path):
     assert out["pool"].shape == (5, 128) and probe.name == "probe"
 
 
+def test_probe_adam_and_schedule_equal_torch_adam_with_cosine_annealing_bit_for_bit():
+    from jobs.metrics.probe import ProbeAdam, ProbeNet, cosine_annealing_lrs
+
+    steps, lr = 25, 2e-3
+    torch.manual_seed(0)
+    ours, theirs = ProbeNet(4), ProbeNet(4)
+    theirs.load_state_dict(ours.state_dict())
+    opt = torch.optim.Adam(theirs.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    probe_opt = ProbeAdam(ours.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for step_lr in cosine_annealing_lrs(lr, steps):
+        assert step_lr == opt.param_groups[0]["lr"]
+        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(4, (8,), generator=gen)
+        for net in (ours, theirs):
+            net.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+        probe_opt.step(step_lr)
+        opt.step()
+        sched.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_random_untrained_inception_is_seeded_and_named_so():
     """eval.inception_weights=random-untrained: every actor builds the same network (seeded), nothing
     is downloaded, and its numbers never carry the real metric names."""

@@ -129,6 +129,13 @@ def test_baseline_learns_exports_and_tracks(baseline):
     assert "last-trained" in model.aliases
     version = client.get_model_version_by_alias("restok-generator", "last-trained")
     assert version.run_id == run_id
+    # A local Ray's trainer sends no resource requests to an autoscaler (local_torch_trainer_class):
+    # the detached actor that forwards them was never started.
+    import ray
+
+    assert "AutoscalingCoordinator" not in {
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+    }
 
 
 def test_zero3_matches_zero1(baseline, tmp_path):

@@ -23,7 +23,12 @@ from jobs.metrics.fid import read_npz_rows
 from jobs.metrics.image_quality import psnr, ssim, to_uint8
 from jobs.training.checkpoints import load_generator, load_tokenizer
 from models.losses.codebook_stats import CodebookStats
-from models.losses.perceptual import LPIPS, VGG16_FILE, torchvision_vgg16_cache_path
+from models.losses.perceptual import (
+    LPIPS,
+    VGG16_FILE,
+    download_vgg16_state_dict,
+    torchvision_vgg16_cache_path,
+)
 
 PSNR_CAP_DB = 100.0  # identical images give +inf; capped so means stay finite
 
@@ -356,9 +361,7 @@ def lpips_availability(vgg_weights: str) -> str:
     if os.path.isfile(cached):
         return "computed"
     try:
-        from torchvision.models import VGG16_Weights
-
-        VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        download_vgg16_state_dict()
         return "computed"
     except Exception as error:
         return (

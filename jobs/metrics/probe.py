@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 
 import numpy as np
@@ -90,6 +91,43 @@ def as_nchw_uint8(images: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous() if t.shape[-1] == 3 and t.shape[1] != 3 else t
 
 
+class ProbeAdam:
+    """torch.optim.Adam's CPU update (its single-tensor path; betas 0.9 / 0.999, eps 1e-8, no weight
+    decay) written out, with CosineAnnealingLR's learning rates (`cosine_annealing_lrs`): any
+    torch.optim optimizer imports torch._dynamo on first use (~2 CPU-s), and the probe is trained
+    in the `restok` driver, which needs nothing else of it. tests/test_metrics.py checks that the
+    parameters equal torch's Adam + CosineAnnealingLR's, bit for bit."""
+
+    def __init__(self, params, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        self.params = list(params)
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.beta1, self.beta2, self.eps, self.steps = beta1, beta2, eps, 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.steps += 1
+        step_size = lr / (1 - self.beta1**self.steps)
+        bias_correction2_sqrt = (1 - self.beta2**self.steps) ** 0.5
+        for param, (exp_avg, exp_avg_sq) in zip(self.params, self.moments, strict=True):
+            if param.grad is None:
+                continue
+            grad = param.grad
+            exp_avg.lerp_(grad, 1 - self.beta1)
+            exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def cosine_annealing_lrs(base_lr: float, steps: int) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps under CosineAnnealingLR(T_max=steps,
+    eta_min=0), stepped after each: its recursive form, so the floats are the scheduler's."""
+    lrs, eta_min = [base_lr], 0.0
+    for epoch in range(1, steps):
+        ratio = (1 + math.cos(math.pi * epoch / steps)) / (1 + math.cos(math.pi * (epoch - 1) / steps))
+        lrs.append(ratio * (lrs[-1] - eta_min) + eta_min)
+    return lrs
+
+
 def train_probe(
     images: np.ndarray,
     labels: np.ndarray,
@@ -100,24 +138,22 @@ def train_probe(
     lr: float = 2e-3,
     seed: int = 0,
 ) -> ProbeNet:
-    """A few hundred Adam steps with random flips on CPU (seconds at 32 px)."""
+    """A few hundred Adam steps with a cosine schedule and random flips on CPU (seconds at 32 px)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x_all, y_all = as_nchw_uint8(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
     net = ProbeNet(num_classes)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    opt = ProbeAdam(net.parameters())
     net.train()
-    for _ in range(steps):
+    for step_lr in cosine_annealing_lrs(lr, steps):
         idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
         x = _prepare(x_all[idx], image_size)
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         loss = F.cross_entropy(net(x), y_all[idx])
-        opt.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        opt.step(step_lr)
     return net.eval()
 
 

@@ -22,8 +22,7 @@ from torch import nn
 def prepare_deepspeed(use_gpu: bool) -> None:
     """Before building an engine: on CPU skip the shm comm op (it compiles C++ for a minute,
     DEVELOPERS.md "Known traps") and reuse the process group Ray Train initialised."""
-    import deepspeed
-
+    deepspeed = import_deepspeed_without_mlflow()
     if not use_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     import_deepspeed_muon_uncompiled()
@@ -129,6 +128,23 @@ def make_schedule(
         return cosine_lr(step, total_steps, base, int(optim.warmup_steps), floor) / base
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def import_deepspeed_without_mlflow():
+    """DeepSpeed, imported without importing MLflow: its autotuner (unused here) imports MLflow at
+    module level when it can (~1 CPU-s), and only rank 0 logs to MLflow (ray_training.WorkerSession),
+    importing it itself. A process that has MLflow already keeps it."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError meanwhile: has_mlflow = False
+    try:
+        import deepspeed
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 def import_deepspeed_muon_uncompiled() -> None:

@@ -161,21 +161,40 @@ def prepare_resume(root: str, keep: int) -> tuple[str, dict] | None:
 
 
 def local_torch_trainer_class():
-    """TorchTrainer without two helper actors a Ray instance this driver started has no use for,
-    each a process importing Ray Train (~2 CPU-s) that starts with the worker group: the detached
-    PlacementGroupCleaner removes a dead controller's placement group from a cluster that outlives
-    it (a local instance dies with its driver, and its placement groups with it), and the
-    DatasetManager serves Ray Datasets (none are passed: the loaders read WebDataset shards).
-    The callbacks are Ray Train v2's defaults (ray.train.v2 DataParallelTrainer), pinned in
-    pyproject.toml; tests/test_ray_trainer_callbacks.py checks which ones are left."""
+    """TorchTrainer without three helper actors a Ray instance this driver started has no use for,
+    each a process importing Ray Train or Ray Data (~2-3 CPU-s): the detached PlacementGroupCleaner
+    removes a dead controller's placement group from a cluster that outlives it (a local instance
+    dies with its driver, and its placement groups with it); the DatasetManager serves Ray Datasets
+    (none are passed: the loaders read WebDataset shards); and the scaling policy's detached
+    AutoscalingCoordinator forwards resource requests to a cluster autoscaler (a single local node
+    has none). The callbacks and policy are Ray Train v2's defaults (ray.train.v2
+    DataParallelTrainer), pinned in pyproject.toml; tests/test_ray_trainer_callbacks.py checks them."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class LocalScalingPolicy(FixedScalingPolicy):
+        """Ray's fixed-size policy, minus the resource requests to the AutoscalingCoordinator."""
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
 
     class LocalTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, dropped)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return LocalTorchTrainer
 

@@ -33,6 +33,9 @@ from models.losses.pretrained_weights import (
 )
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
+# Its URL, downloaded through torch.hub as torchvision does (without importing torchvision, and
+# torch._dynamo with it, in the driver that checks availability): tests/test_losses_perceptual.py.
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 AUGMENT_PAD = 15  # release perceptual_loss.py padding_and_trimming
 
 
@@ -71,6 +74,11 @@ def torchvision_vgg16_cache_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
 
 
+def download_vgg16_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's VGG16 ImageNet weights from its URL into the torch.hub cache."""
+    return torch.hub.load_state_dict_from_url(VGG16_URL, progress=False)
+
+
 def _torchvision_vgg16_state_dict(vgg_weights_path: str | None) -> dict[str, torch.Tensor]:
     if vgg_weights_path:
         return load_state_dict_file(
@@ -79,10 +87,8 @@ def _torchvision_vgg16_state_dict(vgg_weights_path: str | None) -> dict[str, tor
     cached = torchvision_vgg16_cache_path()
     if os.path.isfile(cached):
         return load_state_dict_file(cached)
-    from torchvision.models import VGG16_Weights
-
     try:  # the normal download on a connected machine
-        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        return download_vgg16_state_dict()
     except Exception as error:
         raise MissingWeightsError(
             f"LPIPS VGG16 trunk weights not found at {cached} and the download failed "

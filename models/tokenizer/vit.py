@@ -4,6 +4,7 @@ RoPE tables and attention masks depend only on the token layout, which changes o
 merging blocks, so callers build them once per layout and cache them (SPEC "Speed").
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -11,19 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-try:  # FlexAttention (torch >= 2.5): block-sparse masked attention on CUDA.
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    create_block_mask = flex_attention = None
 
-_compiled_flex = None
+@functools.cache
+def flex_attention_api():
+    """(create_block_mask, compiled flex_attention) on torch >= 2.5, else None. Imported on first
+    use on CUDA only: the module imports torch's symbolic shapes and sympy (~0.5 s in every
+    process that imports the models, and most never run on CUDA)."""
+    try:  # FlexAttention: block-sparse masked attention on CUDA
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return create_block_mask, torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q, k, v, block_mask):
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention_api()[1](q, k, v, block_mask=block_mask)
 
 
 def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -59,13 +62,13 @@ class Layout:
         if levels is not None:
             lv = levels.to(device)
             mask = lv[:, None] >= lv[None, :]  # query level >= key level (SPEC "encoder mask")
-            if device.type == "cuda" and create_block_mask is not None:
+            if device.type == "cuda" and flex_attention_api() is not None:
 
                 def mask_mod(b, h, q, kv):
                     return lv[q] >= lv[kv]
 
                 T = lv.numel()
-                block_mask = create_block_mask(mask_mod, None, None, T, T, device=device)
+                block_mask = flex_attention_api()[0](mask_mod, None, None, T, T, device=device)
         return Layout(cos, sin, mask, block_mask)
 
     def rope_matrices(self) -> torch.Tensor:
