@@ -40,6 +40,10 @@ def connect_ray(cfg: Any) -> bool:
     # 0.5 s ends every local training stage ~2 s sooner. A poll the busy worker answers late is kept
     # and awaited, not counted as a failure (that takes 10 min: ray.train.v2 worker_group).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The raylet prestarts num_cpus idle Python workers for the first driver; the actors of a
+    # training stage (their runtime env differs) and most stages' tasks never use them: in the test
+    # suite 34 of them never ran anything (~1 CPU-s each). Workers start when work asks for them.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # Logical CPUs: enough for the training workers plus their controller even on 2 cores.
     needed = int(cfg.cluster.num_workers) * int(cfg.cluster.cpus_per_worker) + 1
     # No dashboard: ~1-3 s and three processes less per start on 2 cores. Ray finds "the" state

@@ -325,7 +325,7 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ},
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # infra/RUNBOOK.md section 4
     )
     url = f"http://127.0.0.1:{port}"
     import urllib.request

@@ -192,6 +192,7 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
         f"tokenizer_train.checkpoint_every={every}",
         "tokenizer_train.log_every=1",
         "tokenizer_train.image_log_every=0",
+        "cluster.num_workers=1",  # the job's driver is what is killed; one Train worker is enough
     ]
     first = _restok("submit", *train, "--stage", "train_tokenizer", "--no-wait", "--address", ray_head)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
