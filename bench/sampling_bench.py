@@ -3,6 +3,7 @@
     python bench/sampling_bench.py                      # tiny (batch 1, 64) and L (batch 1, 8) on CPU
     python bench/sampling_bench.py --presets L --l-batches 1
     python bench/sampling_bench.py --device cuda --l-batches 1,64 --compile
+    python bench/sampling_bench.py --presets L --linear mkl   # CPU linears on MKL, as torch's default
 
 Random weights (the output layer gets std 0.02 instead of its zero init so top-p sees a spread);
 the vanilla model shares the HAR model's tensors (minus the mask-token table). Sampling uses the
@@ -28,6 +29,7 @@ from models.generator import (
     sample,
 )
 from models.generator.gpt import rope_table
+from models.onednn_linear import use_onednn
 
 PRESETS = {
     "tiny": {"size": "tiny", "vocab_size": 64, "levels": [1, 1, 2, 4, 8, 16]},
@@ -80,7 +82,18 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (dynamic shapes)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--linear",
+        default="onednn",
+        choices=["onednn", "mkl"],
+        help="fp32 CPU linears on oneDNN (ours) or MKL (torch's F.linear, as the release)",
+    )
     args = ap.parse_args(argv)
+    with use_onednn(args.linear == "onednn"):
+        return run(args)
+
+
+def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -89,7 +102,7 @@ def main(argv=None):
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"dtype {args.dtype}, "
-        f"compile {args.compile}; sampler {kw}"
+        f"compile {args.compile}, CPU linears {args.linear}; sampler {kw}"
     )
     rows = []
     for preset in args.presets.split(","):

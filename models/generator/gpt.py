@@ -13,6 +13,7 @@ from torch import nn
 
 from models.generator.config import GeneratorConfig
 from models.generator.layout import Layout, Step, layout_for
+from models.onednn_linear import Linear
 from models.registry import gpt_size
 
 
@@ -94,8 +95,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, attn_dropout: float, resid_dropout: float):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # fused, no biases
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)  # fused, no biases
+        self.proj = Linear(dim, dim, bias=False)
         self.attn_dropout = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
@@ -141,9 +142,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = Linear(dim, hidden, bias=False)
+        self.up = Linear(dim, hidden, bias=False)
+        self.down = Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -195,7 +196,7 @@ class GPT(nn.Module):
         self.token_dropout = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(Block(cfg, size.dim, size.n_head) for _ in range(size.n_layer))
         self.final_norm = RMSNorm(size.dim, cfg.norm_eps)
-        self.head = nn.Linear(size.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(size.dim, cfg.vocab_size, bias=False)
 
         # Built once; positions are layout indices, +1 so a full vanilla [cls, t0..t_{N-1}] fits.
         self.register_buffer(

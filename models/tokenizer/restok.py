@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.onednn_linear import Linear, linear
 from models.registry import vit_size
 from models.tokenizer.config import TokenizerConfig
 from models.tokenizer.pixel_cnn import (
@@ -274,7 +275,7 @@ class ResTokEncoder(nn.Module):
             rows = latents
         out, s = [], 0
         for conv, n in zip(self.conv_out, self.cfg.levels, strict=False):
-            out.append(F.linear(rows[:, s : s + n], conv.weight.flatten(1), conv.bias))
+            out.append(linear(rows[:, s : s + n], conv.weight.flatten(1), conv.bias))
             s += n
         return torch.cat(out, 1)
 
@@ -372,7 +373,7 @@ class ResTokDecoder(nn.Module):
         self.ln_post = nn.LayerNorm(size.width, eps=1e-5)
         self.ffn = nn.Conv2d(size.width, cfg.z_channels, 1)
         self.latent_token_level_embedding = _level_params(len(cfg.levels), size.width)
-        self.decoder_embed = nn.ModuleList([nn.Linear(cfg.code_dim, size.width) for _ in cfg.levels])
+        self.decoder_embed = nn.ModuleList([Linear(cfg.code_dim, size.width) for _ in cfg.levels])
         N = cfg.num_tokens
         # Latent i at (i, i), image tokens at (r + N, c + N) (SPEC "2D RoPE").
         pos = torch.cat([torch.arange(N, device="cpu")[:, None].expand(N, 2), grid_positions(*grid, N)])
@@ -567,7 +568,7 @@ class ResTok(nn.Module):
         if self.vf_proj is not None:
             # Encoder term: projected coarsest image tokens, mean-pooled (SPEC "VF alignment").
             tokens = info["coarsest_tokens"].mean(1)
-            aux["vf_enc_feat"] = F.linear(tokens, self.vf_proj.weight.flatten(1))
+            aux["vf_enc_feat"] = linear(tokens, self.vf_proj.weight.flatten(1))
         if feat is not None:
-            aux["vf_dec_feat"] = F.linear(feat, self.vf_proj_dec.weight.flatten(1))
+            aux["vf_dec_feat"] = linear(feat, self.vf_proj_dec.weight.flatten(1))
         return recon, aux

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.onednn_linear import Linear, linear
+
 
 @functools.cache
 def flex_attention_api():
@@ -93,15 +95,15 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         B, T, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)
+        qkv = linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
         # Under autocast LayerNorm returns fp32; attention kernels want one dtype.
         q = apply_rope(self.q_norm(q), layout.cos, layout.sin).to(v.dtype)
@@ -116,8 +118,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU

@@ -1,0 +1,92 @@
+"""Linear layers whose fp32 CPU matmuls run on oneDNN instead of MKL.
+
+PyTorch's CPU `F.linear` in fp32 calls MKL's sgemm. On AMD CPUs (the 2-core bench machine is an
+EPYC) MKL takes a slow path: measured in one process there, HAR-L's 121 linears at 2 rows (a
+decode pass) take 53 ms on MKL vs 43 ms on oneDNN, at 128 rows (HAR's last pass) 643 vs 260 ms,
+and HAR-L sampling drops from 2.1 to 1.1 s per image with identical codes (`bench/
+sampling_bench.py --linear both`). oneDNN's fp32 matmul stays IEEE fp32 (its reduced-precision
+modes are opt-in, `torch.backends.mkldnn.matmul.fp32_precision`); only the summation order differs
+(max abs error vs float64 4e-6 against MKL's 1.6e-6 on a 1024-deep product).
+
+Everything else (CUDA, bf16 under DeepSpeed, builds without oneDNN, tiny products where the call
+overhead dominates) takes `F.linear`. `use_onednn(False)` turns it off for A/B timing.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many multiply-adds per call oneDNN's fixed overhead (~0.05 ms) outweighs its speed
+# (a 64x64 product at 1 row: 0.05 ms MKL vs 0.11 ms oneDNN).
+MIN_MACS = 1 << 18
+
+_STATE = {"enabled": hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()}
+
+
+@contextlib.contextmanager
+def use_onednn(enabled: bool):
+    """Within the block, fp32 CPU linears take oneDNN (True, when built in) or MKL (False)."""
+    before = _STATE["enabled"]
+    _STATE["enabled"] = enabled and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    try:
+        yield
+    finally:
+        _STATE["enabled"] = before
+
+
+def onednn_enabled() -> bool:
+    return _STATE["enabled"]
+
+
+def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _mm(grad, weight.t(), None)  # grad @ W
+        if ctx.needs_input_grad[1]:
+            grad_w = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # grad^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, on oneDNN for fp32 CPU tensors of a product large enough to gain."""
+    if (
+        _STATE["enabled"]
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.dim() >= 2
+        and x.numel() * weight.shape[0] >= MIN_MACS
+        and not torch.is_autocast_enabled("cpu")  # autocast would run F.linear in bf16
+    ):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            return _OneDNNLinearFn.apply(x, weight, bias)
+        return _mm(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, state dict and init) computed by `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
