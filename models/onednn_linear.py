@@ -1,12 +1,13 @@
 """Linear layers whose fp32 CPU matmuls run on oneDNN instead of MKL.
 
 PyTorch's CPU `F.linear` in fp32 calls MKL's sgemm. On AMD CPUs (the 2-core bench machine is an
-EPYC) MKL takes a slow path: measured in one process there, HAR-L's 121 linears at 2 rows (a
-decode pass) take 53 ms on MKL vs 43 ms on oneDNN, at 128 rows (HAR's last pass) 643 vs 260 ms,
-and HAR-L sampling drops from 2.1 to 1.1 s per image with identical codes (`bench/
-sampling_bench.py --linear both`). oneDNN's fp32 matmul stays IEEE fp32 (its reduced-precision
-modes are opt-in, `torch.backends.mkldnn.matmul.fp32_precision`); only the summation order differs
-(max abs error vs float64 4e-6 against MKL's 1.6e-6 on a 1024-deep product).
+EPYC) MKL takes a slow path: measured in one process there, HAR-L's 121 linears take 136 ms on
+MKL vs 45 ms on oneDNN at 2 rows (a decode pass, weights streamed from memory) and 643 vs 260 ms at
+128 rows (HAR's last pass, each shape timed repeatedly); HAR-L sampling at batch 1 drops from 2.9
+to 1.1 s with the same codes (`bench/sampling_bench.py --presets L --linear mkl`, then the default
+`onednn`). oneDNN's fp32 matmul stays IEEE fp32 (its reduced-precision modes are opt-in,
+`torch.backends.mkldnn.matmul.fp32_precision`); only the summation order differs (max abs error
+vs float64 4e-6 against MKL's 1.6e-6 on a 1024-deep product).
 
 Everything else (CUDA, bf16 under DeepSpeed, builds without oneDNN, tiny products where the call
 overhead dominates) takes `F.linear`. `use_onednn(False)` turns it off for A/B timing.
@@ -22,14 +23,15 @@ from torch import nn
 # (a 64x64 product at 1 row: 0.05 ms MKL vs 0.11 ms oneDNN).
 MIN_MACS = 1 << 18
 
-_STATE = {"enabled": hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()}
+AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+_STATE = {"enabled": AVAILABLE}
 
 
 @contextlib.contextmanager
 def use_onednn(enabled: bool):
     """Within the block, fp32 CPU linears take oneDNN (True, when built in) or MKL (False)."""
     before = _STATE["enabled"]
-    _STATE["enabled"] = enabled and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    _STATE["enabled"] = enabled and AVAILABLE
     try:
         yield
     finally:
