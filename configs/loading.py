@@ -214,6 +214,12 @@ def validate(cfg: Any) -> None:
                 f"{name}.global_batch_size={train.global_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.num_workers = {per_step}"
             )
+    if cfg.tokenizer_train.compile != "off" and int(cfg.tokenizer_train.zero_stage) == 3:
+        # ZeRO-3 gathers parameters in module hooks, which compiled graphs do not run per layer.
+        raise ConfigError(
+            f"tokenizer_train.compile={cfg.tokenizer_train.compile} needs zero_stage 0-2 "
+            "(tokenizer_train.zero_stage=3 gathers parameters in hooks a compiled graph skips)"
+        )
 
 
 def check_models_build(cfg: Any) -> None:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from configs.schema import RestokConfig
 from data_prep.loaders import train_batches
@@ -97,6 +98,8 @@ def tokenizer_loop(config: dict) -> None:
     loss_fn = TokenizerLoss(train.loss)
     size = int(tok_cfg.image_size)
     flops = 3 * forward_flops(lambda: model(torch.zeros(1, 3, size, size)))
+    if train.compile != "off":  # after the FLOP count, which runs the model eagerly
+        model.compile_pixel_cnns(train.compile)
     total_steps = int(train.steps)
     engine = build_engine(model.to(device), train, session.world, total_steps)
     engines = {ENGINE: engine}
@@ -156,6 +159,8 @@ def tokenizer_loop(config: dict) -> None:
         # Same keys on every step and rank (all-reduced for logging): GAN terms are 0 before it starts.
         if loss_fn.discriminator is not None:
             sums.setdefault("gan_active", float(gan))
+        if train.compile != "off":  # graphs compiled so far: growth after the first steps = recompiles
+            sums["compiled_graphs"] = float(dynamo_counters["stats"]["unique_graphs"])
         return dict(sums)
 
     def interval_metrics() -> dict[str, float]:

@@ -47,6 +47,14 @@ def test_batch_arithmetic_checked():
         load_config(None, ["tokenizer_train.global_batch_size=33"])
 
 
+def test_compile_choices_and_zero3_conflict_named():
+    assert load_config(None, ["tokenizer_train.compile=inductor"]).tokenizer_train.compile == "inductor"
+    with pytest.raises(ConfigError, match="aot_eager"):
+        load_config(None, ["tokenizer_train.compile=yes"])
+    with pytest.raises(ConfigError, match="tokenizer_train.compile=inductor needs zero_stage 0-2"):
+        load_config(None, ["tokenizer_train.compile=inductor", "tokenizer_train.zero_stage=3"])
+
+
 def test_preset_yaml_unknown_key_names_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: default\ndata:\n  sorce: synthetic\n")

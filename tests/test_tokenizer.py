@@ -431,3 +431,52 @@ def test_activation_checkpointing_same_loss_and_grads_less_saved():
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
     assert s1 < 0.8 * s0, (s1, s0)
+
+
+@pytest.mark.parametrize("channels,size", [(4, 5), (8, 8)])
+def test_fused_upsample_conv_equals_nearest_upsample_then_conv3x3(channels, size):
+    """The decoder's `upsample_conv` takes the low-resolution map; it must be the release's
+    nearest x2 + 3x3 conv (NOTES #4) in values and in every gradient (float64: exact to rounding)."""
+    from models.tokenizer.pixel_cnn import NearestUp2Conv3x3
+
+    torch.manual_seed(0)
+    fused = NearestUp2Conv3x3(channels).double()
+    assert set(fused.state_dict()) == {"weight", "bias"} and fused.weight.shape[-2:] == (3, 3)
+    x = torch.randn(2, channels, size, size + 1, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, channels, 2 * size, 2 * size + 2, dtype=torch.float64)
+
+    y = fused(x)
+    gx, gw, gb = torch.autograd.grad(y, (x, fused.weight, fused.bias), g)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), fused.weight, fused.bias, padding=1)
+    rx, rw, rb = torch.autograd.grad(ref, (x, fused.weight, fused.bias), g)
+    for got, want in ((y, ref), (gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_pixel_cnns_match_eager():
+    """`compile_pixel_cnns` (tokenizer_train.compile) traces both CNNs, forward and backward, and
+    changes neither the state dict nor the step's loss and gradients beyond float rounding.
+    aot_eager runs the traced aten graphs as they are; inductor's kernels are timed in bench/."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = ResTok(small_cfg()).train()
+    compiled = ResTok(small_cfg()).train()
+    compiled.load_state_dict(eager.state_dict())
+    keys = set(compiled.state_dict())
+    compiled.compile_pixel_cnns("aot_eager")
+    assert set(compiled.state_dict()) == keys
+    x = torch.rand(2, 3, 64, 64)
+    graphs_before = counters["stats"]["unique_graphs"]
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # same nested-dropout draw
+        recon, aux = model(x)
+        loss = F.mse_loss(recon, x) + aux["vq_loss"]
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        results.append((loss, grads))
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2  # encoder and decoder traced
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

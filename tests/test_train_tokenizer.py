@@ -202,6 +202,31 @@ def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):
     checkpoints.load_tokenizer(paths.stage_dir(cfg, "train_tokenizer"))
 
 
+def test_compiled_pixel_cnns_follow_the_eager_curve(baseline, prep_dir, tmp_path):
+    """tokenizer_train.compile reaches the workers' model: both pixel CNNs are traced once, forward
+    and backward (no recompiles), and the first steps' losses are the eager baseline's to float
+    rounding. aot_eager keeps this fast; inductor's kernels are timed in bench/ (README "Speed")."""
+    cfg = with_prep(
+        prep_dir,
+        make_cfg(
+            tmp_path,
+            *MSE_VQ_ONLY,
+            "tokenizer_train.zero_stage=1",
+            "tokenizer_train.compile=aot_eager",
+            "tokenizer_train.stop_after=4",  # same schedule as the baseline, first 4 steps
+            "tokenizer_train.image_log_every=0",
+        ),
+    )
+    run_id = tracking.start_run(cfg, "train_tokenizer")
+    assert train_tokenizer.run(cfg, run_id=run_id)["steps_done"] == 4
+    _, ref = loss_history(*baseline[::2])
+    steps, values = loss_history(cfg, run_id)
+    assert steps == [0, 1, 2, 3]
+    np.testing.assert_allclose(values, ref[:4], rtol=1e-4)
+    _, graphs = loss_history(cfg, run_id, "compiled_graphs")
+    assert graphs[0] >= 2 and len(set(graphs)) == 1, graphs
+
+
 # ZeRO-1 is the default preset's stage, ZeRO-3 the sharded one; the recipe's ZeRO-2 resize is
 # tests/test_cluster_faults.py's.
 @pytest.mark.parametrize("zero_stage", [1, 3])

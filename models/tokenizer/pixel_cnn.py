@@ -86,14 +86,37 @@ class ResBlock(nn.Module):
         return h + self.nin_shortcut(h if self.shortcut_on_branch else x)
 
 
+def _up2_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 4 taps along kernel axis `dim` (size 3 -> 4) that nearest x2 upsampling followed by a
+    3x3 conv (padding 1) applies to the low-resolution map: output row 2i uses x[i-1] with w[0]
+    and x[i] with w[1]+w[2]; row 2i+1 uses x[i] with w[0]+w[1] and x[i+1] with w[2]. As a
+    stride-2 transposed conv (padding 1) they are [w2, w1+w2, w0+w1, w0]. (Stack and add, not
+    einsum: the compiled backward of einsum's reshapes failed on oneDNN's weight-gradient strides.)"""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+class NearestUp2Conv3x3(Fp32Conv2d):
+    """`conv3x3(nearest_upsample_x2(x))` computed on the low-resolution map as one stride-2
+    transposed conv with 4x4 taps: the same function (the release's upsample + conv, NOTES #4),
+    16 instead of 36 multiply-adds per input pixel and channel pair, in the forward and the
+    backward, and no upsampled copy. Parameters and state dict are the 3x3 conv's."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(x)
+        w = _up2_taps(_up2_taps(self.weight.to(dt), 2), 3).transpose(0, 1)  # (in, out, 4, 4)
+        return F.conv_transpose2d(x.to(dt), w, _cast(self.bias, dt), stride=2, padding=1)
+
+
 class _Stage(nn.Module):
     def __init__(self, blocks: list[nn.Module], upsample_ch: int | None = None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         # Decoder stages end with nearest x2 + 3x3 conv (NOTES #4); encoder stages have no params.
-        self.upsample_conv = (
-            Fp32Conv2d(upsample_ch, upsample_ch, 3, padding=1) if upsample_ch is not None else None
-        )
+        self.upsample_conv = NearestUp2Conv3x3(upsample_ch) if upsample_ch is not None else None
 
 
 class PixelEncoder(nn.Module):
@@ -180,5 +203,5 @@ class PixelDecoder(nn.Module):
                 for blk in stage.block:
                     h = blk(h, ckpt)
                 if stage.upsample_conv is not None:
-                    h = stage.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                    h = stage.upsample_conv(h)  # nearest x2 then 3x3 conv, fused
             return self.conv_out(F.silu(self.norm_out(h)))

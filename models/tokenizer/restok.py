@@ -477,6 +477,13 @@ class ResTok(nn.Module):
     def from_config(cls, cfg) -> "ResTok":
         return cls(_as_config(cfg))
 
+    def compile_pixel_cnns(self, backend: str = "inductor") -> "ResTok":
+        """torch.compile the pixel encoder and decoder in place (state dict unchanged): most of a
+        small tokenizer's step is their GroupNorm/SiLU/residual passes, which inductor fuses."""
+        for cnn in (self.pixel_encoder, self.pixel_decoder):
+            cnn.compile(backend=backend)
+        return self
+
     @property
     def num_tokens(self) -> int:
         return self.cfg.num_tokens
