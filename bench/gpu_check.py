@@ -229,14 +229,17 @@ def part_official(c: Ctx) -> dict:
     return {"rows": rows}
 
 
-def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int) -> dict:
-    flops = FlopCounterMode(display=False)
-    with flops:
-        step()
+def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int, flops: float | None = None) -> dict:
+    """`flops`: the step's count when known (a compiled step is counted on its eager twin)."""
+    if flops is None:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
     c.sync()
     c.reset_mem()
-    s = c.timed(step, steps, warmup=1)
-    f = flops.get_total_flops()
+    s = c.timed(step, steps, warmup=1)  # a compiled step compiles in the warm-up
+    f = flops
     return {
         "batch": batch,
         "step_s": s,
@@ -249,12 +252,17 @@ def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int) -> dict:
 
 def part_tokenizer(c: Ctx) -> dict:
     name = "tiny-fixture" if c.dry else "official-l"
-    rows = []
-    for ckpt, batch in ((False, 2 if c.dry else 32), (True, 2 if c.dry else 32), (True, 4 if c.dry else 96)):
+    rows, flops = [], {}
+    small, big = (2, 4) if c.dry else (32, 96)
+    # (checkpointing, batch, pixel CNNs compiled: tokenizer_train.compile; aot_eager in the dry run)
+    cases = ((False, small, False), (False, small, True), (True, small, False), (True, big, False))
+    for ckpt, batch, compiled in cases:
         cfg = tokenizer_config_for(name)
         cfg.activation_checkpointing = ckpt
         torch.manual_seed(0)
         model = ResTok(cfg).to(c.device).train()
+        if compiled:
+            model.compile_pixel_cnns("aot_eager" if c.dry else "inductor")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.cuda)
         x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=c.device)
         amp = torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.cuda)
@@ -268,10 +276,22 @@ def part_tokenizer(c: Ctx) -> dict:
             opt.zero_grad(set_to_none=True)
 
         try:
-            r = _train_step_stats(c, step, batch, batch, 1 if c.dry else 5)
-            r.update(preset=name, activation_checkpointing=ckpt, images_per_s=r.pop("per_s"))
+            r = _train_step_stats(c, step, batch, batch, 1 if c.dry else 5, flops.get((ckpt, batch)))
+            flops[(ckpt, batch)] = r["gflop_per_step"] * 1e9
+            r.update(
+                preset=name,
+                activation_checkpointing=ckpt,
+                compiled_cnns=compiled,
+                images_per_s=r.pop("per_s"),
+            )
         except torch.OutOfMemoryError as e:
-            r = {"preset": name, "activation_checkpointing": ckpt, "batch": batch, "error": f"OOM: {e}"[:300]}
+            r = {
+                "preset": name,
+                "activation_checkpointing": ckpt,
+                "compiled_cnns": compiled,
+                "batch": batch,
+                "error": f"OOM: {e}"[:300],
+            }
         rows.append(r)
         del model, opt, x
         c.reset_mem()
@@ -384,10 +404,14 @@ def markdown(res: dict) -> str:
             ),
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def row_name(r):
+            return f"{r.get('preset', r.get('model'))}{' (compiled CNNs)' if r.get('compiled_cnns') else ''}"
+
         for r in rows:
             if "error" in r:
                 lines.append(
-                    f"| {r.get('preset', r.get('model'))} | {r.get('activation_checkpointing', '')} "
+                    f"| {row_name(r)} | {r.get('activation_checkpointing', '')} "
                     f"| {r['batch']} | {r['error'][:60]} | | | | | |"
                 )
                 continue
@@ -396,7 +420,7 @@ def markdown(res: dict) -> str:
                 return fmt.format(r[k]) if r.get(k) is not None else ""
 
             lines.append(
-                f"| {r.get('preset', r.get('model'))} | {r.get('activation_checkpointing', '')} | "
+                f"| {row_name(r)} | {r.get('activation_checkpointing', '')} | "
                 f"{r['batch']} | {f('step_s')} | {f('images_per_s', '{:.1f}')} | "
                 f"{f('tokens_per_s', '{:.0f}')} | {f('mfu_vs_measured', '{:.1%}')} | "
                 f"{f('mfu_vs_nominal', '{:.1%}')} | {f('peak_gib', '{:.2f}')} |"

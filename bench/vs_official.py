@@ -4,6 +4,8 @@
     SBS_GROUPS=tok_tiny python bench/vs_official.py   # one group
     python bench/vs_official.py --threads 1           # both sides at 1 thread (oversubscribed machine)
     python bench/vs_official.py --json out.json       # also keep every record
+    SBS_GROUPS=tok_tiny python bench/vs_official.py --compile inductor
+        # restok's pixel CNNs under torch.compile (tokenizer_train.compile); the release eager
 
 Runs `side_by_side.py` (official-bench, beside SPEC.md) in the authors' venv: it builds the
 release's models, converts their weights with restok's converter into restok's models (this
@@ -65,6 +67,13 @@ with contextlib.redirect_stdout(sys.stderr):
                 rec["threads"] = threads
             return timed(recs_fns, *a, **k)
         sbs.ob.time_interleaved = time_interleaved
+    backend = os.environ.get("SBS_RESTOK_COMPILE") or "off"
+    if backend != "off":  # tokenizer_train.compile: restok's pixel CNNs compiled once built
+        class CompiledResTok(sbs.OurResTok):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.compile_pixel_cnns(backend)
+        sbs.OurResTok = CompiledResTok
     for g in os.environ.get("SBS_GROUPS", "tok_tiny,gen_l").split(","):
         sbs.GROUPS[g]()
 keep = ("group", "what", "who", "batch", "threads", "median_s", "min_s", "repeats",
@@ -136,6 +145,13 @@ def main(argv=None) -> int:
         default=0,
         help="torch threads for both sides (default: side_by_side's 2); 1 on a shared machine",
     )
+    ap.add_argument(
+        "--compile",
+        choices=["off", "inductor", "aot_eager"],
+        default="off",
+        help="torch.compile restok's pixel CNNs (tokenizer_train.compile); the first call of each "
+        "case compiles, outside the timed rounds",
+    )
     args = ap.parse_args(argv)
     where = locate()
     if isinstance(where, str):
@@ -151,6 +167,7 @@ def main(argv=None) -> int:
             SBS_DIR=str(where["bench"]),
             SBS_JSON=str(out_json),
             SBS_THREADS=str(args.threads or ""),
+            SBS_RESTOK_COMPILE=args.compile,
         )
         with open(args.log or os.devnull, "w") as log:
             proc = subprocess.run(
@@ -162,7 +179,7 @@ def main(argv=None) -> int:
         rows = json.loads(out_json.read_text())
     print(
         f"groups {args.groups}; {sys.platform}, fp32, threads {rows[0]['threads'] if rows else '?'}; "
-        "medians of interleaved rounds"
+        f"medians of interleaved rounds; restok pixel CNNs compiled: {args.compile}"
     )
     print(table(rows))
     return 0

@@ -453,15 +453,16 @@ def test_fused_upsample_conv_equals_nearest_upsample_then_conv3x3(channels, size
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_pixel_cnns_match_eager():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_pixel_cnns_match_eager(checkpointing):
     """`compile_pixel_cnns` (tokenizer_train.compile) traces both CNNs, forward and backward, and
     changes neither the state dict nor the step's loss and gradients beyond float rounding.
     aot_eager runs the traced aten graphs as they are; inductor's kernels are timed in bench/."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    eager = ResTok(small_cfg()).train()
-    compiled = ResTok(small_cfg()).train()
+    eager = ResTok(small_cfg(activation_checkpointing=checkpointing)).train()
+    compiled = ResTok(small_cfg(activation_checkpointing=checkpointing)).train()
     compiled.load_state_dict(eager.state_dict())
     keys = set(compiled.state_dict())
     compiled.compile_pixel_cnns("aot_eager")
