@@ -14,7 +14,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
-from torch._dynamo.utils import counters as dynamo_counters
 
 from configs.schema import RestokConfig
 from data_prep.loaders import train_batches
@@ -160,7 +159,8 @@ def tokenizer_loop(config: dict) -> None:
         if loss_fn.discriminator is not None:
             sums.setdefault("gan_active", float(gan))
         if train.compile != "off":  # graphs compiled so far: growth after the first steps = recompiles
-            sums["compiled_graphs"] = float(dynamo_counters["stats"]["unique_graphs"])
+            # torch._dynamo through torch's lazy attribute: loaded by the compile, not on the driver
+            sums["compiled_graphs"] = float(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         return dict(sums)
 
     def interval_metrics() -> dict[str, float]:
