@@ -215,10 +215,10 @@ def validate(cfg: Any) -> None:
                 f"micro_batch_size x cluster.num_workers = {per_step}"
             )
     if cfg.tokenizer_train.compile != "off" and int(cfg.tokenizer_train.zero_stage) == 3:
-        # ZeRO-3 gathers parameters in module hooks, which compiled graphs do not run per layer.
+        # ZeRO-3 all-gathers parameters in per-module hooks, inside what would be compiled: untested.
         raise ConfigError(
             f"tokenizer_train.compile={cfg.tokenizer_train.compile} needs zero_stage 0-2 "
-            "(tokenizer_train.zero_stage=3 gathers parameters in hooks a compiled graph skips)"
+            "(tokenizer_train.zero_stage=3 gathers parameters in module hooks; not supported compiled)"
         )
 
 

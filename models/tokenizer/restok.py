@@ -478,7 +478,7 @@ class ResTok(nn.Module):
         return cls(_as_config(cfg))
 
     def compile_pixel_cnns(self, backend: str = "inductor") -> "ResTok":
-        """torch.compile the pixel encoder and decoder in place (state dict unchanged): most of a
+        """torch.compile the pixel encoder and decoder in place (state dict unchanged): much of a
         small tokenizer's step is their GroupNorm/SiLU/residual passes, which inductor fuses."""
         for cnn in (self.pixel_encoder, self.pixel_decoder):
             cnn.compile(backend=backend)
