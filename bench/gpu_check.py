@@ -239,14 +239,13 @@ def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int, flops: f
     c.sync()
     c.reset_mem()
     s = c.timed(step, steps, warmup=1)  # a compiled step compiles in the warm-up
-    f = flops
     return {
         "batch": batch,
         "step_s": s,
         "per_s": units / s,
-        "gflop_per_step": f / 1e9,
+        "gflop_per_step": flops / 1e9,
         "peak_gib": c.peak_gib(),
-        **c.mfu(f, s),
+        **c.mfu(flops, s),
     }
 
 

@@ -27,6 +27,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs.schema import CompileBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--compile",
-        choices=["off", "inductor", "aot_eager"],
+        choices=get_args(CompileBackend),
         default="off",
         help="torch.compile restok's pixel CNNs (tokenizer_train.compile); the first call of each "
         "case compiles, outside the timed rounds",

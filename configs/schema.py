@@ -23,6 +23,8 @@ PATH = {"path": True}
 # The pipeline's stages in graph order: the one list (infra.stages adds their inputs and configs).
 StageName = Literal["prep", "train_tokenizer", "extract_codes", "train_generator", "evaluate"]
 STAGE_NAMES: tuple[str, ...] = get_args(StageName)
+# tokenizer_train.compile (and bench/vs_official.py --compile)
+CompileBackend = Literal["off", "inductor", "aot_eager"]
 
 
 @dataclass
@@ -110,7 +112,7 @@ class TokenizerTrainConfig(TrainConfig):
     # 1.28x, README "Speed"); the first step pays the compile (tiny: ~2 min cold, ~40 s cached).
     # aot_eager traces forward and backward without generating kernels: checks that the model
     # compiles, no speed-up. Same results to float rounding; not with zero_stage 3.
-    compile: Literal["off", "inductor", "aot_eager"] = "off"
+    compile: CompileBackend = "off"
 
 
 @dataclass

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch._dynamo.utils import counters
 
 from models.tokenizer import ResTok, TokenizerConfig, tokenizer_config_for
 from models.tokenizer.config import official_tokenizer_config
+from models.tokenizer.pixel_cnn import NearestUp2Conv3x3
 from models.tokenizer.restok import (
     encoder_layouts,
     latent_grids,
@@ -437,8 +439,6 @@ def test_activation_checkpointing_same_loss_and_grads_less_saved():
 def test_fused_upsample_conv_equals_nearest_upsample_then_conv3x3(channels, size):
     """The decoder's `upsample_conv` takes the low-resolution map; it must be the release's
     nearest x2 + 3x3 conv (NOTES #4) in values and in every gradient (float64: exact to rounding)."""
-    from models.tokenizer.pixel_cnn import NearestUp2Conv3x3
-
     torch.manual_seed(0)
     fused = NearestUp2Conv3x3(channels).double()
     assert set(fused.state_dict()) == {"weight", "bias"} and fused.weight.shape[-2:] == (3, 3)
@@ -458,8 +458,6 @@ def test_compiled_pixel_cnns_match_eager(checkpointing):
     """`compile_pixel_cnns` (tokenizer_train.compile) traces both CNNs, forward and backward, and
     changes neither the state dict nor the step's loss and gradients beyond float rounding.
     aot_eager runs the traced aten graphs as they are; inductor's kernels are timed in bench/."""
-    from torch._dynamo.utils import counters
-
     torch.manual_seed(0)
     eager = ResTok(small_cfg(activation_checkpointing=checkpointing)).train()
     compiled = ResTok(small_cfg(activation_checkpointing=checkpointing)).train()
