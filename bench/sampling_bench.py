@@ -4,12 +4,13 @@
     python bench/sampling_bench.py --presets L --l-batches 1
     python bench/sampling_bench.py --device cuda --l-batches 1,64 --compile
     python bench/sampling_bench.py --presets L --linear mkl   # CPU linears on MKL, as torch's default
+    python bench/sampling_bench.py --presets L --no-prepack   # oneDNN reorders the weights per call
 
 Random weights (the output layer gets std 0.02 instead of its zero init so top-p sees a spread);
 the vanilla model shares the HAR model's tensors (minus the mask-token table). Sampling uses the
 published recipe (CFG 3.75 step schedule from 0.25, top-p 0.95), so every pass runs the doubled
-batch. Times are medians over --repeats runs after a warm-up run per (preset, batch) (both models
-when compiling or on CUDA).
+batch. Times are medians over --repeats runs after a warm-up run of both models per (preset, batch)
+(which also packs the CPU linears' weights, `sample(prepack=True)`).
 """
 
 import argparse
@@ -88,6 +89,12 @@ def main(argv=None):
         choices=["onednn", "mkl"],
         help="fp32 CPU linears on oneDNN (ours) or MKL (torch's F.linear, as the release)",
     )
+    ap.add_argument(
+        "--prepack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fp32 CPU linears use weights packed once for oneDNN (sample's default)",
+    )
     args = ap.parse_args(argv)
     with use_onednn(args.linear == "onednn"):
         return run(args)
@@ -97,12 +104,12 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    kw = asdict(official_sampling_config())
+    kw = asdict(official_sampling_config()) | {"prepack": args.prepack}
     l_batches = args.l_batches or ("1,64" if args.device.startswith("cuda") else "1,8")
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"dtype {args.dtype}, "
-        f"compile {args.compile}, CPU linears {args.linear}; sampler {kw}"
+        f"compile {args.compile}, CPU linears {args.linear}, prepack {args.prepack}; sampler {kw}"
     )
     rows = []
     for preset in args.presets.split(","):
@@ -122,8 +129,8 @@ def run(args):
         batches = [int(b) for b in (l_batches if preset == "L" else args.batches).split(",")]
         repeats = args.l_repeats if preset == "L" else args.repeats
         for batch in batches:
-            # Warm-up (allocations, kernels); compiled or CUDA runs warm up both models (own graphs).
-            for model in (har, vanilla) if (args.compile or args.device.startswith("cuda")) else (har,):
+            # Warm-up (allocations, kernels, packs, compiled graphs), each model (own packs and graphs).
+            for model in (har, vanilla):
                 sample(model, torch.zeros(batch, dtype=torch.long), **kw)
             result = {}
             for mode, model in (("HAR", har), ("vanilla", vanilla)):

@@ -11,6 +11,13 @@ vs float64 4e-6 against MKL's 1.6e-6 on a 1024-deep product).
 
 Everything else (CUDA, bf16 under DeepSpeed, builds without oneDNN, tiny products where the call
 overhead dominates) takes `F.linear`. `use_onednn(False)` turns it off for A/B timing.
+
+Given a plain weight, oneDNN reorders it into its blocked layout on every call, so a pass whose
+time is reading the weights (a decode step) reads and writes them twice more. For inference,
+`prepack_linears(module)` does that reorder once per weight and keeps the copy on the layer until
+the weight changes or the module goes back to training: 24 4096x1024 products at 2 rows take 23 ->
+10 ms, at 128 rows 77 -> 67 ms, with bit-identical outputs (same kernel, same summation order).
+The price is a second copy of the weights while the packs live.
 """
 
 import contextlib
@@ -22,9 +29,13 @@ from torch import nn
 # Below this many multiply-adds per call oneDNN's fixed overhead (~0.05 ms) outweighs its speed
 # (a 64x64 product at 1 row: 0.05 ms MKL vs 0.11 ms oneDNN).
 MIN_MACS = 1 << 18
+# Row-count hint for the packed layout: 1 picks a matrix-vector layout that is no faster than the
+# plain weight; 2 and 128 gave the same fast layout at 2 to 1024 rows.
+_PACK_ROWS_HINT = 64
 
 AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 _STATE = {"enabled": AVAILABLE}
+PACKABLE = AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 @contextlib.contextmanager
@@ -67,8 +78,14 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, on oneDNN for fp32 CPU tensors of a product large enough to gain."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`F.linear`, on oneDNN for fp32 CPU tensors of a product large enough to gain. `packed`, the
+    weight in oneDNN's layout (`Linear.packed_weight`), replaces it where no gradient is needed."""
     if (
         _STATE["enabled"]
         and x.device.type == "cpu"
@@ -83,12 +100,60 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         ):
             return _OneDNNLinearFn.apply(x, weight, bias)
-        return _mm(x, weight, bias)
+        return _mm(x, weight if packed is None else packed, bias)
     return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, state dict and init) computed by `linear` above."""
 
+    # (weight's data pointer, its version counter, the packed copy): valid while both still match.
+    _pack: tuple[int, int, torch.Tensor] | None = None
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed copy of the weight if `pack` made one and the weight has not changed since."""
+        pack, w = self._pack, self.weight
+        if pack is not None and pack[0] == w.data_ptr() and pack[1] == w._version:
+            return pack[2]
+        return None
+
+    def pack(self) -> bool:
+        """Reorder the weight once into oneDNN's layout for inference; True if a pack is held."""
+        w = self.weight
+        # A ZeRO-3 partitioned weight is an empty placeholder outside forward: nothing to pack.
+        whole = tuple(w.shape) == (self.out_features, self.in_features)
+        if not (
+            PACKABLE and onednn_enabled() and whole and w.device.type == "cpu" and w.dtype == torch.float32
+        ):
+            self._pack = None
+            return False
+        if self.packed_weight() is None:
+            self._pack = None  # free a stale copy before making the new one
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_ROWS_HINT)
+            self._pack = (w.data_ptr(), w._version, packed)
+        return True
+
+    def unpack(self) -> None:
+        self._pack = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.unpack()  # training changes the weight every step: a pack would be stale
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight())
+
+
+def prepack_linears(module: nn.Module) -> int:
+    """Pack every fp32 CPU `Linear` in module for inference (see the module docstring); returns
+    how many hold a pack. Idempotent and cheap while the weights are unchanged. The packs go when
+    the module is put in training mode or `unpack_linears` is called."""
+    return sum(m.pack() for m in module.modules() if isinstance(m, Linear))
+
+
+def unpack_linears(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.unpack()

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.generator import GPT, official_generator_config, official_sampling_config, sample
-from models.onednn_linear import Linear, linear, onednn_enabled, use_onednn
+from models.onednn_linear import (
+    PACKABLE,
+    Linear,
+    linear,
+    onednn_enabled,
+    prepack_linears,
+    unpack_linears,
+    use_onednn,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build has no oneDNN")
 
@@ -82,9 +90,81 @@ def test_generator_samples_the_same_codes_on_onednn_and_mkl():
     labels = torch.tensor([3, 7])
     codes, logits = {}, {}
     for mode in (True, False):
-        with use_onednn(mode), torch.no_grad():
+        with use_onednn(mode), torch.no_grad():  # sample's default prepack applies on oneDNN only
             res = sample(model, labels, generator=torch.Generator().manual_seed(1), record_logits=True, **kw)
         codes[mode], logits[mode] = res.codes, res.step_logits
     assert torch.equal(codes[True], codes[False])
     for a, b in zip(logits[True], logits[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not PACKABLE, reason="this torch build cannot pack oneDNN linear weights")
+def test_prepacked_weight_gives_identical_outputs_and_is_dropped_when_stale():
+    torch.manual_seed(0)
+    layer = Linear(300, 900).eval()
+    x = torch.randn(2, 7, 300)
+    with torch.no_grad():
+        plain = layer(x)
+        assert prepack_linears(layer) == 1
+        packed = layer.packed_weight()
+        assert packed is not None and packed.layout == torch._mkldnn  # oneDNN's own layout
+        with OpsSeen() as seen:
+            y = layer(x)
+        assert "mkldnn._linear_pointwise" in seen.ops
+        torch.testing.assert_close(y, plain, rtol=0, atol=0)  # same kernel, same summation order
+        prepack_linears(layer)  # idempotent: an unchanged weight keeps its pack
+        assert layer.packed_weight() is packed
+        # An in-place update (an optimizer step, load_state_dict) makes the pack stale: not used.
+        layer.weight.mul_(2.0)
+        assert layer.packed_weight() is None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=2e-4)
+        prepack_linears(layer)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=2e-4)
+    # Gradients never go through the pack, and training mode drops it.
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, layer.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-4)
+    layer.train()
+    assert layer._pack is None
+    with torch.no_grad():
+        prepack_linears(layer)
+        unpack_linears(layer)
+        assert layer._pack is None
+        with use_onednn(False):
+            assert prepack_linears(layer) == 0  # MKL linears have nothing to pack
+        layer.weight.data = torch.empty(0)  # how ZeRO-3 leaves a partitioned weight between passes
+        assert prepack_linears(layer) == 0
+
+
+@pytest.mark.skipif(not PACKABLE, reason="this torch build cannot pack oneDNN linear weights")
+@pytest.mark.parametrize("vanilla", [False, True])
+def test_sampling_with_prepacked_weights_is_bit_identical(vanilla):
+    torch.manual_seed(0)
+    cfg = official_generator_config(vanilla, "B", vocab_size=512, levels=[1, 1, 2, 4, 8])
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    kw = asdict(official_sampling_config())
+    labels = torch.tensor([3, 7, 1])
+    runs = {}
+    for prepack in (False, True, True):  # the second packed run reuses the packs
+        res = sample(
+            model,
+            labels,
+            generator=torch.Generator().manual_seed(1),
+            record_logits=True,
+            prepack=prepack,
+            **kw,
+        )
+        runs.setdefault(prepack, []).append(res)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.packed_weight() is not None for m in linears)  # kept on the model in eval mode
+    ref = runs[False][0]
+    for res in runs[True]:
+        assert torch.equal(res.codes, ref.codes)
+        for a, b in zip(res.step_logits, ref.step_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.train()
+    assert all(m._pack is None for m in linears)
+    # A model sampled while training (the trainer's sample grids) is left without packs.
+    sample(model, labels, generator=torch.Generator().manual_seed(1), **kw)
+    assert model.training and all(m._pack is None for m in linears)

@@ -15,6 +15,7 @@ import torch
 
 from models.generator.config import CFG_SCHEDULES
 from models.generator.gpt import GPT, KVCache
+from models.onednn_linear import prepack_linears
 
 
 @dataclass
@@ -155,15 +156,21 @@ def sample(
     record_logits: bool = False,
     synchronize: bool = True,
     compile_decode: bool = False,
+    prepack: bool = True,
 ) -> SampleResult:
     """Sample codes (B, N) for class_labels (B,). HAR or vanilla follows gpt.cfg.har.
 
     CFG runs (batch doubled with the null class) when cfg_scale > 1, as in LlamaGen.
     `synchronize` makes per-step times exact on CUDA. `compile_decode` runs the decode passes
     through torch.compile (CUDA graphs on CUDA; static shapes per HAR step), see GPT.compiled_trunk.
+    `prepack` (fp32 on CPU only) reorders the linears' weights once into oneDNN's layout and keeps
+    that copy on the model while it stays in eval mode (models/onednn_linear.py): decode passes
+    read the weights once instead of three times, same outputs, twice the weights' memory.
     """
     was_training = gpt.training
     gpt.eval()
+    if prepack:
+        prepack_linears(gpt)
     labels = torch.as_tensor(class_labels).to(gpt.head.weight.device).long()
     b = labels.shape[0]
     use_cfg = cfg_scale > 1.0
