@@ -5,6 +5,8 @@ depend on a trained tokenizer; a random tiny tokenizer export is placed beside t
 grids are decoded and logged as they would be in a pipeline run.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,10 @@ def test_baseline_learns_exports_and_tracks(baseline):
     run = client.get_run(run_id)
     assert run.data.params["generator_train.zero_stage"] == "1"
     assert run.data.tags["restok.stage"] == "train_generator"
+    # CPU workers start with glibc told to keep freed activations (ClusterConfig.cpu_worker_malloc_keep).
+    if not any(k.startswith("MALLOC_") for k in os.environ):
+        expected = " ".join(sorted(f"{k}={v}" for k, v in ray_training.CPU_WORKER_MALLOC_ENV.items()))
+        assert run.data.tags["restok.worker_malloc"] == expected
     for key in ("loss", "lr", "grad_norm", "sequences_per_s", "tokens_per_s", "mfu", "peak_memory_gib"):
         assert key in run.data.metrics, key
     artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
@@ -215,3 +221,15 @@ def test_code_batches_resume_exactly():
     mine = {int(v) // 6 for b in straight[:5] for v in b[0][:, 0]}  # sample index of each row
     theirs = {int(v) // 6 for b in [next(other) for _ in range(5)] for v in b[0][:, 0]}
     assert len(mine) == len(theirs) == 20 and not mine & theirs  # an epoch splits the samples
+
+
+def test_worker_malloc_env_cpu_only_and_users_settings_win(tmp_path):
+    cfg = load_config("default", [f"work_dir={tmp_path}"])
+    ours = ray_training.CPU_WORKER_MALLOC_ENV
+    assert ray_training.worker_malloc_env(cfg, {}) == ours
+    assert ray_training.worker_malloc_env(cfg, {"MALLOC_ARENA_MAX": "2"}) == {"MALLOC_ARENA_MAX": "2"}
+    cfg.cluster.use_gpu = True
+    assert ray_training.worker_malloc_env(cfg, {}) == {}
+    cfg.cluster.use_gpu = False
+    cfg.cluster.cpu_worker_malloc_keep = False
+    assert ray_training.worker_malloc_env(cfg, {}) == {}

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,21 @@ def local_torch_trainer_class():
     return LocalTorchTrainer
 
 
+# glibc's defaults (README "Speed"): see configs/schema.py ClusterConfig.cpu_worker_malloc_keep.
+# Both are needed: the mmap threshold alone still trims the heap's top, the trim threshold alone
+# fixes the mmap threshold at 128 KiB (~7x more faults here).
+CPU_WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def worker_malloc_env(cfg: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """glibc malloc settings for the Train workers: the driver's own MALLOC_* if any, else ours
+    for CPU workers (when `cluster.cpu_worker_malloc_keep`), else none."""
+    own = {k: v for k, v in environ.items() if k.startswith("MALLOC_")}
+    if own or cfg.cluster.use_gpu or not cfg.cluster.cpu_worker_malloc_keep:
+        return own
+    return dict(CPU_WORKER_MALLOC_ENV)
+
+
 def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, extra: dict | None = None):
     """Run `train_loop` on cluster.num_workers Ray Train workers; returns the Ray Train Result."""
     import ray.train
@@ -230,6 +245,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
     env = {
         k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, TEST_STEP_SLEEP_ENV, "OMP_NUM_THREADS")
     }
+    env.update(worker_malloc_env(cfg, os.environ))
 
     def trainer() -> TorchTrainer:
         return (local_torch_trainer_class() if starts_local_ray(cfg) else TorchTrainer)(
@@ -702,9 +718,13 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     session.load_logged_steps("loss")
     peak, peak_source = peak_flops_per_worker(session)
     if session.is_logger:
-        tracking.client_for(session.tracking_uri).set_tag(
+        client = tracking.client_for(session.tracking_uri)
+        client.set_tag(
             session.run_id, "restok.mfu_peak", f"{peak / 1e12:.3f} TFLOP/s per worker ({peak_source})"
         )
+        # What glibc read at this worker's start (worker_malloc_env): step times depend on it on CPU.
+        malloc = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+        client.set_tag(session.run_id, "restok.worker_malloc", " ".join(malloc) or "glibc defaults")
     meter = Throughput(session.world, spec.tokens_per_sample, spec.flops_per_sample, peak)
     stop_after = int(train.stop_after)
     end = min(total, stop_after) if stop_after > 0 else total
