@@ -199,10 +199,11 @@ class ClusterConfig:
     # Peak FLOP/s of one worker's device for MFU (e.g. 989 for an H100 in bf16); 0 = measure a
     # matmul once at start (a lower bound of the peak, so MFU is then an upper bound).
     peak_tflops_per_worker: float = 0.0
-    # CPU Train workers keep freed memory in glibc's heap (MALLOC_MMAP_THRESHOLD_ 256 MiB,
-    # MALLOC_TRIM_THRESHOLD_ 1 GiB) instead of unmapping every large activation and faulting it in
-    # again next step: 8-12% of the tiny tokenizer step on 2 cores (README "Speed"). The price is
-    # memory held between steps. Workers with GPUs, or a user's own MALLOC_* settings, are left alone.
+    # CPU Ray workers (Train workers, extraction and evaluation actors) keep freed memory in
+    # glibc's heap (MALLOC_MMAP_THRESHOLD_ 256 MiB, MALLOC_TRIM_THRESHOLD_ 1 GiB) instead of
+    # unmapping every large activation and faulting it in again next step: 8-12% of the tiny
+    # tokenizer step on 2 cores (README "Speed"). The price is memory held between steps. Workers
+    # with GPUs, or a driver with its own MALLOC_* settings (passed on as they are), are left alone.
     cpu_worker_malloc_keep: bool = True
 
 

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 # Where Ray's state API clients (ray.util.state) look first (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+# glibc's defaults unmap every large freed block, so a CPU worker faults its activations in again
+# on every step (ClusterConfig.cpu_worker_malloc_keep, README "Speed"). Both are needed: the mmap
+# threshold alone still trims the heap's top, the trim threshold alone pins the mmap threshold at
+# 128 KiB (~7x more faults here).
+CPU_WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def worker_malloc_env(cfg: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """glibc malloc settings for Ray workers that compute (Train workers, extraction and evaluation
+    actors): the driver's own MALLOC_* if any, else ours for CPU workers, else none."""
+    own = {k: v for k, v in environ.items() if k.startswith("MALLOC_")}
+    if own or cfg.cluster.use_gpu or not cfg.cluster.cpu_worker_malloc_keep:
+        return own
+    return dict(CPU_WORKER_MALLOC_ENV)
 
 
 def starts_local_ray(cfg: Any) -> bool:

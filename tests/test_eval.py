@@ -134,6 +134,20 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
         run_id, "fd_probe_recon_by_kept_tokens"
     )
     assert sorted(h.step for h in history) == [4, 8, 16]
+    # The CPU actors started with glibc told to keep freed memory (ClusterConfig.cpu_worker_malloc_keep).
+    import ray
+
+    from infra.ray_connect import worker_malloc_env
+    from jobs.evaluation.pool import get_pool
+
+    pool = get_pool(cfg)
+    seen = ray.get(
+        [
+            a.__ray_call__.remote(lambda _: {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
+            for a in pool.actors
+        ]
+    )
+    assert seen == [worker_malloc_env(cfg, os.environ)] * 2 and seen[0]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from conftest import NANO_LEVELS, NANO_TOKENIZER, NANO_VOCAB, write_tokenizer_ex
 from safetensors.torch import load_file
 
 from configs.loading import load_config
-from infra import code_shards, paths, storage, tracking
+from infra import code_shards, paths, ray_connect, storage, tracking
 from infra.manifest import write_manifest
 from infra.stages import stage_fingerprint
 from jobs import train_generator
@@ -125,7 +125,7 @@ def test_baseline_learns_exports_and_tracks(baseline):
     assert run.data.tags["restok.stage"] == "train_generator"
     # CPU workers start with glibc told to keep freed activations (ClusterConfig.cpu_worker_malloc_keep).
     if not any(k.startswith("MALLOC_") for k in os.environ):
-        expected = " ".join(sorted(f"{k}={v}" for k, v in ray_training.CPU_WORKER_MALLOC_ENV.items()))
+        expected = " ".join(sorted(f"{k}={v}" for k, v in ray_connect.CPU_WORKER_MALLOC_ENV.items()))
         assert run.data.tags["restok.worker_malloc"] == expected
     for key in ("loss", "lr", "grad_norm", "sequences_per_s", "tokens_per_s", "mfu", "peak_memory_gib"):
         assert key in run.data.metrics, key
@@ -225,11 +225,11 @@ def test_code_batches_resume_exactly():
 
 def test_worker_malloc_env_cpu_only_and_users_settings_win(tmp_path):
     cfg = load_config("default", [f"work_dir={tmp_path}"])
-    ours = ray_training.CPU_WORKER_MALLOC_ENV
-    assert ray_training.worker_malloc_env(cfg, {}) == ours
-    assert ray_training.worker_malloc_env(cfg, {"MALLOC_ARENA_MAX": "2"}) == {"MALLOC_ARENA_MAX": "2"}
+    ours = ray_connect.CPU_WORKER_MALLOC_ENV
+    assert ray_connect.worker_malloc_env(cfg, {}) == ours
+    assert ray_connect.worker_malloc_env(cfg, {"MALLOC_ARENA_MAX": "2"}) == {"MALLOC_ARENA_MAX": "2"}
     cfg.cluster.use_gpu = True
-    assert ray_training.worker_malloc_env(cfg, {}) == {}
+    assert ray_connect.worker_malloc_env(cfg, {}) == {}
     cfg.cluster.use_gpu = False
     cfg.cluster.cpu_worker_malloc_keep = False
-    assert ray_training.worker_malloc_env(cfg, {}) == {}
+    assert ray_connect.worker_malloc_env(cfg, {}) == {}

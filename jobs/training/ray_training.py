@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
-from infra.ray_connect import connect_ray, starts_local_ray
+from infra.ray_connect import connect_ray, starts_local_ray, worker_malloc_env
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -197,21 +197,6 @@ def local_torch_trainer_class():
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return LocalTorchTrainer
-
-
-# glibc's defaults (README "Speed"): see configs/schema.py ClusterConfig.cpu_worker_malloc_keep.
-# Both are needed: the mmap threshold alone still trims the heap's top, the trim threshold alone
-# fixes the mmap threshold at 128 KiB (~7x more faults here).
-CPU_WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
-def worker_malloc_env(cfg: Any, environ: Mapping[str, str]) -> dict[str, str]:
-    """glibc malloc settings for the Train workers: the driver's own MALLOC_* if any, else ours
-    for CPU workers (when `cluster.cpu_worker_malloc_keep`), else none."""
-    own = {k: v for k, v in environ.items() if k.startswith("MALLOC_")}
-    if own or cfg.cluster.use_gpu or not cfg.cluster.cpu_worker_malloc_keep:
-        return own
-    return dict(CPU_WORKER_MALLOC_ENV)
 
 
 def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, extra: dict | None = None):
