@@ -113,7 +113,7 @@ class Linear(nn.Linear):
     def packed_weight(self) -> torch.Tensor | None:
         """The packed copy of the weight if `pack` made one and the weight has not changed since."""
         pack, w = self._pack, self.weight
-        if pack is not None and pack[0] == w.data_ptr() and pack[1] == w._version:
+        if pack is not None and not w.is_inference() and (pack[0], pack[1]) == (w.data_ptr(), w._version):
             return pack[2]
         return None
 
@@ -122,8 +122,15 @@ class Linear(nn.Linear):
         w = self.weight
         # A ZeRO-3 partitioned weight is an empty placeholder outside forward: nothing to pack.
         whole = tuple(w.shape) == (self.out_features, self.in_features)
+        # A weight made under inference_mode has no version counter, so a stale pack could not be
+        # told from a fresh one: it is not packed.
         if not (
-            PACKABLE and onednn_enabled() and whole and w.device.type == "cpu" and w.dtype == torch.float32
+            PACKABLE
+            and onednn_enabled()
+            and whole
+            and not w.is_inference()
+            and w.device.type == "cpu"
+            and w.dtype == torch.float32
         ):
             self._pack = None
             return False

@@ -134,6 +134,10 @@ def test_prepacked_weight_gives_identical_outputs_and_is_dropped_when_stale():
             assert prepack_linears(layer) == 0  # MKL linears have nothing to pack
         layer.weight.data = torch.empty(0)  # how ZeRO-3 leaves a partitioned weight between passes
         assert prepack_linears(layer) == 0
+    with torch.inference_mode():  # no version counter to tell a stale pack: not packed, still right
+        made_there = Linear(300, 900).eval()
+        assert prepack_linears(made_there) == 0
+        torch.testing.assert_close(made_there(x), F.linear(x, made_there.weight, made_there.bias))
 
 
 @pytest.mark.skipif(not PACKABLE, reason="this torch build cannot pack oneDNN linear weights")
