@@ -203,8 +203,8 @@ class ClusterConfig:
     # glibc's heap (MALLOC_MMAP_THRESHOLD_ 256 MiB, MALLOC_TRIM_THRESHOLD_ 1 GiB) instead of
     # unmapping every large activation and faulting it in again next step: 8-12% of the 128 px
     # tiny tokenizer's step on 2 cores, nothing measurable at the default preset's 32 px (README
-    # "Speed"). The price is memory held between steps. Workers
-    # with GPUs, or a driver with its own MALLOC_* settings (passed on as they are), are left alone.
+    # "Speed"). The price is memory held between steps. Workers with GPUs, or a driver with its
+    # own MALLOC_* settings (passed on as they are), are left alone.
     cpu_worker_malloc_keep: bool = True
 
 

@@ -30,7 +30,7 @@ from torch import nn
 # (a 64x64 product at 1 row: 0.05 ms MKL vs 0.11 ms oneDNN).
 MIN_MACS = 1 << 18
 # Row-count hint for the packed layout: 1 picks a matrix-vector layout that is no faster than the
-# plain weight; 2 and 128 gave the same fast layout at 2 to 1024 rows.
+# plain weight; 2 and 128 were equally fast at 2 to 1024 rows; the README's figures used 64.
 _PACK_ROWS_HINT = 64
 
 AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
@@ -143,6 +143,12 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         self._pack = None
+
+    def __getstate__(self):
+        # A oneDNN tensor has no storage to copy: deepcopy and pickle leave the pack behind.
+        state = super().__getstate__()
+        state.pop("_pack", None)
+        return state
 
     def train(self, mode: bool = True):
         if mode:

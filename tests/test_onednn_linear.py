@@ -1,6 +1,7 @@
 """fp32 CPU linears on oneDNN (models/onednn_linear.py): same values and gradients as F.linear,
 taken only where it applies, and the generator samples the same codes either way."""
 
+import copy
 from dataclasses import asdict
 
 import pytest
@@ -114,6 +115,9 @@ def test_prepacked_weight_gives_identical_outputs_and_is_dropped_when_stale():
         torch.testing.assert_close(y, plain, rtol=0, atol=0)  # same kernel, same summation order
         prepack_linears(layer)  # idempotent: an unchanged weight keeps its pack
         assert layer.packed_weight() is packed
+        twin = copy.deepcopy(layer)  # a oneDNN tensor cannot be copied: the copy goes without it
+        assert twin._pack is None and layer.packed_weight() is packed
+        torch.testing.assert_close(twin(x), plain, rtol=0, atol=0)
         # An in-place update (an optimizer step, load_state_dict) makes the pack stale: not used.
         layer.weight.mul_(2.0)
         assert layer.packed_weight() is None
