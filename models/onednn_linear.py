@@ -156,7 +156,10 @@ class Linear(nn.Linear):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed_weight())
+        # Under torch.compile the pack's checks (data pointer, version) would break the graph;
+        # compiled code takes the plain weight, as before packing existed.
+        packed = None if torch.compiler.is_compiling() else self.packed_weight()
+        return linear(x, self.weight, self.bias, packed)
 
 
 def prepack_linears(module: nn.Module) -> int:

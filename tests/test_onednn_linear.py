@@ -176,3 +176,17 @@ def test_sampling_with_prepacked_weights_is_bit_identical(vanilla):
     # A model sampled while training (the trainer's sample grids) is left without packs.
     sample(model, labels, generator=torch.Generator().manual_seed(1), **kw)
     assert model.training and all(m._pack is None for m in linears)
+
+
+@pytest.mark.skipif(not PACKABLE, reason="this torch build cannot pack oneDNN linear weights")
+def test_compiled_code_takes_the_plain_weight_without_a_graph_break():
+    torch.manual_seed(0)
+    layer = Linear(300, 900).eval()
+    x = torch.randn(4, 300)
+    with torch.no_grad():
+        prepack_linears(layer)
+        explained = torch._dynamo.explain(layer)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(layer, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=2e-4)
+    assert layer.packed_weight() is not None  # compiling neither used nor dropped the pack
