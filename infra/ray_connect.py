@@ -34,6 +34,12 @@ def worker_malloc_env(cfg: Any, environ: Mapping[str, str]) -> dict[str, str]:
     return dict(CPU_WORKER_MALLOC_ENV)
 
 
+def worker_runtime_env(cfg: Any, env_vars: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The runtime_env of Ray workers that compute: `env_vars` plus `worker_malloc_env`; None if empty."""
+    env = {**(env_vars or {}), **worker_malloc_env(cfg, os.environ)}
+    return {"env_vars": env} if env else None
+
+
 def starts_local_ray(cfg: Any) -> bool:
     """Whether this process runs its own single-node Ray (cluster.address "local")."""
     return str(cfg.cluster.address) == "local"

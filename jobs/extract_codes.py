@@ -36,7 +36,7 @@ from infra.manifest import (
     require_complete,
     write_manifest,
 )
-from infra.ray_connect import connect_ray, worker_malloc_env
+from infra.ray_connect import connect_ray, worker_runtime_env
 from infra.shards import read_samples
 from infra.stages import discarded_line, stage_fingerprint
 from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
@@ -246,11 +246,8 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
         if todo:
             connect_ray(cfg)
             use_gpu = bool(cfg.cluster.use_gpu)
-            malloc = worker_malloc_env(cfg, os.environ)
             actor_cls = ray.remote(
-                num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
-                **({"runtime_env": {"env_vars": malloc}} if malloc else {}),
+                num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env=worker_runtime_env(cfg)
             )(CodeExtractor)
             exit_after = int(os.environ.get(TEST_EXIT_ENV, "0") or 0)
             pace_s = float(os.environ.get(TEST_SHARD_SLEEP_ENV, "0") or 0)

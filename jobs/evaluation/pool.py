@@ -16,7 +16,7 @@ import torch
 from configs.schema import RestokConfig
 from infra.image_shards import image_batches
 from infra.node_loss import actor_node, lost_with_its_node, start_actor
-from infra.ray_connect import connect_ray, worker_malloc_env
+from infra.ray_connect import connect_ray, worker_runtime_env
 from jobs.evaluation.features import FeatureSet, load_features
 from jobs.evaluation.sampling import pick_device, sample_shards
 from jobs.metrics.fid import read_npz_rows
@@ -238,10 +238,7 @@ class EvalPool:
             [{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * num_actors, strategy="PACK"
         )
         ray.get(self.group.ready())
-        malloc = worker_malloc_env(cfg, os.environ)
-        remote = ray.remote(
-            num_cpus=1, num_gpus=gpus, **({"runtime_env": {"env_vars": malloc}} if malloc else {})
-        )(EvalWorker)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, runtime_env=worker_runtime_env(cfg))(EvalWorker)
 
         def make_actor(i: int) -> Any:
             return remote.options(

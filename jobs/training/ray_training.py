@@ -33,7 +33,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
-from infra.ray_connect import connect_ray, starts_local_ray, worker_malloc_env
+from infra.ray_connect import connect_ray, starts_local_ray, worker_runtime_env
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
@@ -227,10 +227,10 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
         "fingerprint": stage_fingerprint(cfg, stage),
         **(extra or {}),
     }
-    env = {
+    forwarded = {
         k: v for k, v in os.environ.items() if k in (TEST_CRASH_ENV, TEST_STEP_SLEEP_ENV, "OMP_NUM_THREADS")
     }
-    env.update(worker_malloc_env(cfg, os.environ))
+    runtime_env = worker_runtime_env(cfg, forwarded)
 
     def trainer() -> TorchTrainer:
         return (local_torch_trainer_class() if starts_local_ray(cfg) else TorchTrainer)(
@@ -253,7 +253,7 @@ def fit(cfg: Any, stage: str, train_loop: Callable[[dict], None], run_id: str, e
                 # Retention is ours (tidy_checkpoints, over everything on storage): Ray's counts only
                 # what its snapshot registered, and deleting behind its back would break the snapshot.
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-                worker_runtime_env={"env_vars": env} if env else None,
+                worker_runtime_env=runtime_env,
             ),
         )
 
