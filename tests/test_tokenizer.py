@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from models.tokenizer import ResTok, TokenizerConfig, tokenizer_config_for
 from models.tokenizer.config import official_tokenizer_config
-from models.tokenizer.pixel_cnn import NearestUp2Conv3x3
+from models.tokenizer.pixel_cnn import NearestUp2Conv3x3, avg_pool2x2
 from models.tokenizer.restok import (
     encoder_layouts,
     latent_grids,
@@ -433,6 +433,53 @@ def test_activation_checkpointing_same_loss_and_grads_less_saved():
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
     assert s1 < 0.8 * s0, (s1, s0)
+
+
+def test_activation_checkpointing_keeps_only_block_inputs_at_full_resolution():
+    """With the switch on, what the backward keeps at the image's resolution is the input of each
+    full-resolution res block (encoder and decoder) and of the decoder's GroupNorm-SiLU-conv_out
+    tail, nothing else: no avg-pool input, no tail intermediates (3 of ResTok-L's 8 such maps)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    cfg = small_cfg(activation_checkpointing=True, num_res_blocks=2)
+    model = ResTok(cfg).train()
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    full: list[tuple[int, ...]] = []
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-1] == cfg.image_size and t.shape[1] >= cfg.pixel_channels:
+            full.append(tuple(t.shape))
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        recon, aux = model(x, keep=16)
+    encoder_blocks = decoder_blocks = cfg.num_res_blocks
+    assert len(full) == encoder_blocks + decoder_blocks + 1, full
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_avg_pool_keeping_nothing_equals_avg_pool2d_exactly(size, channels_last):
+    """The encoder's 2x2 average pool saves no tensor for its backward and gives aten's values and
+    input gradient bit for bit (odd sizes: the unpooled last row/column gets zero)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = avg_pool2x2(a)
+    assert not saved
+    ref = F.avg_pool2d(b, 2)
+    g = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(ours, a, g)
+    (gb,) = torch.autograd.grad(ref, b, g)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert ga.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @pytest.mark.parametrize("channels,size", [(4, 5), (8, 8)])

@@ -86,6 +86,35 @@ class ResBlock(nn.Module):
         return h + self.nin_shortcut(h if self.shortcut_on_branch else x)
 
 
+class _AvgPool2x2(torch.autograd.Function):
+    """`F.avg_pool2d(x, 2)` that keeps nothing for the backward: each input pixel's gradient is its
+    output pixel's times 1/4 (exact, as aten's x / 4), so only the shape is needed. aten's
+    avg_pool2d saves its full-size input: one more full-resolution map per encoder stage, with or
+    without activation checkpointing (32 MiB per ResTok-L image at 256 px)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.size = x.shape[-2:]
+        ctx.memory_format = (
+            torch.channels_last
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        return F.avg_pool2d(x, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        h, w = ctx.size
+        g = F.interpolate(grad, size=(2 * grad.shape[-2], 2 * grad.shape[-1]), mode="nearest") * 0.25
+        if (h, w) != g.shape[-2:]:  # odd sizes: the last row/column was not pooled
+            g = F.pad(g, (0, w - g.shape[-1], 0, h - g.shape[-2]))
+        return g.contiguous(memory_format=ctx.memory_format)
+
+
+def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    return _AvgPool2x2.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.avg_pool2d(x, 2)
+
+
 def _up2_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The 4 taps along kernel axis `dim` (size 3 -> 4) that nearest x2 upsampling followed by a
     3x3 conv (padding 1) applies to the low-resolution map: output row 2i uses x[i-1] with w[0]
@@ -157,7 +186,7 @@ class PixelEncoder(nn.Module):
             for blk in stage.block:
                 h = blk(h, ckpt)
             if i < len(self.down) - 1:
-                h = F.avg_pool2d(h, 2)
+                h = avg_pool2x2(h)
         for blk in self.mid:
             h = blk(h, ckpt)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
@@ -204,4 +233,11 @@ class PixelDecoder(nn.Module):
                     h = blk(h, ckpt)
                 if stage.upsample_conv is not None:
                     h = stage.upsample_conv(h)  # nearest x2 then 3x3 conv, fused
-            return self.conv_out(F.silu(self.norm_out(h)))
+            if ckpt and torch.is_grad_enabled():
+                # GroupNorm, SiLU and conv_out would keep three full-resolution maps (96 MiB per
+                # ResTok-L image); recomputed, only their input is kept.
+                return checkpoint(self._out, h, use_reentrant=False)
+            return self._out(h)
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
