@@ -71,17 +71,29 @@ def bench(
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    def step():
-        with autocast:
+    def step(saved_hooks=None):
+        with autocast, saved_hooks or contextlib.nullcontext():
             recon, aux = model(images, keep=cfg.num_tokens)  # fixed length: comparable steps
             loss = F.mse_loss(recon.float(), images) + aux["vq_loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    # What the forward keeps for the backward (grows with the batch; what checkpointing cuts):
+    # distinct storages autograd saved, parameters and their casts excluded by storage identity.
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
     flops = FlopCounterMode(display=False)
     t = time.perf_counter()
     with flops if count_flops else contextlib.nullcontext():
-        step()  # counts FLOPs; a warm-up step, or the only timed step when warmup == 0
+        # counts FLOPs and kept tensors; a warm-up step, or the only timed step when warmup == 0
+        step(torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t))
     _sync(device)
     first_s = time.perf_counter() - t
     for _ in range(max(warmup - 1, 0)):
@@ -119,6 +131,7 @@ def bench(
         "img_s": batch / step_s,
         "gflop": flops.get_total_flops() / 1e9 if count_flops else float("nan"),
         "peak_gib": peak,
+        "kept_gib_per_img": sum(kept.values()) / 2**30 / batch,
         "encode_s": enc_s,
         "decode_s": dec_s,
     }
@@ -172,7 +185,8 @@ def main(argv=None):
     ]
     head = (
         f"{'preset':14s} {'B':>3s} {'params M':>9s} {'step s':>8s} {'img/s':>8s} "
-        f"{'GFLOP':>9s} {'MFU %':>6s} {'peak GiB':>8s} {'enc s':>7s} {'dec s':>7s}  vs authors"
+        f"{'GFLOP':>9s} {'MFU %':>6s} {'peak GiB':>8s} {'kept GiB/img':>12s} {'enc s':>7s} {'dec s':>7s}"
+        "  vs authors"
     )
     print(head)
     print("-" * len(head))
@@ -188,12 +202,14 @@ def main(argv=None):
         print(
             f"{r['preset']:14s} {r['batch']:3d} {r['params_m']:9.1f} {r['step_s']:8.3f} "
             f"{r['img_s']:8.2f} {r['gflop']:9.1f} {mfu:6.1f} {r['peak_gib']:8.2f} "
+            f"{r['kept_gib_per_img']:12.3f} "
             f"{r['encode_s']:7.3f} {r['decode_s']:7.3f}  {vs}"
         )
     if not cuda:
         print(
-            "CPU peak is the process peak RSS (monotone over the run). The authors' numbers are "
-            "from another 2-core machine: ratios are indicative only."
+            "CPU peak is the process peak RSS (monotone over the run). kept GiB/img: tensors the "
+            "forward keeps for the backward, per image. The authors' numbers are from another "
+            "2-core machine: ratios are indicative only."
         )
 
 
