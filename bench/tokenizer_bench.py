@@ -79,7 +79,9 @@ def bench(
         model.zero_grad(set_to_none=True)
 
     # What the forward keeps for the backward (grows with the batch; what checkpointing cuts):
-    # distinct storages autograd saved, parameters and their casts excluded by storage identity.
+    # distinct storages autograd saved, parameters excluded by storage identity. Under bf16
+    # autocast the weights' bf16 copies are new storages and are counted (a per-step constant,
+    # spread over the batch).
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 

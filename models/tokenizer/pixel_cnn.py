@@ -48,6 +48,14 @@ class Fp32GroupNorm(nn.GroupNorm):
         return F.group_norm(x.to(dt), self.num_groups, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
 
 
+def _recomputed_if(ckpt: bool, fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x); with ckpt (and autograd on) only x is kept and fn's activations are recomputed in
+    the backward (tokenizer.activation_checkpointing)."""
+    if ckpt and torch.is_grad_enabled():
+        return checkpoint(fn, x, use_reentrant=False)
+    return fn(x)
+
+
 def _norm(channels: int, groups: int, fp32: bool = False) -> nn.GroupNorm:
     return (Fp32GroupNorm if fp32 else nn.GroupNorm)(groups, channels, eps=1e-6)
 
@@ -74,9 +82,7 @@ class ResBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
-        if ckpt and torch.is_grad_enabled():  # activations recomputed in the backward
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return _recomputed_if(ckpt, self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -233,11 +239,9 @@ class PixelDecoder(nn.Module):
                     h = blk(h, ckpt)
                 if stage.upsample_conv is not None:
                     h = stage.upsample_conv(h)  # nearest x2 then 3x3 conv, fused
-            if ckpt and torch.is_grad_enabled():
-                # GroupNorm, SiLU and conv_out would keep three full-resolution maps (96 MiB per
-                # ResTok-L image); recomputed, only their input is kept.
-                return checkpoint(self._out, h, use_reentrant=False)
-            return self._out(h)
+            # GroupNorm, SiLU and conv_out keep three full-resolution maps (96 MiB per ResTok-L
+            # image); recomputed, only their input is kept.
+            return _recomputed_if(ckpt, self._out, h)
 
     def _out(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h)))
