@@ -102,9 +102,33 @@ def test_reference_stats_roundtrip(tmp_path):
 
 def test_inception_score_bounds():
     uniform = np.full((100, 10), 0.1)
-    assert inception_score(uniform)[0] == pytest.approx(1.0)
+    assert inception_score(uniform) == pytest.approx(1.0)
     onehot = np.eye(10)[np.arange(100) % 10]  # confident and evenly spread: IS = number of classes
-    assert inception_score(onehot, num_splits=10)[0] == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(onehot) == pytest.approx(10.0, rel=1e-6)
+
+
+def release_evaluator_inception_score(probs: np.ndarray, batch: int = 7) -> float:
+    """The release's evaluator (evaluator/evaluator.py, update() then result()), transcribed:
+    float64 sums of p and p log p over batches, one score."""
+    eps, total, kl = 1e-16, torch.zeros(probs.shape[1], dtype=torch.float64), 0.0
+    for i in range(0, len(probs), batch):
+        p = torch.from_numpy(probs[i : i + batch]).float()
+        total += p.sum(0, dtype=torch.float64)
+        kl = kl + (p * torch.log(p + eps)).sum(0, dtype=torch.float64)
+    return torch.exp(torch.sum(kl - total * torch.log(total / len(probs) + eps)) / len(probs)).item()
+
+
+def test_reconstruction_inception_score_is_the_releases_one_score_whatever_the_order():
+    # A class-sorted set (as a val split listed class by class): 100 classes, 20 images each.
+    rng = np.random.default_rng(0)
+    logits = 10.0 * np.eye(100)[np.repeat(np.arange(100), 20)] + rng.normal(size=(2000, 100))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    score = inception_score(probs)
+    assert score == pytest.approx(release_evaluator_inception_score(probs), rel=1e-6)
+    assert inception_score(probs[rng.permutation(len(probs))]) == pytest.approx(score, rel=1e-12)
+    # What 10 contiguous slices of the sorted set gave (each slice holds 10 classes): far lower.
+    sliced = np.mean([inception_score(part) for part in np.array_split(probs, 10)])
+    assert sliced < 10.0 < 0.5 * score
 
 
 def test_precision_recall_identical_and_disjoint():

@@ -94,7 +94,7 @@ def evaluate_recon(
         if k != full:
             metrics[f"{name}_keep{k}"] = curve[k]
     if kind == "inception":
-        metrics["recon_inception_score" + sfx] = inception_score(recon[full].probs_array())[0]
+        metrics["recon_inception_score" + sfx] = inception_score(recon[full].probs_array())
     else:
         probs, labels = recon[full].probs_array(), recon[full].labels_array()
         metrics["probe_recon_class_consistency"] = float((probs.argmax(1) == labels).mean())

@@ -1,27 +1,26 @@
-"""Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean over splits.
+"""Inception Score of a set of images as one number (Salimans et al. 2016):
+exp(E_x KL(p(y|x) || p(y))), with p(y) the mean over the whole set.
 
-10 splits as in the ADM / GigaTok evaluators (paper App. A.3 uses GigaTok's scripts). Takes class
-probabilities [N, C]; with Inception that is the 1008-way softmax of the 2015 graph.
+Reconstructions use this form. The paper (App. A.3) scores them with TiTok's protocol, whose
+evaluator (the release's `evaluator/evaluator.py`) sums p and p log p over all images and takes one
+score, so neither the order the images come in nor how the actors split them can change it (10
+contiguous slices of a class-sorted val split each hold a tenth of the classes and score several
+times lower). Generated samples use ADM's 5,000-image splits in sample order (`jobs/metrics/adm.py`).
+Takes class probabilities [N, C]; with Inception that is the 1008-way softmax of the 2015 graph.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-NUM_SPLITS = 10
+EPS = 1e-16  # the release's evaluator (`_is_eps`)
 
 
-def inception_score(
-    probs: np.ndarray, num_splits: int = NUM_SPLITS, eps: float = 1e-12
-) -> tuple[float, float]:
-    """(mean, std) of the score over `num_splits` contiguous splits."""
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or len(probs) == 0:
-        raise ValueError(f"inception_score needs probabilities [N, C], got shape {probs.shape}")
-    num_splits = max(1, min(num_splits, len(probs)))
-    scores = []
-    for part in np.array_split(probs, num_splits):
-        marginal = part.mean(0, keepdims=True)
-        kl = (part * (np.log(part + eps) - np.log(marginal + eps))).sum(1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores)), float(np.std(scores))
+def inception_score(probs: np.ndarray, eps: float = EPS) -> float:
+    """One score over all rows of probs [N, C], in float64 (independent of the rows' order)."""
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"inception_score needs probabilities [N, C], got shape {p.shape}")
+    total = p.sum(0)
+    kl_sum = (p * np.log(p + eps)).sum() - (total * np.log(total / len(p) + eps)).sum()
+    return float(np.exp(kl_sum / len(p)))
