@@ -58,12 +58,14 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
         "tokenizer_train.optim",
         "tokenizer_train.loss",
         "tokenizer_train.ema_decay",
+        "tokenizer_train.ema_warmup",
         "tokenizer_train.precision",
         "tokenizer_train.seed",
         "tokenizer_train.disc_lr",
         "data.image_size",
         "data.crop_scale_min",
         "data.hflip",
+        "data.shuffle_buffer",  # the sample order the tokenizer trains on
     ),
     "extract_codes": (
         "extract.augment",
@@ -79,10 +81,46 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
         "generator_train.global_batch_size",
         "generator_train.optim",
         "generator_train.ema_decay",
+        "generator_train.ema_warmup",
         "generator_train.precision",
         "generator_train.seed",
     ),
     "evaluate": ("eval", "sampling"),
+}
+
+# Every other config key, and why it leaves every stage's output as it is. Each key of the schema
+# is in exactly one of CONFIG_KEYS and this table (tests/test_pipeline_graph.py), so a new key must
+# be placed: one left out of both would let a changed value reuse stale outputs.
+OUTPUT_NEUTRAL_KEYS: dict[str, str] = {
+    "preset": "names the preset; its values are the other keys",
+    "work_dir": "where outputs go",
+    "stages": "which stages run",
+    "data.shards_url": "where prep's shards go",
+    "data.prep_tasks": "parallelism",
+    "data.loader_workers": "parallelism",
+    "tokenizer_train.micro_batch_size": "gradient accumulation: the same global batch",
+    "tokenizer_train.zero_stage": "how optimizer state is partitioned",
+    "tokenizer_train.compile": "the same functions, compiled",
+    "tokenizer_train.log_every": "logging",
+    "tokenizer_train.image_log_every": "logging",
+    "tokenizer_train.checkpoint_every": "fault tolerance",
+    "tokenizer_train.keep_checkpoints": "fault tolerance",
+    "tokenizer_train.max_failures": "fault tolerance",
+    "tokenizer_train.resume": "continues this stage's training from a checkpoint",
+    "tokenizer_train.stop_after": "a deliberate partial run (its manifest stays incomplete)",
+    "generator_train.micro_batch_size": "gradient accumulation: the same global batch",
+    "generator_train.zero_stage": "how optimizer state is partitioned",
+    "generator_train.log_every": "logging",
+    "generator_train.image_log_every": "logging",
+    "generator_train.checkpoint_every": "fault tolerance",
+    "generator_train.keep_checkpoints": "fault tolerance",
+    "generator_train.max_failures": "fault tolerance",
+    "generator_train.resume": "continues this stage's training from a checkpoint",
+    "generator_train.stop_after": "a deliberate partial run (its manifest stays incomplete)",
+    "extract.batch_size": "parallelism",
+    "extract.num_actors": "parallelism",
+    "tracking": "where runs are logged",
+    "cluster": "where and on how many workers stages run",
 }
 
 

@@ -10,11 +10,12 @@ import os
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from configs.loading import load_config
 from infra import manifest as manifests
 from infra import paths, tracking
-from infra.stages import STAGE_ORDER, UPSTREAM, stage_fingerprint
+from infra.stages import CONFIG_KEYS, OUTPUT_NEUTRAL_KEYS, STAGE_ORDER, UPSTREAM, stage_fingerprint
 from pipeline.graph import (
     StageResult,
     clear_stage_dir,
@@ -250,3 +251,44 @@ def test_a_local_ray_asks_only_its_own_state_api(ray_local):
     assert asked == f"http://{advertised}" and advertised != "127.0.0.1:8265"
     assert outcome == "ServerUnavailable"
     assert API_SERVER_ENV not in os.environ
+
+
+def _leaf_keys(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_config_key_is_hashed_by_a_stage_or_declared_output_neutral():
+    """A key in neither table would let a changed value skip the stages and reuse stale outputs."""
+    tree = OmegaConf.to_container(OmegaConf.structured(load_config(None, [])), resolve=False)
+    hashed = {k for keys in CONFIG_KEYS.values() for k in keys}
+
+    def under(leaf, keys):
+        return [k for k in keys if leaf == k or leaf.startswith(k + ".")]
+
+    for leaf in _leaf_keys(tree):
+        assert under(leaf, hashed) or under(leaf, OUTPUT_NEUTRAL_KEYS), f"{leaf}: in no stage's fingerprint"
+        assert not (under(leaf, hashed) and under(leaf, OUTPUT_NEUTRAL_KEYS)), f"{leaf}: in both tables"
+
+
+AFTER_TOKENIZER = ["train_tokenizer", "extract_codes", "train_generator", "evaluate"]
+
+
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ("tokenizer_train.ema_warmup=true", AFTER_TOKENIZER),  # the exported EMA weights
+        ("generator_train.ema_warmup=true", ["train_generator", "evaluate"]),
+        ("data.shuffle_buffer=17", AFTER_TOKENIZER),
+        ("tokenizer.image_size=64", AFTER_TOKENIZER),
+        ("cluster.num_workers=1", []),
+        ("tokenizer_train.zero_stage=3", []),
+    ],
+)
+def test_fingerprints_change_exactly_for_the_stages_a_key_affects(override, changed):
+    before, after = load_config(None, []), load_config(None, [override])
+    moved = [s for s in STAGE_ORDER if stage_fingerprint(before, s) != stage_fingerprint(after, s)]
+    assert moved == changed
