@@ -75,23 +75,6 @@ def image_batches(
         yield keys, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels)
 
 
-def split_shards(shards_url: str, split: str) -> list[str]:
-    """Prep's shards of `split`, in order: from its manifest (`splits.<split>.shards`), else the
-    `<split>-NNNNNN.tar` files (data_prep.shard_writer naming) under `shards_url`."""
-    manifest = storage.read_json(storage.join(shards_url, "manifest.json")) or {}
-    entries = manifest.get("splits", {}).get(split, {}).get("shards")
-    if entries:
-        return [storage.join(manifest.get("shards_url") or shards_url, e["shard"]) for e in entries]
-    fs, path = storage.filesystem(shards_url)
-    found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/{split}-*.tar") if not storage.is_temporary(p))
-    protocol = shards_url.split("://", 1)[0] + "://" if "://" in shards_url else ""
-    if not found:
-        raise FileNotFoundError(
-            f"no '{split}' shards ({split}-*.tar) under {shards_url}; run `restok prep` first"
-        )
-    return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
-
-
 def glob_shards(spec: str) -> list[str]:
     """Shard list from a directory (all *.tar), a glob, or a comma-separated list of tar URLs."""
     out: list[str] = []

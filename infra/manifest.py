@@ -74,12 +74,19 @@ class ManifestError(RuntimeError):
     pass
 
 
-def require_complete(stage_dir: str, stage: str) -> dict[str, Any]:
-    """The upstream manifest, or a one-line error saying which stage to run first."""
+def require_complete(stage_dir: str, stage: str, expected_fp: str | None = None) -> dict[str, Any]:
+    """The upstream manifest, or a one-line error saying which stage to run first. With
+    `expected_fp` (the stage's fingerprint under the caller's config) an output made under another
+    config is refused too: a stage run alone must not stamp its output with this config while
+    computing it from another config's tokenizer, codes or images."""
     manifest = read_manifest(stage_dir)
+    command = f"`restok {stage.replace('_', '-')}`"
     if not manifest or not manifest.get("complete"):
+        raise ManifestError(f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; run {command} first")
+    if expected_fp is not None and manifest.get("fingerprint") != expected_fp:
         raise ManifestError(
-            f"{manifest_url(stage_dir)}: no complete '{stage}' manifest; "
-            f"run `restok {stage.replace('_', '-')}` first"
+            f"{manifest_url(stage_dir)}: the '{stage}' output there was made under another config "
+            f"(fingerprint {manifest.get('fingerprint')}, this config's is {expected_fp}); run {command} "
+            "first, or `restok run`, which redoes what the change affects"
         )
     return manifest

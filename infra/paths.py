@@ -1,4 +1,5 @@
-"""Where each stage puts its outputs under the work directory (one place, so no stage guesses)."""
+"""Where each stage puts its outputs under the work directory (one place, so no stage guesses), and
+the manifest found there when a stage reads another's output."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 from configs.schema import RestokConfig
 from infra import storage
+from infra.manifest import require_complete
 from infra.stages import stage_fingerprint
 
 
@@ -17,6 +19,12 @@ def work_url(cfg: RestokConfig) -> str:
 
 def stage_dir(cfg: RestokConfig, stage: str) -> str:
     return storage.join(work_url(cfg), stage)
+
+
+def input_manifest(cfg: RestokConfig, stage: str) -> dict:
+    """`stage`'s complete manifest made under this config (its fingerprint), else a one-line
+    ManifestError naming the command to run first."""
+    return require_complete(stage_dir(cfg, stage), stage, stage_fingerprint(cfg, stage))
 
 
 def shards_url(cfg: RestokConfig) -> str:

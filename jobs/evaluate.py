@@ -30,7 +30,7 @@ from typing import Any
 from configs.schema import RestokConfig
 from infra import paths, storage, tracking
 from infra.console import say
-from infra.manifest import is_complete, read_manifest, require_complete, write_manifest
+from infra.manifest import is_complete, read_manifest, write_manifest
 from infra.stages import stage_fingerprint
 from jobs.evaluation import STAGE
 from jobs.evaluation.features import feature_spec, resolved_feature_spec
@@ -53,10 +53,10 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     if is_complete(stage_dir, fp):
         print(f"[evaluate] complete with fingerprint {fp}: skipped", flush=True)
         return read_manifest(stage_dir)
-    require_complete(paths.stage_dir(cfg, "prep"), "prep")
-    require_complete(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer")
+    paths.input_manifest(cfg, "prep")
+    paths.input_manifest(cfg, "train_tokenizer")
     if cfg.eval.gen:
-        require_complete(paths.stage_dir(cfg, "train_generator"), "train_generator")
+        paths.input_manifest(cfg, "train_generator")
     storage.makedirs(stage_dir)
     storage.remove_stale_temporaries(stage_dir)
     fields: dict[str, Any] = {}

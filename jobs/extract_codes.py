@@ -33,7 +33,6 @@ from infra.manifest import (
     is_complete,
     read_manifest,
     remove_manifest,
-    require_complete,
     write_manifest,
 )
 from infra.ray_connect import connect_ray, worker_runtime_env
@@ -215,8 +214,8 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
         # Same config, but the tokenizer may have been retrained since (its fingerprint is its config).
         if not storage.exists(weights_url) or done.get("tokenizer_sha256") == storage.sha256_url(weights_url):
             return done
-    prep = require_complete(paths.stage_dir(cfg, "prep"), "prep")
-    tok_manifest = require_complete(tok_dir, "train_tokenizer")
+    prep = paths.input_manifest(cfg, "prep")
+    tok_manifest = paths.input_manifest(cfg, "train_tokenizer")
     tokenizer_sha = storage.sha256_url(weights_url)
     storage.makedirs(stage_dir)
     # An old manifest must not outlive the shards it lists while they are redone.

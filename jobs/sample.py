@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from configs.schema import RestokConfig
 from infra import paths, tracking
-from infra.manifest import require_complete
 from jobs.evaluation.generation import generate_samples, samples_url
 from jobs.evaluation.pool import close_pool
 
@@ -14,8 +13,8 @@ STAGE = "sample"
 
 def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     """`restok sample`: the class-balanced sample set of the trained generator (no metrics)."""
-    require_complete(paths.stage_dir(cfg, "train_tokenizer"), "train_tokenizer")
-    require_complete(paths.stage_dir(cfg, "train_generator"), "train_generator")
+    paths.input_manifest(cfg, "train_tokenizer")
+    paths.input_manifest(cfg, "train_generator")
     with tracking.stage_run(cfg, STAGE, run_id, parent_run_id) as rid:
         try:
             manifest = generate_samples(

@@ -19,9 +19,6 @@ from configs.schema import RestokConfig
 from data_prep.loaders import train_batches
 from infra import paths
 from infra.image_grid import image_grid
-from infra.manifest import (
-    require_complete,
-)
 from jobs.training.checkpoints import tokenizer_config
 from jobs.training.deepspeed_runtime import (
     build_engine,
@@ -104,12 +101,13 @@ def tokenizer_loop(config: dict) -> None:
     engines = {ENGINE: engine}
     disc_engine = None
     if loss_fn.discriminator is not None:
-        # Built up front (it is checkpointed from the start); stepped only once the GAN is on.
+        # Built up front (it is checkpointed from the start); stepped only once the GAN is on, so
+        # its schedule spans the steps after that (the release: max_train_steps - discriminator_start).
         disc_engine = build_engine(
             loss_fn.discriminator,
             train,
             session.world,
-            total_steps,
+            max(total_steps - int(loss_fn.config.gan_start_step), 1),
             lr=float(train.disc_lr),
             zero_stage=min(int(train.zero_stage), 2),
         )
@@ -120,7 +118,7 @@ def tokenizer_loop(config: dict) -> None:
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     stats = CodebookStats(tok_cfg.codebook_size, device=device)
 
-    prep_manifest = require_complete(paths.stage_dir(cfg, "prep"), "prep")
+    prep_manifest = paths.input_manifest(cfg, "prep")
     fixed: dict[str, torch.Tensor] = {}
 
     def micro_batches(start: int):

@@ -23,8 +23,8 @@ from configs.loading import (
 )
 from data_prep.sources import SourceError
 from infra import console
-from infra.manifest import ManifestError, require_complete
-from infra.paths import stage_dir
+from infra.manifest import ManifestError
+from infra.paths import input_manifest
 from jobs.training.ray_training import StageFailure
 from pipeline import locks
 from pipeline.compare import RunNotFound
@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return _call("jobs.evaluate", "cli", "score", cfg, files) or 0
     cfg = resolve(args.items)
     for up in EVAL_INPUTS[args.action]:
-        require_complete(stage_dir(cfg, up), up)
+        input_manifest(cfg, up)
     with captured(args, cfg):
         return _call("jobs.evaluate", "cli", args.action, cfg) or 0
 

@@ -205,7 +205,7 @@ def preflight(cfg: Any, stages: list[str]) -> None:
     for stage in stages:
         for up in UPSTREAM[stage]:
             if up not in stages:
-                manifests.require_complete(paths.stage_dir(cfg, up), up)
+                paths.input_manifest(cfg, up)
 
 
 def _follow(cfg: Any, stage: str, run_id: str):

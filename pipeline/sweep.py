@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from configs.loading import from_yaml_text, to_yaml
 from configs.schema import RestokConfig
 from infra import paths, storage, tracking
-from infra.manifest import fingerprint, read_manifest, require_complete, write_manifest
+from infra.manifest import fingerprint, read_manifest, write_manifest
 from infra.ray_connect import connect_ray, starts_local_ray
 from infra.stages import stage_fingerprint
 from jobs import evaluate, extract_codes, train_generator
@@ -208,7 +208,7 @@ def sweep(
     sweep_dir, plot, csv, markdown}."""
 
     prep_dir = paths.stage_dir(cfg, "prep")
-    require_complete(prep_dir, "prep")
+    paths.input_manifest(cfg, "prep")
     checkpoints = resolve_checkpoints(cfg, checkpoints, steps)
     sweep_id = fingerprint(
         {"checkpoints": list(checkpoints), "config": OmegaConf.to_container(cfg, resolve=True)}

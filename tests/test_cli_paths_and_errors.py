@@ -153,6 +153,21 @@ def test_a_stage_alone_from_another_cwd_finds_prep_and_bad_input_fails_once(tmp_
     assert manifest["complete"] is True
     assert not (sub / "w").exists()
 
+    # A stage alone refuses an input made under another config (the tokenizer's steps changed)
+    # rather than stamp its output with this config while encoding with the old tokenizer.
+    done, seconds = restok(
+        sub, "extract-codes", "work_dir=../w", *TINY_DATA, *TINY_TOKENIZER, "tokenizer_train.steps=7"
+    )
+    assert_one_line_failure(
+        done,
+        seconds,
+        "train_tokenizer/manifest.json",
+        "made under another config",
+        "restok train-tokenizer",
+        limit_s=90,
+    )
+    assert not (tmp_path / "w" / "extract_codes").exists()
+
     # An error raised by our code inside a Train worker stops the stage once with its own line;
     # retries are for worker deaths (test_train_tokenizer covers a killed worker).
     for shard in (tmp_path / "w" / "prep").glob("train-*.tar"):  # the manifest still says complete

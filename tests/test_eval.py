@@ -125,7 +125,7 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
         "probe_recon_class_consistency",
     } <= set(m)
     assert not any("fid" in k for k in m), "probe numbers must never be named FID"
-    assert "lpips" not in m and report["lpips"].startswith("omitted: ")  # no VGG weights offline
+    assert "lpips_vgg" not in m and report["lpips"].startswith("omitted: ")  # no VGG weights offline
     assert 0 < m["codebook_usage"] <= 1 and 0 <= m["codebook_entropy_bits"] <= np.log2(64)
     logged = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id)
     assert logged.data.metrics["fd_probe_recon"] == pytest.approx(m["fd_probe_recon"])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from configs.loading import load_config
 from infra import code_shards, paths, ray_connect, storage, tracking
-from infra.manifest import write_manifest
+from infra.manifest import ManifestError, read_manifest, write_manifest
 from infra.stages import stage_fingerprint
 from jobs import train_generator
 from jobs.training import checkpoints, ray_training
@@ -202,8 +202,17 @@ def test_zero2_killed_worker_is_restarted_from_checkpoint(baseline, tmp_path, mo
 def test_mismatched_vocabulary_is_a_clear_error(tmp_path):
     cfg = make_cfg(tmp_path)
     write_codes_stage(cfg)
-    # Consistent with its own tokenizer (the loader checks that), not with the codes on disk.
+    # Consistent with its own tokenizer (the loader checks that), not with the codes on disk:
+    # codes made under another config are refused by their manifest's fingerprint ...
     bad = make_cfg(tmp_path, "generator.vocab_size=65", "tokenizer.codebook_size=65")
+    with pytest.raises(ManifestError, match="made under another config"):
+        train_generator.run(bad, run_id="unused")
+    # ... and a manifest that claims this config over 64-code shards, by their codebook size.
+    codes_dir = paths.stage_dir(cfg, "extract_codes")
+    header = ("version", "stage", "fingerprint", "complete", "written_at")
+    fields = {k: v for k, v in read_manifest(codes_dir).items() if k not in header}
+    claimed = stage_fingerprint(bad, "extract_codes")
+    write_manifest(codes_dir, "extract_codes", claimed, complete=True, **fields)
     with pytest.raises(ValueError, match="generator.vocab_size=64"):
         train_generator.run(bad, run_id="unused")
 

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from configs.schema import RestokConfig
+from data_prep.loaders import resolve_shards
 from infra import paths, storage
-from infra.image_shards import image_batches, split_shards
+from infra.image_shards import image_batches
 from infra.manifest import fingerprint
 from jobs.evaluation import STAGE
 from jobs.metrics.fid import FeatureStats
@@ -123,7 +124,8 @@ def distance_name(kind: str, which: str, weights: str = "") -> str:
 
 def load_split_arrays(cfg: RestokConfig, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
-    for _, x, y in image_batches(split_shards(paths.shards_url(cfg), split), int(cfg.data.image_size), 256):
+    shards, _ = resolve_shards(paths.input_manifest(cfg, "prep"), split)
+    for _, x, y in image_batches(shards, int(cfg.data.image_size), 256):
         images.append(x.permute(0, 2, 3, 1).numpy())
         labels.append(y.numpy())
         if sum(len(a) for a in images) >= limit:
@@ -135,7 +137,7 @@ def ensure_probe_for(cfg: RestokConfig) -> dict:
     """Train (or reuse) the probe on the prep train split; cached in <evaluate dir>/probe."""
     x, y = load_split_arrays(cfg, "train", int(cfg.eval.probe_max_train_images))
     xv, yv = load_split_arrays(cfg, "val", int(cfg.eval.probe_max_train_images))
-    prep = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
+    prep = paths.input_manifest(cfg, "prep")
     num_classes = int(prep.get("num_classes") or max(y.max(), yv.max()) + 1)
     cache = str(cfg.eval.probe_cache) or storage.join(paths.stage_dir(cfg, STAGE), "probe")
     manifest = ensure_probe(

@@ -10,9 +10,9 @@ import time
 import torch
 
 from configs.schema import RestokConfig
-from infra import paths, storage, tracking
+from data_prep.loaders import resolve_shards
+from infra import paths, tracking
 from infra.image_grid import grid_rows
-from infra.image_shards import split_shards
 from jobs.evaluation.features import (
     distance_name,
     inception_suffix,
@@ -21,13 +21,6 @@ from jobs.evaluation.features import (
 from jobs.evaluation.pool import check_each_once, get_pool, lpips_availability
 from jobs.metrics.inception_score import inception_score
 from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
-
-
-def split_count(cfg: RestokConfig, split: str) -> int | None:
-    """Images of `split` according to the prep manifest (None when it does not say)."""
-    manifest = storage.read_json(storage.join(paths.shards_url(cfg), "manifest.json")) or {}
-    entries = manifest.get("splits", {}).get(split, {}).get("shards")
-    return sum(int(e["count"]) for e in entries) if entries else None
 
 
 def evaluate_recon(
@@ -41,7 +34,8 @@ def evaluate_recon(
     tokenizer_url = tokenizer_url or paths.stage_dir(cfg, "train_tokenizer")
     if spec is None:
         spec, probe = resolved_feature_spec(cfg)
-    shards = split_shards(paths.shards_url(cfg), "val")
+    # prep's manifest (under the work dir, also when data.shards_url puts the shards elsewhere)
+    shards, counts = resolve_shards(paths.input_manifest(cfg, "prep"), "val")
     t0 = time.time()
     lpips_status = lpips_availability(str(cfg.eval.lpips_vgg_weights))
     results = get_pool(cfg).map_shards(
@@ -58,8 +52,8 @@ def evaluate_recon(
     )
     seconds = time.time() - t0
     count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
-    expected = split_count(cfg, "val")
-    if expected is not None and count != expected:  # prep already dropped corrupt images
+    expected = sum(counts)
+    if count != expected:  # prep already dropped corrupt images
         print(
             f"[evaluate] WARNING: reconstructed {count} val images, the prep manifest lists {expected}",
             flush=True,
@@ -87,7 +81,9 @@ def evaluate_recon(
         "recon_images_per_second": count / max(seconds, 1e-9),
     }
     if lpips_status == "computed":
-        metrics["lpips"] = sums["lpips"] / count
+        # Named for its trunk: LPIPS-VGG (the training loss's network). TiTok's evaluator (the
+        # release's evaluator.py) reports LPIPS-AlexNet, a different number on the same images.
+        metrics["lpips_vgg"] = sums["lpips"] / count
     curve = {}
     for k in sorted(recon):
         curve[k] = recon[k].pool.distance_to(mu, sigma)

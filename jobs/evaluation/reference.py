@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from configs.schema import RestokConfig
+from data_prep.loaders import resolve_shards
 from infra import paths, storage
-from infra.image_shards import glob_shards, split_shards
+from infra.image_shards import glob_shards
 from infra.manifest import fingerprint
 from jobs.evaluation import STAGE
 from jobs.evaluation.features import (
@@ -106,7 +107,7 @@ def make_reference(
     shards = (
         glob_shards(str(cfg.eval.reference_shards))
         if cfg.eval.reference_shards
-        else split_shards(paths.shards_url(cfg), str(cfg.eval.reference_split))
+        else resolve_shards(paths.input_manifest(cfg, "prep"), str(cfg.eval.reference_split))[0]
     )
     out_url = out_url or str(cfg.eval.reference_out) or default_reference_url(cfg, spec, probe or {})
     ref = compute_reference(cfg, shards, spec)

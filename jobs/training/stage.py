@@ -17,7 +17,7 @@ from typing import Any
 from configs.loading import to_yaml
 from configs.schema import RestokConfig
 from infra import paths, tracking
-from infra.manifest import is_complete, read_manifest, require_complete, write_manifest
+from infra.manifest import is_complete, read_manifest, write_manifest
 from infra.stages import stage_fingerprint
 from jobs.training import ray_training
 from jobs.training.checkpoints import (
@@ -45,7 +45,7 @@ def run_training_stage(
     fp = stage_fingerprint(cfg, spec.name)
     if is_complete(stage_dir, fp):
         return read_manifest(stage_dir)
-    upstream = require_complete(paths.stage_dir(cfg, spec.upstream), spec.upstream)
+    upstream = paths.input_manifest(cfg, spec.upstream)
     if spec.check_inputs is not None:
         spec.check_inputs(cfg, upstream)
     print(f"[{spec.name}] resolved config:\n{to_yaml(cfg)}", flush=True)
