@@ -224,7 +224,17 @@ class Batches:
             if any(u.startswith("memory://") for u in self.urls):
                 kwargs["multiprocessing_context"] = "fork"
             kwargs["prefetch_factor"] = 4
-        loader = DataLoader(self.pipeline, batch_size=None, num_workers=self.num_workers, **kwargs)
+        # The pipeline's stages are seeded explicitly (seed, rank, epoch). A generator of its own
+        # keeps the DataLoader from drawing its workers' base seed from torch's global RNG: a resume
+        # mid-epoch creates this iterator at another step than the uninterrupted run did, and that
+        # draw would shift every later nested-dropout / augmentation draw of the training loop.
+        loader = DataLoader(
+            self.pipeline,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
         for images, labels, keys in loader:
             yield (to_unit_float(images), labels, keys) if self.with_keys else (to_unit_float(images), labels)
 

@@ -210,3 +210,25 @@ def test_driver_alive_tells_dead_and_reused_pids_apart():
     assert tracking.driver_alive(f"{host}:{child.pid}:123") is False
     assert tracking.driver_alive(f"{host}:{pid}:{int(start) + 1}") is False  # pid reused by another
     assert tracking.driver_alive(f"elsewhere-{host}:{pid}:{start}") is None  # unknown on another host
+
+
+def test_a_resized_world_gives_every_rank_random_streams_of_its_own():
+    """On a grown world old rank r's saved streams would reach ranks r, r + old, ... (the same
+    nested-dropout lengths and crops); the resized resume gives each rank fresh ones from (seed,
+    rank, step), reproducibly, and leaves the process's current streams alone."""
+    import torch
+
+    from jobs.training.deepspeed_runtime import fresh_rng_state, set_rng_state
+
+    before = torch.get_rng_state()
+    states = [fresh_rng_state(7, rank, 120) for rank in range(4)]
+    assert torch.equal(torch.get_rng_state(), before)
+    draws = []
+    for state in states:
+        set_rng_state(state)
+        draws.append(torch.rand(4).tolist())
+    assert len({tuple(d) for d in draws}) == 4  # every rank its own stream
+    set_rng_state(fresh_rng_state(7, 2, 120))
+    assert torch.rand(4).tolist() == draws[2]  # the same (seed, rank, step): the same stream
+    set_rng_state(fresh_rng_state(7, 2, 121))
+    assert torch.rand(4).tolist() != draws[2]

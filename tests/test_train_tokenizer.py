@@ -155,24 +155,31 @@ def test_zero1_kept_checkpoint_exports_its_ema(baseline):
 
 
 def test_zero2_full_objective_with_gan_schedule(prep_dir, tmp_path):
-    """LPIPS + VF + VQ + MSE, and the discriminator engine switched on at step 2."""
+    """LPIPS + VF + VQ + MSE, and the discriminator engine switched on at step 2; its cosine
+    schedule spans the steps after that, as the release's (max_train_steps - discriminator_start)."""
     cfg = with_prep(
         prep_dir,
         make_cfg(
             tmp_path,
             *FULL_OBJECTIVE_TINY,
             "tokenizer_train.zero_stage=2",
-            "tokenizer_train.steps=4",
-            "tokenizer_train.checkpoint_every=4",
+            "tokenizer_train.steps=6",
+            "tokenizer_train.checkpoint_every=6",
             "tokenizer_train.image_log_every=0",
         ),
     )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
     _, gan = loss_history(cfg, run_id, "gan_active")
-    assert gan == [0.0, 0.0, 1.0, 1.0]
+    assert gan == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     metrics = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id).data.metrics
     assert any(k.startswith("disc_hinge") for k in metrics) and any(k.startswith("lpips") for k in metrics)
+    # 2 warm-up steps, then 4 - 2 of cosine: the floor after the discriminator's 4th step (a
+    # schedule over all 6 steps would be halfway down its cosine).
+    train = cfg.tokenizer_train
+    _, disc_lr = loss_history(cfg, run_id, "discriminator_lr")
+    floor = float(train.optim.min_lr) * float(train.disc_lr) / float(train.optim.lr)
+    assert disc_lr[-1] == pytest.approx(floor)
 
 
 def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):

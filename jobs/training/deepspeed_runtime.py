@@ -6,6 +6,7 @@ imports DeepSpeed. The same code runs on CPU (gloo, 2 workers in tests) and GPU 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -276,6 +277,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def fresh_rng_state(seed: int, rank: int, step: int) -> dict:
+    """An RNG state (rng_state's form) of streams seeded from (seed, rank, step), each triple its
+    own; the process's current streams are left as they were."""
+    current = rng_state()
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
+    seed_everything(int.from_bytes(digest[:8], "little") >> 1)  # torch takes < 2**63
+    fresh = rng_state()
+    set_rng_state(current)
+    return fresh
 
 
 def set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:

@@ -38,6 +38,7 @@ from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
     consolidate_shards,
+    fresh_rng_state,
     grad_accumulation,
     prepare_deepspeed,
     rng_state,
@@ -521,8 +522,9 @@ class WorkerSession:
     def _load_resized(self, directory: str, meta: dict, engines: dict[str, Any], ema: Any | None) -> dict:
         """A checkpoint of another world size (issue 17, Deliver 4): each engine through DeepSpeed's
         universal checkpoint (ds_to_universal, then load_universal), the EMA put back together and
-        re-split, this rank's state from old rank (rank mod old world). The data position is the
-        step: the loader re-splits the same global batches over the new ranks."""
+        re-split, this rank's state from old rank (rank mod old world) but random streams of its own.
+        The data position is the step: the loader re-splits the same global batches over the new
+        ranks."""
         from safetensors.torch import load_file
 
         old = int(meta["world"])
@@ -549,7 +551,12 @@ class WorkerSession:
                     for n in ema.shadow
                 }
             )
-        return torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
+        state = torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
+        # Old rank r's random streams would go to ranks r, r + old, ...: on a grown world those
+        # would draw the same nested-dropout lengths, crops and dropout masks. Every rank starts
+        # streams of its own from (seed, rank, step) instead.
+        state["rng"] = fresh_rng_state(int(self.train.seed), self.rank, int(state["step"]))
+        return state
 
 
 def load_universal(engine: Any, saved: str, work: str) -> None:
