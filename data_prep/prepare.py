@@ -57,6 +57,9 @@ STAGE = "prep"
 # 5000; iid draws 226: README "Data at cluster scale", bench/prep_bench.py --shuffle-quality).
 # Fixed (not a config value) so the plan, and the prep fingerprint, do not depend on it.
 CLASSES_PER_GROUP = 16
+# A temporary in a shared shards URL untouched this long is a dead writer's: local writes touch it
+# continuously, and object stores show it only once uploaded, just before its rename.
+SHARED_TMP_IDLE_S = 900.0
 STALE_REASONS = {
     "fingerprint": "made under another config",
     "plan": "made from another sample list",
@@ -248,8 +251,12 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     storage.makedirs(shards_url)
     # An old manifest must not outlive the shards it lists while they are redone.
     manifest_lib.remove_manifest(stage_dir)
-    stale = storage.remove_stale_temporaries(shards_url) + storage.remove_stale_temporaries(
-        storage.join(shards_url, DONE_DIR)
+    # A shared data.shards_url is not covered by this work dir's stage lock: another run's prep of
+    # the same data config may be writing into this directory now, so only temporaries idle for
+    # SHARED_TMP_IDLE_S are a dead writer's.
+    idle_s = SHARED_TMP_IDLE_S if str(cfg.data.shards_url) else 0.0
+    stale = storage.remove_stale_temporaries(shards_url, idle_s) + storage.remove_stale_temporaries(
+        storage.join(shards_url, DONE_DIR), idle_s
     )
     source = make_source(cfg.data)
     listing = {}
@@ -303,7 +310,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
             executor(source, todo, limit, on_done)
     elapsed = time.perf_counter() - start
     # Temporaries of task attempts that Ray retried after a worker died mid-write.
-    storage.remove_stale_temporaries(shards_url)
+    storage.remove_stale_temporaries(shards_url, idle_s)
     new_records = records[len(jobs) - len(todo) :] if todo else []
     written = sum(r["planned"] for r in new_records)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,12 +114,31 @@ def sha256_url(url: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temporaries(url: str) -> int:
-    """Delete leftovers of killed writers in directory `url`; returns how many were removed."""
+def _modified_s(info: dict[str, Any]) -> float | None:
+    """Last-modified time (epoch seconds) from an fsspec listing entry, None when it has none."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is not None:
+            return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return None
+
+
+def remove_stale_temporaries(url: str, min_age_s: float = 0.0) -> int:
+    """Delete leftovers of killed writers in directory `url`; returns how many were removed.
+
+    `min_age_s` > 0 spares temporaries modified more recently (or of unknown age): in a directory
+    that writers of other runs share, those may be live writes."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         return 0
-    stale = [p for p in fs.ls(path, detail=False) if is_temporary(p)]
+    now = time.time()
+    stale = []
+    for info in fs.ls(path, detail=True):
+        if not is_temporary(info["name"]):
+            continue
+        modified = _modified_s(info)
+        if min_age_s <= 0 or (modified is not None and now - modified >= min_age_s):
+            stale.append(info["name"])
     for p in stale:
         fs.rm(p, recursive=True)
     return len(stale)

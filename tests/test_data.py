@@ -12,6 +12,7 @@ import json
 import os
 import random
 import sys
+import time
 import uuid
 from collections import Counter
 
@@ -227,6 +228,11 @@ def test_synthetic_memory_roundtrip_and_loaders():
         assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
     small = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, samples_per_epoch=17, num_workers=0)
     assert len(list(small)) == 2
+    # Starting an epoch's iterator (at a resume: mid-epoch) leaves torch's global RNG untouched.
+    for workers in (0, 2):
+        state = torch.get_rng_state()
+        next(iter(train_batches(manifest, "train", 0, 2, 4, 16, seed=0, num_workers=workers)))
+        assert torch.equal(torch.get_rng_state(), state)
 
     # Same (seed, rank, epoch) -> same batches; another epoch -> other samples and crops.
     def epoch_batches(epoch):
@@ -431,13 +437,20 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
     assert manifest["shards_url"] == f"file://{shards}"
     os.remove(tmp_path / "work" / "prep" / "manifest.json")
     os.remove(shards / "train-000002.tar")
-    (shards / ".tmp-deadbeef-train-000002.tar").write_bytes(b"partial")
+    dead = shards / ".tmp-deadbeef-train-000002.tar"
+    dead.write_bytes(b"partial")
+    idle = time.time() - prepare.SHARED_TMP_IDLE_S - 60
+    os.utime(dead, (idle, idle))
+    # A shared shards URL: another work dir's prep of the same data may be writing right now.
+    live = shards / ".tmp-cafef00d-train-000003.tar"
+    live.write_bytes(b"being written")
     (shards / "train-000009.tar").write_bytes(b"old")
     before = {p.name: os.stat(p).st_mtime_ns for p in shards.glob("*.tar")}
 
     again = prepare.run(cfg)
     after = {p.name: os.stat(p).st_mtime_ns for p in shards.iterdir() if p.is_file()}
-    assert sorted(after) == sorted(names + ["val-000000.tar", "val-000001.tar"])
+    assert not dead.exists() and live.read_bytes() == b"being written"
+    assert sorted(after) == sorted(names + ["val-000000.tar", "val-000001.tar", live.name])
     rewritten = {n for n in after if after[n] != before.get(n)}
     assert rewritten == {"train-000002.tar"}
     assert again["splits"] == manifest["splits"]  # same bytes: sha256 and counts match
