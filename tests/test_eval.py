@@ -2,7 +2,9 @@
 metrics logged to a real MLflow sqlite store, sampling into PNG shards + ADM npz, gen metrics with
 the probe stand-in (never named FID), make-ref, CFG search. Tiny random models; seconds each."""
 
+import io
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -198,6 +200,21 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
     assert len(keys) == len(set(keys)) == 24
     # a rerun with the same fingerprint is skipped
     assert run(cfg)["written_at"] == manifest["written_at"]
+
+    # A sample PNG damaged after the set was made: the metrics refuse the short set, naming it.
+    from jobs.evaluation.gen import evaluate_gen
+
+    shard = os.path.join(sample_dir, sorted(f for f in os.listdir(sample_dir) if f.endswith(".tar"))[0])
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
+        for member, data in members:
+            data = b"not a png" if member.name == first_png else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=f"{sample_dir}: 23 of the sample set's 24 images"):
+        evaluate_gen(cfg, None)
 
 
 @pytest.mark.slow

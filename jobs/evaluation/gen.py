@@ -104,6 +104,11 @@ def evaluate_gen(
     shards = [storage.join(out_url, n) for n in samples["shards"]]
     t0 = time.time()
     acts = shard_activations(cfg, shards, spec, "generation evaluation")
+    if acts["count"] != samples["num_samples"]:  # an undecodable PNG is skipped by the reader
+        raise ValueError(
+            f"{out_url}: {acts['count']} of the sample set's {samples['num_samples']} images could be "
+            "read (damaged shards); delete that directory and rerun to redraw them"
+        )
     metrics, notes = gen_metrics(cfg, spec, ref, acts, probe)
     metrics["sample_images_per_second"] = samples["images_per_second"]
     kind = spec["kind"]
