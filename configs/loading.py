@@ -214,6 +214,13 @@ def validate(cfg: Any) -> None:
                 f"{name}.global_batch_size={train.global_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.num_workers = {per_step}"
             )
+        if train.precision == "bf16" and int(train.zero_stage) == 0:
+            # DeepSpeed's stage-0 bf16 optimizer keeps its fp32 masters where neither the export
+            # (the module's bf16 weights) nor the EMA reads them; ZeRO 1-3 keep them readable.
+            raise ConfigError(
+                f"{name}.precision=bf16 needs {name}.zero_stage 1-3 (at 0 the exported and EMA "
+                "weights would be the bf16 copies, not the fp32 masters)"
+            )
     if cfg.tokenizer_train.compile != "off" and int(cfg.tokenizer_train.zero_stage) == 3:
         # ZeRO-3 all-gathers parameters in per-module hooks, inside what would be compiled: untested.
         raise ConfigError(

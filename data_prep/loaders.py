@@ -132,6 +132,9 @@ class Shuffle:
         self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
 
     def __call__(self, src: Any) -> Iterator[dict]:
+        if self.bufsize <= 1:  # data.shuffle_buffer 0 or 1: no sample shuffle (shards still are)
+            yield from src
+            return
         worker, _ = _worker()
         rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}-{self.epoch}")
         buf: list = []

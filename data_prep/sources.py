@@ -158,7 +158,9 @@ class ImageNetFolderSource(_ImageNetBase):
         train = f"{root}/train"
         if not fs.exists(train):
             return []
-        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(train, detail=False) if fs.isdir(p))
+        # Hidden folders (.cache, .ipynb_checkpoints, ...) are not classes: one would shift every id.
+        names = (os.path.basename(p.rstrip("/")) for p in fs.ls(train, detail=False) if fs.isdir(p))
+        return sorted(n for n in names if not n.startswith("."))
 
     def _images(self, fs, directory: str) -> list[str]:
         return sorted(p for p in fs.find(directory) if p.lower().endswith(IMAGE_EXTS))
@@ -169,7 +171,11 @@ class ImageNetFolderSource(_ImageNetBase):
         if not fs.exists(split_dir):
             raise SourceError(f"{self.root}/{split}: split folder not found")
         entries = fs.ls(split_dir, detail=True)
-        class_dirs = sorted(e["name"] for e in entries if e["type"] == "directory")
+        class_dirs = sorted(
+            e["name"]
+            for e in entries
+            if e["type"] == "directory" and not os.path.basename(e["name"].rstrip("/")).startswith(".")
+        )
         refs: list[SampleRef] = []
         if class_dirs:  # <split>/<wnid>/*.JPEG
             for d in class_dirs:

@@ -40,6 +40,7 @@ from jobs.evaluation.features import distance_name, resolved_feature_spec
 from jobs.evaluation.pool import close_pool, shared_pool
 from jobs.evaluation.reference import reference_for_gen
 from jobs.training import checkpoints as ckpts
+from pipeline.graph import clear_stage_dir, stale_reason
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
 AXIS_LABELS = {
@@ -111,10 +112,17 @@ def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, share
     fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
     with fs.open(path, "r") as fh:
         ckpt_cfg = from_yaml_text(fh.read())
+    # Ray Train folders are named by stage fingerprint, the same for every child of one tokenizer
+    # run: under the parent's cluster.storage_path one child would resume another's generator.
+    storage_path = str(cfg.cluster.storage_path)
+    if storage_path:
+        sweep_id = sweep_dir.rstrip("/").rsplit("/", 1)[-1]
+        storage_path = storage.join(storage_path, "sweeps", sweep_id, f"ckpt-{index}")
     child = OmegaConf.merge(
         cfg,
         {
             "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
+            "cluster": {"storage_path": storage_path},  # empty: <child work dir>/ray
             "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
             # data.shards_url stays the parent's: the same prep fingerprint names the same shard
             # directory (infra.paths.shards_url), and the seeded prep manifest lists the shards.
@@ -138,7 +146,9 @@ def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, share
 
 def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
     """The child's prep stage = the parent's manifest (same shards); its train_tokenizer stage =
-    the checkpoint's files, with a manifest under the child's own fingerprint."""
+    the checkpoint's files, with a manifest under the child's own fingerprint. Rewritten only when
+    the checkpoint's weights changed: a rewrite is newer than the child's later stages, which
+    run_chain then redoes."""
     child_prep = paths.stage_dir(child, "prep")
     storage.makedirs(child_prep)
     prep = read_manifest(prep_dir)
@@ -146,6 +156,10 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
         storage.join(child_prep, "manifest.json"), {**prep, "fingerprint": stage_fingerprint(child, "prep")}
     )
     src, dst = checkpoint_dir(ckpt), paths.stage_dir(child, "train_tokenizer")
+    source_sha = storage.sha256_url(storage.join(src, "tokenizer_ema.safetensors"))
+    seeded = read_manifest(dst) or {}
+    if seeded.get("complete") and seeded.get("source_sha256") == source_sha:
+        return
     storage.makedirs(dst)
     fs_src, _ = storage.filesystem(src)
     for name in TOKENIZER_FILES:
@@ -172,6 +186,7 @@ def seed_work_dir(child: Any, ckpt: str, prep_dir: str) -> None:
             "codebook_size": int(tok.codebook_size),
             "num_tokens": int(sum(tok.levels)),
             "source_checkpoint": ckpt,
+            "source_sha256": source_sha,
         },
     )
 
@@ -191,9 +206,16 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
     stages = stages or default_stages()
     # The eval pool reserves CPUs; extraction and Ray Train need them (else a 2-core local Ray deadlocks).
     close_pool(force=True)
-    for name in ("extract_codes", "train_generator"):
-        stages[name](child, parent_run_id=parent_run_id)
-    manifest = stages["evaluate"](child, parent_run_id=parent_run_id)
+    # The graph's staleness rule (pipeline.graph.stale_reason): a stage whose input was rebuilt
+    # after it (new weights at a checkpoint's path) is cleared and redone, not skipped.
+    rebuilt: set[str] = set()
+    for name in ("extract_codes", "train_generator", "evaluate"):
+        before = read_manifest(paths.stage_dir(child, name)) or {}
+        if before.get("complete") and stale_reason(child, name, rebuilt):
+            clear_stage_dir(child, name)
+        manifest = stages[name](child, parent_run_id=parent_run_id)
+        if manifest.get("written_at") != before.get("written_at"):
+            rebuilt.add(name)
     return {
         "metrics": manifest.get("metrics", {}),
         "run_id": manifest.get("run_id"),

@@ -137,6 +137,27 @@ RESTOK = shutil.which("restok", path=os.path.dirname(sys.executable)) or "restok
 SITE_ENV = ("RESTOK_WORK_DIR", "RESTOK_DATA_ROOT", "RESTOK_STORAGE_PATH", "MLFLOW_TRACKING_URI")
 
 
+def ema_parts_match(checkpoint_dir: str, exported: dict[str, torch.Tensor]) -> int:
+    """Every EMA part a checkpoint's ranks saved (ema_rank<r>.safetensors: a whole tensor, or a
+    range of the flattened weight starting where its `ema_fragments` metadata says) equals that
+    range of `exported`; returns how many elements the parts hold."""
+    import glob
+    import json
+
+    from safetensors import safe_open
+
+    held = 0
+    for path in glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            starts = json.loads((fh.metadata() or {}).get("ema_fragments", "{}"))
+            for name in fh.keys():
+                part = fh.get_tensor(name).reshape(-1)
+                start = starts.get(name, 0)
+                assert torch.equal(exported[name].reshape(-1)[start : start + part.numel()], part), name
+                held += part.numel()
+    return held
+
+
 def run_restok(*argv: str, cwd, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """`restok ARGV` in `cwd` as a user runs it (one OpenMP thread per process: 2 cores), output
     captured."""

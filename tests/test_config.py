@@ -47,6 +47,14 @@ def test_batch_arithmetic_checked():
         load_config(None, ["tokenizer_train.global_batch_size=33"])
 
 
+@pytest.mark.parametrize("section", ["tokenizer_train", "generator_train"])
+def test_bf16_without_zero_is_refused(section):
+    """At ZeRO-0 DeepSpeed's bf16 optimizer hides the fp32 masters from the export and the EMA."""
+    with pytest.raises(ConfigError, match=f"{section}.precision=bf16 needs {section}.zero_stage 1-3"):
+        load_config(None, [f"{section}.precision=bf16", f"{section}.zero_stage=0"])
+    assert load_config(None, [f"{section}.precision=bf16", f"{section}.zero_stage=1"])
+
+
 def test_compile_choices_and_zero3_conflict_named():
     assert load_config(None, ["tokenizer_train.compile=inductor"]).tokenizer_train.compile == "inductor"
     with pytest.raises(ConfigError, match="aot_eager"):

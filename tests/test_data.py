@@ -154,6 +154,9 @@ def test_bad_images_are_converted_or_skipped(stem):
 def test_tar_source_reads_same_samples_as_folder(tmp_path):
     expected = make_imagenet_tree(tmp_path / "tree", val_layout="flat")
     make_ilsvrc_tars(tmp_path / "tree", tmp_path / "tars")
+    # A hidden folder beside the classes (a tool's cache) is not a class: ids stay the wnids' ranks.
+    os.makedirs(tmp_path / "tree" / "train" / ".cache")
+    (tmp_path / "tree" / "train" / ".cache" / "x.JPEG").write_bytes(jpeg(7))
     folder = ImageNetFolderSource(str(tmp_path / "tree"))
     tars = ImageNetTarSource(f"file://{tmp_path / 'tars'}")
     for split in ("train", "val"):
@@ -228,6 +231,9 @@ def test_synthetic_memory_roundtrip_and_loaders():
         assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
     small = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, samples_per_epoch=17, num_workers=0)
     assert len(list(small)) == 2
+    # data.shuffle_buffer 0 (or 1): samples pass in shard order instead of failing on an empty buffer
+    unshuffled = train_batches(manifest, "train", 0, 2, 4, 16, seed=0, num_workers=0, shuffle_buffer=0)
+    assert len(list(unshuffled)) == len(unshuffled)
     # Starting an epoch's iterator (at a resume: mid-epoch) leaves torch's global RNG untouched.
     for workers in (0, 2):
         state = torch.get_rng_state()

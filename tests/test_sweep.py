@@ -133,3 +133,47 @@ def test_sweep_two_checkpoints_plot_table_child_runs(tmp_path, ray_local, stages
 
     assert cli(Namespace(runs=ids, tracking_uri=paths.tracking_uri(cfg))) == 0
     assert "fd_probe_gen" in capsys.readouterr().out
+
+
+def test_children_train_apart_and_replaced_weights_redo_the_chain(tmp_path):
+    """Each child's Ray Train folder is its own under a shared cluster.storage_path (their stage
+    fingerprints are equal); rerunning a chain skips finished stages, and new weights seeded at a
+    checkpoint's path make every later stage of that chain run again (no Ray: counting stand-ins)."""
+    import time
+
+    from configs.loading import to_yaml
+    from infra.manifest import is_complete, read_manifest
+    from pipeline.sweep import child_config, run_chain, seed_work_dir
+
+    cfg, _ = make_workdir(tmp_path, extra=[*SWEEP_OVERRIDES, f"cluster.storage_path={tmp_path / 'ray'}"])
+    ckpt = str(tmp_path / "tok")
+    write_models(cfg, seed=1, tokenizer_dir=ckpt)
+    sweep_dir = str(tmp_path / "work" / "sweeps" / "abc")
+    children = [child_config(cfg, ckpt, i, sweep_dir, {}) for i in (0, 1)]
+    assert len({paths.ray_storage_path(c) for c in children} | {paths.ray_storage_path(cfg)}) == 3
+
+    calls = []
+
+    def standin(stage):
+        def run(child, run_id=None, parent_run_id=None):
+            fp = stage_fingerprint(child, stage)
+            if is_complete(paths.stage_dir(child, stage), fp):
+                return read_manifest(paths.stage_dir(child, stage))
+            calls.append(stage)
+            return write_manifest(paths.stage_dir(child, stage), stage, fp, complete=True)
+
+        return run
+
+    stages = {s: standin(s) for s in ("extract_codes", "train_generator", "evaluate")}
+    child = children[0]
+    prep_dir = paths.stage_dir(cfg, "prep")
+    seed_work_dir(child, ckpt, prep_dir)
+    run_chain(to_yaml(child), "", stages)
+    seed_work_dir(child, ckpt, prep_dir)  # same weights: nothing is rewritten
+    run_chain(to_yaml(child), "", stages)
+    assert calls == ["extract_codes", "train_generator", "evaluate"]
+    time.sleep(1.1)  # manifests are stamped to the second
+    write_models(cfg, seed=2, tokenizer_dir=ckpt)  # other weights at the same path
+    seed_work_dir(child, ckpt, prep_dir)
+    run_chain(to_yaml(child), "", stages)
+    assert calls == ["extract_codes", "train_generator", "evaluate"] * 2

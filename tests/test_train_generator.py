@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import NANO_LEVELS, NANO_TOKENIZER, NANO_VOCAB, write_tokenizer_export
+from conftest import NANO_LEVELS, NANO_TOKENIZER, NANO_VOCAB, ema_parts_match, write_tokenizer_export
 from safetensors.torch import load_file
 
 from configs.loading import load_config
@@ -114,9 +114,9 @@ def test_baseline_learns_exports_and_tracks(baseline):
     _, kept, _ = checkpoints.kept_checkpoints(stage_dir)
     assert sorted(kept) == [STEPS - CKPT, STEPS]  # keep_checkpoints=2
     mid = checkpoints.export_checkpoint(stage_dir, STEPS - CKPT)
-    ema = load_file(f"{kept[STEPS - CKPT]}/ema_rank0.safetensors")
     exported = load_file(f"{mid}/generator_ema.safetensors")
-    assert ema and all(torch.equal(exported[k], v) for k, v in ema.items())
+    trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
+    assert ema_parts_match(kept[STEPS - CKPT], exported) == trainable
     assert checkpoints.load_generator(mid).block_size == sum(LEVELS)
     # MLflow's own API: params, metrics, sample grid, registered model with aliases.
     client = tracking.client_for(paths.tracking_uri(cfg))

@@ -136,17 +136,23 @@ def load_export(directory):
 
 
 def test_zero1_kept_checkpoint_exports_its_ema(baseline):
-    """`restok export` of a kept ZeRO-1 checkpoint: the EMA file is the checkpoint's EMA (rank 0
-    keeps it whole), and the newest kept checkpoint's export equals the stage's own export."""
+    """`restok export` of a kept ZeRO-1 checkpoint: the EMA file is the checkpoint's EMA (each of
+    the 2 ranks keeps the ranges of fp32 master weights its optimizer holds), and the newest kept
+    checkpoint's export equals the stage's own export."""
     from safetensors.torch import load_file
+
+    from jobs.training.ray_training import checkpoint_meta, read_ema_parts
 
     cfg = baseline[0]
     stage_dir = paths.stage_dir(cfg, "train_tokenizer")
     _, kept, _ = checkpoints.kept_checkpoints(stage_dir)
     assert sorted(kept) == [STEPS // 2, STEPS]  # keep_checkpoints=2
     mid = load_export(checkpoints.export_checkpoint(stage_dir, STEPS // 2))
-    ema = load_file(f"{kept[STEPS // 2]}/ema_rank0.safetensors")
+    ema = read_ema_parts(kept[STEPS // 2], checkpoint_meta(kept[STEPS // 2]))
     assert ema and all(torch.equal(mid["ema"][k], v) for k, v in ema.items())
+    parts = [load_file(f"{kept[STEPS // 2]}/ema_rank{r}.safetensors") for r in range(2)]
+    kept_numel = [sum(t.numel() for t in part.values()) for part in parts]
+    assert all(kept_numel) and sum(kept_numel) == sum(v.numel() for v in ema.values())  # they tile it
     assert any(not torch.equal(mid["ema"][k], mid["raw"][k]) for k in ema)
     last = load_export(checkpoints.export_checkpoint(stage_dir))  # the newest kept by default
     final = load_export(stage_dir)
@@ -193,10 +199,16 @@ def test_bf16_matches_fp32(baseline, prep_dir, tmp_path):
             "tokenizer_train.zero_stage=1",
             "tokenizer_train.precision=bf16",
             "tokenizer_train.image_log_every=0",
+            "tokenizer_train.ema_decay=0.0",  # the EMA is the last step's weights
         ),
     )
     run_id = tracking.start_run(cfg, "train_tokenizer")
     assert train_tokenizer.run(cfg, run_id=run_id)["complete"]
+    # The EMA averages the fp32 master weights, not the module's bf16 copies: with decay 0 it is
+    # the raw export (the masters) to the bit, and holds values bf16 cannot.
+    export = load_export(paths.stage_dir(cfg, "train_tokenizer"))
+    assert all(torch.equal(export["ema"][k], v) for k, v in export["raw"].items())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in export["ema"].values())
     _, ref = loss_history(*baseline[::2])
     steps, values = loss_history(cfg, run_id)
     assert steps == list(range(STEPS))

@@ -8,7 +8,6 @@ sampling and evaluation call.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from infra.manifest import read_manifest, write_manifest
 from infra.paths import ray_storage_path
 from infra.stages import stage_fingerprint
 from infra.tracking import client_for
-from jobs.training.deepspeed_runtime import consolidate_shards
 from jobs.training.ray_training import (
     COMPLETE_NAME,
     STATE_TAG,
     checkpoint_meta,
+    read_ema_parts,
 )
 from models.generator import GPT, GeneratorConfig
 from models.tokenizer import ResTok, TokenizerConfig
@@ -50,20 +49,6 @@ def _read_fp32_state(engine_dir: str, zero_stage: int, tag: str) -> dict[str, to
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
-def _read_ema(checkpoint_dir: str, meta: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(
-        glob.glob(os.path.join(checkpoint_dir, "ema_rank*.safetensors")),
-        key=lambda p: int(os.path.basename(p)[len("ema_rank") : -len(".safetensors")]),
-    )
-    if not files:
-        return {}
-    if meta.get("ema_sharded"):
-        return consolidate_shards([load_file(f) for f in files], meta["ema_shapes"])
-    return load_file(files[0])
-
-
 def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module) -> tuple[dict, dict]:
     """(raw, ema) full fp32 state dicts for `model` from a Ray Train checkpoint directory, checked
     by loading both into `model` strictly. EMA covers trainable parameters; buffers and frozen
@@ -73,7 +58,7 @@ def export_weights(checkpoint_dir: str, engine_name: str, model: torch.nn.Module
     raw = _read_fp32_state(os.path.join(checkpoint_dir, engine_name), int(meta["zero_stage"]), STATE_TAG)
     expected = model.state_dict()
     raw = {k: v for k, v in raw.items() if k in expected}
-    ema = {**raw, **{k: v for k, v in _read_ema(checkpoint_dir, meta).items() if k in expected}}
+    ema = {**raw, **{k: v for k, v in read_ema_parts(checkpoint_dir, meta).items() if k in expected}}
     for state in (raw, ema):
         model.load_state_dict(state, strict=True)
     return raw, ema

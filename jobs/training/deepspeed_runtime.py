@@ -7,6 +7,7 @@ imports DeepSpeed. The same code runs on CPU (gloo, 2 workers in tests) and GPU 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -195,24 +196,56 @@ def local_tensor(p: nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if is_partitioned(p) else p.data
 
 
-class EMA:
-    """Exponential moving average of the weights in fp32 (SPEC "recipe": EMA 0.9999).
+def master_fragment(p: nn.Parameter) -> torch.Tensor | None:
+    """The fp32 master weights this rank's ZeRO 1-2 (or bf16) optimizer holds of `p`: a flat range
+    of the flattened parameter (None when the range is another rank's). Looked up at each call:
+    DeepSpeed relinks the mappings when it loads a checkpoint."""
+    mapping = getattr(p, "_hp_mapping", None)
+    return None if mapping is None else mapping.get_hp_fragment()
 
-    Sharding-aware: under ZeRO-3 every rank averages its own flat shard (`ds_tensor`: rank r holds
-    elements [r*s, (r+1)*s) of the flattened, padded parameter), so nothing is gathered per step;
-    `consolidate_shards` rebuilds full tensors from all ranks' shards. Under ZeRO 0-2 the parameters
-    are whole on every rank, so only rank 0 keeps the average.
+
+class EMA:
+    """Exponential moving average of the fp32 weights (SPEC "recipe": EMA 0.9999), kept where the
+    weights live, so nothing is gathered per step. Three layouts (`layout`):
+
+    - "zero3": every rank averages the fp32 master of its own flat shard (rank r holds elements
+      [r*s, (r+1)*s) of the flattened, padded parameter); `consolidate_shards` rebuilds them.
+    - "fragments" (ZeRO 1-2, and DeepSpeed's bf16 optimizer): every rank averages the ranges of the
+      flattened parameters its optimizer holds as fp32 masters (`master_fragment`); under bf16 the
+      module's own weights are bf16 copies, which an average of would carry their rounding.
+      `consolidate_fragments` rebuilds them from each file's `ema_fragments` metadata.
+    - "whole" (ZeRO-0 in fp32): the parameters are the fp32 weights, whole on every rank; rank 0
+      keeps the average.
     """
 
     def __init__(self, model: nn.Module, decay: float, rank: int, warmup: bool = False):
         self.decay, self.warmup = float(decay), bool(warmup)
-        params = list(model.named_parameters())
-        self.sharded = any(is_partitioned(p) for _, p in params)
-        self.active = self.sharded or rank == 0
-        self.params = [(n, p) for n, p in params if p.requires_grad] if self.active else []
-        self.shadow = {n: local_tensor(p).detach().float().clone() for n, p in self.params}
-        # Full shapes, so shards can be put back together (rank 0 writes them).
-        self.shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.params}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if any(is_partitioned(p) for _, p in trainable):
+            self.layout = "zero3"
+        elif any(hasattr(p, "_hp_mapping") for _, p in trainable):
+            self.layout = "fragments"
+        else:
+            self.layout = "whole"
+        self.active = self.layout != "whole" or rank == 0  # every rank holds a part, or rank 0 all
+        if self.layout == "fragments":
+            self.params = [(n, p) for n, p in trainable if master_fragment(p) is not None]
+            # where each kept range starts in the flattened parameter
+            self.starts = {n: int(p._hp_mapping.lp_fragment_address.start) for n, p in self.params}
+        else:
+            self.params = trainable if self.active else []
+            self.starts = {}
+        self.shadow = {n: self._current(p).detach().float().clone() for n, p in self.params}
+        # Full shapes, so the parts can be put back together (rank 0 writes them).
+        self.shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in trainable}
+
+    def _current(self, p: nn.Parameter) -> torch.Tensor:
+        if self.layout == "fragments":
+            return master_fragment(p)
+        if self.layout == "zero3" and hasattr(p, "_z3_optimizer"):
+            # the fp32 master of this rank's shard (ds_tensor is its bf16 copy under bf16)
+            return p._z3_optimizer.get_local_fp32_param(p)
+        return local_tensor(p)
 
     def decay_at(self, step: int | None) -> float:
         """Decay of the update after optimizer step `step` (0-based). With warm-up (release
@@ -226,10 +259,25 @@ class EMA:
     def update(self, step: int | None = None) -> None:
         weight = 1.0 - self.decay_at(step)
         for n, p in self.params:
-            self.shadow[n].lerp_(local_tensor(p).detach().float(), weight)
+            self.shadow[n].lerp_(self._current(p).detach().float(), weight)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.shadow.items()}
+
+    def file_metadata(self) -> dict[str, str] | None:
+        """What a saved part needs to be put back (safetensors metadata, strings only)."""
+        return {"ema_fragments": json.dumps(self.starts)} if self.layout == "fragments" else None
+
+    def part_of(self, full: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+        """This rank's part of full tensors (a resume on another world size)."""
+        if self.layout == "fragments":
+            return {
+                n: full[n].reshape(-1)[self.starts[n] : self.starts[n] + t.numel()]
+                for n, t in self.shadow.items()
+            }
+        if self.layout == "zero3":
+            return {n: reshard(full[n], t, rank, world) for n, t in self.shadow.items()}
+        return {n: full[n] for n in self.shadow}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
@@ -239,12 +287,39 @@ class EMA:
             self.shadow[n].copy_(state[n])
 
 
+def reshard(full: torch.Tensor, like: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's ZeRO-3 flat shard of `full` (elements [r*s, (r+1)*s) of it flattened and
+    zero-padded to world*s, s = like.numel(); see EMA)."""
+    size = like.numel()
+    flat = torch.zeros(size * world, dtype=like.dtype)
+    flat[: full.numel()] = full.reshape(-1).to(like.dtype)
+    return flat[rank * size : (rank + 1) * size].reshape(like.shape).clone()
+
+
 def consolidate_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, list[int]]) -> dict:
     """Full tensors from ZeRO-3 flat shards in rank order (see EMA)."""
     out = {}
     for name, shape in shapes.items():
         flat = torch.cat([s[name].reshape(-1) for s in shards])
         out[name] = flat[: math.prod(shape)].reshape(shape).clone()
+    return out
+
+
+def consolidate_fragments(parts: list[tuple[dict[str, torch.Tensor], dict[str, int]]], shapes: dict) -> dict:
+    """Full tensors from ZeRO 1-2 fragments: (tensors, start of each in its flattened parameter)
+    per rank (see EMA). Every element must come from exactly one fragment."""
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.zeros(math.prod(shape))
+        filled = 0
+        for tensors, starts in parts:
+            if name in tensors:
+                t = tensors[name].reshape(-1)
+                flat[starts[name] : starts[name] + t.numel()] = t
+                filled += t.numel()
+        if filled != flat.numel():
+            raise ValueError(f"EMA fragments of {name!r} cover {filled} of {flat.numel()} elements")
+        out[name] = flat.reshape(shape)
     return out
 
 

@@ -5,7 +5,8 @@ Checkpoint directory layout (one Ray Train checkpoint, merged from all workers' 
   <engine>/            DeepSpeed `save_checkpoint` output per engine (tag "state")
   rank<r>.pt           per-rank RNG states, data position, extra state (tensors/lists only:
                        loaded with torch.load(weights_only=True))
-  ema_rank<r>.safetensors  per-rank EMA (whole tensors on rank 0, or ZeRO-3 shards on every rank)
+  ema_rank<r>.safetensors  per-rank EMA (deepspeed_runtime.EMA: the fp32 masters' ranges every rank
+                       holds under ZeRO 1-2, ZeRO-3 shards, or whole tensors on rank 0)
   meta.json            step, world size, ZeRO stage, EMA shapes (rank 0)
   config.yaml          the resolved config of the run (rank 0)
   COMPLETE.json        our completeness marker, written by rank 0 last: after every rank's report
@@ -37,6 +38,7 @@ from infra.ray_connect import connect_ray, starts_local_ray, worker_runtime_env
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
     EMA,
+    consolidate_fragments,
     consolidate_shards,
     fresh_rng_state,
     grad_accumulation,
@@ -461,14 +463,18 @@ class WorkerSession:
                 engine.save_checkpoint(os.path.join(tmp, name), tag=STATE_TAG)
             torch.save(rank_state, os.path.join(tmp, f"rank{self.rank}.pt"))
             if ema is not None and ema.active:
-                save_file(ema.state(), os.path.join(tmp, f"ema_rank{self.rank}.safetensors"))
+                save_file(
+                    ema.state(),
+                    os.path.join(tmp, f"ema_rank{self.rank}.safetensors"),
+                    metadata=ema.file_metadata(),
+                )
             if self.rank == 0:
                 meta = {
                     "step": step,
                     "world": self.world,
                     "stage": self.stage,
                     "zero_stage": int(self.train.zero_stage),
-                    "ema_sharded": bool(ema is not None and ema.sharded),
+                    "ema_layout": ema.layout if ema is not None else "whole",
                     "ema_shapes": ema.shapes if ema is not None else {},
                 }
                 with open(os.path.join(tmp, META_NAME), "w") as fh:
@@ -525,7 +531,6 @@ class WorkerSession:
         re-split, this rank's state from old rank (rank mod old world) but random streams of its own.
         The data position is the step: the loader re-splits the same global batches over the new
         ranks."""
-        from safetensors.torch import load_file
 
         old = int(meta["world"])
         if self.is_logger:
@@ -538,19 +543,8 @@ class WorkerSession:
             for name, engine in engines.items():
                 load_universal(engine, os.path.join(directory, name), os.path.join(tmp, name))
         if ema is not None and ema.active:
-            if meta.get("ema_sharded"):
-                full = consolidate_shards(
-                    [load_file(os.path.join(directory, f"ema_rank{r}.safetensors")) for r in range(old)],
-                    meta["ema_shapes"],
-                )
-            else:
-                full = load_file(os.path.join(directory, "ema_rank0.safetensors"))
-            ema.load(
-                {
-                    n: reshard(full[n], ema.shadow[n], self.rank, self.world) if ema.sharded else full[n]
-                    for n in ema.shadow
-                }
-            )
+            full = read_ema_parts(directory, meta, old)
+            ema.load(ema.part_of(full, self.rank, self.world))
         state = torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
         # Old rank r's random streams would go to ranks r, r + old, ...: on a grown world those
         # would draw the same nested-dropout lengths, crops and dropout masks. Every rank starts
@@ -590,13 +584,31 @@ def load_universal(engine: Any, saved: str, work: str) -> None:
         raise FileNotFoundError(f"{saved}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
 
 
-def reshard(full: torch.Tensor, like: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's ZeRO-3 flat shard of `full` (elements [r*s, (r+1)*s) of it flattened and
-    zero-padded to world*s, s = like.numel(); see deepspeed_runtime.EMA)."""
-    size = like.numel()
-    flat = torch.zeros(size * world, dtype=like.dtype)
-    flat[: full.numel()] = full.reshape(-1).to(like.dtype)
-    return flat[rank * size : (rank + 1) * size].reshape(like.shape).clone()
+def read_ema_parts(directory: str, meta: dict, world: int | None = None) -> dict[str, torch.Tensor]:
+    """Full EMA tensors of a checkpoint from its ema_rank<r> files, in any deepspeed_runtime.EMA
+    layout ({} when it has none). Checkpoints from before the layouts had `ema_sharded`."""
+    from safetensors import safe_open
+
+    layout = meta.get("ema_layout") or ("zero3" if meta.get("ema_sharded") else "whole")
+    world = int(meta["world"]) if world is None else world
+    files = [
+        os.path.join(directory, f"ema_rank{r}.safetensors") for r in range(world if layout != "whole" else 1)
+    ]
+    present = [f for f in files if os.path.exists(f)]
+    if not present:
+        return {}
+    if len(present) != len(files):
+        raise FileNotFoundError(f"{directory}: EMA parts missing: {sorted(set(files) - set(present))}")
+    parts = []
+    for path in files:
+        with safe_open(path, "pt") as fh:
+            starts = json.loads((fh.metadata() or {}).get("ema_fragments", "{}"))
+            parts.append(({k: fh.get_tensor(k) for k in fh.keys()}, starts))
+    if layout == "zero3":
+        return consolidate_shards([tensors for tensors, _ in parts], meta["ema_shapes"])
+    if layout == "fragments":
+        return consolidate_fragments(parts, meta["ema_shapes"])
+    return parts[0][0]
 
 
 def check_checkpoint(directory: str) -> dict:
