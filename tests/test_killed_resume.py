@@ -232,3 +232,28 @@ def test_a_resized_world_gives_every_rank_random_streams_of_its_own():
     assert torch.rand(4).tolist() == draws[2]  # the same (seed, rank, step): the same stream
     set_rng_state(fresh_rng_state(7, 2, 121))
     assert torch.rand(4).tolist() != draws[2]
+
+
+def test_ema_parts_read_back_in_every_layout_including_checkpoints_from_before_them(tmp_path):
+    """ZeRO 1-2 checkpoints keep each rank's ranges of the flattened weights (start in the file's
+    metadata); checkpoints written before that (`ema_sharded: false`) hold it whole on rank 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.training.ray_training import ema_layout, read_ema_parts
+
+    whole = torch.arange(6.0).reshape(2, 3)
+    save_file({"w": whole}, str(tmp_path / "ema_rank0.safetensors"))
+    old = {"world": 2, "ema_sharded": False, "ema_shapes": {"w": [2, 3]}}
+    assert ema_layout(old) == "whole" and torch.equal(read_ema_parts(str(tmp_path), old)["w"], whole)
+    for rank, (start, stop) in enumerate([(0, 4), (4, 6)]):
+        save_file(
+            {"w": whole.reshape(-1)[start:stop].clone()},
+            str(tmp_path / f"ema_rank{rank}.safetensors"),
+            metadata={"ema_fragments": json.dumps({"w": start})},
+        )
+    new = {"world": 2, "ema_layout": "fragments", "ema_shapes": {"w": [2, 3]}}
+    assert torch.equal(read_ema_parts(str(tmp_path), new)["w"], whole)
+    os.remove(tmp_path / "ema_rank1.safetensors")
+    with pytest.raises(FileNotFoundError, match="EMA parts missing"):
+        read_ema_parts(str(tmp_path), new)

@@ -522,7 +522,10 @@ class WorkerSession:
             if path is None:
                 raise FileNotFoundError(f"{directory}/{name}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
         if ema is not None and ema.active:
-            ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
+            if ema_layout(meta) == ema.layout:
+                ema.load(load_file(os.path.join(directory, f"ema_rank{self.rank}.safetensors")))
+            else:  # written before the EMA kept the fp32 masters' ranges: through full tensors
+                ema.load(ema.part_of(read_ema_parts(directory, meta), self.rank, self.world))
         return torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=True)
 
     def _load_resized(self, directory: str, meta: dict, engines: dict[str, Any], ema: Any | None) -> dict:
@@ -584,12 +587,17 @@ def load_universal(engine: Any, saved: str, work: str) -> None:
         raise FileNotFoundError(f"{saved}: no DeepSpeed checkpoint tag {STATE_TAG!r}")
 
 
+def ema_layout(meta: dict) -> str:
+    """A checkpoint's deepspeed_runtime.EMA layout; those from before the layouts had `ema_sharded`."""
+    return meta.get("ema_layout") or ("zero3" if meta.get("ema_sharded") else "whole")
+
+
 def read_ema_parts(directory: str, meta: dict, world: int | None = None) -> dict[str, torch.Tensor]:
     """Full EMA tensors of a checkpoint from its ema_rank<r> files, in any deepspeed_runtime.EMA
-    layout ({} when it has none). Checkpoints from before the layouts had `ema_sharded`."""
+    layout ({} when it has none)."""
     from safetensors import safe_open
 
-    layout = meta.get("ema_layout") or ("zero3" if meta.get("ema_sharded") else "whole")
+    layout = ema_layout(meta)
     world = int(meta["world"]) if world is None else world
     files = [
         os.path.join(directory, f"ema_rank{r}.safetensors") for r in range(world if layout != "whole" else 1)
