@@ -4,8 +4,10 @@ the train_tokenizer stage directory, exports each kept checkpoint (EMA as the EM
 extract_codes -> train_generator -> evaluate chain for each (tiny schedules), with the plot and
 table in MLflow. `restok export` of a missing step is one line naming the steps there."""
 
+import json
 import os
 import pathlib
+import time
 
 import pytest
 import torch
@@ -90,6 +92,20 @@ def test_kept_checkpoints_export_as_ema_and_missing_step_is_one_line(trained, ca
     remote = checkpoints.export_checkpoint("memory:///sweepckpt/ckpt4", out="memory:///sweepckpt/export4")
     remote_ema = load_bytes(mem.cat(remote.split("://", 1)[1] + "/tokenizer_ema.safetensors"))
     assert remote_ema.keys() == ema.keys() and all(torch.equal(remote_ema[k], ema[k]) for k in ema)
+    # Reused while the checkpoint is the same; redone when a retrain rewrote that step's checkpoint.
+    exported_at = read_manifest(out)["written_at"]
+    assert (
+        checkpoints.export_checkpoint(stage_dir, 4) == out and read_manifest(out)["written_at"] == exported_at
+    )
+    marker = os.path.join(kept[4], "COMPLETE.json")
+    with open(marker) as fh:
+        rewritten = {**json.load(fh), "written_at": time.time()}
+    with open(marker, "w") as fh:
+        json.dump(rewritten, fh)
+    time.sleep(1.1)  # manifests are stamped to the second
+    assert (
+        checkpoints.export_checkpoint(stage_dir, 4) == out and read_manifest(out)["written_at"] != exported_at
+    )
     # The newest kept checkpoint is what the stage exported at its end.
     last = checkpoints.export_checkpoint(stage_dir, 8)
     for f in ("tokenizer_ema.safetensors", "tokenizer.safetensors"):

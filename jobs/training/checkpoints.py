@@ -407,7 +407,15 @@ def export_checkpoint(
     stage, step, ckpt = find_checkpoint(source, step, cfg)
     out = (out or default_export_dir(source, step)).rstrip("/")
     done = read_manifest(out) or {}
-    if done.get("complete") and done.get("source_checkpoint") == ckpt and done.get("steps_done") == step:
+    # A retrain (`restok run --force`) writes a new checkpoint under the same path and step: the
+    # completeness marker's time tells them apart.
+    made_at = (storage.read_json(storage.join(ckpt, COMPLETE_NAME)) or {}).get("written_at")
+    if (
+        done.get("complete")
+        and done.get("source_checkpoint") == ckpt
+        and done.get("steps_done") == step
+        and done.get("source_written_at") == made_at
+    ):
         return out
     train_cfg = checkpoint_config(ckpt, stage, source, cfg)
     export = EXPORTABLE[stage]
@@ -434,5 +442,6 @@ def export_checkpoint(
         hashes,
         step,
         source_checkpoint=ckpt,
+        source_written_at=made_at,
     )
     return out
