@@ -96,6 +96,18 @@ def write_prep(cfg, val_per_class=6, val_shard=5, train_per_class=12, train_shar
     return val_keys
 
 
+def damage_first_png(shard):
+    """Rewrites a tar shard with its first PNG's bytes replaced by garbage (damage after writing)."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"not a png" if member.name == first_png else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
 def make_workdir(tmp_path, val_per_class=6, val_shard=5, extra=()):
     cfg = tiny_cfg(tmp_path / "work", extra)
     val_keys = write_prep(cfg, val_per_class, val_shard)
@@ -128,6 +140,7 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
     } <= set(m)
     assert not any("fid" in k for k in m), "probe numbers must never be named FID"
     assert "lpips_vgg" not in m and report["lpips"].startswith("omitted: ")  # no VGG weights offline
+
     assert 0 < m["codebook_usage"] <= 1 and 0 <= m["codebook_entropy_bits"] <= np.log2(64)
     logged = tracking.client_for(paths.tracking_uri(cfg)).get_run(run_id)
     assert logged.data.metrics["fd_probe_recon"] == pytest.approx(m["fd_probe_recon"])
@@ -150,6 +163,12 @@ def test_recon_eval_each_image_once_with_two_actors(tmp_path, ray_local):
         ]
     )
     assert seen == [worker_malloc_env(cfg, os.environ)] * 2 and seen[0]
+
+    # A val PNG damaged after prep wrote it: the metrics refuse the short set, naming where it is.
+    damage_first_png(os.path.join(paths.shards_url(cfg), "val-000002.tar"))
+    with tracking.stage_run(cfg, "evaluate") as damaged_run:
+        with pytest.raises(ValueError, match=f"{paths.shards_url(cfg)}: 23 of the 24 val images prep wrote"):
+            evaluate_recon(cfg, damaged_run)
 
 
 @pytest.mark.slow
@@ -204,16 +223,10 @@ def test_evaluate_stage_gen_sampling_npz_and_skip(tmp_path, ray_local):
     # A sample PNG damaged after the set was made: the metrics refuse the short set, naming it.
     from jobs.evaluation.gen import evaluate_gen
 
-    shard = os.path.join(sample_dir, sorted(f for f in os.listdir(sample_dir) if f.endswith(".tar"))[0])
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(shard, "w") as tar:
-        first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
-        for member, data in members:
-            data = b"not a png" if member.name == first_png else data
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    with pytest.raises(ValueError, match=f"{sample_dir}: 23 of the sample set's 24 images"):
+    damage_first_png(
+        os.path.join(sample_dir, sorted(f for f in os.listdir(sample_dir) if f.endswith(".tar"))[0])
+    )
+    with pytest.raises(ValueError, match=f"{sample_dir}: 23 of the 24 images of the sample set"):
         evaluate_gen(cfg, None)
 
 

@@ -20,7 +20,7 @@ from jobs.evaluation.features import (
     resolved_feature_spec,
 )
 from jobs.evaluation.generation import generate_samples, samples_url
-from jobs.evaluation.pool import get_pool
+from jobs.evaluation.pool import get_pool, require_all_read
 from jobs.evaluation.reference import reference_for_gen, shard_activations
 from jobs.evaluation.sampling import SAMPLING_PROTOCOL, pick_device
 from jobs.metrics.adm import adm_frechet_distance, inception_score, mean_cov, scores
@@ -104,11 +104,13 @@ def evaluate_gen(
     shards = [storage.join(out_url, n) for n in samples["shards"]]
     t0 = time.time()
     acts = shard_activations(cfg, shards, spec, "generation evaluation")
-    if acts["count"] != samples["num_samples"]:  # an undecodable PNG is skipped by the reader
-        raise ValueError(
-            f"{out_url}: {acts['count']} of the sample set's {samples['num_samples']} images could be "
-            "read (damaged shards); delete that directory and rerun to redraw them"
-        )
+    require_all_read(
+        acts["count"],
+        samples["num_samples"],
+        out_url,
+        "images of the sample set",
+        "delete that directory and rerun to redraw them",
+    )
     metrics, notes = gen_metrics(cfg, spec, ref, acts, probe)
     metrics["sample_images_per_second"] = samples["images_per_second"]
     kind = spec["kind"]

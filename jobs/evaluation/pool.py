@@ -376,3 +376,10 @@ def check_each_once(keys_per_actor: list[list[str]], what: str) -> int:
     if len(set(all_keys)) != len(all_keys):
         raise RuntimeError(f"{what}: {len(all_keys) - len(set(all_keys))} images were evaluated twice")
     return len(all_keys)
+
+
+def require_all_read(read: int, expected: int, where: str, what: str, remedy: str) -> None:
+    """Metrics over a short set are wrong numbers under the right names: the readers skip an
+    undecodable image, so a set damaged after it was written must stop the evaluation, named."""
+    if read != expected:
+        raise ValueError(f"{where}: {read} of the {expected} {what} could be read (damaged shards); {remedy}")

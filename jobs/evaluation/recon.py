@@ -18,7 +18,7 @@ from jobs.evaluation.features import (
     inception_suffix,
     resolved_feature_spec,
 )
-from jobs.evaluation.pool import check_each_once, get_pool, lpips_availability
+from jobs.evaluation.pool import check_each_once, get_pool, lpips_availability, require_all_read
 from jobs.metrics.inception_score import inception_score
 from models.losses.codebook_stats import codebook_entropy_bits, codebook_usage
 
@@ -53,11 +53,14 @@ def evaluate_recon(
     seconds = time.time() - t0
     count = check_each_once([r["keys"] for r in results], "reconstruction evaluation")
     expected = sum(counts)
-    if count != expected:  # prep already dropped corrupt images
-        print(
-            f"[evaluate] WARNING: reconstructed {count} val images, the prep manifest lists {expected}",
-            flush=True,
-        )
+    # prep dropped corrupt images before writing these shards, so a short read is later damage
+    require_all_read(
+        count,
+        expected,
+        shards[0].rsplit("/", 1)[0] if shards else "val shards",
+        "val images prep wrote",
+        "restore them or redo prep (`restok run --force`)",
+    )
     real, recon = results[0]["real"], results[0]["recon"]
     hist = results[0]["codes_hist"].copy()
     sums = dict(results[0]["sums"])

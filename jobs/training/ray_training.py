@@ -546,7 +546,7 @@ class WorkerSession:
             for name, engine in engines.items():
                 load_universal(engine, os.path.join(directory, name), os.path.join(tmp, name))
         if ema is not None and ema.active:
-            full = read_ema_parts(directory, meta, old)
+            full = read_ema_parts(directory, meta)
             ema.load(ema.part_of(full, self.rank, self.world))
         state = torch.load(os.path.join(directory, f"rank{self.rank % old}.pt"), weights_only=True)
         # Old rank r's random streams would go to ranks r, r + old, ...: on a grown world those
@@ -592,13 +592,13 @@ def ema_layout(meta: dict) -> str:
     return meta.get("ema_layout") or ("zero3" if meta.get("ema_sharded") else "whole")
 
 
-def read_ema_parts(directory: str, meta: dict, world: int | None = None) -> dict[str, torch.Tensor]:
+def read_ema_parts(directory: str, meta: dict) -> dict[str, torch.Tensor]:
     """Full EMA tensors of a checkpoint from its ema_rank<r> files, in any deepspeed_runtime.EMA
     layout ({} when it has none)."""
     from safetensors import safe_open
 
     layout = ema_layout(meta)
-    world = int(meta["world"]) if world is None else world
+    world = int(meta["world"])
     files = [
         os.path.join(directory, f"ema_rank{r}.safetensors") for r in range(world if layout != "whole" else 1)
     ]
