@@ -292,3 +292,32 @@ def test_fingerprints_change_exactly_for_the_stages_a_key_affects(override, chan
     before, after = load_config(None, []), load_config(None, [override])
     moved = [s for s in STAGE_ORDER if stage_fingerprint(before, s) != stage_fingerprint(after, s)]
     assert moved == changed
+
+
+def test_a_training_stage_redone_under_a_new_fingerprint_drops_the_old_manifest_first(tmp_path, monkeypatch):
+    """The export is rewritten in place: if the new fit fails, no complete manifest of the old
+    config may stay beside whatever the new run left (it would be skipped as done)."""
+    import contextlib
+
+    from conftest import nano_cfg, write_tokenizer_export
+
+    from jobs import train_tokenizer
+    from jobs.training import ray_training
+
+    old = nano_cfg(tmp_path)
+    write_tokenizer_export(old)
+    new = nano_cfg(tmp_path, "tokenizer_train.steps=7")
+    manifests.write_manifest(
+        paths.stage_dir(new, "prep"), "prep", stage_fingerprint(new, "prep"), complete=True
+    )
+    stage_dir = paths.stage_dir(new, "train_tokenizer")
+    assert manifests.is_complete(stage_dir, stage_fingerprint(old, "train_tokenizer"))
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("fit failed")
+
+    monkeypatch.setattr(ray_training, "fit", failing_fit)
+    monkeypatch.setattr(tracking, "stage_run", lambda *a, **k: contextlib.nullcontext("run-id"))
+    with pytest.raises(RuntimeError, match="fit failed"):
+        train_tokenizer.run(new)
+    assert manifests.read_manifest(stage_dir) is None

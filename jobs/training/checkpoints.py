@@ -18,7 +18,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from configs.schema import RestokConfig
 from infra import storage
-from infra.manifest import read_manifest, write_manifest
+from infra.manifest import read_manifest, remove_manifest, write_manifest
 from infra.paths import ray_storage_path
 from infra.stages import stage_fingerprint
 from infra.tracking import client_for
@@ -417,6 +417,7 @@ def export_checkpoint(
         and done.get("source_written_at") == made_at
     ):
         return out
+    remove_manifest(out)  # the files below are rewritten in place: no manifest of another export
     train_cfg = checkpoint_config(ckpt, stage, source, cfg)
     export = EXPORTABLE[stage]
     engine_name, export_name = export.engine, export.name

@@ -17,7 +17,7 @@ from typing import Any
 from configs.loading import to_yaml
 from configs.schema import RestokConfig
 from infra import paths, tracking
-from infra.manifest import is_complete, read_manifest, write_manifest
+from infra.manifest import is_complete, read_manifest, remove_manifest, write_manifest
 from infra.stages import stage_fingerprint
 from jobs.training import ray_training
 from jobs.training.checkpoints import (
@@ -48,6 +48,9 @@ def run_training_stage(
     upstream = paths.input_manifest(cfg, spec.upstream)
     if spec.check_inputs is not None:
         spec.check_inputs(cfg, upstream)
+    # The export is rewritten in place at the end: a manifest of another fingerprint must not stay
+    # beside the new files should the fit, the export or the registration fail.
+    remove_manifest(stage_dir)
     print(f"[{spec.name}] resolved config:\n{to_yaml(cfg)}", flush=True)
     with tracking.stage_run(cfg, spec.name, run_id, parent_run_id) as rid:
         result = ray_training.fit(cfg, spec.name, spec.loop, rid)
