@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -24,6 +25,7 @@ from omegaconf.errors import (
 
 from configs.schema import RestokConfig, SamplerConfig
 from models.generator.gpt import GPT
+from models.losses.diffaugment import parse_policy
 from models.tokenizer.restok import ResTok
 
 # In-place random fills, skipped when a model is built only for its shapes.
@@ -104,23 +106,33 @@ def _load_yaml_chain(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, D
     if name in seen:
         raise ConfigError(f"preset {name!r}: circular base chain {' -> '.join(seen + (name,))}")
     path = _preset_path(name)
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a preset is a mapping of config keys, not a {type(raw).__name__}")
     base = raw.pop("base", None)
+    if base and str(base).endswith((".yaml", ".yml")) and not os.path.isabs(str(base)):
+        beside = path.parent / str(base)  # a file's base is found next to the file first
+        base = str(beside) if beside.exists() else base
     chain = _load_yaml_chain(str(base), seen + (name,)) if base else []
     return chain + [(str(path), raw)]
 
 
-def _empty_string(item: str) -> str:
-    """`key=` on a string field means the empty string (OmegaConf would read None)."""
+def _string_override(item: str) -> str:
+    """`key=value` on a string field keeps the value as typed: OmegaConf's dotlist reads it as
+    YAML (`run_name=1e-4` would become '0.0001', `experiment=no` 'False', `key=` None, `a #b`
+    'a'). Interpolations (`${...}`) and values already quoted are left to OmegaConf."""
     key, eq, value = item.partition("=")
-    if not eq or value:
+    if not eq or value.startswith("${") or value[:1] in ("'", '"'):
         return item
     parent = _schema_node_at(key)
     name = key.rsplit(".", 1)[-1]
     if dataclasses.is_dataclass(parent):
         for f in dataclasses.fields(parent):
             if f.name == name and f.type in ("str", str):
-                return f"{key}=''"
+                return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
     return item
 
 
@@ -138,7 +150,7 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise _explain(exc, source) from None
-    overrides = [_empty_string(item) for item in overrides]
+    overrides = [_string_override(item) for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -178,17 +190,27 @@ def absolute_path(value: str, base: str) -> str:
     """`value` made absolute against `base`; URLs with a scheme and empty values unchanged.
 
     A sqlite tracking URI's file part is a path too (`sqlite:///rel.db` is relative to the cwd of
-    whichever process opens it). A comma list (eval.reference_shards) is resolved item by item.
+    whichever process opens it). A comma may be part of a path or URL: only `resolve_paths` splits,
+    and only the keys in COMMA_LIST_KEYS.
     """
     if not value or value in _PATH_WORDS:
         return value
-    if "," in value:
-        return ",".join(absolute_path(v.strip(), base) for v in value.split(","))
     if value.startswith("sqlite:///"):
         return "sqlite:///" + absolute_path(value[len("sqlite:///") :], base)
     if "://" in value or value.startswith("file:"):
         return value
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+# Path fields that hold a comma-separated list of paths (configs.schema).
+COMMA_LIST_KEYS = ("eval.reference_shards",)
+
+
+def absolute_paths(key: str, value: str, base: str) -> str:
+    """absolute_path of a path field's value; item by item for a COMMA_LIST_KEYS field."""
+    if key in COMMA_LIST_KEYS and "," in value:
+        return ",".join(absolute_path(v.strip(), base) for v in value.split(","))
+    return absolute_path(value, base)
 
 
 def resolve_paths(cfg: Any, base: str | None = None) -> None:
@@ -198,7 +220,7 @@ def resolve_paths(cfg: Any, base: str | None = None) -> None:
     for key in path_keys():
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value:
-            resolved = absolute_path(value, base)
+            resolved = absolute_paths(key, value, base)
             if resolved != value:
                 OmegaConf.update(cfg, key, resolved)
 
@@ -206,8 +228,15 @@ def resolve_paths(cfg: Any, base: str | None = None) -> None:
 def validate(cfg: Any) -> None:
     """Checks beyond types (choices are Literal fields, checked on merge): models build, batch arithmetic."""
     check_models_build(cfg)
+    if int(cfg.cluster.num_workers) < 1:
+        raise ConfigError(f"cluster.num_workers={cfg.cluster.num_workers} must be at least 1")
     for name in ("tokenizer_train", "generator_train"):
         train = cfg[name]
+        for key in ("steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every"):
+            if int(train[key]) < 1:
+                raise ConfigError(f"{name}.{key}={train[key]} must be at least 1")
+        if len(train.optim.betas) != 2:
+            raise ConfigError(f"{name}.optim.betas={list(train.optim.betas)} must be two numbers (AdamW's)")
         per_step = train.micro_batch_size * cfg.cluster.num_workers
         if train.global_batch_size % per_step:
             raise ConfigError(
@@ -221,6 +250,28 @@ def validate(cfg: Any) -> None:
                 f"{name}.precision=bf16 needs {name}.zero_stage 1-3 (at 0 the exported and EMA "
                 "weights would be the bf16 copies, not the fp32 masters)"
             )
+    if int(cfg.data.image_size) != int(cfg.tokenizer.image_size):
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} must equal "
+            f"tokenizer.image_size={cfg.tokenizer.image_size}"
+        )
+    if cfg.data.source == "synthetic" and int(cfg.data.synthetic.num_classes) != int(
+        cfg.generator.num_classes
+    ):
+        raise ConfigError(
+            f"data.synthetic.num_classes={cfg.data.synthetic.num_classes} must equal "
+            f"generator.num_classes={cfg.generator.num_classes}"
+        )
+    most_codes = int(torch.iinfo(getattr(torch, cfg.extract.code_dtype)).max) + 1
+    if int(cfg.tokenizer.codebook_size) > most_codes:
+        raise ConfigError(
+            f"tokenizer.codebook_size={cfg.tokenizer.codebook_size} does not fit "
+            f"extract.code_dtype={cfg.extract.code_dtype} (at most {most_codes}); use int32"
+        )
+    try:
+        parse_policy(str(cfg.tokenizer_train.loss.disc_diffaug))
+    except ValueError as exc:
+        raise ConfigError(f"tokenizer_train.loss.disc_diffaug: {exc}") from None
     if cfg.tokenizer_train.compile != "off" and int(cfg.tokenizer_train.zero_stage) == 3:
         # ZeRO-3 all-gathers parameters in per-module hooks, inside what would be compiled: untested.
         raise ConfigError(

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from configs.loading import (
-    absolute_path,
+    absolute_paths,
     load_config,
     path_keys,
     split_preset_and_overrides,
@@ -211,7 +211,7 @@ def relative_paths(cfg: RestokConfig) -> list[tuple[str, str]]:
     out = []
     for key in path_keys():
         value = str(OmegaConf.select(cfg, key) or "")
-        if absolute_path(value, "/a") != absolute_path(value, "/b"):
+        if absolute_paths(key, value, "/a") != absolute_paths(key, value, "/b"):
             out.append((key, value))
     return out
 
@@ -234,7 +234,7 @@ def submit(args: Any) -> int:
     for key, value in relative_paths(cfg):
         if local:
             # The job runs inside an unpacked copy of working_dir; keep paths where `restok run` would.
-            job_overrides.append(f"{key}={absolute_path(value, os.getcwd())}")
+            job_overrides.append(f"{key}={absolute_paths(key, value, os.getcwd())}")
         else:
             print(
                 f"[restok] warning: {key}={value!r} is relative: on the cluster it lands inside the "

@@ -35,6 +35,7 @@ def make_cfg(work_dir, *extra):
             f"generator.vocab_size={VOCAB}",
             f"generator.levels={LEVELS}",
             f"generator.num_classes={CLASSES}",
+            f"data.synthetic.num_classes={CLASSES}",
             "generator_train.global_batch_size=8",
             "generator_train.micro_batch_size=2",  # x 2 workers x 2 accumulation steps
             f"generator_train.steps={STEPS}",
