@@ -300,6 +300,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_explicit_resume_from_a_checkpoint_on_s3_is_read_on_the_worker(s3_endpoint, prefix, tmp_path):
+    """`*_train.resume=s3://...` (checked on the driver through fsspec) is downloaded for the
+    worker's plain-file reads, as the automatic resume's checkpoint is."""
+    from jobs.training.ray_training import META_NAME, WorkerSession
+
+    storage.write_json_atomic(storage.join(prefix, "ckpt", META_NAME), {"step": 3, "world": 1})
+    session = WorkerSession(
+        None, "train_tokenizer", "run", "", 0, 1, None, f"{prefix}/ckpt", "", str(tmp_path / "none"), 1, "fp"
+    )
+    with session.restore_dir() as directory:
+        assert "://" not in directory
+        with open(os.path.join(directory, META_NAME)) as fh:
+            assert json.load(fh)["step"] == 3
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(s3_endpoint, tmp_path_factory):
     """`mlflow server --artifacts-destination s3://...` on loopback, as the runbook sets it up."""

@@ -440,8 +440,8 @@ class WorkerSession:
         latest = latest_checkpoint(self.checkpoint_root)
         if latest is not None:
             return ray.train.Checkpoint(latest[0]).as_directory()
-        if self.resume_from:
-            return contextlib.nullcontext(self.resume_from)
+        if self.resume_from:  # a local path or a URL (s3://...): read through Ray's filesystem
+            return ray.train.Checkpoint(self.resume_from).as_directory()
         return contextlib.nullcontext(None)
 
     def save(
