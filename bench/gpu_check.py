@@ -7,7 +7,9 @@
 Parts (each in its own try/except: an error is recorded and the next part runs):
   env        device, torch, measured bf16 matmul peak and the device's nominal dense peak
   sampling   HAR-L vs vanilla GPT-L on the same weights, batch 1 and 64, published recipe (CFG 3.75
-             step schedule, top-p 0.95), eager and with compiled decode steps (CUDA graphs)
+             step schedule, top-p 0.95), eager
+  sampling_compiled  HAR-L with compiled decode steps (CUDA graphs; one graph per pass and batch,
+             counted): vanilla's 128 start positions would be 128 graphs, so it is not compiled
   official   the release's HAR / vanilla samplers on the same weights when its tree is present
              (RESTOK_OFFICIAL_TREE; bench helpers in RESTOK_OFFICIAL_BENCH, default
              /work/shared/official-bench)
@@ -17,8 +19,11 @@ Parts (each in its own try/except: an error is recorded and the next part runs):
   recipe     the small-scale recipe (tests/recipe_helpers sizes) through `restok run` with
              cluster.use_gpu=true, bf16 (the preset's), one worker; exit code and stage lines
 
-MFU = model FLOPs (torch.utils.flop_counter, one step) / step time / peak; reported against both the
-measured matmul peak and the nominal peak. Sized to finish in under 10 minutes on an H200.
+MFU = model FLOPs (torch.utils.flop_counter, one step without activation checkpointing, per
+image: a checkpointed step's recomputation is not model FLOPs) / step time / peak; reported
+against both the measured matmul peak and the nominal peak. Sized to finish in under 10 minutes on
+an H200; `--deadline-s` (default 480) skips what would start after it, each row recorded as it
+ends (an error in one row is recorded in it and the next row runs).
 """
 
 import argparse
@@ -34,6 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,8 +53,11 @@ from models.generator import (  # noqa: E402
 )
 from models.tokenizer import ResTok, tokenizer_config_for  # noqa: E402
 
-# Nominal dense bf16 peaks (TFLOP/s, no sparsity), matched on the device name.
+# Nominal dense bf16 peaks (TFLOP/s, no sparsity), matched on the device name, longest name first.
 NOMINAL_BF16_TFLOPS = {
+    "H200 NVL": 835.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
     "H200": 989.0,
     "H100": 989.0,
     "GH200": 989.0,
@@ -58,7 +67,8 @@ NOMINAL_BF16_TFLOPS = {
     "A10G": 70.0,
     "L4": 121.0,
 }
-PARTS = ("env", "sampling", "official", "tokenizer", "generator", "recipe")
+# Cheapest and most wanted first: compiles (minutes) and the recipe run last.
+PARTS = ("env", "sampling", "tokenizer", "generator", "sampling_compiled", "official", "recipe")
 
 
 class Ctx:
@@ -69,6 +79,10 @@ class Ctx:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.peak = {}
         self.results: dict = {"parts": {}, "errors": {}}
+        self.deadline = time.perf_counter() + args.deadline_s
+
+    def left_s(self) -> float:
+        return self.deadline - time.perf_counter()
 
     def sync(self):
         if self.cuda:
@@ -125,7 +139,10 @@ def part_env(c: Ctx) -> dict:
         name = torch.cuda.get_device_name()
         info["device_name"] = name
         info["memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-        nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
+        nominal = next(
+            (NOMINAL_BF16_TFLOPS[k] for k in sorted(NOMINAL_BF16_TFLOPS, key=len, reverse=True) if k in name),
+            None,
+        )
         if nominal:
             c.peak["nominal"] = nominal * 1e12
             info["nominal_bf16_tflops"] = nominal
@@ -147,32 +164,58 @@ def _gen_sizes(c: Ctx):
     return "L", 8192, [1, 1, 2, 4, 8, 16, 32, 64], [1, 64]
 
 
-def part_sampling(c: Ctx) -> dict:
+def _row(c: Ctx, rows: list, base: dict, measure) -> None:
+    """Append one measured row; past the deadline or on an error the row says so, and the part
+    goes on with its next row."""
+    if c.left_s() <= 0:
+        rows.append({**base, "skipped": "deadline"})
+        return
+    try:
+        rows.append({**base, **measure()})
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        rows.append(
+            {**base, "error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-1500:]}
+        )
+
+
+def part_sampling(c: Ctx, compiled: bool = False) -> dict:
+    """Eager: HAR and vanilla, and HAR over vanilla. Compiled (CUDA only): HAR, against its eager time."""
+    if compiled and not c.cuda:
+        return {"skipped": "compiled decode steps are measured on CUDA only"}
     size, vocab, levels, batches = _gen_sizes(c)
     har, van = _gen_pair(c, size, vocab, levels)
     kw = asdict(official_sampling_config())
+    models = (("HAR", har),) if compiled else (("HAR", har), ("vanilla", van))
+    if compiled:
+        torch._dynamo.reset()
     rows = []
-    modes = [("eager", False)] + ([("compiled", True)] if c.cuda else [])
     for b in batches:
         labels = torch.arange(b, device=c.device) % har.num_classes
-        for mode, comp in modes:
-            row = {"batch": b, "mode": mode}
-            for name, m in (("HAR", har), ("vanilla", van)):
+
+        def measure(b=b, labels=labels):
+            row = {}
+            for name, m in models:
                 gen = torch.Generator(device=c.device)
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else 0
                 t_first = time.perf_counter()
-                sample(m, labels, generator=gen.manual_seed(0), compile_decode=comp, **kw)  # warm-up/compile
+                sample(m, labels, generator=gen.manual_seed(0), compile_decode=compiled, **kw)  # warm-up
                 row[f"{name}_first_call_s"] = time.perf_counter() - t_first
+                if compiled:
+                    row[f"{name}_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
                 reps = 1 if (c.dry or name == "vanilla") and not c.cuda else 3
                 row[f"{name}_s"] = c.timed(
-                    lambda m=m, gen=gen, labels=labels, comp=comp: sample(
-                        m, labels, generator=gen.manual_seed(0), compile_decode=comp, **kw
+                    lambda m=m, gen=gen: sample(
+                        m, labels, generator=gen.manual_seed(0), compile_decode=compiled, **kw
                     ),
                     reps,
                     warmup=0,
                 )
                 row[f"{name}_img_s"] = b / row[f"{name}_s"]
-            row["HAR_over_vanilla"] = row["vanilla_s"] / row["HAR_s"]
-            rows.append(row)
+            if not compiled:
+                row["HAR_over_vanilla"] = row["vanilla_s"] / row["HAR_s"]
+            return row
+
+        _row(c, rows, {"batch": b, "mode": "compiled" if compiled else "eager"}, measure)
     return {"model": f"GPT-{size}", "levels": levels, "recipe": kw, "rows": rows}
 
 
@@ -230,7 +273,7 @@ def part_official(c: Ctx) -> dict:
 
 
 def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int, flops: float | None = None) -> dict:
-    """`flops`: the step's count when known (a compiled step is counted on its eager twin)."""
+    """`flops`: the step's model FLOPs when known (counted once on an eager, uncheckpointed twin)."""
     if flops is None:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -251,48 +294,43 @@ def _train_step_stats(c: Ctx, step, batch: int, units: int, steps: int, flops: f
 
 def part_tokenizer(c: Ctx) -> dict:
     name = "tiny-fixture" if c.dry else "official-l"
-    rows, flops = [], {}
+    rows = []
+    per_image: dict = {}  # model FLOPs per image, from the first (eager, uncheckpointed) case
     small, big = (2, 4) if c.dry else (32, 96)
     # (checkpointing, batch, pixel CNNs compiled: tokenizer_train.compile; aot_eager in the dry run)
     cases = ((False, small, False), (False, small, True), (True, small, False), (True, big, False))
     for ckpt, batch, compiled in cases:
-        cfg = tokenizer_config_for(name)
-        cfg.activation_checkpointing = ckpt
-        torch.manual_seed(0)
-        model = ResTok(cfg).to(c.device).train()
-        if compiled:
-            model.compile_pixel_cnns("aot_eager" if c.dry else "inductor")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.cuda)
-        x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=c.device)
-        amp = torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.cuda)
+        base = {"preset": name, "activation_checkpointing": ckpt, "compiled_cnns": compiled, "batch": batch}
 
-        def step(model=model, x=x, amp=amp, opt=opt, n=cfg.num_tokens):
-            with amp:
-                recon, aux = model(x, keep=n)
-                loss = F.mse_loss(recon.float(), x) + aux["vq_loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def measure(ckpt=ckpt, batch=batch, compiled=compiled):
+            cfg = tokenizer_config_for(name)
+            cfg.activation_checkpointing = ckpt
+            torch.manual_seed(0)
+            model = ResTok(cfg).to(c.device).train()
+            if compiled:
+                model.compile_pixel_cnns("aot_eager" if c.dry else "inductor")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.cuda)
+            x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=c.device)
+            amp = torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.cuda)
 
-        try:
-            r = _train_step_stats(c, step, batch, batch, 1 if c.dry else 5, flops.get((ckpt, batch)))
-            flops[(ckpt, batch)] = r["gflop_per_step"] * 1e9
-            r.update(
-                preset=name,
-                activation_checkpointing=ckpt,
-                compiled_cnns=compiled,
-                images_per_s=r.pop("per_s"),
-            )
-        except torch.OutOfMemoryError as e:
-            r = {
-                "preset": name,
-                "activation_checkpointing": ckpt,
-                "compiled_cnns": compiled,
-                "batch": batch,
-                "error": f"OOM: {e}"[:300],
-            }
-        rows.append(r)
-        del model, opt, x
+            def step():
+                with amp:
+                    recon, aux = model(x, keep=cfg.num_tokens)
+                    loss = F.mse_loss(recon.float(), x) + aux["vq_loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            try:
+                known = per_image["flops"] * batch if per_image else None
+                r = _train_step_stats(c, step, batch, batch, 1 if c.dry else 5, known)
+                per_image.setdefault("flops", r["gflop_per_step"] * 1e9 / batch)
+                r["images_per_s"] = r.pop("per_s")
+                return r
+            except torch.OutOfMemoryError as e:
+                return {"error": f"OOM: {e}"[:300]}
+
+        _row(c, rows, base, measure)  # the case's model and optimizer go with measure's frame
         c.reset_mem()
     return {"rows": rows}
 
@@ -322,6 +360,9 @@ def part_generator(c: Ctx) -> dict:
 def part_recipe(c: Ctx, timeout_s: int) -> dict:
     if c.dry:
         return {"skipped": "dry run: the recipe needs CUDA here (CPU runs are tests/test_recipe.py)"}
+    timeout_s = int(min(timeout_s, c.left_s() - 10))
+    if timeout_s < 60:
+        return {"skipped": f"deadline: {timeout_s} s left for the recipe run"}
     sys.path.insert(0, str(ROOT / "tests"))
     from recipe_helpers import SHRINK_SIZES, site_paths, write_imagenet_folder
 
@@ -336,18 +377,22 @@ def part_recipe(c: Ctx, timeout_s: int) -> dict:
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         t = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", "imagenet256-restok-l", *overrides],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp,
-            timeout=timeout_s,
-        )
-        out = done.stdout + done.stderr
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "run", "imagenet256-restok-l", *overrides],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp,
+                timeout=timeout_s,
+            )
+            returncode, out = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as e:  # keep what it printed
+            returncode = f"timed out after {timeout_s} s"
+            out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         return {
-            "returncode": done.returncode,
+            "returncode": returncode,
             "seconds": time.perf_counter() - t,
             "stage_lines": [ln for ln in out.splitlines() if "stage" in ln.lower()][-20:],
             "tail": out[-3000:],
@@ -356,19 +401,28 @@ def part_recipe(c: Ctx, timeout_s: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = ["# GPU check", "", "```", json.dumps(res["parts"].get("env", {}), indent=1), "```", ""]
-    s = res["parts"].get("sampling")
-    if s:
+    sampling_rows = [
+        r for part in ("sampling", "sampling_compiled") for r in res["parts"].get(part, {}).get("rows", [])
+    ]
+    if sampling_rows:
         lines += [
-            f"## Sampling ({s['model']}, published recipe)",
+            f"## Sampling ({res['parts'].get('sampling', {}).get('model', '')}, published recipe)",
             "",
-            "| batch | mode | HAR s | vanilla s | HAR img/s | HAR over vanilla |",
-            "|---:|---|---:|---:|---:|---:|",
+            "| batch | mode | HAR s | vanilla s | HAR img/s | HAR over vanilla | graphs |",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
-        lines += [
-            f"| {r['batch']} | {r['mode']} | {r['HAR_s']:.4f} | {r['vanilla_s']:.4f} | {r['HAR_img_s']:.1f} "
-            f"| {r['HAR_over_vanilla']:.2f}x |"
-            for r in s["rows"]
-        ]
+        for r in sampling_rows:
+            if "HAR_s" not in r:
+                lines.append(
+                    f"| {r['batch']} | {r['mode']} | {r.get('error', r.get('skipped', ''))[:80]} | | | | |"
+                )
+                continue
+            van = f"{r['vanilla_s']:.4f}" if "vanilla_s" in r else ""
+            ratio = f"{r['HAR_over_vanilla']:.2f}x" if "HAR_over_vanilla" in r else ""
+            lines.append(
+                f"| {r['batch']} | {r['mode']} | {r['HAR_s']:.4f} | {van} | {r['HAR_img_s']:.1f} "
+                f"| {ratio} | {r.get('HAR_graphs', '')} |"
+            )
     o = res["parts"].get("official")
     if o and "rows" in o:
         lines += [
@@ -390,7 +444,7 @@ def markdown(res: dict) -> str:
         ]
     rows = list(res["parts"].get("tokenizer", {}).get("rows", []))
     g = res["parts"].get("generator")
-    if g:
+    if g and "step_s" in g:
         rows.append(g)
     if rows:
         lines += [
@@ -408,10 +462,10 @@ def markdown(res: dict) -> str:
             return f"{r.get('preset', r.get('model'))}{' (compiled CNNs)' if r.get('compiled_cnns') else ''}"
 
         for r in rows:
-            if "error" in r:
+            if "step_s" not in r:
                 lines.append(
                     f"| {row_name(r)} | {r.get('activation_checkpointing', '')} "
-                    f"| {r['batch']} | {r['error'][:60]} | | | | | |"
+                    f"| {r['batch']} | {r.get('error', r.get('skipped', ''))[:60]} | | | | | |"
                 )
                 continue
 
@@ -443,6 +497,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
     ap.add_argument("--recipe-timeout", type=int, default=240)
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=480,
+        help="seconds after which no part or row starts (the device tool kills a command at 600)",
+    )
     args = ap.parse_args(argv)
     c = Ctx(args)
     if not c.cuda and not c.dry:
@@ -454,6 +514,7 @@ def main(argv=None) -> int:
     runners = {
         "env": part_env,
         "sampling": part_sampling,
+        "sampling_compiled": lambda c: part_sampling(c, compiled=True),
         "official": part_official,
         "tokenizer": part_tokenizer,
         "generator": part_generator,
@@ -464,9 +525,12 @@ def main(argv=None) -> int:
         if name in skip:
             continue
         t = time.perf_counter()
-        print(f"[gpu_check] {name} ...", flush=True)
+        if c.left_s() <= 0:
+            c.results["parts"][name] = {"skipped": "deadline"}
+            continue
+        print(f"[gpu_check] {name} ({c.left_s():.0f} s left) ...", flush=True)
         try:
-            with torch.inference_mode() if name in ("sampling",) else contextlib.nullcontext():
+            with torch.inference_mode() if name.startswith("sampling") else contextlib.nullcontext():
                 c.results["parts"][name] = runners[name](c)
         except Exception:  # noqa: BLE001 - record and continue with the next part
             c.results["errors"][name] = traceback.format_exc()

@@ -188,6 +188,41 @@ def test_forward_pass_counts_for_128_tokens(har, passes):
     assert res.codes.shape == (2, 128) and res.codes.dtype == torch.long
 
 
+def test_compiled_decode_compiles_every_har_pass_of_two_batch_sizes(monkeypatch):
+    """HAR-L's 9 passes at 2 batch sizes are 18 static-shape graphs: past Dynamo's default limit
+    (8 per function), so without the raised limit the widest passes ran eager. Traced with the
+    "eager" backend (inductor's compile time is for GPU runs); codes equal the eager sampler's."""
+    import torch._dynamo
+
+    from models.generator import gpt as gpt_module
+
+    monkeypatch.setattr(gpt_module, "COMPILED_DECODE_BACKEND", "eager")
+    torch._dynamo.reset()
+    model = random_model(tiny_cfg(levels=L_LEVELS, vocab=64))
+    kw = {"cfg_scale": 2.0, "top_p": 0.9}
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    for batch in (1, 2):
+        labels = torch.arange(batch) % 5
+        compiled = sample(
+            model, labels, generator=torch.Generator().manual_seed(3), compile_decode=True, **kw
+        )
+        eager = sample(model, labels, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(compiled.codes, eager.codes)
+    assert counters["stats"]["unique_graphs"] - before == 2 * len(model.layout.steps) == 18
+    torch._dynamo.reset()
+
+
+def test_rope_table_stays_float32_when_the_model_is_cast():
+    """The release keeps freqs_cis in fp32 whatever the model's dtype (DeepSpeed bf16 casts the
+    module): a bf16 table would rotate by rounded angles."""
+    model = GPT(tiny_cfg())
+    table = model.rope.clone()
+    model = model.to(torch.bfloat16)
+    assert model.rope.dtype == torch.float32 and torch.equal(model.rope, table)
+    assert model.head.weight.dtype == torch.bfloat16
+
+
 def test_seeded_sampling_is_reproducible():
     model = random_model(tiny_cfg())
     labels = torch.tensor([1, 2, 3])

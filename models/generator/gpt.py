@@ -23,6 +23,13 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+# torch.compile of the decode trunk (GPT.compiled_trunk): the backend (tests trace with "eager")
+# and how many graphs it may hold: 9 HAR steps x a few batch sizes; vanilla's 128 start positions
+# would each be a graph of their own (static shapes), so only HAR is meant to be compiled this way.
+COMPILED_DECODE_BACKEND = "inductor"
+COMPILED_DECODE_GRAPHS = 64
+
+
 def rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
     """1-D RoPE over adjacent pairs: (length, head_dim/2, [cos, sin]); position p = layout index p."""
     # Always computed on CPU (also under a meta-device context: tiny, and meta ops import slowly).
@@ -207,6 +214,14 @@ class GPT(nn.Module):
         )
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.bfloat16)` (and DeepSpeed's bf16 cast) would round the RoPE table: the release
+        # keeps its freqs_cis in fp32 whatever the model's dtype, and apply_rope rotates in fp32.
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            self.rope = rope_table(self.rope.shape[0], self.head_dim, self.cfg.rope_base).to(self.rope.device)
+        return self
+
     def reset_parameters(self):
         if self.head.weight.is_meta:  # shapes only (parameter counts, key listings): nothing to draw
             return
@@ -301,8 +316,14 @@ class GPT(nn.Module):
 
         compiled=True runs the trunk through `compiled_trunk` (torch.compile; CUDA graphs on CUDA).
         """
-        trunk = self.compiled_trunk(cache) if compiled else self._trunk
-        return trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+        if not compiled:
+            return self._trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
+        trunk = self.compiled_trunk(cache)
+        # One graph per (step length, start, batch): Dynamo's default limit (8 per function) would
+        # leave HAR-L's 9th and widest pass eager, and a second batch size entirely eager.
+        limit = max(int(torch._dynamo.config.recompile_limit), COMPILED_DECODE_GRAPHS)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return trunk(self.embed_step(class_labels, codes, step), step.start, cache=cache)
 
     def compiled_trunk(self, cache: KVCache):
         """torch.compile'd `_trunk` for decode steps, built once per model.
@@ -314,7 +335,12 @@ class GPT(nn.Module):
         fn = self.__dict__.get("_compiled_trunk")
         if fn is None:
             cuda = self.head.weight.is_cuda
-            fn = torch.compile(self._trunk, dynamic=False, mode="reduce-overhead" if cuda else None)
+            fn = torch.compile(
+                self._trunk,
+                dynamic=False,
+                mode="reduce-overhead" if cuda else None,
+                backend=COMPILED_DECODE_BACKEND,
+            )
             self.__dict__["_compiled_trunk"] = fn
         if not getattr(cache, "static_marked", False):
             torch._dynamo.mark_static_address(cache.k)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from models.onednn_linear import Linear, linear
@@ -108,7 +109,9 @@ class Attention(nn.Module):
         # Under autocast LayerNorm returns fp32; attention kernels want one dtype.
         q = apply_rope(self.q_norm(q), layout.cos, layout.sin).to(v.dtype)
         k = apply_rope(self.k_norm(k), layout.cos, layout.sin).to(v.dtype)
-        if layout.block_mask is not None and x.is_cuda:
+        # FlexAttention runs compiled only; under a dispatch mode (FlopCounterMode, ...) Dynamo
+        # does not compile and the mode has no rule for the op: SDPA with the same mask instead.
+        if layout.block_mask is not None and x.is_cuda and _get_current_dispatch_mode() is None:
             out = _flex(q, k, v, layout.block_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)
