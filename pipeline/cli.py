@@ -132,7 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for up in EVAL_INPUTS[args.action]:
         input_manifest(cfg, up)
     with captured(args, cfg):
-        return _call("jobs.evaluate", "cli", args.action, cfg) or 0
+        # Every action but score writes under the evaluate stage dir: one driver at a time there,
+        # as under `restok run` (pipeline.locks).
+        with locks.stage_lock(cfg, "evaluate"):
+            return _call("jobs.evaluate", "cli", args.action, cfg) or 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -305,8 +308,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` items may also follow a flag (`restok run default --force
+    seed=1`): argparse's `nargs="*"` stops at the flag, and parse_intermixed_args does not take
+    subcommands."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "items") and all("=" in x and not x.startswith("-") for x in extra):
+        args.items = [*args.items, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -320,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if log is None:
             raise  # output was not captured: the traceback is the log
-        print(f"restok {args.command}: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+        print(f"restok {args.command}: {console.one_line(exc)}{where}", file=sys.stderr)
         return 1
 
 

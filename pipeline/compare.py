@@ -28,11 +28,12 @@ def _resolve_run(client: Any, ref: str):
     except MlflowException:
         pass
     experiments = [e.experiment_id for e in client.search_experiments()]
-    name = ref.replace("'", "\\'")
+    # MLflow's filter has no escape inside a quoted string: quote with the mark the name lacks.
+    quoted = f'"{ref}"' if "'" in ref else f"'{ref}'"
     runs = (
         client.search_runs(
             experiments,
-            f"tags.`mlflow.runName` = '{name}'",
+            f"tags.`mlflow.runName` = {quoted}",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -87,7 +88,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def cli(args: Any) -> int:
     """args.runs (ids or names), args.tracking_uri (empty = the default preset's store)."""
-    uri = getattr(args, "tracking_uri", "") or ""
+    uri = getattr(args, "tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         uri = tracking_uri(load_config())
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):

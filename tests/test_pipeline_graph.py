@@ -321,3 +321,49 @@ def test_a_training_stage_redone_under_a_new_fingerprint_drops_the_old_manifest_
     with pytest.raises(RuntimeError, match="fit failed"):
         train_tokenizer.run(new)
     assert manifests.read_manifest(stage_dir) is None
+
+
+def test_compare_finds_a_run_named_with_a_quote_in_the_store_the_environment_names(
+    tracking_db, monkeypatch, capsys
+):
+    """`restok compare` reads MLFLOW_TRACKING_URI (RUNBOOK section 4) and finds runs by name, also
+    a name with a quote (MLflow's filter strings have no escape)."""
+    import argparse
+
+    from pipeline import compare
+
+    client = tracking.client_for(tracking_db)
+    experiment = client.create_experiment("compare-quote")
+    for name in ("it's", "plain"):
+        run = client.create_run(experiment, run_name=name)
+        client.log_metric(run.info.run_id, "psnr", 17.0)
+        client.set_terminated(run.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_db)
+    assert compare.cli(argparse.Namespace(runs=["it's", "plain"], tracking_uri="")) == 0
+    out = capsys.readouterr().out
+    assert "it's" in out and "plain" in out and "psnr" in out
+
+
+def test_overrides_may_follow_a_flag():
+    from pipeline.cli import parse
+
+    args = parse(["run", "default", "--force", "seed=1"])
+    assert args.force and args.items == ["default", "seed=1"]
+    with pytest.raises(SystemExit):
+        parse(["run", "default", "--force", "--nope"])
+
+
+def test_a_captured_error_is_one_line_on_the_terminal(monkeypatch, capsys):
+    """A Ray Train failure's message carries the worker's traceback: the terminal gets its first
+    line and the log's path, the log keeps the rest."""
+    from pipeline import cli
+
+    def failing_run(args):
+        exc = RuntimeError("worker failed\nTraceback (most recent call last):\n  File x\nValueError: y")
+        exc.restok_log = "/w/logs/run.log"
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_run", failing_run)
+    assert cli.main(["run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["restok run: RuntimeError: worker failed (full log: /w/logs/run.log)"]
