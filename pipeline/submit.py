@@ -68,6 +68,11 @@ FORWARDED_ENV = (
     "RESTOK_DATA_ROOT",
     "RESTOK_STORAGE_PATH",
     "AWS_DEFAULT_REGION",
+    # An S3-compatible store's endpoint (MinIO, Ceph, R2; infra/RUNBOOK.md section 3). Credentials
+    # are not forwarded: a job's runtime env is shown in the Ray dashboard.
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
     "HF_HUB_OFFLINE",
 )
 
@@ -109,9 +114,14 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
     return commit + (f"+{hashlib.sha256(dirty.encode()).hexdigest()[:12]}" if dirty else "")
 
 
-def submission_id(preset: str, overrides: Sequence[str], stage: str = "", code: str = "") -> str:
+def submission_id(
+    preset: str, overrides: Sequence[str], stage: str = "", code: str = "", config: str = ""
+) -> str:
+    """Deterministic per (preset, overrides, stage, code, resolved config): the same submission is
+    not run twice, and any change that reaches the config (an edited preset file, a site variable
+    such as RESTOK_WORK_DIR read through ${oc.env:...}) is a new job."""
     slug = re.sub(r"[^a-z0-9]+", "-", Path(preset).stem.lower()).strip("-") or "default"
-    payload = "\n".join([preset, *overrides, f"stage={stage}", f"code={code}"])
+    payload = "\n".join([preset, *overrides, f"stage={stage}", f"code={code}", config])
     return f"restok-{slug}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -216,19 +226,36 @@ def relative_paths(cfg: RestokConfig) -> list[tuple[str, str]]:
     return out
 
 
+def job_preset(preset: str) -> str:
+    """The preset as the job names it: the job runs in an unpacked copy of the project
+    (runtime_env working_dir), so a preset file must lie inside the project and is named relative
+    to its root; a file elsewhere would not be there."""
+    if not preset.endswith((".yaml", ".yml")):
+        return preset
+    path = Path(preset).resolve()
+    try:
+        return str(path.relative_to(PROJECT_ROOT.resolve()))
+    except ValueError:
+        raise SubmitError(
+            f"{preset}: a preset file outside {PROJECT_ROOT} is not in the job's working_dir; put it "
+            "under configs/presets/ (and name it), or pass its keys as key=value"
+        ) from None
+
+
 def submit(args: Any) -> int:
 
     preset, overrides = split_preset_and_overrides(args.items)
     preset = preset or "default"
     overrides = list(overrides)
     # Fail here, not on the cluster, on a bad key; paths stay as written (the job resolves them).
+    preset = job_preset(preset)
     cfg = load_config(preset, overrides, resolve_relative_paths=False)
     stage = normalise_stage(args.stage) if args.stage else ""
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     local = is_loopback(address)
     use_pip = (not local) if args.runtime_pip is None else bool(args.runtime_pip)
     python = args.python or (sys.executable if local else "python")
-    base_id = submission_id(preset, overrides, stage, code_version())
+    base_id = submission_id(preset, overrides, stage, code_version(), OmegaConf.to_yaml(cfg, resolve=True))
 
     job_overrides = list(overrides)
     for key, value in relative_paths(cfg):

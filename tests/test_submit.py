@@ -41,6 +41,23 @@ def test_submission_id_is_deterministic_and_names_the_preset():
     }
     assert a not in others and len(others) == 3
     assert submit.submission_id("/tmp/My Preset.yaml", [], "", "").startswith("restok-my-preset-")
+    # the resolved config is part of it: a site variable read through ${oc.env:...} or an edited
+    # preset file makes a new job
+    assert submit.submission_id("p", [], "", "abc", "work_dir: /mnt/a\n") != submit.submission_id(
+        "p", [], "", "abc", "work_dir: /mnt/b\n"
+    )
+
+
+def test_a_preset_file_is_named_inside_the_project_or_refused(tmp_path):
+    """The job runs in an unpacked copy of the project: a preset file elsewhere would be missing."""
+    inside = ROOT / "configs" / "presets" / "default.yaml"
+    assert submit.job_preset(str(inside)) == "configs/presets/default.yaml"
+    assert submit.job_preset("imagenet256-restok-l") == "imagenet256-restok-l"
+    outside = tmp_path / "my.yaml"
+    outside.write_text("base: default\n")
+    with pytest.raises(submit.SubmitError, match="outside .* is not in the job's working_dir"):
+        submit.job_preset(str(outside))
+    assert "AWS_ENDPOINT_URL" in submit.FORWARDED_ENV and "AWS_SECRET_ACCESS_KEY" not in submit.FORWARDED_ENV
 
 
 def test_entrypoint_runtime_env_and_addresses():
