@@ -6,8 +6,9 @@ heartbeat in the file; a lock is stale, and taken over, when its driver is dead 
 (pid gone or reused: `tracking.driver_alive`) or, for a driver on another host, when the heartbeat
 is older than STALE_AFTER_S. A killed driver therefore never blocks the rerun that continues it.
 
-Creation is exclusive on a local or shared POSIX file system (O_EXCL); on object stores, which
-have no exclusive create, the file is written and read back (last writer wins, the loser stops).
+Creation is exclusive on a local or shared POSIX file system (O_EXCL) and on S3 (a conditional
+write, If-None-Match); on other object stores the file is written and read back (last writer wins,
+the loser stops; two creators racing within one round trip could both win there).
 """
 
 from __future__ import annotations
@@ -110,6 +111,14 @@ def _create_exclusive(url: str, record: dict) -> bool:
             return False
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        return True
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if {"s3", "s3a"} & set(protocols):
+        # S3 conditional write (If-None-Match: *): exactly one of two racing creators succeeds.
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
         return True
     if fs.exists(path):
         return False

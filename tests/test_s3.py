@@ -315,6 +315,19 @@ def test_explicit_resume_from_a_checkpoint_on_s3_is_read_on_the_worker(s3_endpoi
             assert json.load(fh)["step"] == 3
 
 
+def test_stage_lock_on_s3_is_won_by_one_of_two_racing_drivers(s3_endpoint, prefix, monkeypatch):
+    """Both drivers see no lock (the race window, forced by an `exists` that always says no): the
+    conditional write lets one create it; write-then-read-back let both believe they held it."""
+    from pipeline import locks
+
+    url = storage.join(prefix, "locks", "train_tokenizer.lock")
+    fs, _ = storage.filesystem(url)
+    monkeypatch.setattr(type(fs), "exists", lambda self, path, **kw: False)
+    won = [locks._create_exclusive(url, {"token": t}) for t in ("a", "b")]
+    assert won == [True, False]
+    assert json.loads(fs.cat_file(url.removeprefix("s3://")))["token"] == "a"
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(s3_endpoint, tmp_path_factory):
     """`mlflow server --artifacts-destination s3://...` on loopback, as the runbook sets it up."""
