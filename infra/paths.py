@@ -3,7 +3,9 @@ the manifest found there when a stage reads another's output."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 
 from configs.schema import RestokConfig
 from infra import storage
@@ -46,5 +48,13 @@ def tracking_uri(cfg: RestokConfig) -> str:
 
 
 def ray_storage_path(cfg: RestokConfig) -> str:
-    """Ray Train checkpoints: cluster.storage_path, or <work_dir>/ray."""
-    return str(cfg.cluster.storage_path) or storage.join(work_url(cfg), "ray")
+    """Ray Train checkpoints: <work_dir>/ray, or <cluster.storage_path>/<work dir name>-<hash of the
+    work dir>. A site-wide storage path (RUNBOOK: one RESTOK_STORAGE_PATH for every run) is shared
+    by work dirs whose stage fingerprints can be equal: each work dir's runs get their own folder
+    there, so no run resumes, tidies or clears another's checkpoints."""
+    root = str(cfg.cluster.storage_path)
+    work = work_url(cfg).rstrip("/")
+    if not root:
+        return storage.join(work, "ray")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", work.rsplit("/", 1)[-1]).strip("-") or "work"
+    return storage.join(root, f"{name}-{hashlib.sha256(work.encode()).hexdigest()[:8]}")

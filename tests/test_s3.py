@@ -417,11 +417,14 @@ def s3_pipeline(s3_endpoint, mlflow_server, tmp_path_factory):
 
 def test_s3_run_resumes_training_from_checkpoint_on_s3(s3_pipeline):
     from infra.manifest import read_manifest
+    from infra.paths import ray_storage_path as paths_ray_storage
     from infra.paths import stage_dir
     from jobs.training.ray_training import experiment_url, list_checkpoints
 
     cfg = s3_pipeline["cfg"]
-    assert f"newest complete checkpoint: {s3_pipeline['base']}/ray/train_tokenizer-" in s3_pipeline["second"]
+    newest = f"newest complete checkpoint: {paths_ray_storage(cfg)}/train_tokenizer-"
+    assert newest.startswith(f"newest complete checkpoint: {s3_pipeline['base']}/ray/work-")
+    assert newest in s3_pipeline["second"]
     assert "(step 2)" in s3_pipeline["second"]
     complete, incomplete = list_checkpoints(experiment_url(cfg, "train_tokenizer"))
     assert [step for step, _, _ in complete] == [2, 4] and not incomplete

@@ -165,8 +165,12 @@ def test_kept_checkpoints_found_from_stage_dir_manifest_or_config(tmp_path):
     from infra.manifest import write_manifest
     from infra.stages import stage_fingerprint
 
-    storage_root = tmp_path / "elsewhere"
-    cfg = tiny_cfg(tmp_path / "work", [f"cluster.storage_path={storage_root}"])
+    cfg = tiny_cfg(tmp_path / "work", [f"cluster.storage_path={tmp_path / 'elsewhere'}"])
+    storage_root = pathlib.Path(paths.ray_storage_path(cfg))
+    assert storage_root.parent == tmp_path / "elsewhere" and storage_root.name.startswith("work-")
+    # another work dir sharing the storage path (same config, same fingerprints) has its own folder
+    other = tiny_cfg(tmp_path / "other" / "work", [f"cluster.storage_path={tmp_path / 'elsewhere'}"])
+    assert paths.ray_storage_path(other) != str(storage_root)
     fp = stage_fingerprint(cfg, "train_tokenizer")
 
     def fake(run, name, step, ranks=(0, 1)):
