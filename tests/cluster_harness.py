@@ -161,7 +161,10 @@ def full_log_text(output: str) -> str:
 def markers(root: Path) -> dict[int, str]:
     """{step: checkpoint dir} of the checkpoints with our completeness marker under `root`."""
     out = {}
-    for marker in glob.glob(str(root / "train_tokenizer-*" / "checkpoint_*" / "COMPLETE.json")):
+    # <work_dir>/ray/<stage>-<fp>/..., or <cluster.storage_path>/<work dir folder>/<stage>-<fp>/...
+    found = glob.glob(str(root / "train_tokenizer-*" / "checkpoint_*" / "COMPLETE.json"))
+    found += glob.glob(str(root / "*" / "train_tokenizer-*" / "checkpoint_*" / "COMPLETE.json"))
+    for marker in found:
         with open(marker) as fh:
             out[json.load(fh)["step"]] = os.path.dirname(marker)
     return out
