@@ -228,6 +228,15 @@ def resolve_paths(cfg: Any, base: str | None = None) -> None:
 def validate(cfg: Any) -> None:
     """Checks beyond types (choices are Literal fields, checked on merge): models build, batch arithmetic."""
     check_models_build(cfg)
+    if not str(cfg.work_dir).strip():
+        raise ConfigError("work_dir is empty: name a directory or URL (outputs would land in the cwd)")
+    address = str(cfg.cluster.address)
+    if address.startswith(("http://", "https://")):
+        # The dashboard / Jobs API address (port 8265) is what `restok submit --address` takes.
+        raise ConfigError(
+            f"cluster.address={address} is an HTTP (Jobs API) address: use local, auto, "
+            "ray://HEAD:10001 or the GCS address HEAD:6379 (restok submit --address takes the HTTP one)"
+        )
     if int(cfg.cluster.num_workers) < 1:
         raise ConfigError(f"cluster.num_workers={cfg.cluster.num_workers} must be at least 1")
     for name in ("tokenizer_train", "generator_train"):

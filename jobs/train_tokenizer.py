@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+from omegaconf import OmegaConf
 
 from configs.schema import RestokConfig
 from data_prep.loaders import train_batches
@@ -91,7 +92,12 @@ def tokenizer_loop(config: dict) -> None:
     cfg, train, device = session.cfg, session.train, session.device
     tok_cfg = tokenizer_config(cfg)
     model = ResTok(tok_cfg)
-    loss_fn = TokenizerLoss(train.loss)
+    loss_cfg = train.loss
+    if tok_cfg.vf_align == "none" and float(loss_cfg.vf_weight) > 0:
+        # No VF head, so no VF term (ablation-vf-none, the official presets): the teacher (a
+        # DINOv3 ViT) would be loaded, and its weights required, for nothing.
+        loss_cfg = OmegaConf.merge(loss_cfg, {"vf_weight": 0.0})
+    loss_fn = TokenizerLoss(loss_cfg)
     size = int(tok_cfg.image_size)
     flops = 3 * forward_flops(lambda: model(torch.zeros(1, 3, size, size)))
     if train.compile != "off":  # after the FLOP count, which runs the model eagerly

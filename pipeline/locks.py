@@ -59,7 +59,9 @@ def _read(url: str) -> dict | None:
         record = storage.read_json(url)
     except (OSError, ValueError):  # half-written by a writer killed mid-way: nobody's
         return {}
-    return record
+    if record is None:  # no file, or a file holding JSON null
+        return {} if storage.exists(url) else None
+    return record if isinstance(record, dict) else {}  # valid JSON but no lock record: nobody's
 
 
 def stale(record: dict, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> str:

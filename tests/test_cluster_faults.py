@@ -336,6 +336,13 @@ def test_stage_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     assert _json(url)["heartbeat"] > first  # the holder's heartbeat moves
     lock.release()
     assert not os.path.exists(url)
+    # Valid JSON that is no lock record (null, a list) is nobody's: taken over, no traceback.
+    for text in ("null", "[]"):
+        with open(url, "w") as fh:
+            fh.write(text)
+        lock = locks.StageLock(cfg, "train_tokenizer")
+        assert lock.acquire() == "unreadable lock"
+        lock.release()
 
 
 @pytest.fixture

@@ -75,6 +75,8 @@ def test_compile_choices_and_zero3_conflict_named():
         ("data.image_size=64", "data.image_size=64 must equal tokenizer.image_size=32"),
         ("generator.num_classes=20", "data.synthetic.num_classes=10 must equal generator.num_classes=20"),
         ("tokenizer_train.loss.disc_diffaug=colour", "unknown DiffAugment op 'colour'"),
+        ("work_dir=", "work_dir is empty"),
+        ("cluster.address=http://head:8265", "is an HTTP (Jobs API) address"),
     ],
 )
 def test_configs_that_would_fail_inside_the_workers_are_refused_at_load(override, message):
