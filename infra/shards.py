@@ -11,6 +11,7 @@ lean header parser of its own (data_prep/tar_samples.py, measured in bench/data_
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -52,7 +53,10 @@ def read_samples(url: str) -> Iterator[dict[str, Any]]:
     """Samples of the shard at `url` (any fsspec URL), streamed in order."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh:
-        yield from iter_samples(fh, url)
+        try:
+            yield from iter_samples(fh, url)
+        except tarfile.TarError as exc:  # a damaged shard: the error names it
+            raise ValueError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
 
 
 def samples_of(data: bytes, url: str = "") -> list[dict[str, Any]]:

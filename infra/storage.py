@@ -95,7 +95,11 @@ def read_json(url: str) -> Any | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
+        data = fh.read()
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # a truncated or foreign file: say which
+        raise ValueError(f"{url}: not valid JSON ({exc})") from None
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -49,3 +49,16 @@ def test_image_and_code_shards_round_trip(tmp_path):
     keys, arrays, classes = read_code_shard(str(tmp_path / "train-000000.tar"))
     assert keys == ["s0", "s1", "s2"] and classes.tolist() == [0, 1, 2]
     assert np.array_equal(arrays, np.stack([c for _, c, _ in codes]))
+
+
+def test_a_damaged_shard_or_json_file_is_named_in_the_error(tmp_path):
+    from infra import shards, storage
+
+    bad_tar = tmp_path / "train-000000.tar"
+    bad_tar.write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=f"{bad_tar}: not a readable tar shard"):
+        list(shards.read_samples(str(bad_tar)))
+    bad_json = tmp_path / "manifest.json"
+    bad_json.write_text('{"complete": ')
+    with pytest.raises(ValueError, match=f"{bad_json}: not valid JSON"):
+        storage.read_json(str(bad_json))
