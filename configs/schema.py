@@ -49,7 +49,7 @@ class DataConfig:
     )  # LOC_val_solution.csv for a flat val folder / the val tar
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     # Where shards go: any fsspec URL (shared between runs: each data config writes its own
-    # <shards_url>/prep-<fingerprint>/); empty = <work_dir>/prep.
+    # <shards_url>/prep-<fingerprint>-<sample list hash>/); empty = <work_dir>/prep.
     shards_url: str = field(default="", metadata=PATH)
     samples_per_shard: int = 1000
     # None keeps the original JPEG bytes; an int re-encodes with the shorter side resized.

@@ -7,8 +7,9 @@ stage fingerprint and plan is skipped, so a rerun after a kill writes only what 
 shards of another config are deleted and redone, never reused (issue 19). Stale temporaries of killed
 writers and shards outside the plan (left by another config) are removed first, so the output
 ends as exactly the planned shard set. A shared `data.shards_url` holds one directory per
-prep fingerprint (`prep-<fingerprint>`, infra.paths.shards_url), so two data configs writing
-to one URL never delete or overwrite each other's shards (issue 15).
+prep fingerprint and sample list (`prep-<fingerprint>-<plan_id>`, infra.paths.shards_url), so
+two data configs, or one config over a data.root whose contents changed, writing to one URL never
+delete or overwrite each other's shards (issue 15).
 
 memory:// lives inside one process, so for memory:// URLs the shard writers run as threads of
 the driver instead of Ray tasks (tests); every other URL (local, file://, s3://, gs://) uses Ray.
@@ -23,6 +24,7 @@ and kept beside the manifest (data_prep.sources); the manifest reports GETs per 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -114,6 +116,12 @@ def plan_jobs(source: Any, cfg: Any, shards_url: str, fingerprint: str) -> list[
                 )
             )
     return jobs
+
+
+def plan_id(jobs: list[ShardJob]) -> str:
+    """8 hex digits naming the whole sample list (every shard's name and plan hash)."""
+    text = "\n".join(f"{job.name} {job.plan}" for job in jobs)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def remove_outside_plan(shards_url: str, splits: Iterable[str], planned: set[str]) -> list[str]:
@@ -248,16 +256,9 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
         return manifest_lib.read_manifest(stage_dir)
 
     shards_url = _absolute(paths.shards_url(cfg))
-    storage.makedirs(shards_url)
+    shared = bool(str(cfg.data.shards_url))
     # An old manifest must not outlive the shards it lists while they are redone.
     manifest_lib.remove_manifest(stage_dir)
-    # A shared data.shards_url is not covered by this work dir's stage lock: another run's prep of
-    # the same data config may be writing into this directory now, so only temporaries idle for
-    # SHARED_TMP_IDLE_S are a dead writer's.
-    idle_s = SHARED_TMP_IDLE_S if str(cfg.data.shards_url) else 0.0
-    stale = storage.remove_stale_temporaries(shards_url, idle_s) + storage.remove_stale_temporaries(
-        storage.join(shards_url, DONE_DIR), idle_s
-    )
     source = make_source(cfg.data)
     listing = {}
     if hasattr(source, "attach_listing"):  # listed once by Ray tasks, kept beside the manifest
@@ -272,6 +273,20 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
                 flush=True,
             )
     jobs = plan_jobs(source, cfg, shards_url, fingerprint)
+    if shared:
+        # The config does not fix the sample list (data.root's contents may change): in a shared
+        # URL each list gets its own directory, so no prep rewrites shards that another work
+        # dir's complete manifest lists.
+        shards_url = f"{shards_url}-{plan_id(jobs)}"
+        jobs = plan_jobs(source, cfg, shards_url, fingerprint)
+    storage.makedirs(shards_url)
+    # A shared data.shards_url is not covered by this work dir's stage lock: another run's prep of
+    # the same data may be writing into this directory now, so only temporaries idle for
+    # SHARED_TMP_IDLE_S are a dead writer's.
+    idle_s = SHARED_TMP_IDLE_S if shared else 0.0
+    stale = storage.remove_stale_temporaries(shards_url, idle_s) + storage.remove_stale_temporaries(
+        storage.join(shards_url, DONE_DIR), idle_s
+    )
     outside = remove_outside_plan(shards_url, cfg.data.splits, {j.name for j in jobs})
 
     records, todo, discarded = [], [], Counter()

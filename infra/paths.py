@@ -30,8 +30,10 @@ def input_manifest(cfg: RestokConfig, stage: str) -> dict:
 
 
 def shards_url(cfg: RestokConfig) -> str:
-    """Image shards: <data.shards_url>/prep-<prep fingerprint>, or <work_dir>/prep. A shared
-    shards URL holds one directory per data config, so no prep deletes another's shards."""
+    """Image shards: <work_dir>/prep, or under a shared data.shards_url <data.shards_url>/prep-<prep
+    fingerprint>, to which prep appends -<sample list hash> (data_prep.prepare.plan_id): one
+    directory per data config and sample list, so no prep deletes another's shards. Readers take
+    the directory from prep's manifest (`shards_url`)."""
     if not str(cfg.data.shards_url):
         return stage_dir(cfg, "prep")
     return storage.join(str(cfg.data.shards_url), f"prep-{stage_fingerprint(cfg, 'prep')}")

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -420,6 +421,23 @@ def test_folder_prep_with_bad_images_both_val_layouts(tmp_path, ray_local):
             assert metrics["prep/train_images"] == 15 and metrics["prep/train_skipped"] == 3
 
 
+def test_shared_shards_of_a_changed_folder_go_to_a_new_directory(tmp_path, ray_local):
+    """Same data config, but data.root gained an image between two work dirs' preps: the second
+    writes its own directory under the shared URL instead of rewriting shards that the first's
+    complete manifest lists."""
+    root = tmp_path / "imagenet"
+    make_imagenet_tree(root, per_class=3)
+    shared = ["data.source=imagenet_folder", f"data.root={root}", f"data.shards_url={tmp_path / 'shards'}"]
+    first = prepare.run(prep_cfg(tmp_path / "work-a", *shared, "data.samples_per_shard=5"))
+    before = {p: p.read_bytes() for p in Path(first["shards_url"]).glob("*.tar")}
+    (root / "train" / WNIDS[0] / "added_0.JPEG").write_bytes(jpeg(999))
+    second = prepare.run(prep_cfg(tmp_path / "work-b", *shared, "data.samples_per_shard=5"))
+    assert second["fingerprint"] == first["fingerprint"]
+    assert second["shards_url"] != first["shards_url"]
+    assert second["splits"]["train"]["total"] == first["splits"]["train"]["total"] + 1
+    assert {p: p.read_bytes() for p in Path(first["shards_url"]).glob("*.tar")} == before
+
+
 @pytest.mark.slow
 def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
     expected = make_imagenet_tree(tmp_path / "tree", per_class=5, val_layout="flat")
@@ -439,8 +457,9 @@ def test_tar_prep_rerun_after_kill(tmp_path, ray_local):
 
     # What a kill leaves: no manifest, a missing shard (no done record), a half-written temporary;
     # plus a shard from an older config that the plan does not name.
-    shards = tmp_path / "shards" / f"prep-{manifest['fingerprint']}"  # one directory per data config
-    assert manifest["shards_url"] == f"file://{shards}"
+    # one directory per data config and sample list
+    shards = Path(manifest["shards_url"].removeprefix("file://"))
+    assert shards.parent == tmp_path / "shards" and shards.name.startswith(f"prep-{manifest['fingerprint']}-")
     os.remove(tmp_path / "work" / "prep" / "manifest.json")
     os.remove(shards / "train-000002.tar")
     dead = shards / ".tmp-deadbeef-train-000002.tar"

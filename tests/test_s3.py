@@ -135,7 +135,7 @@ def test_tar_prep_on_s3_lists_once_and_reads_each_class_tar_forward(
     for split in ("train", "val"):
         assert read_shards(manifest, split) == expected_labels(fake_imagenet["folder"], split)
     # One directory per data config under the shared URL.
-    assert manifest["shards_url"] == f"{shared}/prep-{manifest['fingerprint']}"
+    assert re.fullmatch(rf"{shared}/prep-{manifest['fingerprint']}-[0-9a-f]{{8}}", manifest["shards_url"])
 
     # Listing: one Ray task per class tar, kept beside the manifest.
     listing = manifest["listing"]["train"]
