@@ -173,10 +173,11 @@ def test_kept_checkpoints_found_from_stage_dir_manifest_or_config(tmp_path):
     assert paths.ray_storage_path(other) != str(storage_root)
     fp = stage_fingerprint(cfg, "train_tokenizer")
 
-    def fake(run, name, step, ranks=(0, 1)):
+    def fake(run, name, step, ranks=(0, 1), **meta):
         d = storage_root / run / name
         d.mkdir(parents=True)
-        (d / "meta.json").write_text(json.dumps({"step": step, "world": 2, "stage": "train_tokenizer"}))
+        meta = {"step": step, "world": 2, "stage": "train_tokenizer", **meta}
+        (d / "meta.json").write_text(json.dumps(meta))
         for r in ranks:
             (d / f"rank{r}.pt").write_bytes(b"")
         return str(d)
@@ -185,6 +186,8 @@ def test_kept_checkpoints_found_from_stage_dir_manifest_or_config(tmp_path):
     fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-02", 20, ranks=(0,))  # rank 1 unfinished
     b = fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-03", 30)
     fake("train_tokenizer-0123456789abcdef", "checkpoint_2026-01-01_00-00-04", 40)  # another config
+    # written by a loop that writes the completeness marker, which is not there yet: in flight
+    fake(f"train_tokenizer-{fp}", "checkpoint_2026-01-01_00-00-05", 50, ema_layout="fragments")
     stage_dir = tmp_path / "work" / "train_tokenizer"
     stage_dir.mkdir(parents=True)
     (stage_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -271,10 +271,14 @@ def is_checkpoint_dir(url: str) -> bool:
 
 def _checkpoint_complete(url: str, meta: dict) -> bool:
     """Complete by the training loop's own marker (jobs.training.ray_training.COMPLETE_NAME, written last);
-    a checkpoint from before the marker existed counts when every rank's state file is there."""
+    a checkpoint from before the marker existed counts when every rank's state file is there. One
+    whose meta has `ema_layout` was written by a loop that writes the marker: without it, it is an
+    upload still in flight (its rank files may be there before its engine files)."""
 
     if storage.exists(storage.join(url, COMPLETE_NAME)):
         return True
+    if "ema_layout" in meta:
+        return False
     return all(storage.exists(storage.join(url, f"rank{r}.pt")) for r in range(int(meta.get("world", 1))))
 
 
