@@ -88,9 +88,11 @@ class SubmitError(RuntimeError):
 
 
 def pinned_requirements(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> list[str]:
-    """[project].dependencies of pyproject.toml: the runtime env's pip list."""
+    """[project].dependencies of pyproject.toml plus its `cloud` extra (s3fs: a cluster's work dir,
+    shards and checkpoints are usually on s3://): the runtime env's pip list."""
     with open(pyproject, "rb") as fh:
-        return list(tomllib.load(fh)["project"]["dependencies"])
+        project = tomllib.load(fh)["project"]
+    return [*project["dependencies"], *project.get("optional-dependencies", {}).get("cloud", [])]
 
 
 def code_version(root: Path = PROJECT_ROOT) -> str:

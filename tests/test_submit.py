@@ -68,6 +68,7 @@ def test_entrypoint_runtime_env_and_addresses():
     env = submit.runtime_env(use_pip=True)
     assert env["working_dir"] == str(ROOT) and ".git" in env["excludes"] and "restok_work" in env["excludes"]
     assert "torch==2.14.1" in env["pip"] and "ray[default,train]==2.60.0" in env["pip"]
+    assert "s3fs==2026.9.0" in env["pip"]  # the cloud extra: s3:// work dirs, shards, checkpoints
     assert "pip" not in submit.runtime_env(use_pip=False)
     assert submit.is_loopback("http://127.0.0.1:8265") and submit.is_loopback("localhost:8265")
     assert not submit.is_loopback("http://10.0.0.5:8265")
