@@ -40,6 +40,7 @@ from jobs.evaluation.features import distance_name, resolved_feature_spec
 from jobs.evaluation.pool import close_pool, shared_pool
 from jobs.evaluation.reference import reference_for_gen
 from jobs.training import checkpoints as ckpts
+from pipeline import locks
 from pipeline.graph import clear_stage_dir, stale_reason
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
@@ -210,10 +211,13 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
     # after it (new weights at a checkpoint's path) is cleared and redone, not skipped.
     rebuilt: set[str] = set()
     for name in ("extract_codes", "train_generator", "evaluate"):
-        before = read_manifest(paths.stage_dir(child, name)) or {}
-        if before.get("complete") and stale_reason(child, name, rebuilt):
-            clear_stage_dir(child, name)
-        manifest = stages[name](child, parent_run_id=parent_run_id)
+        # One driver per stage of a chain's work dir, as under `restok run`: the same sweep
+        # started twice would otherwise clear and write one chain's stages from two processes.
+        with locks.stage_lock(child, name):
+            before = read_manifest(paths.stage_dir(child, name)) or {}
+            if before.get("complete") and stale_reason(child, name, rebuilt):
+                clear_stage_dir(child, name)
+            manifest = stages[name](child, parent_run_id=parent_run_id)
         if manifest.get("written_at") != before.get("written_at"):
             rebuilt.add(name)
     return {

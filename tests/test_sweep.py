@@ -177,3 +177,10 @@ def test_children_train_apart_and_replaced_weights_redo_the_chain(tmp_path):
     seed_work_dir(child, ckpt, prep_dir)
     run_chain(to_yaml(child), "", stages)
     assert calls == ["extract_codes", "train_generator", "evaluate"] * 2
+    # A second driver of the same chain (the sweep started twice) stops at the held stage lock.
+    from pipeline import locks
+
+    with locks.stage_lock(child, "train_generator"):
+        with pytest.raises(locks.LockHeld, match="stage 'train_generator' is being run by another driver"):
+            run_chain(to_yaml(child), "", stages)
+    assert calls == ["extract_codes", "train_generator", "evaluate"] * 2
