@@ -53,6 +53,13 @@ def remove(url: str) -> None:
         fs.rm(path)
 
 
+def remove_tree(url: str) -> None:
+    """Delete a directory and everything under it, if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)

@@ -24,6 +24,7 @@ from infra import manifest as manifests
 from infra.console import say
 from infra.ray_connect import connect_ray
 from infra.stages import STAGE_ORDER, UPSTREAM, StageRun, stage_fingerprint
+from jobs.training import ray_training
 from pipeline import locks
 
 StageFn = StageRun
@@ -126,6 +127,15 @@ def stale_reason(cfg: Any, stage: str, rebuilt: set[str]) -> str:
     return ""
 
 
+def resume_reason(cfg: Any, stage: str) -> str:
+    """Why an unfinished training stage must not continue its kept checkpoints and MLflow run
+    (its input was rebuilt under the same config since they were written), or ''."""
+    if stage not in ray_training.TRAIN_SECTION:
+        return ""
+    upstream = manifests.read_manifest(paths.stage_dir(cfg, UPSTREAM[stage][0]))
+    return ray_training.inputs_changed(cfg, stage, upstream) if upstream else ""
+
+
 def clear_stage_dir(cfg: Any, stage: str) -> None:
     """Remove a stage's outputs so it rebuilds from its (changed) inputs instead of resuming.
 
@@ -136,9 +146,7 @@ def clear_stage_dir(cfg: Any, stage: str) -> None:
     if stage in ("train_tokenizer", "train_generator"):
         targets.append(storage.join(paths.ray_storage_path(cfg), f"{stage}-{stage_fingerprint(cfg, stage)}"))
     for url in targets:
-        fs, path = storage.filesystem(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        storage.remove_tree(url)
 
 
 def _fmt_metrics(metrics: Mapping[str, float], limit: int = _SUMMARY_METRICS) -> str:
@@ -277,6 +285,12 @@ def run_pipeline(cfg: Any, force: bool = False, stage_impls: Mapping[str, StageF
                 say(f"{stage}: --force, clearing {stage_dir} and rebuilding")
                 clear_stage_dir(cfg, stage)
                 result.reason = "forced"
+            else:
+                reason = resume_reason(cfg, stage)
+                if reason:
+                    say(f"{stage}: {reason}; clearing {stage_dir} and rebuilding")
+                    clear_stage_dir(cfg, stage)
+                    result.reason = reason
 
             run_fn = impls.get(stage) or load_stage(stage)
             if not started_ray:

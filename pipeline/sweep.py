@@ -41,7 +41,7 @@ from jobs.evaluation.pool import close_pool, shared_pool
 from jobs.evaluation.reference import reference_for_gen
 from jobs.training import checkpoints as ckpts
 from pipeline import locks
-from pipeline.graph import clear_stage_dir, stale_reason
+from pipeline.graph import clear_stage_dir, resume_reason, stale_reason
 
 TOKENIZER_FILES = ("tokenizer.safetensors", "tokenizer_ema.safetensors", "config.yaml")
 AXIS_LABELS = {
@@ -217,6 +217,8 @@ def run_chain(child_yaml: str, parent_run_id: str, stages: dict | None = None) -
             before = read_manifest(paths.stage_dir(child, name)) or {}
             if before.get("complete") and stale_reason(child, name, rebuilt):
                 clear_stage_dir(child, name)
+            elif not before.get("complete") and resume_reason(child, name):
+                clear_stage_dir(child, name)  # a killed chain's checkpoints of older codes
             manifest = stages[name](child, parent_run_id=parent_run_id)
         if manifest.get("written_at") != before.get("written_at"):
             rebuilt.add(name)

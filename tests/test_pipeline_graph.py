@@ -367,3 +367,70 @@ def test_a_captured_error_is_one_line_on_the_terminal(monkeypatch, capsys):
     assert cli.main(["run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["restok run: RuntimeError: worker failed (full log: /w/logs/run.log)"]
+
+
+def test_unfinished_training_does_not_resume_checkpoints_of_a_rebuilt_input(tmp_path, monkeypatch):
+    """A killed train_generator, then the codes rebuilt under the same config (a retrained
+    tokenizer): its checkpoints were trained on the old codes, so the graph clears the stage and a
+    stage run alone drops them; unchanged inputs keep them."""
+    import contextlib
+    import dataclasses
+
+    from conftest import nano_cfg
+
+    from infra import storage
+    from jobs import train_generator
+    from jobs.training import ray_training
+    from jobs.training.stage import run_training_stage
+    from pipeline.graph import resume_reason
+
+    cfg = nano_cfg(tmp_path, "generator.num_classes=4")
+    codes_dir = paths.stage_dir(cfg, "extract_codes")
+
+    def codes(sha):
+        shards = [{"name": "train-000000.tar", "sha256": sha, "count": 8, "split": "train"}]
+        fp = stage_fingerprint(cfg, "extract_codes")
+        return manifests.write_manifest(codes_dir, "extract_codes", fp, complete=True, shards=shards)
+
+    ray_training.record_inputs(cfg, "train_generator", codes("a" * 64))
+    kept = storage.join(ray_training.experiment_url(cfg, "train_generator"), "checkpoint_00000008")
+    storage.makedirs(kept)
+    assert resume_reason(cfg, "train_generator") == ""
+    codes("b" * 64)  # re-extracted with other tokenizer weights, same config
+    assert resume_reason(cfg, "train_generator") == (
+        "input 'extract_codes' was rebuilt since its checkpoints were written"
+    )
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("fit failed")
+
+    monkeypatch.setattr(ray_training, "fit", failing_fit)
+    monkeypatch.setattr(tracking, "stage_run", lambda *a, **k: contextlib.nullcontext("run-id"))
+    spec = dataclasses.replace(train_generator.SPEC, check_inputs=None)  # the codes here are stand-ins
+    with pytest.raises(RuntimeError, match="fit failed"):
+        run_training_stage(spec, cfg)
+    assert not storage.exists(kept)  # dropped before the fit
+    assert resume_reason(cfg, "train_generator") == ""  # recorded for the new codes
+
+
+def test_graph_clears_an_unfinished_training_stage_whose_input_was_rebuilt(cfg, capsys):
+    """A killed train_generator (no manifest) left checkpoints of codes since rebuilt under the
+    same config: the graph clears the stage, checkpoints and MLflow record included, instead of
+    letting it resume them."""
+    from infra import storage
+    from jobs.training import ray_training
+
+    calls = []
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    codes = manifests.read_manifest(paths.stage_dir(cfg, "extract_codes"))
+    ray_training.record_inputs(cfg, "train_generator", {**codes, "shards": [{"sha256": "old"}]})
+    kept = storage.join(ray_training.experiment_url(cfg, "train_generator"), "checkpoint_00000008")
+    storage.makedirs(kept)
+    manifests.remove_manifest(paths.stage_dir(cfg, "train_generator"))  # killed mid-run
+    calls.clear()
+    assert run_pipeline(cfg, stage_impls=stand_ins(calls)) == 0
+    assert [s for s, _ in calls] == ["train_generator", "evaluate"]
+    assert not storage.exists(kept)
+    assert (
+        "train_generator: input 'extract_codes' was rebuilt since its checkpoints" in capsys.readouterr().out
+    )

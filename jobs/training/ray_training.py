@@ -34,6 +34,7 @@ import torch
 from configs.loading import from_yaml_text, to_yaml
 from infra import paths, storage, tracking
 from infra.console import one_line, unwrap
+from infra.manifest import fingerprint
 from infra.ray_connect import connect_ray, starts_local_ray, worker_runtime_env
 from infra.stages import stage_fingerprint
 from jobs.training.deepspeed_runtime import (
@@ -81,6 +82,37 @@ def experiment_name(cfg: Any, stage: str) -> str:
 def experiment_url(cfg: Any, stage: str) -> str:
     """The stage's Ray Train experiment directory (its checkpoints) on storage."""
     return storage.join(paths.ray_storage_path(cfg), experiment_name(cfg, stage))
+
+
+# Beside a stage's checkpoints: the identity of the input they were trained on (inputs_identity).
+INPUTS_NAME = "inputs.json"
+
+
+def inputs_identity(upstream: dict) -> dict:
+    """What a training stage's checkpoints were trained on: its input stage's fingerprint and the
+    sha256 of every shard that manifest lists (prep's splits, extract_codes' shards and tokenizer
+    weights). The config fingerprint alone misses inputs rebuilt under the same config (a retrained
+    tokenizer, a re-extraction, `restok run --force`, new weights at a sweep's checkpoint path)."""
+    content = {k: upstream.get(k) for k in ("splits", "shards", "tokenizer_sha256")}
+    return {
+        "stage": upstream.get("stage"),
+        "fingerprint": upstream.get("fingerprint"),
+        "content": fingerprint(content),
+    }
+
+
+def inputs_changed(cfg: Any, stage: str, upstream: dict) -> str:
+    """Why the stage's kept checkpoints may not be resumed (its input was rebuilt since they were
+    written), or ''. Checkpoints from before this record existed cannot tell: ''."""
+    recorded = storage.read_json(storage.join(experiment_url(cfg, stage), INPUTS_NAME))
+    if recorded is None or recorded == inputs_identity(upstream):
+        return ""
+    return f"input '{recorded.get('stage')}' was rebuilt since its checkpoints were written"
+
+
+def record_inputs(cfg: Any, stage: str, upstream: dict) -> None:
+    url = storage.join(experiment_url(cfg, stage), INPUTS_NAME)
+    storage.write_json_atomic(url, inputs_identity(upstream))
 
 
 def checkpoint_dir_name(step: int) -> str:

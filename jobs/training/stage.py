@@ -16,7 +16,7 @@ from typing import Any
 
 from configs.loading import to_yaml
 from configs.schema import RestokConfig
-from infra import paths, tracking
+from infra import paths, storage, tracking
 from infra.manifest import is_complete, read_manifest, remove_manifest, write_manifest
 from infra.stages import stage_fingerprint
 from jobs.training import ray_training
@@ -51,6 +51,14 @@ def run_training_stage(
     # The export is rewritten in place at the end: a manifest of another fingerprint must not stay
     # beside the new files should the fit, the export or the registration fail.
     remove_manifest(stage_dir)
+    # Checkpoints trained on an input since rebuilt under the same config are not resumed. (The
+    # graph and sweeps clear the whole stage first, MLflow run included; this covers a stage run
+    # alone.)
+    reason = ray_training.inputs_changed(cfg, spec.name, upstream)
+    if reason:
+        print(f"[{spec.name}] {reason}: its checkpoints are removed, training starts over", flush=True)
+        storage.remove_tree(ray_training.experiment_url(cfg, spec.name))
+    ray_training.record_inputs(cfg, spec.name, upstream)
     print(f"[{spec.name}] resolved config:\n{to_yaml(cfg)}", flush=True)
     with tracking.stage_run(cfg, spec.name, run_id, parent_run_id) as rid:
         result = ray_training.fit(cfg, spec.name, spec.loop, rid)
