@@ -71,44 +71,61 @@ def load_split(stage_dir: str, split: str = "train") -> tuple[np.ndarray, np.nda
 class CodeBatches:
     """Deterministic, resumable micro-batches of (codes [B, N] int64, classes [B]) for one rank.
 
-    Epoch e visits a permutation of all samples keyed on (seed, e); rank r takes every world-th
-    index (the tail that does not divide evenly is dropped, so every rank runs the same number of
-    steps); each sample's augmented view is drawn from the same key.
+    Epoch e visits a permutation of all samples keyed on (seed, e), cut into global batches
+    (the tail short of one is dropped); optimizer step s takes the s-th, rank r every world-th
+    sample of it, in `global_batch / (micro_batch x world)` micro-batches. Each sample's
+    augmented view is drawn from the same key. So the samples of a step depend on the step only:
+    a resume on another world size or micro-batch size (output-neutral keys) goes on with the same
+    global batches.
     """
 
     def __init__(
-        self, codes: np.ndarray, classes: np.ndarray, micro_batch: int, rank: int, world: int, seed: int
+        self,
+        codes: np.ndarray,
+        classes: np.ndarray,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        global_batch: int | None = None,
     ):
         self.codes, self.classes = codes, classes
         self.micro_batch, self.rank, self.world, self.seed = micro_batch, rank, world, seed
-        self.per_rank = len(classes) // world
-        self.batches_per_epoch = self.per_rank // micro_batch
-        if self.batches_per_epoch == 0:
+        self.global_batch = global_batch or micro_batch * world
+        if self.global_batch % (micro_batch * world):
             raise ValueError(
-                f"{len(classes)} code samples are fewer than micro_batch_size x workers "
+                f"global batch {self.global_batch} is not a multiple of micro_batch x workers "
                 f"= {micro_batch * world}"
+            )
+        self.accumulation = self.global_batch // (micro_batch * world)
+        self.steps_per_epoch = len(classes) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(classes)} code samples are fewer than the global batch {self.global_batch}"
             )
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.classes))
         views = rng.integers(0, self.codes.shape[1], size=len(self.classes))
-        mine = order[self.rank :: self.world][: self.per_rank]
-        return mine, views[mine]
+        return order, views
 
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Micro-batches from global micro-batch index `start` on, forever."""
-        epoch, offset = divmod(start, self.batches_per_epoch)
+        """Micro-batches from this rank's micro-batch index `start` (step x accumulation) on, forever."""
+        step, first = divmod(start, self.accumulation)
+        epoch, step = divmod(step, self.steps_per_epoch)
         while True:
-            idx, views = self._epoch(epoch)
-            for b in range(offset, self.batches_per_epoch):
-                sl = slice(b * self.micro_batch, (b + 1) * self.micro_batch)
-                i, v = idx[sl], views[sl]
-                yield (
-                    torch.from_numpy(self.codes[i, v].astype(np.int64)),
-                    torch.from_numpy(self.classes[i].copy()),
-                )
-            epoch, offset = epoch + 1, 0
+            order, views = self._epoch(epoch)
+            for s in range(step, self.steps_per_epoch):
+                mine = order[s * self.global_batch : (s + 1) * self.global_batch][self.rank :: self.world]
+                for j in range(first, self.accumulation):
+                    i = mine[j * self.micro_batch : (j + 1) * self.micro_batch]
+                    yield (
+                        torch.from_numpy(self.codes[i, views[i]].astype(np.int64)),
+                        torch.from_numpy(self.classes[i].copy()),
+                    )
+                first = 0
+            epoch, step = epoch + 1, 0
 
 
 def manifest_summary(manifest: dict[str, Any]) -> str:

@@ -71,7 +71,13 @@ def generator_loop(config: dict) -> None:
 
     codes, classes = code_shards.load_split(paths.stage_dir(cfg, "extract_codes"), "train")
     loader = code_shards.CodeBatches(
-        codes, classes, int(train.micro_batch_size), session.rank, session.world, int(train.seed)
+        codes,
+        classes,
+        int(train.micro_batch_size),
+        session.rank,
+        session.world,
+        int(train.seed),
+        global_batch=int(train.global_batch_size),
     )
 
     def train_step(step: int, micro: list) -> dict[str, float]:

@@ -233,6 +233,34 @@ def test_code_batches_resume_exactly():
     assert len(mine) == len(theirs) == 20 and not mine & theirs  # an epoch splits the samples
 
 
+def test_code_batches_of_a_step_do_not_depend_on_world_or_micro_batch():
+    """A resume on another world size or micro-batch size (both output-neutral) goes on with the
+    same global batches, also past the first epoch: the epoch is cut into global batches."""
+    codes = np.arange(1000 * 2 * 3, dtype=np.int16).reshape(1000, 2, 3)
+    classes = np.arange(1000) % 4
+
+    def steps(world, micro, start_step, count, global_batch=60):
+        out = []
+        its = [
+            code_shards.CodeBatches(codes, classes, micro, r, world, 7, global_batch).iterate(
+                start_step * global_batch // (micro * world)
+            )
+            for r in range(world)
+        ]
+        for _ in range(count):
+            rows = set()
+            for it in its:
+                for _ in range(global_batch // (micro * world)):
+                    c, _ = next(it)
+                    rows |= {tuple(row) for row in c.tolist()}
+            out.append(rows)
+        return out
+
+    straight = steps(2, 10, 0, 40)  # 16 steps per epoch: crosses two epoch boundaries
+    assert all(len(rows) == 60 for rows in straight)
+    assert steps(3, 10, 20, 20) == straight[20:] == steps(1, 20, 20, 20) == steps(2, 5, 20, 20)
+
+
 def test_worker_malloc_env_cpu_only_and_users_settings_win(tmp_path):
     cfg = load_config("default", [f"work_dir={tmp_path}"])
     ours = ray_connect.CPU_WORKER_MALLOC_ENV
