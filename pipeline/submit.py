@@ -228,6 +228,12 @@ def relative_paths(cfg: RestokConfig) -> list[tuple[str, str]]:
     return out
 
 
+def config_text(cfg: RestokConfig) -> str:
+    """The resolved config as the job id hashes it (site variables read through ${oc.env:...}
+    resolved from this shell, whose values submit forwards)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def job_preset(preset: str) -> str:
     """The preset as the job names it: the job runs in an unpacked copy of the project
     (runtime_env working_dir), so a preset file must lie inside the project and is named relative
@@ -257,7 +263,7 @@ def submit(args: Any) -> int:
     local = is_loopback(address)
     use_pip = (not local) if args.runtime_pip is None else bool(args.runtime_pip)
     python = args.python or (sys.executable if local else "python")
-    base_id = submission_id(preset, overrides, stage, code_version(), OmegaConf.to_yaml(cfg, resolve=True))
+    base_id = submission_id(preset, overrides, stage, code_version(), config_text(cfg))
 
     job_overrides = list(overrides)
     for key, value in relative_paths(cfg):

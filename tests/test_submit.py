@@ -77,6 +77,12 @@ def test_entrypoint_runtime_env_and_addresses():
         submit.normalise_stage("sample")
 
 
+def expected_job_id(items, stage=""):
+    """The id `restok submit PRESET overrides [--stage]` gives under the pinned code version."""
+    cfg = load_config(items[0], items[1:], resolve_relative_paths=False)
+    return submit.submission_id(items[0], items[1:], stage, "test-submit", submit.config_text(cfg))
+
+
 def _restok(*args, timeout=600):
     # A pinned code version keeps the submission id stable while the tree is being edited.
     return run_restok(*args, cwd=ROOT, env={"RESTOK_CODE_VERSION": "test-submit"}, timeout=timeout)
@@ -162,7 +168,7 @@ def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head,
     items = ["default", f"work_dir={work}", *SMALL_DATA]
     done = _restok("submit", *items, "--stage", "prep", "--address", ray_head)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    job_id = submit.submission_id("default", items[1:], "prep", "test-submit")
+    job_id = expected_job_id(items, "prep")
     assert f"submitted {job_id} " in done.stdout
     assert f"job {job_id}: SUCCEEDED" in done.stdout
     assert read_manifest(str(work / "prep"))["complete"] is True
@@ -178,7 +184,7 @@ def test_submit_a_stage_to_a_local_head_then_status_logs_resubmit_stop(ray_head,
     # A job that is stopped before it finishes; its resubmission would get a -r2 id.
     other = _restok("submit", *items, "seed=5", "--no-wait", "--address", ray_head)
     assert other.returncode == 0, other.stderr
-    other_id = submit.submission_id("default", items[1:] + ["seed=5"], "", "test-submit")
+    other_id = expected_job_id([*items, "seed=5"])
     assert f"submitted {other_id} " in other.stdout
     stop = _restok("stop", other_id, "--address", ray_head)
     assert stop.returncode == 0 and other_id in stop.stdout
@@ -214,7 +220,7 @@ def test_a_killed_job_driver_is_resubmitted_and_the_stage_continues(ray_head, tm
     ]
     first = _restok("submit", *train, "--stage", "train_tokenizer", "--no-wait", "--address", ray_head)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    job_id = submit.submission_id("default", train[1:], "train_tokenizer", "test-submit")
+    job_id = expected_job_id(train, "train_tokenizer")
     client = submit.job_client(ray_head)
     wait_for(lambda: every in markers(work / "ray"), 400, f"the checkpoint at step {every}")
 
