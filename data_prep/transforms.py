@@ -122,6 +122,18 @@ class TrainTransform:
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop (guided-diffusion `center_crop_arr`, which the release's code extraction
+    uses): halve with a box filter while the shorter side is at least 2 x size, bicubic to a
+    shorter side of `size` (both sides rounded), crop at the floored centre."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 class EvalTransform:
     """Shorter side bicubic to S, centre crop S (torchvision Resize(S) + CenterCrop(S) arithmetic)."""
 

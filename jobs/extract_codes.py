@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.transforms.functional import ten_crop
 
 from configs.schema import RestokConfig
 from data_prep.loaders import IMAGE_KEYS, resolve_shards
-from data_prep.transforms import EvalTransform, decode, to_chw_uint8
+from data_prep.transforms import adm_center_crop, decode, to_chw_uint8
 from infra import node_loss, paths, storage, tracking
 from infra.code_shards import encode_shard
 from infra.console import progress
@@ -57,18 +58,10 @@ def views(image: Any, size: int, augment: str) -> list[Any]:
     if augment not in NUM_VIEWS:
         raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
     if augment == "tencrop":
-        big = EvalTransform(round(size * TENCROP_SCALE))(image)
-        w, h = big.size
-        boxes = [
-            (0, 0),
-            (w - size, 0),
-            (0, h - size),
-            (w - size, h - size),
-            ((w - size) // 2, (h - size) // 2),
-        ]
-        crops = [big.crop((x, y, x + size, y + size)) for x, y in boxes]
-        return crops + [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
-    crop = EvalTransform(size)(image)
+        # The release (LlamaGen's extract_codes_c2i): ADM centre crop at int(size x 1.1), then
+        # torchvision's TenCrop (five crops of the image, then five of its mirror image).
+        return list(ten_crop(adm_center_crop(image, int(size * TENCROP_SCALE)), size))
+    crop = adm_center_crop(image, size)
     return [crop] if augment == "none" else [crop, crop.transpose(Image.FLIP_LEFT_RIGHT)]
 
 

@@ -96,12 +96,26 @@ def test_deterministic_counts_match_and_killed_run_resumes(upstream, tmp_path, m
     assert extract_codes.run(killed)["written_at"] == resumed["written_at"]
 
 
-def test_tencrop_views_are_five_crops_and_their_flips():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
-    views = extract_codes.views(image, 32, "tencrop")
-    assert len(views) == 10 and all(v.size == (32, 32) for v in views)
-    for crop, flipped in zip(views[:5], views[5:], strict=False):
-        assert np.array_equal(np.asarray(crop)[:, ::-1], np.asarray(flipped))
+def test_tencrop_views_are_the_releases():
+    """The release (LlamaGen's extraction): ADM's centre crop at int(size x 1.1) (281 for 256,
+    not 282), then torchvision's TenCrop: five crops, then five of the mirrored image."""
+    from torchvision.transforms import TenCrop
+
+    from data_prep.transforms import adm_center_crop
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 410, 3), dtype=np.uint8))
+    views = extract_codes.views(image, 256, "tencrop")
+    assert len(views) == 10 and all(v.size == (256, 256) for v in views)
+    big = adm_center_crop(image, 281)
+    assert big.size == (281, 281)
+    for ours, theirs in zip(views, TenCrop(256)(big), strict=True):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    # ADM's arithmetic: box-halve while the short side >= 2 x size, bicubic to round(x * scale),
+    # crop at the floored centre.
+    small = adm_center_crop(image, 64)  # 410x300 -> 205x150 -> 102x75 (box) -> 87x64 -> left 11
+    halved = image.resize((205, 150), resample=Image.Resampling.BOX).resize((102, 75), Image.Resampling.BOX)
+    expected = halved.resize((87, 64), resample=Image.Resampling.BICUBIC).crop((11, 0, 75, 64))
+    assert np.array_equal(np.asarray(small), np.asarray(expected))
     assert len(extract_codes.views(image, 32, "flip")) == 2
     assert len(extract_codes.views(image, 32, "none")) == 1
     with pytest.raises(ValueError, match="extract.augment"):
