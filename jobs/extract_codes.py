@@ -39,7 +39,7 @@ from infra.manifest import (
 from infra.ray_connect import connect_ray, worker_runtime_env
 from infra.shards import read_samples
 from infra.stages import discarded_line, stage_fingerprint
-from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer
+from jobs.training.checkpoints import CONFIG_NAME, load_tokenizer, weights_name
 
 STAGE = "extract_codes"
 NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
@@ -200,7 +200,7 @@ def run(cfg: RestokConfig, run_id: str | None = None, parent_run_id: str | None 
     stage_dir = paths.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, STAGE)
     tok_dir = paths.stage_dir(cfg, "train_tokenizer")
-    weights = "tokenizer_ema.safetensors" if cfg.extract.use_ema else "tokenizer.safetensors"
+    weights = weights_name("tokenizer", bool(cfg.extract.use_ema))
     weights_url = storage.join(tok_dir, weights)
     if is_complete(stage_dir, fp):
         done = read_manifest(stage_dir)

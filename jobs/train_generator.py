@@ -95,7 +95,9 @@ def generator_loop(config: dict) -> None:
     tokenizer_dir = paths.stage_dir(cfg, "train_tokenizer")
     tokenizer = None
     try:
-        tokenizer = load_tokenizer(tokenizer_dir, device=device) if session.is_logger else None
+        # the weights the codes were extracted with (extract.use_ema): their codebook and decoder
+        ema = bool(cfg.extract.use_ema)
+        tokenizer = load_tokenizer(tokenizer_dir, ema=ema, device=device) if session.is_logger else None
     except FileNotFoundError:
         print(f"[{STAGE}] no tokenizer export in {tokenizer_dir}: sample grids are not logged")
 

@@ -284,3 +284,33 @@ def test_inception_features_worker_in_process(tmp_path):
         "fd_probe_recon",
         "fd_probe_gen",
     )
+
+
+@pytest.mark.parametrize(
+    "use_ema, weights", [(True, "tokenizer_ema.safetensors"), (False, "tokenizer.safetensors")]
+)
+def test_samples_decode_with_the_tokenizer_weights_the_codes_came_from(tmp_path, use_ema, weights):
+    """extract.use_ema picks the weights that tokenized the training codes; the generator's codes
+    decode with those (their codebook and decoder), not always the EMA's."""
+    from jobs.evaluation.generation import generate_samples
+
+    cfg = tiny_cfg(tmp_path / "work", [f"extract.use_ema={use_ema}"])
+    write_models(cfg)
+
+    class StopAtTheCall:  # test-only stand-in for the actor pool: records what the actors get
+        size = 1
+
+        def call(self, method, per_actor, labels, tokenizer, *rest):
+            self.tokenizer = tokenizer
+            raise RuntimeError("stop")
+
+    pool = StopAtTheCall()
+    with pytest.raises(RuntimeError, match="stop"):
+        generate_samples(
+            cfg,
+            str(tmp_path / "samples"),
+            paths.stage_dir(cfg, "train_tokenizer"),
+            paths.stage_dir(cfg, "train_generator"),
+            pool=pool,
+        )
+    assert pool.tokenizer == os.path.join(paths.stage_dir(cfg, "train_tokenizer"), weights)

@@ -19,6 +19,7 @@ from jobs.evaluation.sampling import (
     shard_plan,
     write_npz,
 )
+from jobs.training.checkpoints import weights_name
 
 
 def generate_samples(
@@ -35,6 +36,8 @@ def generate_samples(
 
     sampling = sampling if sampling is not None else cfg.sampling
     sampler = sampler_kwargs(sampling)
+    # Codes decode with the tokenizer weights they were extracted with (extract.use_ema).
+    decoder_weights = weights_name("tokenizer", bool(cfg.extract.use_ema))
 
     fs, cpath = storage.filesystem(storage.join(generator_url, "config.yaml"))
     with fs.open(cpath, "r") as fh:
@@ -52,7 +55,7 @@ def generate_samples(
         "protocol": SAMPLING_PROTOCOL,
         "tokenizer": tokenizer_url,
         "generator": generator_url,
-        "tokenizer_sha": _export_sha(tokenizer_url, "tokenizer_ema.safetensors"),
+        "tokenizer_sha": _export_sha(tokenizer_url, decoder_weights),
         "generator_sha": _export_sha(generator_url, "generator_ema.safetensors"),
     }
     fp = fingerprint(request)
@@ -69,7 +72,7 @@ def generate_samples(
         "sample",
         [(plan[a :: pool.size],) for a in range(pool.size)],
         labels,
-        tokenizer_url,
+        storage.join(tokenizer_url, decoder_weights),
         generator_url,
         int(sampling.seed),
         sampler,

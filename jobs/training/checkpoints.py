@@ -78,6 +78,11 @@ def write_export(stage_dir: str, name: str, raw: dict, ema: dict, cfg: RestokCon
     return out
 
 
+def weights_name(name: str, ema: bool) -> str:
+    """The export's weights file: <name>_ema.safetensors (EMA) or <name>.safetensors (raw)."""
+    return f"{name}_ema.safetensors" if ema else f"{name}.safetensors"
+
+
 def _resolve(stage_dir_or_file: str, name: str, ema: bool) -> tuple[str, str]:
     """(weights file, config.yaml) for a stage dir or a weights file beside its config.yaml."""
     if stage_dir_or_file.endswith(".safetensors"):
@@ -85,7 +90,7 @@ def _resolve(stage_dir_or_file: str, name: str, ema: bool) -> tuple[str, str]:
         stage_dir = weights.rsplit("/", 1)[0] if "/" in weights else "."
     else:
         stage_dir = stage_dir_or_file
-        weights = storage.join(stage_dir, f"{name}_ema.safetensors" if ema else f"{name}.safetensors")
+        weights = storage.join(stage_dir, weights_name(name, ema))
     config = storage.join(stage_dir, CONFIG_NAME)
     for url in (weights, config):
         if not storage.exists(url):
