@@ -63,8 +63,11 @@ def load_split(stage_dir: str, split: str = "train") -> tuple[np.ndarray, np.nda
         _, c, y = read_code_shard(storage.join(stage_dir, shard["name"]))
         if len(y) != shard["count"]:
             raise ValueError(f"{shard['name']}: {len(y)} samples, manifest says {shard['count']}")
-        codes.append(c)
-        classes.append(y)
+        if len(y):  # a shard of only skipped images holds nothing (and no code shape to stack)
+            codes.append(c)
+            classes.append(y)
+    if not codes:
+        raise ValueError(f"{stage_dir}: the {split!r} code shards hold no samples")
     return np.concatenate(codes), np.concatenate(classes)
 
 

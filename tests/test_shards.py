@@ -62,3 +62,19 @@ def test_a_damaged_shard_or_json_file_is_named_in_the_error(tmp_path):
     bad_json.write_text('{"complete": ')
     with pytest.raises(ValueError, match=f"{bad_json}: not valid JSON"):
         storage.read_json(str(bad_json))
+
+
+def test_load_split_passes_over_a_code_shard_of_only_skipped_images(tmp_path):
+    from infra.code_shards import load_split
+    from infra.manifest import write_manifest
+
+    full = [(f"k{i}", np.full((2, 4), i, np.int16), i % 3) for i in range(5)]
+    (tmp_path / "train-000000.tar").write_bytes(encode_shard(full))
+    (tmp_path / "train-000001.tar").write_bytes(encode_shard([]))  # every image of it was skipped
+    shards = [
+        {"name": "train-000000.tar", "split": "train", "count": 5},
+        {"name": "train-000001.tar", "split": "train", "count": 0},
+    ]
+    write_manifest(str(tmp_path), "extract_codes", "fp", complete=True, shards=shards)
+    codes, classes = load_split(str(tmp_path), "train")
+    assert codes.shape == (5, 2, 4) and classes.tolist() == [0, 1, 2, 0, 1]
