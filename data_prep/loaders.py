@@ -86,7 +86,7 @@ class ResampledShardSource:
     """Infinite shard stream for one (rank, worker, epoch): no node split needed, every rank
     draws independently from its own seed."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, epoch: int):
+    def __init__(self, urls: list[str], seed: int | str, rank: int, epoch: int):
         self.urls, self.seed, self.rank, self.epoch = urls, seed, rank, epoch
 
     def __call__(self) -> Iterator[dict]:
@@ -128,7 +128,7 @@ class KeepSampleModulo:
 
 
 class Shuffle:
-    def __init__(self, bufsize: int, seed: int, rank: int, epoch: int):
+    def __init__(self, bufsize: int, seed: int | str, rank: int, epoch: int):
         self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
 
     def __call__(self, src: Any) -> Iterator[dict]:
@@ -159,7 +159,7 @@ class DecodeBatch:
         self,
         transform: Any,
         batch_size: int,
-        seed: int,
+        seed: int | str,
         rank: int,
         epoch: int,
         rank_batches: int | None = None,
@@ -249,7 +249,7 @@ def train_batches(
     world_size: int,
     batch_size: int,
     image_size: int,
-    seed: int,
+    seed: int | str,
     *,
     samples_per_epoch: int | None = None,
     epoch: int = 0,

@@ -119,7 +119,8 @@ def generator_loop(config: dict) -> None:
         LoopSpec(
             engines={ENGINE: engine},
             ema=ema,
-            micro_batches=loader.iterate,
+            # cut per global batch: the same samples per step under any split, no salt needed
+            micro_batches=lambda start, salt: loader.iterate(start),
             train_step=train_step,
             sample_unit="sequences",
             tokens_per_sample=gen_cfg.block_size,

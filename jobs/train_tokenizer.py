@@ -43,7 +43,13 @@ GRID_IMAGES = 8
 
 
 def image_batches(
-    cfg: RestokConfig, prep_manifest: dict, rank: int, world: int, micro_batch: int, seed: int, start: int
+    cfg: RestokConfig,
+    prep_manifest: dict,
+    rank: int,
+    world: int,
+    micro_batch: int,
+    seed: int | str,
+    start: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """prep's training batches for `rank` from global micro-batch index `start` on, forever.
 
@@ -127,14 +133,14 @@ def tokenizer_loop(config: dict) -> None:
     prep_manifest = paths.input_manifest(cfg, "prep")
     fixed: dict[str, torch.Tensor] = {}
 
-    def micro_batches(start: int):
+    def micro_batches(start: int, salt: str):
         return image_batches(
             cfg,
             prep_manifest,
             session.rank,
             session.world,
             int(train.micro_batch_size),
-            int(train.seed),
+            f"{int(train.seed)}{salt}",  # the streams' seed string (ray_training.data_stream_salt)
             start,
         )
 

@@ -271,3 +271,17 @@ def test_worker_malloc_env_cpu_only_and_users_settings_win(tmp_path):
     cfg.cluster.use_gpu = False
     cfg.cluster.cpu_worker_malloc_keep = False
     assert ray_connect.worker_malloc_env(cfg, {}) == {}
+
+
+def test_data_streams_continue_under_their_split_and_start_afresh_under_another():
+    """A resume under the split the streams were drawn with continues them exactly; another world
+    size, micro-batch size or loader process count (output-neutral) gets fresh streams from that
+    step (the tokenizer's per-rank streams would otherwise replay batches on a grown world)."""
+    split = {"world": 2, "micro_batch": 4, "loader_workers": 2}
+    assert ray_training.data_stream_salt(None, split, 8) == ("", "")  # a checkpoint from before
+    assert ray_training.data_stream_salt({"split": split, "salt": ""}, split, 8) == ("", "")
+    grown = {**split, "world": 4}
+    salt, note = ray_training.data_stream_salt({"split": split, "salt": ""}, grown, 8)
+    assert salt == ">8" and "fresh random data streams from step 8" in note
+    assert ray_training.data_stream_salt({"split": grown, "salt": salt}, grown, 12) == (">8", "")
+    assert ray_training.data_stream_salt({"split": grown, "salt": salt}, split, 12)[0] == ">8>12"

@@ -564,8 +564,10 @@ class WorkerSession:
         """A checkpoint of another world size (issue 17, Deliver 4): each engine through DeepSpeed's
         universal checkpoint (ds_to_universal, then load_universal), the EMA put back together and
         re-split, this rank's state from old rank (rank mod old world) but random streams of its own.
-        The data position is the step: the loader re-splits the same global batches over the new
-        ranks."""
+        The data position is the step; under the new split the data streams start afresh there
+        (data_stream_salt), so no batch already trained is replayed, but the global batches from
+        then on differ from an uninterrupted run's (the generator's code batches do not: they are
+        cut per global batch, infra.code_shards)."""
 
         old = int(meta["world"])
         if self.is_logger:
@@ -718,7 +720,9 @@ class LoopSpec:
 
     engines: dict[str, Any]  # every engine checkpointed; the first is the model being trained
     ema: Any
-    micro_batches: Callable[[int], Any]  # start micro-batch index -> iterator (deterministic)
+    # (start micro-batch index, stream salt) -> iterator, deterministic per (salt, split); the
+    # salt is '' until a resume changes the data split (data_stream_salt)
+    micro_batches: Callable[[int, str], Any]
     train_step: Callable[[int, list], dict[str, float]]  # one optimizer step over the micro-batches
     sample_unit: str  # "images" | "sequences"
     tokens_per_sample: int
@@ -741,6 +745,31 @@ def peak_flops_per_worker(session: WorkerSession) -> tuple[float, str]:
     ), "measured-matmul"
 
 
+def data_split(session: WorkerSession) -> dict:
+    """How a step's samples are dealt out: ranks, micro-batch size, loader processes per rank."""
+    return {
+        "world": session.world,
+        "micro_batch": int(session.train.micro_batch_size),
+        "loader_workers": int(session.cfg.data.loader_workers),
+    }
+
+
+def data_stream_salt(recorded: dict | None, split: dict, step: int) -> tuple[str, str]:
+    """(salt, note) for the data streams of a resumed run. Under the split they were drawn with,
+    a run's streams continue exactly (the recorded salt). Under another split (world size, micro-
+    batch size, loader processes: all output-neutral keys) the per-rank streams would not deal the
+    same global batches and a grown world would replay batches already trained, so the run goes
+    on from this step with fresh streams (a new salt) and says so. A checkpoint from before this
+    record: ''."""
+    if not recorded:
+        return "", ""
+    if recorded.get("split") == split:
+        return str(recorded.get("salt", "")), ""
+    salt = f"{recorded.get('salt', '')}>{step}"
+    before, now = recorded.get("split"), split
+    return salt, f"data split changed ({before} -> {now}): fresh random data streams from step {step}"
+
+
 def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     from tqdm import tqdm
 
@@ -749,15 +778,18 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     total = int(train.steps)
     gas = grad_accumulation(int(train.global_batch_size), int(train.micro_batch_size), session.world)
     main = next(iter(spec.engines.values()))
-    start = 0
+    start, salt, split = 0, "", data_split(session)
     with session.restore_dir() as directory:
         if directory is not None:
             state = session.load(directory, spec.engines, spec.ema)
             start = int(state["step"])
             set_rng_state(state["rng"])
             spec.set_extra_state(state.get("extra", {}))
+            salt, note = data_stream_salt(state.get("data"), split, start)
             if session.is_logger:
                 print(f"[{session.stage}] resumed from {directory} at step {start}", flush=True)
+                if note:
+                    print(f"[{session.stage}] {note}", flush=True)
                 session.tag_resume(start)
     session.load_logged_steps("loss")
     peak, peak_source = peak_flops_per_worker(session)
@@ -772,7 +804,7 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
     meter = Throughput(session.world, spec.tokens_per_sample, spec.flops_per_sample, peak)
     stop_after = int(train.stop_after)
     end = min(total, stop_after) if stop_after > 0 else total
-    batches = spec.micro_batches(start * gas)
+    batches = spec.micro_batches(start * gas, salt)
     # Rank 0's bar goes to the worker log; the terminal shows the driver's (tracking.follow_run).
     bar = tqdm(
         range(start, end),
@@ -833,7 +865,12 @@ def run_loop(session: WorkerSession, spec: LoopSpec) -> None:
             session.save(
                 spec.engines,
                 done,
-                {"step": done, "rng": rng_state(), "extra": spec.get_extra_state()},
+                {
+                    "step": done,
+                    "rng": rng_state(),
+                    "extra": spec.get_extra_state(),
+                    "data": {"split": split, "salt": salt},
+                },
                 spec.ema,
                 {k: v for k, v in logs.items() if isinstance(v, float)},
                 note,
