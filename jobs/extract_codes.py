@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.transforms.functional import ten_crop
 
 from configs.schema import RestokConfig
 from data_prep.loaders import IMAGE_KEYS, resolve_shards
@@ -51,6 +50,15 @@ TEST_EXIT_ENV = "RESTOK_TEST_EXTRACT_EXIT_AFTER_SHARDS"
 TEST_SHARD_SLEEP_ENV = "RESTOK_TEST_EXTRACT_SLEEP_S"
 
 
+def five_crop(image: Any, size: int) -> list[Any]:
+    """torchvision's five_crop of a PIL image: the four corners, then the centre at rounded
+    offsets (torchvision is not imported by stage modules: tests/test_layering.py)."""
+    w, h = image.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    boxes = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (left, top)]
+    return [image.crop((x, y, x + size, y + size)) for x, y in boxes]
+
+
 def views(image: Any, size: int, augment: str) -> list[Any]:
     """The augmented PIL views of one image, in a fixed order."""
     from PIL import Image
@@ -59,8 +67,9 @@ def views(image: Any, size: int, augment: str) -> list[Any]:
         raise ValueError(f"extract.augment={augment!r}; choose one of {sorted(NUM_VIEWS)}")
     if augment == "tencrop":
         # The release (LlamaGen's extract_codes_c2i): ADM centre crop at int(size x 1.1), then
-        # torchvision's TenCrop (five crops of the image, then five of its mirror image).
-        return list(ten_crop(adm_center_crop(image, int(size * TENCROP_SCALE)), size))
+        # torchvision's TenCrop: five crops of the image, then five of its mirror image.
+        big = adm_center_crop(image, int(size * TENCROP_SCALE))
+        return five_crop(big, size) + five_crop(big.transpose(Image.FLIP_LEFT_RIGHT), size)
     crop = adm_center_crop(image, size)
     return [crop] if augment == "none" else [crop, crop.transpose(Image.FLIP_LEFT_RIGHT)]
 

@@ -283,7 +283,7 @@ AFTER_TOKENIZER = ["train_tokenizer", "extract_codes", "train_generator", "evalu
         ("tokenizer_train.ema_warmup=true", AFTER_TOKENIZER),  # the exported EMA weights
         ("generator_train.ema_warmup=true", ["train_generator", "evaluate"]),
         ("data.shuffle_buffer=17", AFTER_TOKENIZER),
-        ("tokenizer.image_size=64", AFTER_TOKENIZER),
+        ("tokenizer.init_std=0.1", AFTER_TOKENIZER),
         ("cluster.num_workers=1", []),
         ("tokenizer_train.zero_stage=3", []),
     ],
