@@ -96,8 +96,8 @@ def generator_loop(config: dict) -> None:
     tokenizer = None
     try:
         # the weights the codes were extracted with (extract.use_ema): their codebook and decoder
-        ema = bool(cfg.extract.use_ema)
-        tokenizer = load_tokenizer(tokenizer_dir, ema=ema, device=device) if session.is_logger else None
+        codes_ema = bool(cfg.extract.use_ema)
+        tokenizer = load_tokenizer(tokenizer_dir, ema=codes_ema, device=device) if session.is_logger else None
     except FileNotFoundError:
         print(f"[{STAGE}] no tokenizer export in {tokenizer_dir}: sample grids are not logged")
 
