@@ -124,10 +124,18 @@ OUTPUT_NEUTRAL_KEYS: dict[str, str] = {
 }
 
 
+# Raised when a stage's code changes its outputs under the same config: the fingerprint of that
+# stage and of every stage after it moves, so no output of the old code is reused.
+# extract_codes 2: the release's crops (ADM centre crop, int(1.1 x size), TenCrop order).
+METHOD_VERSION = {"extract_codes": 2}
+
+
 def stage_fingerprint(cfg: RestokConfig, stage: str) -> str:
     if stage not in CONFIG_KEYS:
         raise KeyError(f"unknown stage {stage!r}; valid: {list(STAGE_ORDER)}")
     inputs = {up: stage_fingerprint(cfg, up) for up in UPSTREAM[stage]}
+    if stage in METHOD_VERSION:
+        inputs["method"] = str(METHOD_VERSION[stage])
     return fingerprint(config_subtree(cfg, list(CONFIG_KEYS[stage])), inputs)
 
 

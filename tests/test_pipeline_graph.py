@@ -434,3 +434,14 @@ def test_graph_clears_an_unfinished_training_stage_whose_input_was_rebuilt(cfg, 
     assert (
         "train_generator: input 'extract_codes' was rebuilt since its checkpoints" in capsys.readouterr().out
     )
+
+
+def test_a_method_version_moves_the_stage_and_every_later_fingerprint(monkeypatch):
+    """Outputs of older code under the same config are not reused (infra.stages.METHOD_VERSION)."""
+    from infra import stages
+
+    cfg = load_config(None, [])
+    before = {s: stage_fingerprint(cfg, s) for s in STAGE_ORDER}
+    monkeypatch.setitem(stages.METHOD_VERSION, "extract_codes", stages.METHOD_VERSION["extract_codes"] + 1)
+    moved = [s for s in STAGE_ORDER if stage_fingerprint(cfg, s) != before[s]]
+    assert moved == ["extract_codes", "train_generator", "evaluate"]
