@@ -113,17 +113,13 @@ def child_config(cfg: RestokConfig, ckpt: str, index: int, sweep_dir: str, share
     fs, path = storage.filesystem(storage.join(checkpoint_dir(ckpt), "config.yaml"))
     with fs.open(path, "r") as fh:
         ckpt_cfg = from_yaml_text(fh.read())
-    # Ray Train folders are named by stage fingerprint, the same for every child of one tokenizer
-    # run: under the parent's cluster.storage_path one child would resume another's generator.
-    storage_path = str(cfg.cluster.storage_path)
-    if storage_path:
-        sweep_id = sweep_dir.rstrip("/").rsplit("/", 1)[-1]
-        storage_path = storage.join(storage_path, "sweeps", sweep_id, f"ckpt-{index}")
     child = OmegaConf.merge(
         cfg,
         {
+            # Its own work dir gives it its own Ray Train folder, also under the parent's
+            # cluster.storage_path (infra.paths.ray_storage_path): the children's stage
+            # fingerprints are equal, so a shared folder would resume another child's generator.
             "work_dir": storage.join(sweep_dir, f"ckpt-{index}"),
-            "cluster": {"storage_path": storage_path},  # empty: <child work dir>/ray
             "tokenizer": OmegaConf.to_container(ckpt_cfg.tokenizer, resolve=True),
             # data.shards_url stays the parent's: the same prep fingerprint names the same shard
             # directory (infra.paths.shards_url), and the seeded prep manifest lists the shards.
